@@ -1,0 +1,72 @@
+"""Build (once, cached) and load the C++ CPU kernels in ebm_fast/csrc.
+
+Every ``*.cpp`` file in csrc is compiled into one extension that registers its ops under the
+``ebm_fast_cpu`` namespace (``torch.ops.ebm_fast_cpu.<op>``). torch's JIT builder caches the
+result under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and rebuilds only when a source
+or a flag changes. ``ebm-fast build`` runs the build ahead of time; otherwise the first op that
+needs it builds it. Set EBM_FAST_DISABLE_CPP=1 to pretend the extension is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+EXTENSION_NAME = "ebm_fast_cpu"
+# -march=native: the extension is built on the machine that runs it (the cache is per machine).
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DEBM_FAST_BUILD"]
+LD_FLAGS = ["-fopenmp"]
+
+
+def sources() -> list[str]:
+    return sorted(str(p) for p in CSRC.glob("*.cpp"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str | None]:
+    if os.environ.get("EBM_FAST_DISABLE_CPP") == "1":
+        return False, "disabled by EBM_FAST_DISABLE_CPP=1"
+    if not sources():
+        return False, f"no C++ sources found in {CSRC}"
+    try:
+        from torch.utils import cpp_extension
+
+        print(
+            "ebm_fast: building/loading the C++ CPU kernels (first build takes about a minute)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=sources(),
+            extra_cflags=CXX_FLAGS,
+            extra_ldflags=LD_FLAGS,
+            extra_include_paths=[str(CSRC)],
+            is_python_module=False,
+            verbose=os.environ.get("EBM_FAST_VERBOSE_BUILD") == "1",
+        )
+    except Exception as exc:  # compiler missing, ninja missing, build error
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return False, (
+            f"the C++ extension failed to build ({first_line}); it needs g++ and ninja "
+            "(`pip install ninja`); run `ebm-fast build` to see the full log"
+        )
+    return True, None
+
+
+def load_error() -> str | None:
+    """None when the C++ kernels are loaded, else why not."""
+    return _load()[1]
+
+
+def ops():
+    """The ``torch.ops.ebm_fast_cpu`` namespace; raises if the extension is unavailable."""
+    ok, reason = _load()
+    if not ok:
+        raise RuntimeError(f"ebm_fast C++ backend unavailable: {reason}")
+    import torch
+
+    return torch.ops.ebm_fast_cpu

@@ -1,0 +1,52 @@
+"""Resolve an op's kernel for the backend that serves a device.
+
+Every op follows one convention on every backend: an entry point named ``<op>_out`` whose first
+argument is a contiguous output tensor it writes into, followed by the op's normalised inputs
+(contiguous tensors, parameters already validated by the op's Python wrapper):
+
+* reference: ``ebm_fast.reference.<op>.<op>_out``
+* cpu:       ``torch.ops.ebm_fast_cpu.<op>_out`` (registered by ebm_fast/csrc/<op>.cpp)
+* triton:    ``ebm_fast.kernels.triton.<op>.<op>_out``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from ebm_fast import _cpp
+from ebm_fast.backends import backend_for
+
+
+def kernel_entry(op: str, backend: str) -> Callable:
+    name = f"{op}_out"
+    if backend == "cpu":
+        return getattr(_cpp.ops(), name)
+    package = {"reference": "ebm_fast.reference", "triton": "ebm_fast.kernels.triton"}[backend]
+    return getattr(importlib.import_module(f"{package}.{op}"), name)
+
+
+def kernel_for(op: str, device: torch.device) -> Callable:
+    """The ``<op>_out`` entry point of the backend chosen for ``device``."""
+    return kernel_entry(op, backend_for(device))
+
+
+def as_int64_scalar(value, name: str, bits: int) -> torch.Tensor:
+    """A seed (bits=64) or step counter (bits=32), given as int or 0-dim integer tensor, as a
+    0-dim int64 tensor. Ints stay on the CPU (free to read on every backend); tensors keep their
+    device so a CUDA-graph-captured counter is read by the kernel, never by the host."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex \
+                or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got "
+                            f"{tuple(value.shape)} {value.dtype}")
+        return value if value.dtype == torch.int64 else value.to(torch.int64)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got {type(value).__name__}")
+    if not 0 <= value < (1 << bits):
+        raise ValueError(f"{name} must be in [0, 2**{bits}), got {value}")
+    if value >= 1 << 63:  # a 64-bit seed: keep its bits as two's complement
+        value -= 1 << 64
+    return torch.tensor(value, dtype=torch.int64)
