@@ -1,0 +1,61 @@
+"""Backend selection: forcing, fallback with one warning, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ebm_fast
+from ebm_fast.backends import backend_for
+
+
+def test_reference_is_always_available():
+    assert "reference" in ebm_fast.available_backends()
+
+
+def test_use_backend_forces_and_restores():
+    before = backend_for(torch.device("cpu"))
+    with ebm_fast.use_backend("reference"):
+        assert backend_for(torch.device("cpu")) == "reference"
+        with ebm_fast.use_backend("auto"):
+            assert backend_for(torch.device("cpu")) == before
+    assert backend_for(torch.device("cpu")) == before
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ebm_fast.use_backend("cuda-magic"):
+            pass
+
+
+def test_cpu_backend_refuses_cuda_tensors():
+    if "cpu" not in ebm_fast.available_backends():
+        pytest.skip("cpu backend unavailable")
+    with ebm_fast.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="forced"):
+            backend_for(torch.device("cuda"))
+
+
+def test_missing_cpp_backend_falls_back_with_one_warning():
+    """Import never fails; the first op on CPU warns once, naming what is missing, then works."""
+    code = (
+        "import warnings, torch, ebm_fast\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    x = torch.zeros(2, 3)\n"
+        "    for step in range(3):\n"
+        "        ebm_fast.langevin_update(x, x, 0.1, 0.1, seed=0, step=step, out=x)\n"
+        "msgs = [str(w.message) for w in caught if 'backend' in str(w.message)]\n"
+        "print(len(msgs)); print(msgs[0])\n"
+        "print(ebm_fast.available_backends())\n"
+    )
+    env = dict(os.environ, EBM_FAST_DISABLE_CPP="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    count, message, backends = result.stdout.strip().splitlines()
+    assert count == "1"
+    assert "'cpu'" in message and "EBM_FAST_DISABLE_CPP" in message and "reference" in message
+    assert "cpu" not in backends
