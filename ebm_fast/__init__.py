@@ -2,8 +2,9 @@
 
 from ebm_fast import noise, ops
 from ebm_fast.backends import available_backends, use_backend
+from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.ops import langevin_update
 
 __version__ = "0.1.0"
 
-__all__ = ["noise", "ops", "available_backends", "use_backend", "langevin_update"]
+__all__ = ["noise", "ops", "available_backends", "use_backend", "langevin_update", "ReplayBuffer"]

@@ -1,0 +1,80 @@
+"""Op ``ebm_fast::buffer_sample``: the replay buffer's fused draw (slot, dequantise, reinit).
+
+The semantics and the noise it draws are specified by ebm_fast/reference/buffer_sample.py. The
+user-facing API is :class:`ebm_fast.ReplayBuffer`; :func:`buffer_sample` here validates the
+arguments it forwards and runs the backend serving the storage's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ebm_fast.backends import backend_for
+from ebm_fast.ops._dispatch import kernel_entry
+from ebm_fast.reference.buffer_sample import INIT_KINDS
+
+OUTPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+
+
+@torch.library.custom_op("ebm_fast::buffer_sample", mutates_args=())
+def _buffer_sample_op(storage: torch.Tensor, written: torch.Tensor, y: torch.Tensor | None,
+                      init_values: torch.Tensor | None, batch: int, dtype: torch.dtype,
+                      seed: torch.Tensor, step: torch.Tensor, chain_offset: int,
+                      slots_per_class: int, reinit_prob: float, init_kind: str, lo: float,
+                      hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty((batch, storage.shape[1]), dtype=dtype, device=storage.device)
+    slots = torch.empty((batch,), dtype=torch.int64, device=storage.device)
+    if batch:
+        kernel_entry("buffer_sample", backend_for(storage.device))(
+            out, slots, storage, written, y, init_values, seed, step, chain_offset,
+            slots_per_class, reinit_prob, init_kind, lo, hi)
+    return out, slots
+
+
+@_buffer_sample_op.register_fake
+def _(storage, written, y, init_values, batch, dtype, seed, step, chain_offset, slots_per_class,
+      reinit_prob, init_kind, lo, hi):
+    return (storage.new_empty((batch, storage.shape[1]), dtype=dtype),
+            storage.new_empty((batch,), dtype=torch.int64))
+
+
+def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
+                  slots_per_class, reinit_prob, init_kind, lo, hi, y=None, init_values=None):
+    """Draw ``batch`` chains from a (capacity, D) storage; returns (x (batch, D), slots (batch,)).
+
+    storage: float32 / bfloat16 / uint8 (codes over [lo, hi]); written: uint8 (capacity,) flags.
+    y: int64 (batch,) classes when the storage holds capacity // slots_per_class classes.
+    init_kind: "uniform" over [lo, hi), "gaussian", or "values" (rows of ``init_values``).
+    seed, step: 0-dim int64 tensors (the step may live on the device: no host sync).
+    """
+    if storage.dim() != 2 or storage.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be a 2-D {STORAGE_DTYPES} tensor, got "
+                         f"{tuple(storage.shape)} {storage.dtype}")
+    if written.shape != (storage.shape[0],) or written.dtype != torch.uint8:
+        raise ValueError(f"written must be uint8 of shape ({storage.shape[0]},), got "
+                         f"{tuple(written.shape)} {written.dtype}")
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+    if not (0 < slots_per_class and storage.shape[0] % slots_per_class == 0):
+        raise ValueError(f"slots_per_class must divide the capacity {storage.shape[0]}, "
+                         f"got {slots_per_class}")
+    if y is None and slots_per_class != storage.shape[0]:
+        raise ValueError("y is required when the storage holds several classes")
+    if y is not None and (y.shape != (batch,) or y.dtype != torch.int64):
+        raise ValueError(f"y must be int64 of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
+    if init_kind not in INIT_KINDS:
+        raise ValueError(f"init_kind must be one of {INIT_KINDS}, got {init_kind!r}")
+    if (init_kind == "values") != (init_values is not None):
+        raise ValueError("init_values must be given exactly when init_kind is 'values'")
+    if init_values is not None and init_values.shape != (batch, storage.shape[1]):
+        raise ValueError(f"init_values must have shape {(batch, storage.shape[1])}, got "
+                         f"{tuple(init_values.shape)}")
+    if not 0.0 <= reinit_prob <= 1.0:
+        raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
+    if init_values is not None:
+        init_values = init_values.to(dtype).contiguous()
+    return _buffer_sample_op(storage.contiguous(), written.contiguous(), y, init_values,
+                             int(batch), dtype, seed, step, int(chain_offset),
+                             int(slots_per_class), float(reinit_prob), init_kind, float(lo),
+                             float(hi))
