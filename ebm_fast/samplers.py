@@ -1,0 +1,609 @@
+"""Drop-in samplers: ``LangevinSampler`` (unadjusted, IGEBM/JEM convention) and ``MALASampler``.
+
+Both take any energy callable x -> (B,) or (B, 1) (a plain nn.Module works) and share one
+machinery, written once here:
+
+* energy + gradient evaluation that leaves the energy's parameters as they were (requires_grad
+  switched off for the call and restored, also on error; train/eval mode untouched), optionally
+  under torch.compile (falls back to eager with one warning) and torch.autocast;
+* a step counter kept as a 0-dim int64 tensor on the chains' device, advanced in place (no host
+  sync, CUDA-graph safe): a fresh sampler with seed s draws its updates' noise at steps 0, 1, 2, ...
+  across sample() calls, and ``state_dict()`` holds it, so a resumed sampler continues the same
+  trajectories;
+* per-step tables for step sizes, noise scales and temperatures (constants, per-chain tensors or
+  schedules), built once per call so the loop never asks the host for a value;
+* chunking over chains with the noise spec's chain_offset, so chunked results equal the
+  unchunked run;
+* per-chain diagnostics and non-finite detection accumulated on the device and read once at the end;
+* on CUDA, the whole K-step chain captured once per (shape, dtype, K, chunk) as a CUDA graph and
+  replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from ebm_fast.backends import use_backend
+from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
+from ebm_fast.ops._dispatch import as_int64_scalar
+from ebm_fast.ops.langevin_update import GRAD_CLIP_MODES, SUPPORTED_DTYPES, langevin_update
+from ebm_fast.ops.mala_accept import mala_accept
+from ebm_fast.reference.langevin_update import compute_dtype
+
+__all__ = ["LangevinSampler", "MALASampler", "SampleInfo", "NonFiniteChainError",
+           "linear_schedule", "geometric_schedule"]
+
+CUDA_GRAPH_MODES = ("auto", True, False)
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class NonFiniteChainError(FloatingPointError):
+    """Chains reached a non-finite energy or state (raised when check_finite is on)."""
+
+
+@dataclasses.dataclass
+class SampleInfo:
+    """Per-chain diagnostics of one sample() call; tensors have shape (chains,).
+
+    initial_energy / final_energy: energy at x0 and at the returned samples. mean_grad_norm: the
+    energy gradient's Euclidean norm averaged over the evaluations. displacement: |x_K - x0|.
+    time_s: wall-clock seconds of the call (the device is synchronised to measure it).
+    MALA only: accept_rate (fraction of accepted proposals) and step_size (per chain, after any
+    adaptation; pass it back as ``sample(..., step_size=info.step_size)`` to keep it).
+    """
+
+    initial_energy: torch.Tensor
+    final_energy: torch.Tensor
+    mean_grad_norm: torch.Tensor
+    displacement: torch.Tensor
+    time_s: float
+    accept_rate: torch.Tensor | None = None
+    step_size: torch.Tensor | None = None
+
+
+def linear_schedule(start: float, end: float) -> Callable[[int, int], float]:
+    """A schedule for step_size / noise_scale / temperature: start at step 0, end at the last step."""
+    def schedule(k: int, n_steps: int) -> float:
+        return start + (end - start) * (k / max(n_steps - 1, 1))
+    return schedule
+
+
+def geometric_schedule(start: float, end: float) -> Callable[[int, int], float]:
+    """Like :func:`linear_schedule` but interpolating log-linearly (start and end > 0)."""
+    if not (start > 0 and end > 0):
+        raise ValueError(f"geometric_schedule needs start > 0 and end > 0, got {start}, {end}")
+    def schedule(k: int, n_steps: int) -> float:
+        return start * (end / start) ** (k / max(n_steps - 1, 1))
+    return schedule
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _parameters_of(energy) -> list[torch.Tensor]:
+    """The parameters an energy owns: a Module's, or those of the Module a bound method belongs to."""
+    owner = energy if isinstance(energy, torch.nn.Module) else getattr(energy, "__self__", None)
+    return list(owner.parameters()) if isinstance(owner, torch.nn.Module) else []
+
+
+@contextlib.contextmanager
+def _frozen_parameters(params: list[torch.Tensor]):
+    """requires_grad off for the block (no parameter graph is built), restored even on error."""
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _check_energy_output(value, chains: int) -> torch.Tensor:
+    """The energy's output as a (chains,) tensor, or a clear error naming what is wrong."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
+    if tuple(value.shape) not in ((chains,), (chains, 1)):
+        raise ValueError(f"energy(x) must return shape ({chains},) or ({chains}, 1), one energy "
+                         f"per chain, got {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"energy(x) must return a floating tensor, got {value.dtype}")
+    return value.reshape(chains)
+
+
+def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero: bool,
+                 allow_schedule: bool = True) -> torch.Tensor:
+    """A parameter's value at each of the call's steps: (K,) shared, or (K, B) per chain.
+
+    value: a number, a 0-dim or per-chain (B,) tensor, or a schedule ``f(k, n_steps)`` returning
+    either, evaluated on the host once per call. Tensor values are not checked (that would
+    synchronise with the device); numbers must be finite and > 0 (>= 0 with allow_zero).
+    """
+    if callable(value) and not isinstance(value, torch.Tensor):
+        if not allow_schedule:
+            raise TypeError(f"{name} cannot be a schedule here")
+        rows = [_step_values(value(k, n_steps), f"{name} (schedule at step {k})", 1, x,
+                             allow_zero=allow_zero, allow_schedule=False)[0] for k in range(n_steps)]
+        return torch.stack(torch.broadcast_tensors(*rows))
+    dtype, chains = compute_dtype(x.dtype), x.shape[0]
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float or a floating tensor, got {value.dtype}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != chains):
+            raise ValueError(f"{name} must be a number, a 0-dim tensor or a per-chain tensor of "
+                             f"shape ({chains},), got shape {tuple(value.shape)}")
+        if value.dim() == 1 and value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+        value = value.detach().to(device=x.device, dtype=dtype)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a tensor or a schedule f(k, n_steps), got "
+                        f"{type(value).__name__}")
+    else:
+        if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+            raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, "
+                             f"got {value}")
+        value = torch.tensor(float(value), dtype=dtype).to(x.device)
+    return value.expand(n_steps, *value.shape)
+
+
+def _chunk_rows(table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """A per-step table restricted to chains lo:hi (per-chain tables are (K, B))."""
+    return table[:, lo:hi] if table.dim() == 2 else table
+
+
+class _ChainDiagnostics:
+    """Per-chain diagnostics of one chunk, accumulated on the device (no host sync per step).
+
+    first_bad holds, per chain, the local step at which its energy (or state) was first
+    non-finite, -1 while it is fine; it is read once, after the whole call.
+    """
+
+    def __init__(self, x: torch.Tensor, check_finite: bool, track: bool):
+        chains = x.shape[0]
+        self.check_finite, self.track = check_finite, track
+        self.first_bad = torch.full((chains,), -1, dtype=torch.int64, device=x.device)
+        self.grad_norm_sum = torch.zeros(chains, dtype=torch.float32, device=x.device)
+        self.evaluations = 0
+        self.initial_energy: torch.Tensor | None = None
+
+    def _flag(self, k: int, bad: torch.Tensor) -> None:
+        self.first_bad.masked_fill_(bad & (self.first_bad < 0), k)
+
+    def observe(self, k: int, energy: torch.Tensor, grad: torch.Tensor) -> None:
+        """The current state's energy and gradient at local step k."""
+        if self.check_finite:
+            self._flag(k, ~torch.isfinite(energy))
+        if self.track:
+            if self.initial_energy is None:
+                self.initial_energy = energy.clone()
+            self.grad_norm_sum += torch.linalg.vector_norm(
+                grad.reshape(grad.shape[0], -1).float(), dim=1)
+            self.evaluations += 1
+
+    def finish(self, k: int, x: torch.Tensor, energy: torch.Tensor | None) -> dict:
+        if self.check_finite:
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if energy is not None:
+                bad |= ~torch.isfinite(energy)
+            self._flag(k, bad)
+        results = {"first_bad": self.first_bad}
+        if self.track:
+            results.update(initial_energy=self.initial_energy, final_energy=energy.float(),
+                           mean_grad_norm=self.grad_norm_sum / self.evaluations)
+        return results
+
+
+class _CudaGraphChain:
+    """One K-step chain captured as a CUDA graph: static inputs in, replay, results out."""
+
+    def __init__(self, run_chain: Callable, x, counter, tables, pool):
+        self.x, self.counter = x.clone(), counter.clone()
+        self.tables = tuple(t.clone() for t in tables)
+        # Warm up on a side stream (lazy initialisation, compilation, allocator) on scratch copies.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_chain(self.x.clone(), self.counter.clone(), self.tables)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = run_chain(self.x, self.counter, self.tables)
+
+    def replay(self, x, counter, tables) -> dict:
+        self.x.copy_(x)
+        self.counter.copy_(counter)
+        for static, table in zip(self.tables, tables):
+            static.copy_(table)
+        self.graph.replay()
+        x.copy_(self.x)
+        # Graphs of one sampler share a memory pool: copy the outputs out before the next replay.
+        return {key: value.clone() for key, value in self.outputs.items()}
+
+
+# ----------------------------------------------------------------------------- the base sampler
+
+
+class _Sampler:
+    """Machinery shared by both samplers; subclasses define the tables and the chain loop."""
+
+    def __init__(self, energy, *, n_steps: int, seed: int, backend: str, compile: bool,
+                 cuda_graph, check_finite: bool, chunk_size: int | None, chain_offset: int,
+                 autocast):
+        if not callable(energy):
+            raise TypeError(f"energy must be callable (x -> (B,) energies), got "
+                            f"{type(energy).__name__}")
+        self.energy = energy
+        self.n_steps = self._check_n_steps(n_steps)
+        self._seed = as_int64_scalar(seed, "seed", 64)
+        if backend not in ("auto", "reference", "cpu", "triton"):
+            raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'triton', got {backend!r}")
+        self.backend = backend
+        if cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self.check_finite = bool(check_finite)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        if isinstance(chain_offset, bool) or not isinstance(chain_offset, int) or chain_offset < 0:
+            raise ValueError(f"chain_offset must be an int >= 0, got {chain_offset!r}")
+        self.chain_offset = chain_offset
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+        self._compiled_energy = torch.compile(energy) if compile else None
+        self._step = torch.zeros((), dtype=torch.int64)
+        self._graphs: dict = {}
+        self._graph_pool = None
+        self._graph_failed = False
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """How many updates the sampler has drawn noise for (reads the device counter)."""
+        return int(self._step)
+
+    def state_dict(self) -> dict:
+        """The step counter and seed (loadable with torch.load(weights_only=True))."""
+        return {"step": self._step.detach().cpu().clone(), "seed": self._seed.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("step", "seed"):
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.int64:
+                raise ValueError(f"state_dict[{key!r}] must be a 0-dim int64 tensor, got {value!r}")
+        self._step = state["step"].to(self._step.device).clone()
+        self._seed = state["seed"].clone()
+
+    # -- validation -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_n_steps(n_steps) -> int:
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
+        return n_steps
+
+    def _check_x0(self, x0) -> None:
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+        if x0.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"x0 must have one of the dtypes {SUPPORTED_DTYPES}, got {x0.dtype}")
+        if x0.dim() < 1 or x0.shape[0] == 0:
+            raise ValueError(f"x0 must have a leading chain axis with at least one chain, got "
+                             f"shape {tuple(x0.shape)}")
+        for p in _parameters_of(self.energy):
+            if p.device != x0.device:
+                raise ValueError(f"x0 is on {x0.device} but the energy's parameters are on "
+                                 f"{p.device}")
+        if self.cuda_graph is True and x0.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors, but x0 is on {x0.device}")
+
+    # -- energy and gradient ----------------------------------------------------------------
+
+    def _autocast(self, x: torch.Tensor):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast)
+
+    def _call_energy(self, x: torch.Tensor):
+        if self._compiled_energy is not None:
+            try:
+                return self._compiled_energy(x)
+            except Exception as exc:  # compilation failed: the eager energy is always correct
+                self._compiled_energy = None
+                warnings.warn(f"{type(self).__name__}: torch.compile of the energy failed "
+                              f"({type(exc).__name__}: {exc}); running it eagerly.",
+                              RuntimeWarning, stacklevel=4)
+        return self.energy(x)
+
+    def _energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy (B,) in the compute dtype, dE/dx) at x; builds no graph through parameters."""
+        with torch.enable_grad():
+            x_var = x.detach().requires_grad_(True)
+            with self._autocast(x):
+                energy = _check_energy_output(self._call_energy(x_var), x.shape[0])
+            if not energy.requires_grad:
+                raise ValueError("energy(x) does not depend on x through differentiable "
+                                 "operations: there is no gradient to follow")
+            (grad,) = torch.autograd.grad(energy.sum(), x_var)
+        return energy.detach().to(compute_dtype(x.dtype)).contiguous(), grad
+
+    def _energy_only(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._autocast(x):
+            energy = _check_energy_output(self.energy(x), x.shape[0])
+        return energy.to(compute_dtype(x.dtype))
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _chain(self, x, counter, tables, *, n_steps: int, chain_offset: int, track: bool) -> dict:
+        """Run n_steps on x in place; return the chunk's per-chain results (tensors only)."""
+        raise NotImplementedError
+
+    def _use_cuda_graph(self, x: torch.Tensor) -> bool:
+        return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
+
+    def _graph_key(self, x, tables, n_steps, chain_offset, track) -> tuple:
+        # Parameters are read from their memory at replay: a model whose tensors were replaced
+        # (not updated in place) or whose mode changed gets a new capture.
+        params = tuple(p.data_ptr() for p in _parameters_of(self.energy))
+        training = getattr(self.energy, "training", None)
+        return (tuple(x.shape), x.dtype, x.device, n_steps, chain_offset, track,
+                tuple((tuple(t.shape), t.dtype) for t in tables), params, training)
+
+    def _run_chunk(self, x, counter, tables, n_steps: int, chain_offset: int, track: bool) -> dict:
+        run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
+                                      track=track)
+        if self._use_cuda_graph(x):
+            try:
+                key = self._graph_key(x, tables, n_steps, chain_offset, track)
+                if key not in self._graphs:
+                    if self._graph_pool is None:
+                        self._graph_pool = torch.cuda.graph_pool_handle()
+                    self._graphs[key] = _CudaGraphChain(run_chain, x, counter, tables,
+                                                        self._graph_pool)
+                return self._graphs[key].replay(x, counter, tables)
+            except Exception as exc:  # e.g. the energy synchronises with the host
+                self._graph_failed = True
+                warnings.warn(f"{type(self).__name__}: CUDA graph capture failed "
+                              f"({type(exc).__name__}: {exc}); running eagerly from now on.",
+                              RuntimeWarning, stacklevel=3)
+        return run_chain(x, counter, tables)
+
+    def _sample(self, x0, n_steps, step_size, return_info):
+        self._check_x0(x0)
+        n_steps = self.n_steps if n_steps is None else self._check_n_steps(n_steps)
+        chains, device = x0.shape[0], x0.device
+        tables = self._tables(x0, n_steps, step_size)
+        chunk = self.chunk_size or chains
+        # The counter and seed live on the chains' device: kernels (and CUDA graphs) read them there.
+        self._step, self._seed = self._step.to(device), self._seed.to(device)
+        start = time.perf_counter()
+        x = x0.detach().clone(memory_format=torch.contiguous_format)
+        results = []
+        with use_backend(self.backend), _frozen_parameters(_parameters_of(self.energy)):
+            for lo in range(0, chains, chunk):
+                hi = min(chains, lo + chunk)
+                # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
+                results.append(self._run_chunk(
+                    x[lo:hi], self._step.clone(), tuple(_chunk_rows(t, lo, hi) for t in tables),
+                    n_steps, self.chain_offset + lo, return_info))
+        self._step += n_steps
+        merged = {key: torch.cat([r[key] for r in results]) for key in results[0]}
+        if self.check_finite:
+            self._raise_if_non_finite(merged["first_bad"], n_steps)
+        if not return_info:
+            return x
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        info = SampleInfo(
+            initial_energy=merged["initial_energy"], final_energy=merged["final_energy"],
+            mean_grad_norm=merged["mean_grad_norm"],
+            displacement=torch.linalg.vector_norm((x - x0).reshape(chains, -1).float(), dim=1),
+            time_s=time.perf_counter() - start,
+            accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
+        return x, info
+
+    def _raise_if_non_finite(self, first_bad: torch.Tensor, n_steps: int) -> None:
+        bad = first_bad >= 0
+        count = int(bad.sum())  # the one host read of the call
+        if count == 0:
+            return
+        first = int(first_bad[bad].min())
+        where = ("at the initial state x0" if first == 0 else
+                 f"after update {first} of {n_steps} in this call (sampler step "
+                 f"{int(self._step) - n_steps + first - 1})")
+        raise NonFiniteChainError(
+            f"{type(self).__name__}: {count} of {first_bad.shape[0]} chains have a non-finite "
+            f"energy or state; the first appeared {where}. Lower step_size, clip gradients "
+            f"(grad_clip), check the energy, or pass check_finite=False to get the samples anyway.")
+
+
+# ----------------------------------------------------------------------------- Langevin
+
+
+class LangevinSampler(_Sampler):
+    """Unadjusted Langevin dynamics: x <- clamp(x - eps * clip(grad E(x)) + sigma * xi).
+
+    The IGEBM/JEM convention, with eps (step_size) and sigma (noise_scale) decoupled; give
+    temperature T instead of noise_scale for sigma = sqrt(2 eps T), the discretised Langevin
+    diffusion targeting exp(-E / T) (with neither, T = 1). step_size, noise_scale and temperature
+    each take a number, a per-chain tensor (B,) or a schedule f(k, n_steps) -> value for step
+    k of a call (see linear_schedule / geometric_schedule). xi is the noise spec's normal
+    (stream 0) at the sampler's step counter.
+
+    Args:
+        energy: callable x -> (B,) or (B, 1) energies; a plain nn.Module works.
+        n_steps: steps per sample() call (overridable per call).
+        grad_clip, grad_clip_mode: None, or c > 0 with "value" (elements into [-c, c]) or
+            "norm" (each chain's gradient rescaled to norm <= c).
+        clamp: None or (lo, hi) applied to the state after each update.
+        seed: 64-bit noise seed. chain_offset: index of the first chain in a larger batch.
+        backend: "auto", "reference", "cpu" or "triton" (forces the update kernel's backend).
+        compile: torch.compile the energy (forward and backward); falls back to eager with one
+            warning if compilation fails.
+        cuda_graph: "auto" captures the K-step chain as a CUDA graph on CUDA tensors, True
+            requires it, False never uses it. A failed capture falls back to eager with one warning.
+        check_finite: raise NonFiniteChainError when chains reach non-finite energies or states.
+        chunk_size: run at most this many chains at a time (same results as unchunked).
+        autocast: None, torch.bfloat16 or torch.float16: the energy runs under torch.autocast;
+            the chain state and the update stay in x0's dtype.
+    """
+
+    def __init__(self, energy, *, step_size, noise_scale=None, temperature=None, n_steps=60,
+                 grad_clip=None, grad_clip_mode="value", clamp=None, seed=0, chain_offset=0,
+                 backend="auto", compile=False, cuda_graph="auto", check_finite=True,
+                 chunk_size=None, autocast=None):
+        super().__init__(energy, n_steps=n_steps, seed=seed, backend=backend, compile=compile,
+                         cuda_graph=cuda_graph, check_finite=check_finite, chunk_size=chunk_size,
+                         chain_offset=chain_offset, autocast=autocast)
+        if noise_scale is not None and temperature is not None:
+            raise ValueError("give noise_scale (decoupled sigma) or temperature "
+                             "(sigma = sqrt(2 step_size temperature)), not both")
+        if grad_clip_mode not in GRAD_CLIP_MODES:
+            raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+            raise ValueError(f"grad_clip must be None or a number > 0, got {grad_clip!r}")
+        if clamp is not None and not (isinstance(clamp, (tuple, list)) and len(clamp) == 2):
+            raise ValueError(f"clamp must be None or a (lo, hi) pair, got {clamp!r}")
+        self.step_size, self.noise_scale = step_size, noise_scale
+        self.temperature = 1.0 if noise_scale is None and temperature is None else temperature
+        self.grad_clip, self.grad_clip_mode, self.clamp = grad_clip, grad_clip_mode, clamp
+        # Validate the numbers now rather than at the first call.
+        probe = torch.zeros(1)
+        for value, name, zero in ((step_size, "step_size", False),
+                                  (noise_scale, "noise_scale", True),
+                                  (self.temperature, "temperature", True)):
+            if isinstance(value, (int, float)):
+                _step_values(value, name, 1, probe, allow_zero=zero)
+
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
+               return_info: bool = False):
+        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
+        return_info=True (which costs one extra energy evaluation for the final energies)."""
+        return self._sample(x0, n_steps, step_size, return_info)
+
+    def _tables(self, x, n_steps, step_size):
+        eps = _step_values(self.step_size if step_size is None else step_size, "step_size",
+                           n_steps, x, allow_zero=False)
+        if self.noise_scale is not None:
+            sigma = _step_values(self.noise_scale, "noise_scale", n_steps, x, allow_zero=True)
+        else:
+            temperature = _step_values(self.temperature, "temperature", n_steps, x, allow_zero=True)
+            sigma = (2 * eps * temperature).sqrt()
+        return eps, sigma
+
+    def _chain(self, x, counter, tables, *, n_steps, chain_offset, track):
+        eps, sigma = tables
+        diagnostics = _ChainDiagnostics(x, self.check_finite, track)
+        for k in range(n_steps):
+            energy, grad = self._energy_and_grad(x)
+            diagnostics.observe(k, energy, grad)
+            langevin_update(x, grad, eps[k], sigma[k], seed=self._seed, step=counter,
+                            stream=STREAM_PROPOSAL, chain_offset=chain_offset,
+                            grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
+                            clamp=self.clamp, out=x)
+            counter += 1
+        return diagnostics.finish(n_steps, x, self._energy_only(x) if track else None)
+
+
+# ----------------------------------------------------------------------------- MALA
+
+
+class MALASampler(_Sampler):
+    """Metropolis-adjusted Langevin: exact for exp(-E / T) at any step size.
+
+    Proposal y = x - eps grad E(x) + sqrt(2 eps T) xi (noise stream 0), accepted with the
+    Metropolis-Hastings probability by the fused mala_accept kernel (uniform from stream 1), both
+    at the sampler's step counter. One energy+gradient evaluation per step: the current state's
+    energy and gradient are cached. No clamp and no gradient clipping: either would change the
+    proposal density the acceptance ratio assumes and break detailed balance.
+
+    adapt=True tunes each chain's step size toward target_accept during the first adapt_steps
+    steps of every call (default: half of them), log eps += adapt_rate * (accept_prob - target).
+    While it adapts, the chain is not exactly reversible (the kernel changes with the chain's
+    history); the steps after the adaptation phase are exact MALA steps again.
+
+    step_size and temperature take a number, a per-chain tensor (B,) or a schedule f(k, n_steps).
+    Other arguments as LangevinSampler.
+    """
+
+    def __init__(self, energy, *, step_size, temperature=1.0, n_steps=60, seed=0,
+                 chain_offset=0, adapt=False, target_accept=0.574, adapt_steps=None,
+                 adapt_rate=0.05, backend="auto", compile=False, cuda_graph="auto",
+                 check_finite=True, chunk_size=None, autocast=None, clamp=None, grad_clip=None):
+        super().__init__(energy, n_steps=n_steps, seed=seed, backend=backend, compile=compile,
+                         cuda_graph=cuda_graph, check_finite=check_finite, chunk_size=chunk_size,
+                         chain_offset=chain_offset, autocast=autocast)
+        if clamp is not None or grad_clip is not None:
+            raise ValueError("MALASampler takes no clamp or grad_clip: they change the proposal "
+                             "density and break detailed balance (use LangevinSampler for them)")
+        if not 0 < target_accept < 1:
+            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+        if not adapt_rate > 0:
+            raise ValueError(f"adapt_rate must be > 0, got {adapt_rate!r}")
+        if adapt_steps is not None and (isinstance(adapt_steps, bool) or
+                                        not isinstance(adapt_steps, int) or adapt_steps < 0):
+            raise ValueError(f"adapt_steps must be None or an int >= 0, got {adapt_steps!r}")
+        self.step_size, self.temperature = step_size, temperature
+        self.adapt, self.target_accept = bool(adapt), float(target_accept)
+        self.adapt_steps, self.adapt_rate = adapt_steps, float(adapt_rate)
+        probe = torch.zeros(1)
+        for value, name in ((step_size, "step_size"), (temperature, "temperature")):
+            if isinstance(value, (int, float)):
+                _step_values(value, name, 1, probe, allow_zero=False)
+
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
+               return_info: bool = False):
+        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
+        return_info=True (acceptance rates and adapted step sizes included)."""
+        return self._sample(x0, n_steps, step_size, return_info)
+
+    def _tables(self, x, n_steps, step_size):
+        return (_step_values(self.step_size if step_size is None else step_size, "step_size",
+                             n_steps, x, allow_zero=False),
+                _step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
+
+    def _chain(self, x, counter, tables, *, n_steps, chain_offset, track):
+        eps_table, temperature = tables
+        seed = self._seed
+        n_adapt = 0 if not self.adapt else (
+            n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
+        # Per-chain multiplier of the step-size table, tuned during the adaptation phase.
+        scale = torch.ones(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
+        accepted_count = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        diagnostics = _ChainDiagnostics(x, self.check_finite, track)
+        energy_x, grad_x = self._energy_and_grad(x)
+        diagnostics.observe(0, energy_x, grad_x)
+        proposal = torch.empty_like(x)
+        for k in range(n_steps):
+            eps = eps_table[k] * scale
+            langevin_update(x, grad_x, eps, (2 * eps * temperature[k]).sqrt(), seed=seed,
+                            step=counter, stream=STREAM_PROPOSAL, chain_offset=chain_offset,
+                            out=proposal)
+            energy_y, grad_y = self._energy_and_grad(proposal)
+            accepted, accept_prob = mala_accept(
+                x, proposal, grad_x, grad_y, energy_x, energy_y, eps, temperature[k], seed=seed,
+                step=counter, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)
+            counter += 1
+            accepted_count += accepted
+            if k < n_adapt:
+                scale.mul_(torch.exp(self.adapt_rate * (accept_prob - self.target_accept)))
+            diagnostics.observe(k + 1, energy_x, grad_x)
+        results = diagnostics.finish(n_steps, x, energy_x)
+        if track:
+            results.update(accept_rate=accepted_count / n_steps,
+                           step_size=eps_table[n_steps - 1] * scale)
+        return results
