@@ -1,0 +1,85 @@
+"""Triton ``buffer_sample_out``: the replay buffer's fused draw (slot, dequantise, reinit).
+
+Semantics: ebm_fast/reference/buffer_sample.py. A 2-D grid of (CHAINS x BLOCK) tiles of the
+(batch, D) output: each program draws its chains' slots and reinit decisions once (per-chain
+noise), then gathers the stored rows and the per-element init noise for its block of features
+and writes each element once. Stored rows of reinitialised chains are not read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ebm_fast.kernels.triton._noise import read_scalar, scalar_arg, spec_normal, spec_uniform, spec_words
+from ebm_fast.kernels.triton.langevin_update import round_to
+from ebm_fast.reference.buffer_sample import uint8_scales
+from ebm_fast.noise import (
+    STREAM_BUFFER_REINIT_DECISION, STREAM_BUFFER_REINIT_VALUES, STREAM_BUFFER_SLOT)
+
+CHAINS = 4
+BLOCK = 1024
+INIT_CODES = {"uniform": 0, "gaussian": 1, "values": 2}
+
+
+@triton.jit(do_not_specialize=["seed", "step", "chain_offset", "batch", "features",
+                               "slots_per_class", "reinit_prob", "lo", "width", "uint8_step"])
+def _buffer_sample_kernel(out_ptr, slots_ptr, storage_ptr, written_ptr, y_ptr, values_ptr,
+                          seed, step, chain_offset, batch, features, slots_per_class,
+                          reinit_prob, lo, width, uint8_step,
+                          SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
+                          HAS_Y: tl.constexpr, INIT: tl.constexpr, STREAM_DECISION: tl.constexpr,
+                          STREAM_VALUES: tl.constexpr, STREAM_SLOT: tl.constexpr,
+                          CHAINS: tl.constexpr, BLOCK: tl.constexpr):
+    seed = read_scalar(seed, SEED_IS_POINTER)
+    step = read_scalar(step, STEP_IS_POINTER)
+    i = tl.program_id(0).to(tl.int64) * CHAINS + tl.arange(0, CHAINS)
+    j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    chain_mask = i < batch
+    chain = chain_offset + i
+    r = spec_words(seed, step, STREAM_SLOT, chain)
+    slot = ((r.to(tl.uint64) * slots_per_class.to(tl.uint64)) >> 32).to(tl.int64)
+    if HAS_Y:
+        slot += tl.load(y_ptr + i, mask=chain_mask, other=0) * slots_per_class
+    written = tl.load(written_ptr + slot, mask=chain_mask, other=1)
+    reinit = (spec_uniform(seed, step, STREAM_DECISION, chain) < reinit_prob) | (written == 0)
+    mask = chain_mask[:, None] & (j < features)[None, :]
+    stored = tl.load(storage_ptr + slot[:, None] * features + j[None, :],
+                     mask=mask & ~reinit[:, None], other=0)
+    if storage_ptr.dtype.element_ty == tl.uint8:
+        stored = lo + stored.to(tl.float32) * uint8_step
+    else:
+        stored = stored.to(tl.float32)
+    n = chain[:, None] * features + j[None, :]
+    if INIT == 2:
+        fresh = tl.load(values_ptr + i[:, None] * features + j[None, :],
+                        mask=mask & reinit[:, None], other=0)
+    elif INIT == 1:
+        fresh = spec_normal(seed, step, STREAM_VALUES, n)
+    else:
+        fresh = lo + width * spec_uniform(seed, step, STREAM_VALUES, n)
+    value = tl.where(reinit[:, None], fresh, stored)
+    tl.store(out_ptr + i[:, None] * features + j[None, :],
+             round_to(value, out_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(slots_ptr + i, slot, mask=chain_mask)
+
+
+def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, chain_offset,
+                      slots_per_class, reinit_prob, init_kind, lo, hi):
+    device = out.device
+    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
+    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    batch, features = out.shape
+    width = float(torch.tensor(hi - lo, dtype=torch.float32))
+    block = min(BLOCK, triton.next_power_of_2(features))
+    grid = (triton.cdiv(batch, CHAINS), triton.cdiv(features, block))
+    _buffer_sample_kernel[grid](
+        out, slots, storage, written, y if y is not None else slots,
+        init_values if init_values is not None else out, seed_arg, step_arg, chain_offset, batch,
+        features, slots_per_class, reinit_prob, lo, width, uint8_scales(lo, hi)[0],
+        SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer, HAS_Y=y is not None,
+        INIT=INIT_CODES[init_kind], STREAM_DECISION=STREAM_BUFFER_REINIT_DECISION,
+        STREAM_VALUES=STREAM_BUFFER_REINIT_VALUES, STREAM_SLOT=STREAM_BUFFER_SLOT,
+        CHAINS=CHAINS, BLOCK=block)
