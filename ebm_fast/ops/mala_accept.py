@@ -1,0 +1,136 @@
+"""Op ``ebm_fast::mala_accept``: fused MALA accept/reject, in place for the accepted chains.
+
+The spec is ebm_fast/reference/mala_accept.py. The registered op mutates x, grad_x and energy_x
+and returns new (accepted, accept_prob) tensors. Every backend (reference / cpu / triton) exposes
+the entry point of ops/_dispatch.py's convention, here with the two outputs first and the mutated
+inputs among the op's inputs:
+
+    mala_accept_out(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y,
+                    step_size, temperature, seed, step, stream, chain_offset) -> None
+
+accepted (B,) bool and accept_prob (B,) are written; x, grad_x, energy_x are updated in place for
+accepted chains. All tensors are contiguous and on x's device: accept_prob, energies, step_size
+and temperature in the compute dtype (float64 for float64 states, else float32), step_size and
+temperature 0-dim or (B,), seed and step 0-dim int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ebm_fast.backends import backend_for, forced_backend
+from ebm_fast.ops._dispatch import as_int64_scalar, kernel_entry
+from ebm_fast.ops.langevin_update import SUPPORTED_DTYPES, _chain_param, _check_pair
+from ebm_fast.reference.langevin_update import compute_dtype
+
+
+def _run(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature,
+         seed, step, stream, chain_offset) -> None:
+    backend = backend_for(x.device)
+    if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
+        backend = "reference"  # the Triton kernel computes in float32 only
+    # The kernels write contiguous rows: a non-contiguous mutated input goes through a copy.
+    mutated = (x, grad_x, energy_x)
+    work = [t if t.is_contiguous() else t.contiguous() for t in mutated]
+    kernel_entry("mala_accept", backend)(
+        accepted, accept_prob, work[0], y.contiguous(), work[1], grad_y.contiguous(), work[2],
+        energy_y.contiguous(), step_size.contiguous(), temperature.contiguous(), seed, step,
+        stream, chain_offset)
+    for target, written in zip(mutated, work):
+        if written is not target:
+            target.copy_(written)
+
+
+def _new_outputs(x: torch.Tensor, energy_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    chains = x.shape[0]
+    return (torch.empty(chains, dtype=torch.bool, device=x.device),
+            torch.empty(chains, dtype=energy_x.dtype, device=x.device))
+
+
+@torch.library.custom_op("ebm_fast::mala_accept", mutates_args=("x", "grad_x", "energy_x"))
+def _mala_accept_op(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                    energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
+                    temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                    stream: int, chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    accepted, accept_prob = _new_outputs(x, energy_x)
+    if x.shape[0]:
+        _run(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
+             temperature, seed, step, stream, chain_offset)
+    return accepted, accept_prob
+
+
+@_mala_accept_op.register_fake
+def _(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step, stream,
+      chain_offset):
+    return _new_outputs(x, energy_x)
+
+
+def _check_energy(energy, name: str, x: torch.Tensor) -> None:
+    if not isinstance(energy, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(energy).__name__}")
+    if tuple(energy.shape) != (x.shape[0],):
+        raise ValueError(f"{name} must have shape ({x.shape[0]},) (one energy per chain), got "
+                         f"{tuple(energy.shape)}")
+    if energy.device != x.device:
+        raise ValueError(f"{name} is on {energy.device} but x is on {x.device}")
+    if energy.dtype != compute_dtype(x.dtype):
+        raise TypeError(f"{name} must have dtype {compute_dtype(x.dtype)} for x of dtype "
+                        f"{x.dtype}, got {energy.dtype}")
+
+
+def _positive_param(value, name: str, x: torch.Tensor) -> torch.Tensor:
+    param = _chain_param(value, name, x, allow_zero=False)
+    if param.dim() == 0 and param.device not in (x.device, torch.device("cpu")):
+        raise ValueError(f"{name} is on {param.device} but x is on {x.device}")
+    return param.detach()
+
+
+def _check_int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return value
+
+
+def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, *, seed, step,
+                stream=1, chain_offset=0):
+    """Metropolis-adjusted Langevin accept/reject for a batch of chains, fused and in place.
+
+    The proposal y = x - step_size * grad_x + sqrt(2 step_size temperature) xi targets the density
+    exp(-E / temperature). Each chain accepts with probability
+    min(1, exp(log_alpha)),
+    log_alpha = -(E_y - E_x) / T - (|x - y + eps g_y|^2 - |y - x + eps g_x|^2) / (4 eps T),
+    (0 where energy_y is not finite or log_alpha is NaN), decided by the noise spec's per-chain
+    uniform (stream ``stream``). Accepted chains take the proposal IN PLACE: x <- y,
+    grad_x <- grad_y, energy_x <- energy_y.
+
+    Args:
+        x, y, grad_x, grad_y: current states, proposals and the energy gradients at both, all of
+            one shape (chains, ...), device and dtype (float32, bfloat16, float16, float64).
+        energy_x, energy_y: (chains,) energies, float32 (float64 when x is float64).
+        step_size, temperature: float > 0 or per-chain tensor (chains,) (0-dim tensors too).
+        seed: 64-bit int or 0-dim integer tensor. step: 32-bit counter, int or 0-dim tensor.
+        stream, chain_offset: noise-spec stream and the index of x's first chain in the batch.
+
+    Returns (accepted, accept_prob): (chains,) bool and (chains,) float32 (float64 for float64
+    states). Arithmetic runs in float32 for bfloat16/float16 states. Not differentiable: it reads
+    and writes the tensors' data, like an optimiser step under no_grad.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a leading chain axis (at least 1 dimension)")
+    for other, name in ((y, "y"), (grad_x, "grad_x"), (grad_y, "grad_y")):
+        _check_pair(x, other, name)
+    _check_energy(energy_x, "energy_x", x)
+    _check_energy(energy_y, "energy_y", x)
+    step_size_t = _positive_param(step_size, "step_size", x)
+    temperature_t = _positive_param(temperature, "temperature", x)
+    stream = _check_int(stream, "stream", 0, 1 << 32)
+    chain_offset = _check_int(chain_offset, "chain_offset", 0, (1 << 62) - x.shape[0])
+    tensors = (t.detach() for t in (x, y, grad_x, grad_y, energy_x, energy_y))
+    return _mala_accept_op(*tensors, step_size_t, temperature_t, as_int64_scalar(seed, "seed", 64),
+                           as_int64_scalar(step, "step", 32), stream, chain_offset)
