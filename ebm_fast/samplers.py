@@ -119,6 +119,18 @@ def _check_energy_output(value, chains: int) -> torch.Tensor:
     return value.reshape(chains)
 
 
+def _check_step_value(value, name: str, *, allow_zero: bool) -> None:
+    """Type-check a step-size / noise / temperature argument; numbers must be finite and > 0
+    (>= 0 with allow_zero). Tensor values are not read (that would synchronise with the device)."""
+    if isinstance(value, torch.Tensor) or (callable(value) and not isinstance(value, bool)):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a tensor or a schedule f(k, n_steps), got "
+                        f"{type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
 def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero: bool,
                  allow_schedule: bool = True) -> torch.Tensor:
     """A parameter's value at each of the call's steps: (K,) shared, or (K, B) per chain.
@@ -127,6 +139,7 @@ def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero:
     either, evaluated on the host once per call. Tensor values are not checked (that would
     synchronise with the device); numbers must be finite and > 0 (>= 0 with allow_zero).
     """
+    _check_step_value(value, name, allow_zero=allow_zero)
     if callable(value) and not isinstance(value, torch.Tensor):
         if not allow_schedule:
             raise TypeError(f"{name} cannot be a schedule here")
@@ -143,13 +156,7 @@ def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero:
         if value.dim() == 1 and value.device != x.device:
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
         value = value.detach().to(device=x.device, dtype=dtype)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, a tensor or a schedule f(k, n_steps), got "
-                        f"{type(value).__name__}")
     else:
-        if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
-            raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, "
-                             f"got {value}")
         value = torch.tensor(float(value), dtype=dtype).to(x.device)
     return value.expand(n_steps, *value.shape)
 
@@ -196,7 +203,7 @@ class _ChainDiagnostics:
             self._flag(k, bad)
         results = {"first_bad": self.first_bad}
         if self.track:
-            results.update(initial_energy=self.initial_energy, final_energy=energy.float(),
+            results.update(initial_energy=self.initial_energy, final_energy=energy,
                            mean_grad_norm=self.grad_norm_sum / self.evaluations)
         return results
 
@@ -393,7 +400,9 @@ class _Sampler:
         start = time.perf_counter()
         x = x0.detach().clone(memory_format=torch.contiguous_format)
         results = []
-        with use_backend(self.backend), _frozen_parameters(_parameters_of(self.energy)):
+        # "auto" leaves the choice to the ops, so an enclosing `with use_backend(...)` holds.
+        backend = contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
+        with backend, _frozen_parameters(_parameters_of(self.energy)):
             for lo in range(0, chains, chunk):
                 hi = min(chains, lo + chunk)
                 # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
@@ -481,13 +490,10 @@ class LangevinSampler(_Sampler):
         self.step_size, self.noise_scale = step_size, noise_scale
         self.temperature = 1.0 if noise_scale is None and temperature is None else temperature
         self.grad_clip, self.grad_clip_mode, self.clamp = grad_clip, grad_clip_mode, clamp
-        # Validate the numbers now rather than at the first call.
-        probe = torch.zeros(1)
-        for value, name, zero in ((step_size, "step_size", False),
-                                  (noise_scale, "noise_scale", True),
-                                  (self.temperature, "temperature", True)):
-            if isinstance(value, (int, float)):
-                _step_values(value, name, 1, probe, allow_zero=zero)
+        _check_step_value(step_size, "step_size", allow_zero=False)
+        for value, name in ((noise_scale, "noise_scale"), (self.temperature, "temperature")):
+            if value is not None:
+                _check_step_value(value, name, allow_zero=True)
 
     def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
                return_info: bool = False):
@@ -502,7 +508,11 @@ class LangevinSampler(_Sampler):
             sigma = _step_values(self.noise_scale, "noise_scale", n_steps, x, allow_zero=True)
         else:
             temperature = _step_values(self.temperature, "temperature", n_steps, x, allow_zero=True)
-            sigma = (2 * eps * temperature).sqrt()
+            if eps.dim() != temperature.dim():  # one shared (K,), one per-chain (K, B) table
+                eps_rows, temperature = (t if t.dim() == 2 else t[:, None] for t in (eps, temperature))
+            else:
+                eps_rows = eps
+            sigma = (2 * eps_rows * temperature).sqrt()
         return eps, sigma
 
     def _chain(self, x, counter, tables, *, n_steps, chain_offset, track):
@@ -560,10 +570,8 @@ class MALASampler(_Sampler):
         self.step_size, self.temperature = step_size, temperature
         self.adapt, self.target_accept = bool(adapt), float(target_accept)
         self.adapt_steps, self.adapt_rate = adapt_steps, float(adapt_rate)
-        probe = torch.zeros(1)
-        for value, name in ((step_size, "step_size"), (temperature, "temperature")):
-            if isinstance(value, (int, float)):
-                _step_values(value, name, 1, probe, allow_zero=False)
+        _check_step_value(step_size, "step_size", allow_zero=False)
+        _check_step_value(temperature, "temperature", allow_zero=False)
 
     def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
                return_info: bool = False):
