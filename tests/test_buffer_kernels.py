@@ -1,0 +1,189 @@
+"""buffer_sample / buffer_push kernels (cpu, triton) against the reference: same slots, same
+reinit decisions, same values, same stored bytes; and opcheck of both ops on every backend."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebm_fast import use_backend
+from ebm_fast.backends import unavailable_reason
+from ebm_fast.ops._dispatch import kernel_entry
+from ebm_fast.ops.buffer_push import _buffer_push_op
+from ebm_fast.ops.buffer_sample import _buffer_sample_op
+from ebm_fast.reference.buffer_push import buffer_push_out as push_ref
+from ebm_fast.reference.buffer_sample import buffer_sample_out as sample_ref
+from helpers import kernel_backends, kernel_device
+
+STORAGE_DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# The interpreter runs Triton kernels slowly: fewer examples there.
+EXAMPLES = {"cpu": 40, "triton": 12}
+
+
+def _backend_examples(backend):
+    return settings(max_examples=EXAMPLES[backend])
+
+
+@st.composite
+def buffer_layouts(draw):
+    n_classes = draw(st.integers(1, 3))
+    slots_per_class = draw(st.integers(1, 6))
+    features = draw(st.sampled_from([1, 3, 7, 16, 33]))
+    return n_classes, slots_per_class, features
+
+
+def _random_storage(gen, capacity, features, dtype, device):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (capacity, features), generator=gen, dtype=torch.uint8).to(device)
+    return (torch.randn(capacity, features, generator=gen) * 2).to(dtype).to(device)
+
+
+@st.composite
+def sample_cases(draw):
+    n_classes, slots_per_class, features = draw(buffer_layouts())
+    return dict(
+        n_classes=n_classes, slots_per_class=slots_per_class, features=features,
+        batch=draw(st.integers(1, 9)), storage_dtype=draw(st.sampled_from(STORAGE_DTYPES)),
+        out_dtype=draw(st.sampled_from(OUT_DTYPES)),
+        init_kind=draw(st.sampled_from(["uniform", "gaussian", "values"])),
+        reinit_prob=draw(st.sampled_from([0.0, 0.3, 1.0]) | st.floats(0.0, 1.0)),
+        lo=draw(st.sampled_from([-1.0, 0.0, -3.5])), width=draw(st.sampled_from([1.0, 2.0, 7.25])),
+        seed=draw(st.integers(0, 2**64 - 1)), step=draw(st.integers(0, 2**32 - 1)),
+        chain_offset=draw(st.sampled_from([0, 5, 2**32 + 3])), data_seed=draw(st.integers(0, 99)))
+
+
+def _run_sample(kernel, case, device):
+    gen = torch.Generator().manual_seed(case["data_seed"])
+    capacity = case["n_classes"] * case["slots_per_class"]
+    batch, features = case["batch"], case["features"]
+    storage = _random_storage(gen, capacity, features, case["storage_dtype"], device)
+    written = (torch.rand(capacity, generator=gen) < 0.7).to(torch.uint8).to(device)
+    y = (torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
+         if case["n_classes"] > 1 else None)
+    values = (torch.randn(batch, features, generator=gen).to(case["out_dtype"]).to(device)
+              if case["init_kind"] == "values" else None)
+    out = torch.empty(batch, features, dtype=case["out_dtype"], device=device)
+    slots = torch.empty(batch, dtype=torch.int64, device=device)
+    seed = torch.tensor(case["seed"] - (1 << 64) if case["seed"] >= 1 << 63 else case["seed"])
+    kernel(out, slots, storage, written, y, values, seed.to(device),
+           torch.tensor(case["step"], device=device), case["chain_offset"],
+           case["slots_per_class"], case["reinit_prob"], case["init_kind"], case["lo"],
+           case["lo"] + case["width"])
+    return out.cpu(), slots.cpu()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_sample_matches_reference(backend):
+    device = kernel_device(backend)
+
+    @_backend_examples(backend)
+    @given(case=sample_cases())
+    def check(case):
+        out, slots = _run_sample(kernel_entry("buffer_sample", backend), case, device)
+        expected_out, expected_slots = _run_sample(sample_ref, case, torch.device("cpu"))
+        assert torch.equal(slots, expected_slots)
+        if case["init_kind"] == "gaussian":  # log/sin/cos may differ in the last bit
+            torch.testing.assert_close(out, expected_out)
+        else:
+            assert torch.equal(out, expected_out), (out - expected_out).abs().max()
+
+    check()
+
+
+@st.composite
+def push_cases(draw):
+    n_classes, slots_per_class, features = draw(buffer_layouts())
+    pushes = draw(st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=3))
+    return dict(
+        n_classes=n_classes, slots_per_class=slots_per_class, features=features, pushes=pushes,
+        storage_dtype=draw(st.sampled_from(STORAGE_DTYPES)),
+        x_dtype=draw(st.sampled_from(OUT_DTYPES)),
+        policy=draw(st.sampled_from(["fifo", "reservoir"])), stochastic=draw(st.booleans()),
+        initial_count=draw(st.integers(0, 20)), lo=draw(st.sampled_from([-1.0, 0.0])),
+        width=draw(st.sampled_from([1.0, 2.0, 0.99609375, 3.984375])), seed=draw(st.integers(0, 2**63 - 1)),
+        chain_offset=draw(st.sampled_from([0, 7, 2**32])), data_seed=draw(st.integers(0, 99)))
+
+
+def _run_pushes(kernel, case, device):
+    """A sequence of appends and write-backs; returns storage, written and count after it."""
+    gen = torch.Generator().manual_seed(case["data_seed"])
+    capacity = case["n_classes"] * case["slots_per_class"]
+    features = case["features"]
+    storage = _random_storage(gen, capacity, features, case["storage_dtype"], device)
+    written = torch.zeros(capacity, dtype=torch.uint8, device=device)
+    count = torch.full((case["n_classes"],), case["initial_count"], dtype=torch.int64, device=device)
+    for step, (batch, write_back) in enumerate(case["pushes"]):
+        # Spread over and beyond [lo, hi] so clamping and both rounding directions occur.
+        x = (case["lo"] - 0.5 + (case["width"] + 1) * torch.rand(batch, features, generator=gen))
+        # Some values halfway between two uint8 codes: the rounding rule decides them.
+        halfway = case["lo"] + (torch.randint(0, 255, x.shape, generator=gen) + 0.5) * (
+            case["width"] / 255)
+        x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, halfway, x)
+        x = x.to(case["x_dtype"]).to(device)
+        idx = torch.randint(0, capacity, (batch,), generator=gen).to(device) if write_back else None
+        y = (torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
+             if case["n_classes"] > 1 and not write_back else None)
+        kernel(storage, written, count, x, idx, y, torch.tensor(case["seed"], device=device),
+               torch.tensor(step, device=device), case["chain_offset"], case["slots_per_class"],
+               case["policy"], case["lo"], case["lo"] + case["width"], case["stochastic"])
+    return storage.cpu(), written.cpu(), count.cpu()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_push_matches_reference(backend):
+    device = kernel_device(backend)
+
+    @_backend_examples(backend)
+    @given(case=push_cases())
+    def check(case):
+        got = _run_pushes(kernel_entry("buffer_push", backend), case, device)
+        expected = _run_pushes(push_ref, case, torch.device("cpu"))
+        for name, a, b in zip(("storage", "written", "count"), got, expected):
+            assert torch.equal(a, b), name
+
+    check()
+
+
+def _opcheck_sample_args(storage_dtype, init_kind):
+    gen = torch.Generator().manual_seed(0)
+    storage = _random_storage(gen, 6, 5, storage_dtype, "cpu")
+    written = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.uint8)
+    values = torch.randn(4, 5) if init_kind == "values" else None
+    return (storage, written, torch.tensor([0, 2, 1, 2]), values, 4, torch.float32,
+            torch.tensor(11), torch.tensor(3), 0, 2, 0.4, init_kind, -1.0, 1.0)
+
+
+def _opcheck_push_args(storage_dtype, write_back):
+    gen = torch.Generator().manual_seed(1)
+    storage = _random_storage(gen, 6, 5, storage_dtype, "cpu")
+    idx = torch.tensor([5, 0, 5]) if write_back else None
+    y = None if write_back else torch.tensor([2, 0, 2])
+    return (storage, torch.zeros(6, dtype=torch.uint8), torch.tensor([0, 4, 1]),
+            torch.randn(3, 5), idx, y, torch.tensor(11), torch.tensor(3), 0, 2, "reservoir",
+            -1.0, 1.0, True)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *kernel_backends()])
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.uint8])
+def test_opcheck(backend, storage_dtype):
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("opcheck here runs CPU tensors")
+    with use_backend(backend):
+        for init_kind in ("uniform", "values"):
+            torch.library.opcheck(_buffer_sample_op, _opcheck_sample_args(storage_dtype, init_kind))
+        for write_back in (False, True):
+            torch.library.opcheck(_buffer_push_op, _opcheck_push_args(storage_dtype, write_back))
+
+
+def test_kernels_refuse_labels_outside_the_buffer():
+    if unavailable_reason("cpu"):
+        pytest.skip("cpu backend unavailable")
+    args = list(_opcheck_sample_args(torch.float32, "uniform"))
+    args[2] = torch.tensor([0, 3, 1, 2])  # 3 classes of 2 slots: class 3 does not exist
+    with use_backend("cpu"), pytest.raises(RuntimeError, match=r"y\[1\] = 3"):
+        _buffer_sample_op(*args)
+    args = list(_opcheck_push_args(torch.float32, True))
+    args[4] = torch.tensor([5, 6, 0])
+    with use_backend("cpu"), pytest.raises(RuntimeError, match=r"idx\[1\] = 6"):
+        _buffer_push_op(*args)
