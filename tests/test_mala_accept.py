@@ -354,3 +354,20 @@ def test_mala_chain_samples_the_target_variance():
     assert abs(mean) < 5 * math.sqrt(temp / chains)
     assert abs(var - temp) < 5 * temp * math.sqrt(2 / (chains - 1)), var
     assert 0.3 < accept_rate < 0.99
+
+
+def test_compiles_with_fullgraph():
+    """Dynamo traces the wrapper (validation, detach) and functionalises the in-place op."""
+    x, y, gx, gy, ex, ey = _gaussian_proposal(8, (3,), torch.float32, 1.5, 1.0, 1.0, 6)
+    seed, step = torch.tensor(2), torch.tensor(7)
+
+    def mala_step(x, grad_x, energy_x):
+        return mala_accept(x, y, grad_x, gy, energy_x, ey, 1.5, 1.0, seed=seed, step=step)
+
+    compiled_state = [t.clone() for t in (x, gx, ex)]
+    eager_state = [t.clone() for t in (x, gx, ex)]
+    compiled = torch.compile(mala_step, fullgraph=True, backend="aot_eager")(*compiled_state)
+    eager = mala_step(*eager_state)
+    assert 0 < eager[0].sum() < 8
+    for got, expected in zip((*compiled, *compiled_state), (*eager, *eager_state)):
+        assert torch.equal(got, expected)
