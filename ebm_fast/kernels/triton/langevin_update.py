@@ -26,6 +26,8 @@ REDUCE_BLOCK = 1024
 MAX_SPLITS = 64  # chunks per chain in the norm reduction (programs enough to fill a GPU)
 SCALE_CHAINS = 64  # chains per program when turning partial sums into scales
 CLIP_MODES = {None: 0, "value": 1, "norm": 2}
+# Chains at least this long (less one tile) take 64-bit chain-index arithmetic.
+INT32_CHAIN_LIMIT = 1 << 31
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # How a step_size / noise_scale value reaches the kernel.
@@ -185,5 +187,5 @@ def langevin_update_out(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
         SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer,
         STEP_SIZE_MODE=step_size_mode, NOISE_SCALE_MODE=noise_scale_mode, CLIP_MODE=clip_mode,
         CLAMP_LO=clamp_lo is not None, CLAMP_HI=clamp_hi is not None,
-        LONG_CHAINS=per_chain + 4 * GROUPS >= 1 << 31, SHIFT=shift,
+        LONG_CHAINS=per_chain + 4 * GROUPS >= INT32_CHAIN_LIMIT, SHIFT=shift,
         GROUPS=GROUPS, num_warps=NUM_WARPS)
