@@ -61,12 +61,15 @@ def _spec_helpers_kernel(words_ptr, uniform_ptr, normal_ptr, n_ptr, seed, step, 
 @pytest.mark.parametrize("is_pointer", [False, True], ids=["by_value", "by_pointer"])
 @pytest.mark.parametrize("seed,step", [(0, 0), (7, 3), (2**63 + 12345, 2**32 - 1),
                                        (2**64 - 1, 2**31)])
-def test_per_element_spec_helpers_match_reference(is_pointer, seed, step):
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_dtype):
     """spec_words/uniform/normal on arbitrary indices: across 4-alignment and chain boundaries
-    (chains of 3 elements), out of order, and beyond 2**32 (the counter's high word)."""
+    (chains of 3 elements), out of order, and beyond 2**32 (the counter's high word) for int64
+    indices; int32 indices (e.g. chain numbers) give the same draws."""
     stream = 5
-    n = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 2, 2**32 + 1, 2**32 + 6,
+    n = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 2, 2**31 - 1, 2**32 + 1, 2**32 + 6,
                       2**41 + 3, 3 * (2**31 + 1) + 2], dtype=torch.int64)
+    n = n[n <= torch.iinfo(index_dtype).max]
     if is_pointer:
         seed_arg, step_arg = _counter(seed, 64, True), _counter(step, 32, True)
     else:
@@ -74,7 +77,7 @@ def test_per_element_spec_helpers_match_reference(is_pointer, seed, step):
     words = torch.empty(n.numel(), dtype=torch.int32, device=DEVICE)
     uniform = torch.empty(n.numel(), dtype=torch.float32, device=DEVICE)
     normal = torch.empty(n.numel(), dtype=torch.float32, device=DEVICE)
-    _spec_helpers_kernel[(1,)](words, uniform, normal, n.to(DEVICE), seed_arg, step_arg, stream,
+    _spec_helpers_kernel[(1,)](words, uniform, normal, n.to(index_dtype).to(DEVICE), seed_arg, step_arg, stream,
                                n.numel(), IS_POINTER=is_pointer, BLOCK=32)
 
     blocks = noise.philox_blocks_ref(n, seed, step, stream)

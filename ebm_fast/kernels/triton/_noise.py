@@ -43,7 +43,8 @@ def read_scalar(arg, IS_POINTER: tl.constexpr):
 
 @triton.jit
 def spec_group_words(seed, step, stream, g):
-    """The four Philox output words (uint32) of each block g (int64 block of group indices)."""
+    """The four Philox output words (uint32) of each block g (a block of group indices)."""
+    g = g.to(tl.int64)  # the high counter word needs 64 bits (int32 >> 32 is undefined)
     zero = g * 0
     return tl.philox(seed, g.to(tl.uint32), (g >> 32).to(tl.uint32),
                      (zero + step).to(tl.uint32), (zero + stream).to(tl.uint32))
@@ -57,7 +58,7 @@ def select4(v0, v1, v2, v3, r):
 
 @triton.jit
 def spec_words(seed, step, stream, n):
-    """Word out[n % 4] of block n // 4 (uint32) for each global element index n (int64)."""
+    """Word out[n % 4] of block n // 4 (uint32) for each global element index n (n >= 0)."""
     w0, w1, w2, w3 = spec_group_words(seed, step, stream, n // 4)
     return select4(w0, w1, w2, w3, n % 4)
 
