@@ -57,7 +57,7 @@ def _demo(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ebm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small 2-D EBM with ebm_fast and with the plain "
+    demo = sub.add_parser("demo", add_help=False, help="train a small 2-D EBM with ebm_fast and with the plain "
                           "loop; report speed and exact held-out NLL (`ebm-fast demo -h`)")
     demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo")
     sub.add_parser("build", help="build the C++ CPU kernels now (otherwise built on first use)")
