@@ -48,25 +48,23 @@ def _bench(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from ebm_fast import demo
-
-    return demo.main(args.rest)
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (`ebm-fast demo -h`)
+        from ebm_fast import demo
+
+        return demo.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ebm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", add_help=False, help="train a small 2-D EBM with ebm_fast and with the plain "
-                          "loop; report speed and exact held-out NLL (`ebm-fast demo -h`)")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo")
+    sub.add_parser("demo", help="train a small 2-D EBM with ebm_fast and with the plain loop; "
+                   "report speed and exact held-out NLL (`ebm-fast demo -h`)")
     sub.add_parser("build", help="build the C++ CPU kernels now (otherwise built on first use)")
     sub.add_parser("info", help="list the backends and why any is unavailable")
     bench = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (update, buffer, sampler)")
     bench.add_argument("name")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     args = parser.parse_args(argv)
-    return {"build": _build, "info": _info, "bench": _bench, "demo": _demo}[args.command](args)
+    return {"build": _build, "info": _info, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":
