@@ -1,8 +1,8 @@
 // The noise spec (DESIGN.md, ebm_fast/noise.py) in C++: Philox4x32-10 as Triton's tl.philox,
 // Triton's uint -> uniform float map, and Box-Muller as Triton's randn4x.
 // Scalar forms here serve per-chain draws; bulk per-element noise uses the vectorised forms
-// (philox_*_bulk below): AVX-512 with inline polynomial log/sincos where the compiler targets
-// it, else a portable per-block loop.
+// (philox_*_bulk below): AVX-512 or AVX2 intrinsics with polynomial log/sincos where the
+// compiler targets them, else a portable per-block loop of the scalar forms.
 #pragma once
 
 #include <algorithm>
@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -111,6 +111,19 @@ struct PhiloxStream {
   }
 };
 
+// Polynomial coefficients of the vector paths (least-squares fits on Chebyshev nodes, float32):
+// log1p(f) = f * P(f) for f in [-0.25, 0.5): max relative error 2.5 ulp.
+constexpr float kLog1pCoeffs[9] = {1.0f, -0.5000006556510925f, 0.3333360254764557f,
+                                   -0.24993263185024261f, 0.1997554749250412f,
+                                   -0.1682281792163849f, 0.1499691605567932f,
+                                   -0.1209166869521141f, 0.054260093718767166f};
+// sin(pi/2 r) = r * S(r^2), cos(pi/2 r) = C(r^2) for r in [-0.5, 0.5]: max error 1.5 ulp.
+constexpr float kSinCoeffs[4] = {1.5707963705062866f, -0.6459634900093079f,
+                                 0.07968022674322128f, -0.004602163098752499f};
+constexpr float kCosCoeffs[5] = {1.0f, -1.2337005138397217f, 0.25366920232772827f,
+                                 -0.02086007036268711f, 0.00090362987248227f};
+constexpr float kLn2 = 0.693147180559945f;
+
 // Writes the 64 elements of blocks [g, g + 16) (element indices 4g ..) to tile (as bits /
 // float), in element order.
 template <NoiseKind kind>
@@ -175,19 +188,6 @@ inline __m512 uniform16(__m512i r) {
   const __m512i v = _mm512_xor_si512(r, _mm512_srai_epi32(r, 31));  // ~r where r < 0
   return _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(kUniformScale));
 }
-
-// Polynomial coefficients (least-squares fits on Chebyshev nodes, float32, Horner with FMA):
-// log1p(f) = f * P(f) for f in [-0.25, 0.5): max relative error 2.5 ulp.
-constexpr float kLog1pCoeffs[9] = {1.0f, -0.5000006556510925f, 0.3333360254764557f,
-                                   -0.24993263185024261f, 0.1997554749250412f,
-                                   -0.1682281792163849f, 0.1499691605567932f,
-                                   -0.1209166869521141f, 0.054260093718767166f};
-// sin(pi/2 r) = r * S(r^2), cos(pi/2 r) = C(r^2) for r in [-0.5, 0.5]: max error 1.5 ulp.
-constexpr float kSinCoeffs[4] = {1.5707963705062866f, -0.6459634900093079f,
-                                 0.07968022674322128f, -0.004602163098752499f};
-constexpr float kCosCoeffs[5] = {1.0f, -1.2337005138397217f, 0.25366920232772827f,
-                                 -0.02086007036268711f, 0.00090362987248227f};
-constexpr float kLn2 = 0.693147180559945f;
 
 template <int n>
 inline __m512 horner(__m512 x, const float (&c)[n]) {
@@ -280,6 +280,149 @@ inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
   avx512::interleave4(z, static_cast<float*>(tile));
 }
 
+#elif defined(__AVX2__)
+
+namespace avx2 {
+
+// As the AVX-512 path, 8 blocks at a time: lane L of a group holds block kGroupBlock[L] =
+// {0, 2, 4, 6, 1, 3, 5, 7}, so interleave4() needs no cross-lane permute. Philox runs on two
+// sets of 4 blocks in 64-bit lanes (set A: blocks 0, 2, 1, 3; set B: 4, 6, 5, 7), which
+// _mm256_shuffle_ps(A, B, (2, 0, 2, 0)) packs into that lane order.
+inline __m256i block_offsets(int set) {
+  return set == 0 ? _mm256_setr_epi64x(0, 2, 1, 3) : _mm256_setr_epi64x(4, 6, 5, 7);
+}
+
+inline __m256i high_to_low(__m256i v) { return _mm256_shuffle_epi32(v, 0xB1); }
+
+inline __m256i xor3(__m256i a, __m256i b, __m256i c) {
+  return _mm256_xor_si256(_mm256_xor_si256(a, b), c);
+}
+
+inline __m256i low_dwords(__m256i a, __m256i b) {
+  return _mm256_castps_si256(
+      _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88));
+}
+
+inline void philox8(uint64_t g, const PhiloxStream& s, __m256i w[4]) {
+  const __m256i round_a = _mm256_set1_epi64x(kPhiloxRoundA);
+  const __m256i round_b = _mm256_set1_epi64x(kPhiloxRoundB);
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i block = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)),
+                                           block_offsets(h));
+    c0[h] = block;  // high dword ignored by the multiply
+    c1[h] = _mm256_srli_epi64(block, 32);
+    c2[h] = _mm256_set1_epi32(static_cast<int32_t>(s.step));
+    c3[h] = _mm256_set1_epi32(static_cast<int32_t>(s.stream));
+  }
+  for (int round = 0; round < 10; ++round) {
+    const __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>(s.k0[round]));
+    const __m256i k1 = _mm256_set1_epi32(static_cast<int32_t>(s.k1[round]));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i prod_b = _mm256_mul_epu32(c2[h], round_b);
+      const __m256i prod_a = _mm256_mul_epu32(c0[h], round_a);
+      c0[h] = xor3(high_to_low(prod_b), c1[h], k0);
+      c2[h] = xor3(high_to_low(prod_a), c3[h], k1);
+      c1[h] = prod_b;
+      c3[h] = prod_a;
+    }
+  }
+  w[0] = low_dwords(c0[0], c0[1]);
+  w[1] = low_dwords(c1[0], c1[1]);
+  w[2] = low_dwords(c2[0], c2[1]);
+  w[3] = low_dwords(c3[0], c3[1]);
+}
+
+inline __m256 uniform8(__m256i r) {
+  const __m256i v = _mm256_xor_si256(r, _mm256_srai_epi32(r, 31));  // ~r where r < 0
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(kUniformScale));
+}
+
+inline __m256 fmadd(__m256 a, __m256 b, __m256 c) {
+#ifdef __FMA__
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+
+template <int n>
+inline __m256 horner(__m256 x, const float (&c)[n]) {
+  __m256 acc = _mm256_set1_ps(c[n - 1]);
+  for (int i = n - 2; i >= 0; --i) acc = fmadd(acc, x, _mm256_set1_ps(c[i]));
+  return acc;
+}
+
+// ln(u) for u >= 1e-7 (a normal float): u = m 2^k, m in [0.75, 1.5), k and m from the bits.
+inline __m256 log8(__m256 u) {
+  const __m256i bits = _mm256_castps_si256(u);
+  const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
+  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  return fmadd(_mm256_cvtepi32_ps(k), _mm256_set1_ps(kLn2),
+               _mm256_mul_ps(f, horner(f, kLog1pCoeffs)));
+}
+
+// cos(2 pi u), sin(2 pi u) for u in [0, 1), reduced from u as in the AVX-512 path.
+inline void sincos_2pi8(__m256 u, __m256* cos_out, __m256* sin_out) {
+  const __m256 x = _mm256_mul_ps(u, _mm256_set1_ps(4.0f));
+  const __m256 q = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(x, q);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 sin_r = _mm256_mul_ps(r, horner(r2, kSinCoeffs));
+  const __m256 cos_r = horner(r2, kCosCoeffs);
+  const __m256i quadrant = _mm256_cvtps_epi32(q);
+  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+  const __m256 swap = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(quadrant, one), one));
+  const __m256i cos_sign =
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(quadrant, one), two), 30);
+  const __m256i sin_sign = _mm256_slli_epi32(_mm256_and_si256(quadrant, two), 30);
+  *cos_out = _mm256_xor_ps(_mm256_blendv_ps(cos_r, sin_r, swap), _mm256_castsi256_ps(cos_sign));
+  *sin_out = _mm256_xor_ps(_mm256_blendv_ps(sin_r, cos_r, swap), _mm256_castsi256_ps(sin_sign));
+}
+
+inline void box_muller8(__m256i word_a, __m256i word_b, __m256* even, __m256* odd) {
+  const __m256 u_a = _mm256_max_ps(uniform8(word_a), _mm256_set1_ps(kBoxMullerMinU));
+  const __m256 rho = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u_a)));
+  __m256 cos_t, sin_t;
+  sincos_2pi8(uniform8(word_b), &cos_t, &sin_t);
+  *even = _mm256_mul_ps(rho, cos_t);
+  *odd = _mm256_mul_ps(rho, sin_t);
+}
+
+// z[w] lane L holds word w of block kGroupBlock[L]; writes the group's 32 elements in order.
+inline void interleave4(const __m256 z[4], float* out) {
+  const __m256d a = _mm256_castps_pd(_mm256_unpacklo_ps(z[0], z[1]));
+  const __m256d b = _mm256_castps_pd(_mm256_unpackhi_ps(z[0], z[1]));
+  const __m256d c = _mm256_castps_pd(_mm256_unpacklo_ps(z[2], z[3]));
+  const __m256d d = _mm256_castps_pd(_mm256_unpackhi_ps(z[2], z[3]));
+  _mm256_storeu_ps(out, _mm256_castpd_ps(_mm256_unpacklo_pd(a, c)));
+  _mm256_storeu_ps(out + 8, _mm256_castpd_ps(_mm256_unpackhi_pd(a, c)));
+  _mm256_storeu_ps(out + 16, _mm256_castpd_ps(_mm256_unpacklo_pd(b, d)));
+  _mm256_storeu_ps(out + 24, _mm256_castpd_ps(_mm256_unpackhi_pd(b, d)));
+}
+
+}  // namespace avx2
+
+template <NoiseKind kind>
+inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
+  for (int group = 0; group < 2; ++group) {
+    __m256i w[4];
+    avx2::philox8(g + 8 * group, s, w);
+    __m256 z[4];
+    if constexpr (kind == NoiseKind::kBits) {
+      for (int i = 0; i < 4; ++i) z[i] = _mm256_castsi256_ps(w[i]);
+    } else if constexpr (kind == NoiseKind::kUniform) {
+      for (int i = 0; i < 4; ++i) z[i] = avx2::uniform8(w[i]);
+    } else {
+      avx2::box_muller8(w[0], w[1], &z[0], &z[1]);
+      avx2::box_muller8(w[2], w[3], &z[2], &z[3]);
+    }
+    avx2::interleave4(z, static_cast<float*>(tile) + 32 * group);
+  }
+}
+
 #else  // portable: one block at a time with the scalar forms above
 
 template <NoiseKind kind>
@@ -292,7 +435,8 @@ inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
     if constexpr (kind == NoiseKind::kBits) {
       std::memcpy(static_cast<uint32_t*>(tile) + 4 * b, words.w, sizeof(words.w));
     } else if constexpr (kind == NoiseKind::kUniform) {
-      for (int i = 0; i < 4; ++i) static_cast<float*>(tile)[4 * b + i] = uniform_from_bits(words.w[i]);
+      for (int i = 0; i < 4; ++i)
+        static_cast<float*>(tile)[4 * b + i] = uniform_from_bits(words.w[i]);
     } else {
       for (int pair = 0; pair < 2; ++pair) {
         const float u_a = std::fmax(uniform_from_bits(words.w[2 * pair]), kBoxMullerMinU);
@@ -305,7 +449,7 @@ inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
   }
 }
 
-#endif  // __AVX512F__
+#endif  // __AVX512F__ / __AVX2__
 
 // The spec's draws of kind `kind` for elements [n0, n0 + count) into out (uint32 for kBits,
 // float otherwise). Any n0: a start or end inside a tile is generated into a buffer and copied.
