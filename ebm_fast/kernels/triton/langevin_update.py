@@ -68,7 +68,7 @@ def round_to(value, DTYPE: tl.constexpr):
     return result
 
 
-@triton.jit(do_not_specialize=["seed", "step", "first_group", "numel", "per_chain", "grad_clip",
+@triton.jit(do_not_specialize=["seed", "step", "first_group", "per_chain", "grad_clip",
                                "clamp_lo", "clamp_hi"])
 def _langevin_update_kernel(out_ptr, x_ptr, grad_ptr, step_size, noise_scale, clip_scale_ptr,
                             seed, step, stream, first_group, numel, per_chain, grad_clip,

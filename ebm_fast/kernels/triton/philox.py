@@ -21,7 +21,7 @@ _DISTRIBUTIONS = {"bits": (0, torch.int32), "uniform": (1, torch.float32),
                   "normal": (2, torch.float32)}
 
 
-@triton.jit(do_not_specialize=["seed", "step", "first_group", "numel"])
+@triton.jit(do_not_specialize=["seed", "step", "first_group"])
 def _philox_kernel(out_ptr, seed, step, stream, first_group, numel,
                    SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
                    DISTRIBUTION: tl.constexpr, SHIFT: tl.constexpr, GROUPS: tl.constexpr):
