@@ -28,6 +28,7 @@ struct PushParams {
   int64_t chain_offset, features;
   bool stochastic;
   Uint8Grid grid;
+  PhiloxStream quantize_stream;
 };
 
 // Slot of each chain (-1: dropped by the reservoir); advances count as the chains are appended.
@@ -66,18 +67,17 @@ void keep_last_writers(std::vector<int64_t>& targets) {
   }
 }
 
+// scratch: 2 * p.features floats (quantisation and stochastic-rounding uniforms).
 template <typename in_t, typename store_t>
-void store_row(store_t* dst, const in_t* src, uint64_t first_element, const PushParams& p) {
+void store_row(store_t* dst, const in_t* src, uint64_t first_element, const PushParams& p,
+               float* scratch) {
   if constexpr (std::is_same_v<store_t, uint8_t>) {
+    float* uniforms = scratch + p.features;
     if (p.stochastic) {
-      for (int64_t j = 0; j < p.features; ++j) {
-        const float u = philox_uniform(first_element + j, p.step, kStreamQuantize, p.key);
-        dst[j] = quantize_stochastic(static_cast<float>(src[j]), u, p.grid);
-      }
+      philox_uniform_bulk(first_element, p.features, p.quantize_stream, uniforms);
+      quantize_row<true>(dst, src, p.features, p.grid, scratch, uniforms);
     } else {
-      for (int64_t j = 0; j < p.features; ++j) {
-        dst[j] = quantize_nearest(static_cast<float>(src[j]), p.grid);
-      }
+      quantize_row<false>(dst, src, p.features, p.grid, scratch, nullptr);
     }
   } else if constexpr (std::is_same_v<store_t, in_t>) {
     std::memcpy(dst, src, sizeof(store_t) * p.features);
@@ -100,7 +100,9 @@ void buffer_push_out(at::Tensor storage, at::Tensor written, at::Tensor count,
               policy, "'");
   const int64_t batch = x.size(0), capacity = storage.size(0);
   const PushParams p{PhiloxKey(seed.item<int64_t>()), static_cast<uint32_t>(step.item<int64_t>()),
-                     chain_offset, storage.size(1), stochastic, Uint8Grid(lo, hi)};
+                     chain_offset, storage.size(1), stochastic, Uint8Grid(lo, hi),
+                     PhiloxStream(PhiloxKey(seed.item<int64_t>()),
+                                  static_cast<uint32_t>(step.item<int64_t>()), kStreamQuantize)};
   std::vector<int64_t> targets;
   if (idx.has_value()) {
     const int64_t* idx_ptr = idx->data_ptr<int64_t>();
@@ -121,10 +123,11 @@ void buffer_push_out(at::Tensor storage, at::Tensor written, at::Tensor count,
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
     auto run = [&](auto* storage_ptr) {
       at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(storage.scalar_type() == at::kByte ? 2 * p.features : 0);
         for (int64_t i = begin; i < end; ++i) {
           if (targets[i] < 0) continue;
           store_row(storage_ptr + targets[i] * p.features, x_ptr + i * p.features,
-                    static_cast<uint64_t>(chain_offset + i) * p.features, p);
+                    static_cast<uint64_t>(chain_offset + i) * p.features, p, scratch.data());
           written_ptr[targets[i]] = 1;
         }
       });

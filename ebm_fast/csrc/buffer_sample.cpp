@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "buffer_storage.h"
 #include "philox.h"
@@ -36,17 +37,20 @@ struct SampleParams {
   float reinit_prob;
   InitKind init_kind;
   Uint8Grid grid;
+  PhiloxStream values_stream;
 };
 
+// noise: scratch of p.features floats.
 template <typename out_t>
-void fill_init_noise(out_t* row, uint64_t first_element, const SampleParams& p) {
-  for (int64_t j = 0; j < p.features; ++j) {
-    const uint64_t n = first_element + static_cast<uint64_t>(j);
-    const float value =
-        p.init_kind == InitKind::kGaussian
-            ? philox_normal(n, p.step, kStreamReinitValues, p.key)
-            : p.grid.lo + p.grid.width * philox_uniform(n, p.step, kStreamReinitValues, p.key);
-    row[j] = static_cast<out_t>(value);
+void fill_init_noise(out_t* row, uint64_t first_element, const SampleParams& p, float* noise) {
+  if (p.init_kind == InitKind::kGaussian) {
+    philox_normal_bulk(first_element, p.features, p.values_stream, noise);
+    for (int64_t j = 0; j < p.features; ++j) row[j] = static_cast<out_t>(noise[j]);
+  } else {
+    philox_uniform_bulk(first_element, p.features, p.values_stream, noise);
+    for (int64_t j = 0; j < p.features; ++j) {
+      row[j] = static_cast<out_t>(p.grid.lo + p.grid.width * noise[j]);
+    }
   }
 }
 
@@ -67,6 +71,7 @@ void sample_rows(out_t* out, int64_t* slots, const store_t* storage, const uint8
                  const SampleParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.features));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> noise;
     for (int64_t i = begin; i < end; ++i) {
       const uint64_t chain = static_cast<uint64_t>(p.chain_offset + i);
       const uint64_t r = philox_bits(chain, p.step, kStreamSlot, p.key);
@@ -86,7 +91,8 @@ void sample_rows(out_t* out, int64_t* slots, const store_t* storage, const uint8
       } else if (p.init_kind == InitKind::kValues) {
         std::memcpy(row, init_values + i * p.features, sizeof(out_t) * p.features);
       } else {
-        fill_init_noise(row, chain * static_cast<uint64_t>(p.features), p);
+        noise.resize(p.features);
+        fill_init_noise(row, chain * static_cast<uint64_t>(p.features), p, noise.data());
       }
     }
   });
@@ -107,7 +113,10 @@ void buffer_sample_out(at::Tensor out, at::Tensor slots, const at::Tensor& stora
                        storage.size(1),
                        static_cast<float>(reinit_prob),
                        parse_init_kind(init_kind),
-                       Uint8Grid(lo, hi)};
+                       Uint8Grid(lo, hi),
+                       PhiloxStream(PhiloxKey(seed.item<int64_t>()),
+                                    static_cast<uint32_t>(step.item<int64_t>()),
+                                    kStreamReinitValues)};
   const int64_t* y_ptr = y.has_value() ? y->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "buffer_sample",
                                   [&] {

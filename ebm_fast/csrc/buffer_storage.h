@@ -7,8 +7,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace ebm_fast {
 
@@ -29,25 +31,34 @@ inline float dequantize(uint8_t q, const Uint8Grid& grid) {
   return grid.lo + static_cast<float>(q) * grid.step;
 }
 
-// v = clamp((x - lo) / step, 0, 255) split into floor and fraction; the caller rounds up when
-// the fraction passes its threshold (0.5: nearest, half up; a uniform: stochastic).
-inline void uint8_position(float x, const Uint8Grid& grid, float* floor_v, float* frac) {
-  float v = (x - grid.lo) * grid.inv_step;
-  v = v < 0.0f ? 0.0f : (v > 255.0f ? 255.0f : v);
-  *floor_v = std::floor(v);
-  *frac = v - *floor_v;
+inline int32_t float_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
 }
 
-inline uint8_t quantize_nearest(float x, const Uint8Grid& grid) {
-  float floor_v, frac;
-  uint8_position(x, grid, &floor_v, &frac);
-  return static_cast<uint8_t>(floor_v + (frac >= 0.5f ? 1.0f : 0.0f));
-}
-
-inline uint8_t quantize_stochastic(float x, float u, const Uint8Grid& grid) {
-  float floor_v, frac;
-  uint8_position(x, grid, &floor_v, &frac);
-  return static_cast<uint8_t>(floor_v + (u < frac ? 1.0f : 0.0f));
+// uint8 codes of a row: v = clamp((x - lo) / step, 0, 255), rounded up where its fraction
+// v - floor(v) reaches 0.5 (to nearest, half up) or, stochastically, exceeds a uniform.
+// Two passes over a scratch row of `count` floats, because GCC vectorises each but not one
+// fused loop (its float compares count as control flow under the default -ftrapping-math).
+template <bool kStochastic, typename in_t>
+inline void quantize_row(uint8_t* __restrict dst, const in_t* __restrict src, int64_t count,
+                         const Uint8Grid& grid, float* __restrict scratch,
+                         const float* __restrict uniforms) {
+  const float lo = grid.lo, inv_step = grid.inv_step;
+  for (int64_t j = 0; j < count; ++j) {
+    const float v = (static_cast<float>(src[j]) - lo) * inv_step;
+    scratch[j] = std::min(std::max(v, 0.0f), 255.0f);
+  }
+  // v >= 0: truncation is floor, and non-negative floats compare like their bit patterns.
+  const int32_t half = float_bits(0.5f);
+  for (int64_t j = 0; j < count; ++j) {
+    const float v = scratch[j];
+    const int32_t floor_v = static_cast<int32_t>(v);
+    const int32_t frac = float_bits(v - static_cast<float>(floor_v));
+    const bool up = kStochastic ? float_bits(uniforms[j]) < frac : frac >= half;
+    dst[j] = static_cast<uint8_t>(floor_v + static_cast<int32_t>(up));
+  }
 }
 
 }  // namespace ebm_fast
