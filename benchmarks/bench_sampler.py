@@ -1,0 +1,220 @@
+"""Sampler throughput (chain-steps per second) against the loops users write today, in one run.
+
+Cases (issue 5): MLP 2-128-128-1 (B=8192, K=50), MLP 784-256-256-1 (B=256, K=40), a small conv
+net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0:
+
+  floor            K bare energy forward+backward passes w.r.t. x (parameters frozen), no update
+  eager_loop       detach, requires_grad, autograd.grad, x - eps g + sigma randn, clamp
+  compiled_loop    the same loop body under torch.compile
+  sampler          ebm_fast.LangevinSampler (same update, fused kernel; CUDA graph on CUDA)
+  sampler_compile  ebm_fast.LangevinSampler(compile=True)
+  ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
+
+Reports the median seconds of a K-step run (methods interleaved round by round), chain-steps/s, speed-up over eager_loop and time over floor.
+Writes benchmarks/results/sampler.json.  Usage:
+    python benchmarks/bench_sampler.py [--quick] [--cases mlp2,mlp784,conv] [--device cpu]
+                                       [--no-compile] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ebm_fast
+from ebm_fast.backends import backend_for
+
+STEP_SIZE, NOISE_SCALE, CLAMP = 0.01, 0.005, (-1.0, 1.0)
+RESULTS = Path(__file__).resolve().parent / "results" / "sampler.json"
+
+
+def mlp(d_in: int, hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.SiLU(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+                               torch.nn.Linear(hidden, 1))
+
+
+def conv_net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(32, 64, 4, stride=2, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(64, 64, 4, stride=2, padding=1), torch.nn.SiLU(),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 1))
+
+
+CASES = {
+    "mlp2": dict(make=lambda: mlp(2, 128), shape=(2,), chains=8192, steps=50),
+    "mlp784": dict(make=lambda: mlp(784, 256), shape=(784,), chains=256, steps=40),
+    "conv": dict(make=conv_net, shape=(3, 32, 32), chains=32, steps=10),
+}
+
+
+def floor_fn(model, x0, steps):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            for _ in range(steps):
+                x = x0.detach().requires_grad_(True)
+                torch.autograd.grad(model(x).sum(), x)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return x0
+    return run
+
+
+def loop_step(model):
+    def step(x):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(x).sum(), x)
+        return (x - STEP_SIZE * grad + NOISE_SCALE * torch.randn_like(x)).clamp(*CLAMP).detach()
+    return step
+
+
+def loop_fn(step, x0, steps):
+    def run():
+        x = x0.clone()
+        for _ in range(steps):
+            x = step(x)
+        return x
+    return run
+
+
+def ebmkit_fn(model, x0, steps):
+    from ebm.samplers.langevin import LangevinDynamics
+
+    sampler = LangevinDynamics(step_size=STEP_SIZE, steps=steps, noise_scale=NOISE_SCALE,
+                               clamp=CLAMP)
+    return lambda: sampler.sample(lambda x: model(x).reshape(-1), x0)
+
+
+def torchebm_fn(model, x0, steps):
+    from torchebm.core import BaseModel
+    from torchebm.samplers import LangevinDynamics
+
+    class Energy(BaseModel):  # torchebm samples BaseModel subclasses
+        def __init__(self, net):
+            super().__init__(device=x0.device)
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).reshape(-1)
+
+    sampler = LangevinDynamics(model=Energy(model), step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
+                               clamp=CLAMP, device=x0.device)
+    return lambda: sampler.sample(x=x0, n_steps=steps)
+
+
+def methods(model, x0, steps, compile_too: bool) -> dict:
+    found = {
+        "floor": lambda: floor_fn(model, x0, steps),
+        "eager_loop": lambda: loop_fn(loop_step(model), x0, steps),
+        "sampler": lambda: (lambda s: lambda: s.sample(x0))(ebm_fast.LangevinSampler(
+            model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE, clamp=CLAMP, n_steps=steps)),
+    }
+    if compile_too:
+        found["compiled_loop"] = lambda: loop_fn(torch.compile(loop_step(model)), x0, steps)
+        found["sampler_compile"] = lambda: (lambda s: lambda: s.sample(x0))(
+            ebm_fast.LangevinSampler(model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
+                                     clamp=CLAMP, n_steps=steps, compile=True))
+    found["ebmkit"] = lambda: ebmkit_fn(model, x0, steps)
+    found["torchebm"] = lambda: torchebm_fn(model, x0, steps)
+    return found
+
+
+def bench_case(name: str, case: dict, device, reps: int, compile_too: bool) -> dict:
+    """Every method once for warm-up (compilation, capture, caches), then `reps` rounds in which
+    every method runs once in turn, so load changes on a shared machine hit all methods alike."""
+    torch.manual_seed(0)
+    model = case["make"]().to(device)
+    x0 = torch.rand(case["chains"], *case["shape"], device=device) * 2 - 1
+    steps = case["steps"]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    runners, skipped = {}, {}
+    for method, make in methods(model, x0, steps, compile_too).items():
+        try:
+            run = make()
+            run()
+            sync()
+        except ImportError as exc:
+            skipped[method] = f"not installed ({exc})"
+            continue
+        except Exception as exc:  # a peer whose API does not fit: report, do not fail the run
+            skipped[method] = f"{type(exc).__name__}: {exc}"
+            continue
+        runners[method] = run
+    times = {method: [] for method in runners}
+    for _ in range(reps):
+        for method, run in runners.items():
+            start = time.perf_counter()
+            run()
+            sync()
+            times[method].append(time.perf_counter() - start)
+    rows = {}
+    for method, samples in times.items():
+        seconds = statistics.median(samples)
+        rows[method] = {"seconds": seconds, "chain_steps_per_s": case["chains"] * steps / seconds}
+    for row in rows.values():
+        row["speedup_vs_eager_loop"] = rows["eager_loop"]["seconds"] / row["seconds"]
+        row["time_over_floor"] = row["seconds"] / rows["floor"]["seconds"]
+    return {"case": name, "chains": case["chains"], "steps": steps,
+            "shape": list(case["shape"]), "methods": rows, "skipped": skipped}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 7")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    reps = 2 if args.quick else 7
+    names = [n for n in args.cases.split(",") if n]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {sorted(CASES)}")
+    load_before = os.getloadavg()
+    results = [bench_case(n, CASES[n], device, reps, not args.no_compile) for n in names]
+    report = {
+        "benchmark": "sampler", "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "update_backend": backend_for(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "reps": reps,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "cases": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for case in results:
+        print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
+        print(f"  {'method':16s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
+              f"{'/ floor':>8s}")
+        for method, row in case["methods"].items():
+            print(f"  {method:16s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
+                  f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x")
+        for method, reason in case["skipped"].items():
+            print(f"  {method:16s} skipped: {reason}")
+    print(f"\nload average before/after: {load_before} / {report['load_average_after']}; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
