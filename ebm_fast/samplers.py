@@ -211,22 +211,23 @@ class _ChainDiagnostics:
 class _CudaGraphChain:
     """One K-step chain captured as a CUDA graph: static inputs in, replay, results out."""
 
-    def __init__(self, run_chain: Callable, x, counter, tables, pool):
-        self.x, self.counter = x.clone(), counter.clone()
+    def __init__(self, run_chain: Callable, x, counter, seed, tables, pool):
+        self.x, self.counter, self.seed = x.clone(), counter.clone(), seed.clone()
         self.tables = tuple(t.clone() for t in tables)
         # Warm up on a side stream (lazy initialisation, compilation, allocator) on scratch copies.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            run_chain(self.x.clone(), self.counter.clone(), self.tables)
+            run_chain(self.x.clone(), self.counter.clone(), self.seed, self.tables)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = run_chain(self.x, self.counter, self.tables)
+            self.outputs = run_chain(self.x, self.counter, self.seed, self.tables)
 
-    def replay(self, x, counter, tables) -> dict:
+    def replay(self, x, counter, seed, tables) -> dict:
         self.x.copy_(x)
         self.counter.copy_(counter)
+        self.seed.copy_(seed)
         for static, table in zip(self.tables, tables):
             static.copy_(table)
         self.graph.replay()
@@ -355,8 +356,10 @@ class _Sampler:
     def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def _chain(self, x, counter, tables, *, n_steps: int, chain_offset: int, track: bool) -> dict:
-        """Run n_steps on x in place; return the chunk's per-chain results (tensors only)."""
+    def _chain(self, x, counter, seed, tables, *, n_steps: int, chain_offset: int,
+               track: bool) -> dict:
+        """Run n_steps on x in place, drawing noise at (seed, counter, counter + 1, ...); return
+        the chunk's per-chain results (tensors only)."""
         raise NotImplementedError
 
     def _use_cuda_graph(self, x: torch.Tensor) -> bool:
@@ -370,7 +373,8 @@ class _Sampler:
         return (tuple(x.shape), x.dtype, x.device, n_steps, chain_offset, track,
                 tuple((tuple(t.shape), t.dtype) for t in tables), params, training)
 
-    def _run_chunk(self, x, counter, tables, n_steps: int, chain_offset: int, track: bool) -> dict:
+    def _run_chunk(self, x, counter, seed, tables, n_steps: int, chain_offset: int,
+                   track: bool) -> dict:
         run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
                                       track=track)
         if self._use_cuda_graph(x):
@@ -379,15 +383,15 @@ class _Sampler:
                 if key not in self._graphs:
                     if self._graph_pool is None:
                         self._graph_pool = torch.cuda.graph_pool_handle()
-                    self._graphs[key] = _CudaGraphChain(run_chain, x, counter, tables,
+                    self._graphs[key] = _CudaGraphChain(run_chain, x, counter, seed, tables,
                                                         self._graph_pool)
-                return self._graphs[key].replay(x, counter, tables)
+                return self._graphs[key].replay(x, counter, seed, tables)
             except Exception as exc:  # e.g. the energy synchronises with the host
                 self._graph_failed = True
                 warnings.warn(f"{type(self).__name__}: CUDA graph capture failed "
                               f"({type(exc).__name__}: {exc}); running eagerly from now on.",
                               RuntimeWarning, stacklevel=3)
-        return run_chain(x, counter, tables)
+        return run_chain(x, counter, seed, tables)
 
     def _sample(self, x0, n_steps, step_size, return_info):
         self._check_x0(x0)
@@ -407,7 +411,8 @@ class _Sampler:
                 hi = min(chains, lo + chunk)
                 # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
                 results.append(self._run_chunk(
-                    x[lo:hi], self._step.clone(), tuple(_chunk_rows(t, lo, hi) for t in tables),
+                    x[lo:hi], self._step.clone(), self._seed,
+                    tuple(_chunk_rows(t, lo, hi) for t in tables),
                     n_steps, self.chain_offset + lo, return_info))
         self._step += n_steps
         merged = {key: torch.cat([r[key] for r in results]) for key in results[0]}
@@ -515,13 +520,13 @@ class LangevinSampler(_Sampler):
             sigma = (2 * eps_rows * temperature).sqrt()
         return eps, sigma
 
-    def _chain(self, x, counter, tables, *, n_steps, chain_offset, track):
+    def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
         eps, sigma = tables
         diagnostics = _ChainDiagnostics(x, self.check_finite, track)
         for k in range(n_steps):
             energy, grad = self._energy_and_grad(x)
             diagnostics.observe(k, energy, grad)
-            langevin_update(x, grad, eps[k], sigma[k], seed=self._seed, step=counter,
+            langevin_update(x, grad, eps[k], sigma[k], seed=seed, step=counter,
                             stream=STREAM_PROPOSAL, chain_offset=chain_offset,
                             grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
                             clamp=self.clamp, out=x)
@@ -584,9 +589,8 @@ class MALASampler(_Sampler):
                              n_steps, x, allow_zero=False),
                 _step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
 
-    def _chain(self, x, counter, tables, *, n_steps, chain_offset, track):
+    def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
         eps_table, temperature = tables
-        seed = self._seed
         n_adapt = 0 if not self.adapt else (
             n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
         # Per-chain multiplier of the step-size table, tuned during the adaptation phase.

@@ -360,3 +360,25 @@ def test_float64_chains_stay_float64():
 def test_public_exports():
     assert ebm_fast.LangevinSampler is LangevinSampler
     assert ebm_fast.MALASampler is MALASampler
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("sampler_cls", SAMPLERS)
+def test_cuda_graph_replays_give_the_eager_samples(sampler_cls):
+    model = mlp(d=3, hidden=16).cuda()
+    x0 = x_init((12, 3)).cuda()
+    graphed = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=True, chunk_size=8)
+    eager = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=False, chunk_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn
+        first, info = graphed.sample(x0, return_info=True)
+        second = graphed.sample(first)  # a replay of the captured graphs
+        with torch.no_grad():
+            model[0].bias.add_(0.5)  # in-place parameter updates are seen by the replay
+        third = graphed.sample(second)
+    expected_first, expected_info = eager.sample(x0, return_info=True)
+    torch.testing.assert_close(first, expected_first)
+    torch.testing.assert_close(info.final_energy, expected_info.final_energy)
+    torch.testing.assert_close(second, eager.sample(expected_first))
+    torch.testing.assert_close(third, eager.sample(second))
+    assert graphed.step == eager.step == 15
