@@ -10,6 +10,9 @@
 
 #include <cmath>
 #include <limits>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <optional>
 #include <vector>
 
@@ -99,6 +102,36 @@ inline void update_tile(scalar_t* out, const scalar_t* x, const scalar_t* grad, 
     out[i] = static_cast<scalar_t>(v);
   }
 }
+
+#ifdef __F16C__
+// c10::Half's scalar conversions do not vectorise (4x slower than float32 here); F16C converts
+// 8 at a time, rounding to nearest even as c10::Half does.
+inline void half_to_float(const c10::Half* in, float* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+inline void float_to_half(const float* in, c10::Half* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < count; ++i) out[i] = static_cast<c10::Half>(in[i]);
+}
+
+template <>
+inline void update_tile<c10::Half, float>(c10::Half* out, const c10::Half* x,
+                                          const c10::Half* grad, const float* noise,
+                                          int64_t count, const UpdateParams<float>& p) {
+  alignas(64) float x_f[kTile], grad_f[kTile];
+  half_to_float(x, x_f, count);
+  half_to_float(grad, grad_f, count);
+  update_tile<float, float>(x_f, x_f, grad_f, noise, count, p);
+  float_to_half(x_f, out, count);
+}
+#endif
 
 template <typename scalar_t>
 void langevin_update_kernel(at::Tensor& out, const at::Tensor& x, const at::Tensor& grad,
