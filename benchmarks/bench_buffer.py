@@ -8,7 +8,7 @@ drawn slots into a preallocated batch plus ``index_copy_`` back, no randomness):
 * eager torch indexing with torch.rand-based reinit (as JEM writes it),
 * a list-of-tensors buffer (as IGEBM writes it).
 
-Usage: python benchmarks/bench_buffer.py [--quick] [--device cpu|cuda] [--json PATH]
+Usage: python benchmarks/bench_buffer.py [--quick] [--device cpu|cuda] [--threads N] [--json PATH]
 (or ``ebm-fast bench buffer ...``). Results: benchmarks/results/buffer.json.
 """
 
@@ -129,7 +129,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="10k slots only, few repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     capacities = (10_000,) if args.quick else (10_000, 50_000)
     rounds, reps = (5, 5) if args.quick else (15, 10)

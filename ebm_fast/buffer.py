@@ -164,21 +164,28 @@ class ReplayBuffer:
         return y.to(torch.int64), (name, y, upper)
 
     def _check_values(self, ranges, x=None) -> None:
-        """One host read for every value check of a call (skipped when check_values=False)."""
+        """One host read for every value check of a call (skipped when check_values=False).
+
+        Pushed values are checked through their sum, one pass at memory speed: it is finite
+        only if every element is (NaN and inf propagate); only a non-finite sum (or an
+        overflow of huge finite values) pays for the per-chain count.
+        """
         if not self.check_values or (not ranges and x is None):
             return
-        stats = []
-        for _, labels, upper in ranges:
-            stats.append(((labels < 0) | (labels >= upper)).sum())
+        stats = [((labels < 0) | (labels >= upper)).sum().to(torch.float64)
+                 for _, labels, upper in ranges]
         if x is not None:
-            stats.append((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
-        counts = torch.stack(stats).tolist()
-        for (name, _, upper), bad in zip(ranges, counts):
+            stats.append(x.sum(dtype=torch.float32).to(torch.float64))
+        values = torch.stack(stats).tolist()
+        for (name, _, upper), bad in zip(ranges, values):
             if bad:
-                raise ValueError(f"{bad} entries of {name} are outside [0, {upper})")
-        if x is not None and counts[-1]:
-            raise ValueError(f"push refused: {counts[-1]} of {x.shape[0]} chains hold non-finite "
-                             "values (NaN or inf); fix the sampler or pass check_values=False")
+                raise ValueError(f"{int(bad)} entries of {name} are outside [0, {upper})")
+        if x is not None and not math.isfinite(values[-1]):
+            bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
+            if bad:
+                raise ValueError(f"push refused: {bad} of {x.shape[0]} chains hold non-finite "
+                                 "values (NaN or inf); fix the sampler or pass "
+                                 "check_values=False")
 
     def _check_batch_indices(self, batch: int) -> None:
         if (self._chain_offset + batch) * self._features >= ELEMENT_INDEX_LIMIT:

@@ -329,3 +329,29 @@ def test_sample_and_push_do_not_synchronise_on_cuda():
         buffer.push(x, y=y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiles_with_fullgraph_and_matches_eager():
+    def make():
+        return ReplayBuffer(16, (2, 3), storage="uint8", n_classes=2, policy="reservoir",
+                            seed=5, check_values=False)
+
+    def cycle(buffer, y):
+        x, idx = buffer.sample(4, y=y)
+        buffer.push(x * 0.5, idx=idx)
+        buffer.push(x, y=y)
+        return x
+
+    eager, compiled_buffer = make(), make()
+    compiled = torch.compile(cycle, fullgraph=True, backend="aot_eager")
+    y = torch.tensor([0, 1, 1, 0])
+    for _ in range(3):
+        assert torch.equal(cycle(eager, y), compiled(compiled_buffer, y))
+    for key in ("storage", "written", "count", "draws"):
+        assert torch.equal(eager.state_dict()[key], compiled_buffer.state_dict()[key])
+
+
+def test_huge_finite_pushes_are_accepted():
+    buffer = ReplayBuffer(4, (3,))
+    buffer.push(torch.full((4, 3), 3e38))  # their sum overflows; every value is finite
+    assert len(buffer) == 4
