@@ -13,6 +13,7 @@ from ebm_fast import LangevinSampler, MALASampler
 from ebm_fast import samplers as samplers_module
 from ebm_fast.reference.langevin_update import langevin_update_ref
 from ebm_fast.samplers import NonFiniteChainError, SampleInfo, linear_schedule
+from helpers import kernel_backends, kernel_device
 
 SAMPLERS = [pytest.param(LangevinSampler, id="langevin"), pytest.param(MALASampler, id="mala")]
 
@@ -61,6 +62,21 @@ def test_temperature_means_sigma_sqrt_2_eps_t_and_default_is_t_1():
     t_one = LangevinSampler(double_well, step_size=eps, temperature=1.0, n_steps=5).sample(x0)
     assert torch.equal(default, t_one)
     assert not torch.allclose(default, by_t)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_whole_trajectories_agree_with_the_reference_backend(backend):
+    device = kernel_device(backend)
+    x0 = x_init((5, 3)).to(device)
+    options = dict(n_steps=3, seed=21)
+    for make in (lambda b: LangevinSampler(double_well, step_size=0.05, noise_scale=0.2,
+                                           grad_clip=1.0, clamp=(-1.5, 1.5), backend=b, **options),
+                 lambda b: MALASampler(double_well, step_size=0.05, backend=b, **options)):
+        reference, ref_info = make("reference").sample(x0, return_info=True)
+        got, info = make(backend).sample(x0, return_info=True)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        if info.accept_rate is not None:
+            assert torch.equal(info.accept_rate, ref_info.accept_rate)
 
 
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
@@ -273,6 +289,7 @@ def test_bad_constructor_arguments_get_clear_errors(make, error, match):
     (lambda s: s.sample(torch.ones(3, 2, dtype=torch.int64)), TypeError, "x0 must have one of"),
     (lambda s: s.sample(torch.ones(())), ValueError, "leading chain axis"),
     (lambda s: s.sample(torch.ones(0, 2)), ValueError, "at least one chain"),
+    (lambda s: s.sample(torch.ones(3, 0)), ValueError, "one element per chain"),
     (lambda s: s.sample(torch.ones(3, 2), n_steps=-2), ValueError, "n_steps"),
     (lambda s: s.sample(torch.ones(3, 2), step_size=torch.ones(4)), ValueError, "step_size has|per-chain"),
     (lambda s: s.sample(torch.ones(3, 2), step_size=torch.ones(3, dtype=torch.int64)), TypeError,
