@@ -78,6 +78,17 @@ std::vector<acc_t> norm_clip_scales(const scalar_t* grad, int64_t chains, int64_
   return scales;
 }
 
+// Start loading the next tile's x and grad while this tile's noise is generated (compute),
+// so the update then finds them in cache instead of waiting on memory.
+template <typename scalar_t>
+inline void prefetch_tile(const scalar_t* x, const scalar_t* grad, int64_t count) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t i = 0; i < count; i += kLine) {
+    __builtin_prefetch(x + i, 1);
+    __builtin_prefetch(grad + i, 0);
+  }
+}
+
 template <typename acc_t>
 struct UpdateParams {
   acc_t step_size, noise_scale;
@@ -173,6 +184,8 @@ void langevin_update_kernel(at::Tensor& out, const at::Tensor& x, const at::Tens
                              static_cast<uint64_t>(per_chain) + static_cast<uint64_t>(within);
       for (int64_t t = 0; t < segment; t += kTile) {
         const int64_t count = std::min(kTile, segment - t);
+        prefetch_tile(x_data + pos + t + kTile, grad_data + pos + t + kTile,
+                      std::min(kTile, segment - t - count));
         philox_normal_bulk(n + static_cast<uint64_t>(t), count, stream, noise);
         update_tile<scalar_t, acc_t>(out_data + pos + t, x_data + pos + t, grad_data + pos + t,
                                      noise, count, params);
