@@ -6,10 +6,12 @@ Per size, in one run with interleaved repeats (median of the repeats):
 * ``eager``: the plain torch expression ``(x - eps*g + sigma*torch.randn_like(x)).clamp(-1, 1)``,
 * ``compiled``: the same expression under torch.compile,
 * ``clone``: ``x.clone()``, the memory-bandwidth yardstick (8 bytes per element moved; the
-  update moves 12: read x and grad, write x).
+  update moves 12: read x and grad, write x),
+* ``copy``: ``y.copy_(x)`` into a preallocated tensor: the same traffic without the allocation
+  (clone pays page faults on a fresh buffer at large sizes; the in-place op never does).
 
-Ratios: op/clone (the floor is 1.5 for a memory-bound update), eager/op and compiled/op (speed-up
-of the op). On CUDA also the op's GB/s at 12 bytes per element and its fraction of the copy's.
+Ratios: op/clone and op/copy (the floor is 1.5 for a memory-bound update), eager/op and
+compiled/op (speed-up of the op). On CUDA also the op's GB/s at 12 bytes per element and its fraction of the copy's.
 
 Usage: python benchmarks/bench_update.py [--quick] [--sizes 64K 1M ...] [--repeats N]
 [--device cpu|cuda] [--threads N] [--no-compile] [--json PATH] (or ``ebm-fast bench update ...``).
@@ -36,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "update.json"
 DEFAULT_SIZES = ["64K", "1M", "4M", "20M"]
 QUICK_SIZES = ["64K", "1M"]
 STEP_SIZE, NOISE_SCALE, CLAMP = 0.01, 0.005, (-1.0, 1.0)
-BYTES_PER_ELEMENT = {"op": 12, "clone": 8}
+BYTES_PER_ELEMENT = {"op": 12, "clone": 8, "copy": 8}
 MIN_SAMPLE_SECONDS = 2e-3  # calls per timed sample: enough to dwarf the timer's resolution
 
 
@@ -63,7 +65,9 @@ def make_cases(numel: int, chains: int, device: torch.device, compiled_update):
         ebm_fast.langevin_update(x, g, STEP_SIZE, NOISE_SCALE, seed=1234, step=counter["step"],
                                  clamp=CLAMP, out=x)
 
-    cases = {"op": op, "eager": lambda: eager_update(x, g), "clone": lambda: x.clone()}
+    copy_target = torch.empty_like(x)
+    cases = {"op": op, "eager": lambda: eager_update(x, g), "clone": lambda: x.clone(),
+             "copy": lambda: copy_target.copy_(x)}
     if compiled_update is not None:
         cases["compiled"] = lambda: compiled_update(x, g)
     return x.numel(), cases
@@ -102,6 +106,7 @@ def bench_size(numel, chains, device, repeats, compiled_update) -> dict:
         "min_ms": {name: 1e3 * min(values) for name, values in samples.items()},
         "ratios": {
             "op/clone": median["op"] / median["clone"],
+            "op/copy": median["op"] / median["copy"],
             "eager/op": median["eager"] / median["op"],
         },
     }
@@ -111,27 +116,29 @@ def bench_size(numel, chains, device, repeats, compiled_update) -> dict:
     fastest = {name: min(values) for name, values in samples.items()}
     result["ratios_of_min"] = {
         key: fastest[a] / fastest[b]
-        for key, (a, b) in {"op/clone": ("op", "clone"), "eager/op": ("eager", "op"),
+        for key, (a, b) in {"op/clone": ("op", "clone"), "op/copy": ("op", "copy"),
+                            "eager/op": ("eager", "op"),
                             "compiled/op": ("compiled", "op")}.items() if a in fastest}
     if device.type == "cuda":
         gbps = {name: BYTES_PER_ELEMENT[name] * numel / median[name] / 1e9
                 for name in BYTES_PER_ELEMENT}
         result["gb_per_s"] = gbps
-        result["ratios"]["op bandwidth/copy bandwidth"] = gbps["op"] / gbps["clone"]
+        copy_bandwidth = max(gbps["clone"], gbps["copy"])  # the better of the two yardsticks
+        result["ratios"]["op bandwidth/copy bandwidth"] = gbps["op"] / copy_bandwidth
     return result
 
 
 def format_table(results: list[dict], device: torch.device) -> str:
-    names = ["op", "eager", "compiled", "clone"]
-    header = ["elements"] + [f"{n} ms" for n in names] + ["op/clone", "eager/op", "compiled/op"]
+    names = ["op", "eager", "compiled", "clone", "copy"]
+    ratio_keys = ["op/clone", "op/copy", "eager/op", "compiled/op"]
+    header = ["elements"] + [f"{n} ms" for n in names] + ratio_keys
     if device.type == "cuda":
         header += ["op GB/s", "op/copy BW"]
     rows = [header]
     for r in results:
         ms, ratios = r["median_ms"], r["ratios"]
         row = [f"{r['numel']:,}"] + [f"{ms[n]:.3f}" if n in ms else "-" for n in names]
-        row += [f"{ratios[k]:.2f}" if k in ratios else "-"
-                for k in ("op/clone", "eager/op", "compiled/op")]
+        row += [f"{ratios[k]:.2f}" if k in ratios else "-" for k in ratio_keys]
         if device.type == "cuda":
             row += [f"{r['gb_per_s']['op']:.0f}",
                     f"{ratios['op bandwidth/copy bandwidth']:.0%}"]
