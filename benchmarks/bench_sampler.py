@@ -13,7 +13,7 @@ net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0
 Reports the median seconds of a K-step run (methods interleaved round by round), chain-steps/s, speed-up over eager_loop and time over floor.
 Writes benchmarks/results/sampler.json.  Usage:
     python benchmarks/bench_sampler.py [--quick] [--cases mlp2,mlp784,conv] [--device cpu]
-                                       [--no-compile] [--out PATH]
+                                       [--no-compile] [--threads N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -181,9 +181,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (on a loaded machine, 1 avoids OpenMP spin-waits)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     reps = 2 if args.quick else 7
     names = [n for n in args.cases.split(",") if n]
     unknown = set(names) - set(CASES)

@@ -21,6 +21,7 @@ machinery, written once here:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -244,7 +245,7 @@ class _CudaGraphChain:
 # ----------------------------------------------------------------------------- the base sampler
 
 
-class _Sampler:
+class _Sampler(abc.ABC):
     """Machinery shared by both samplers; subclasses define the tables and the chain loop."""
 
     def __init__(self, energy, *, n_steps: int, seed: int, backend: str, compile: bool,
@@ -358,14 +359,15 @@ class _Sampler:
 
     # -- the call ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The call's per-step parameter tables, (K,) shared or (K, B) per chain."""
 
+    @abc.abstractmethod
     def _chain(self, x, counter, seed, tables, *, n_steps: int, chain_offset: int,
                track: bool) -> dict:
         """Run n_steps on x in place, drawing noise at (seed, counter, counter + 1, ...); return
         the chunk's per-chain results (tensors only)."""
-        raise NotImplementedError
 
     def _use_cuda_graph(self, x: torch.Tensor) -> bool:
         return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
@@ -430,7 +432,7 @@ class _Sampler:
         info = SampleInfo(
             initial_energy=merged["initial_energy"], final_energy=merged["final_energy"],
             mean_grad_norm=merged["mean_grad_norm"],
-            displacement=torch.linalg.vector_norm((x - x0).reshape(chains, -1).float(), dim=1),
+            displacement=torch.linalg.vector_norm((x - x0.detach()).reshape(chains, -1).float(), dim=1),
             time_s=time.perf_counter() - start,
             accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
         return x, info
