@@ -62,7 +62,8 @@ class EagerBuffer:
         idx = torch.randint(0, self.storage.shape[0], (batch,), device=self.storage.device)
         stored = self.storage[idx]
         noise = torch.rand_like(stored) * 2 - 1
-        choose = (torch.rand(batch, device=stored.device) < REINIT_PROB).float()[:, None, None, None]
+        choose = (torch.rand(batch, device=stored.device) < REINIT_PROB).float()
+        choose = choose[:, None, None, None]
         return choose * noise + (1 - choose) * stored, idx
 
     def push(self, x, idx):

@@ -133,7 +133,8 @@ class ReplayBuffer:
         return int(self._written.sum())
 
     def extra_repr(self) -> str:
-        init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "callable")
+        init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__",
+                                                                    "callable")
         classes = "" if self.n_classes is None else f", n_classes={self.n_classes}"
         rank = "" if self.rank == 0 else f", rank={self.rank}"
         return (f"capacity={self.capacity}, sample_shape={self.sample_shape}, "

@@ -35,7 +35,8 @@ def buffer_layouts(draw):
 
 def _random_storage(gen, capacity, features, dtype, device):
     if dtype == torch.uint8:
-        return torch.randint(0, 256, (capacity, features), generator=gen, dtype=torch.uint8).to(device)
+        codes = torch.randint(0, 256, (capacity, features), generator=gen, dtype=torch.uint8)
+        return codes.to(device)
     return (torch.randn(capacity, features, generator=gen) * 2).to(dtype).to(device)
 
 
@@ -97,11 +98,12 @@ def push_cases(draw):
     pushes = draw(st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=3))
     return dict(
         n_classes=n_classes, slots_per_class=slots_per_class, features=features, pushes=pushes,
-        storage_dtype=draw(st.sampled_from(STORAGE_DTYPES)),
+        storage_dtype=draw(st.sampled_from(STORAGE_DTYPES[::-1])),  # uint8 (the rounding) first
         x_dtype=draw(st.sampled_from(OUT_DTYPES)),
         policy=draw(st.sampled_from(["fifo", "reservoir"])), stochastic=draw(st.booleans()),
         initial_count=draw(st.integers(0, 20)), lo=draw(st.sampled_from([-1.0, 0.0])),
-        width=draw(st.sampled_from([1.0, 2.0, 0.99609375, 3.984375])), seed=draw(st.integers(0, 2**63 - 1)),
+        width=draw(st.sampled_from([0.99609375, 3.984375, 2.0])),
+        seed=draw(st.integers(0, 2**63 - 1)),
         chain_offset=draw(st.sampled_from([0, 7, 2**32])), data_seed=draw(st.integers(0, 99)))
 
 
@@ -112,11 +114,13 @@ def _run_pushes(kernel, case, device):
     features = case["features"]
     storage = _random_storage(gen, capacity, features, case["storage_dtype"], device)
     written = torch.zeros(capacity, dtype=torch.uint8, device=device)
-    count = torch.full((case["n_classes"],), case["initial_count"], dtype=torch.int64, device=device)
+    count = torch.full((case["n_classes"],), case["initial_count"], dtype=torch.int64,
+                       device=device)
     for step, (batch, write_back) in enumerate(case["pushes"]):
         # Spread over and beyond [lo, hi] so clamping and both rounding directions occur.
         x = (case["lo"] - 0.5 + (case["width"] + 1) * torch.rand(batch, features, generator=gen))
-        # Some values halfway between two uint8 codes: the rounding rule decides them.
+        # Some values halfway between two uint8 codes (exactly, for the power-of-two steps
+        # 0.99609375 / 255 and 3.984375 / 255): the rounding rule decides them.
         halfway = case["lo"] + (torch.randint(0, 255, x.shape, generator=gen) + 0.5) * (
             case["width"] / 255)
         x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, halfway, x)
@@ -187,3 +191,9 @@ def test_kernels_refuse_labels_outside_the_buffer():
     args[4] = torch.tensor([5, 6, 0])
     with use_backend("cpu"), pytest.raises(RuntimeError, match=r"idx\[1\] = 6"):
         _buffer_push_op(*args)
+    args = list(_opcheck_push_args(torch.float32, False))
+    args[5] = torch.tensor([2, 0, 3])  # chains 0 and 1 are valid, chain 2 is not
+    count_before = args[2].clone()
+    with use_backend("cpu"), pytest.raises(RuntimeError, match=r"y\[2\] = 3"):
+        _buffer_push_op(*args)
+    assert torch.equal(args[2], count_before) and not args[1].any()  # nothing half-pushed

@@ -31,8 +31,9 @@ struct PushParams {
   PhiloxStream quantize_stream;
 };
 
-// Slot of each chain (-1: dropped by the reservoir); advances count as the chains are appended.
-std::vector<int64_t> append_targets(int64_t batch, const int64_t* y, int64_t* count,
+// Slot of each chain (-1: dropped by the reservoir); advances `count` (a copy of the per-class
+// counts, stored back only once every label is known to be valid) as chains are appended.
+std::vector<int64_t> append_targets(int64_t batch, const int64_t* y, std::vector<int64_t>& count,
                                     int64_t n_classes, int64_t slots_per_class, bool reservoir,
                                     const PushParams& p) {
   std::vector<int64_t> targets(batch);
@@ -112,9 +113,11 @@ void buffer_push_out(at::Tensor storage, at::Tensor written, at::Tensor count,
                   targets[i], " is not a slot of this buffer");
     }
   } else {
-    targets = append_targets(batch, y.has_value() ? y->data_ptr<int64_t>() : nullptr,
-                             count.data_ptr<int64_t>(), count.size(0), slots_per_class,
-                             policy == "reservoir", p);
+    int64_t* count_ptr = count.data_ptr<int64_t>();
+    std::vector<int64_t> counts(count_ptr, count_ptr + count.size(0));
+    targets = append_targets(batch, y.has_value() ? y->data_ptr<int64_t>() : nullptr, counts,
+                             count.size(0), slots_per_class, policy == "reservoir", p);
+    std::copy(counts.begin(), counts.end(), count_ptr);
   }
   keep_last_writers(targets);
   uint8_t* written_ptr = written.data_ptr<uint8_t>();
@@ -136,7 +139,8 @@ void buffer_push_out(at::Tensor storage, at::Tensor written, at::Tensor count,
       case at::kFloat: run(storage.data_ptr<float>()); break;
       case at::kBFloat16: run(storage.data_ptr<c10::BFloat16>()); break;
       case at::kByte: run(storage.data_ptr<uint8_t>()); break;
-      default: TORCH_CHECK(false, "buffer_push: unsupported storage dtype ", storage.scalar_type());
+      default:
+        TORCH_CHECK(false, "buffer_push: unsupported storage dtype ", storage.scalar_type());
     }
   });
 }

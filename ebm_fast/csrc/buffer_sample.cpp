@@ -130,7 +130,8 @@ void buffer_sample_out(at::Tensor out, at::Tensor slots, const at::Tensor& stora
       case at::kFloat: run(storage.data_ptr<float>()); break;
       case at::kBFloat16: run(storage.data_ptr<c10::BFloat16>()); break;
       case at::kByte: run(storage.data_ptr<uint8_t>()); break;
-      default: TORCH_CHECK(false, "buffer_sample: unsupported storage dtype ", storage.scalar_type());
+      default:
+        TORCH_CHECK(false, "buffer_sample: unsupported storage dtype ", storage.scalar_type());
     }
   });
 }

@@ -55,7 +55,7 @@ def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots
     """
     capacity, features = storage.shape
     if not storage.is_contiguous() or not written.is_contiguous() or not count.is_contiguous():
-        raise ValueError("storage, written and count must be contiguous (they are written in place)")
+        raise ValueError("storage, written and count must be contiguous (written in place)")
     if x.dim() != 2 or x.shape[1] != features:
         raise ValueError(f"x must have shape (batch, {features}), got {tuple(x.shape)}")
     if count.shape != (capacity // slots_per_class,) or count.dtype != torch.int64:
