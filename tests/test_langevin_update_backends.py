@@ -3,7 +3,8 @@ through the public ebm_fast.langevin_update: shapes, layouts, per-chain paramete
 dtypes, counters.
 
 Tolerance (flash-attention's rule): float32/float64 results are within 2x the eager reference's own
-error against the float64 evaluation (float64 inputs, float64 noise), plus one ulp; bfloat16 and
+error against the float64 evaluation (float64 inputs, float64 noise), plus one ulp of the result
+and four float32 ulps of the noise term (the spec's normals agree to float32 rounding); bfloat16 and
 float16 results are within one ulp of that dtype of the reference at the same dtype.
 """
 
@@ -15,7 +16,8 @@ import ebm_fast
 from ebm_fast import use_backend
 from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.langevin_update import _langevin_update_op
-from ebm_fast.reference.langevin_update import compute_dtype, langevin_update_ref
+from ebm_fast.noise import philox_normal_ref
+from ebm_fast.reference.langevin_update import compute_dtype, langevin_update_ref, per_chain
 from helpers import assert_within_eager_error, kernel_backends, kernel_device
 
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
@@ -52,9 +54,17 @@ def assert_matches_reference(got, x, grad, step_size, noise_scale, options):
         return
     exact = langevin_update_ref(x.double(), grad.double(), step_size.double(),
                                 noise_scale.double(), noise_dtype=torch.float64, **options)
-    # One ulp of the largest value: where the eager expression happens to be exact.
-    assert_within_eager_error(got, eager, exact,
-                              atol=torch.finfo(x.dtype).eps * exact.abs().max().item())
+    # atol: one ulp of the largest value (where the eager expression happens to be exact) plus
+    # four float32 ulps of the largest noise term: the spec's normals are float32 values that
+    # agree across backends to float rounding, so on a few elements the eager noise can be
+    # luckier than 1/2 the kernel's (float64 x makes that the whole error).
+    xi = philox_normal_ref(x.shape, seed=options["seed"], step=options["step"],
+                           stream=options["stream"], chain_offset=options["chain_offset"],
+                           dtype=torch.float64)
+    noise_term = (per_chain(noise_scale.double(), xi) * xi).abs().max().item()
+    atol = (torch.finfo(x.dtype).eps * exact.abs().max().item()
+            + 4 * torch.finfo(torch.float32).eps * noise_term)
+    assert_within_eager_error(got, eager, exact, atol=atol)
 
 
 def _chain_param(draw, values, per_chain: bool, chains: int, dtype, device):
