@@ -197,3 +197,72 @@ def test_kernels_refuse_labels_outside_the_buffer():
     with use_backend("cpu"), pytest.raises(RuntimeError, match=r"y\[2\] = 3"):
         _buffer_push_op(*args)
     assert torch.equal(args[2], count_before) and not args[1].any()  # nothing half-pushed
+
+
+# Lowers the Triton kernels to PTX for an H100 (sm_90) without a GPU: the interpreter runs only
+# the Python semantics; this catches types, casts and constexpr branches that do not compile.
+# A subprocess, because the interpreter must be off.
+_COMPILE_FOR_SM90 = r"""
+import json, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ebm_fast.kernels.triton import buffer_sample as bs, buffer_push as bp
+
+def compile_ptx(kernel, types, constexprs):
+    names = kernel.arg_names
+    signature = {name: types.get(name, "constexpr" if name in constexprs else "i32")
+                 for name in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+def sample(out, storage, has_y, init, compute):
+    types = {"out_ptr": "*" + out, "slots_ptr": "*i64", "storage_ptr": "*" + storage,
+             "written_ptr": "*u8", "y_ptr": "*i64", "values_ptr": "*" + out, "seed": "*i64",
+             "step": "i64", "chain_offset": "i64", "reinit_prob": "fp32", "lo": "fp32",
+             "width": "fp32", "uint8_step": "fp32"}
+    constexprs = {"SEED_IS_POINTER": True, "STEP_IS_POINTER": False, "HAS_Y": has_y,
+                  "INIT": init,
+                  "STREAM_DECISION": 2, "STREAM_VALUES": 3, "STREAM_SLOT": 4, "COMPUTE": compute,
+                  "CHAINS": bs.CHAINS, "BLOCK": bs.BLOCK}
+    return compile_ptx(bs._buffer_sample_kernel, types, constexprs)
+
+def push(storage, x, stochastic):
+    types = {"storage_ptr": "*" + storage, "written_ptr": "*u8", "x_ptr": "*" + x,
+             "targets_ptr": "*i64", "seed": "*i64", "step": "*i64", "chain_offset": "i64",
+             "lo": "fp32", "inv_step": "fp32"}
+    constexprs = {"SEED_IS_POINTER": True, "STEP_IS_POINTER": True, "STOCHASTIC": stochastic,
+                  "STREAM_QUANTIZE": 6, "CHAINS": bp.CHAINS, "BLOCK": bp.BLOCK}
+    return compile_ptx(bp._buffer_push_kernel, types, constexprs)
+
+ptx = {
+    "sample_fp32_u8_uniform": sample("fp32", "u8", False, 0, tl.float32),
+    "sample_bf16_bf16_gaussian_y": sample("bf16", "bf16", True, 1, tl.float32),
+    "sample_fp64_fp32_values": sample("fp64", "fp32", True, 2, tl.float64),
+    "push_u8_fp32_stochastic": push("u8", "fp32", True),
+    "push_u8_bf16_nearest": push("u8", "bf16", False),
+    "push_bf16_fp32": push("bf16", "fp32", False),
+    "push_fp32_fp64": push("fp32", "fp64", False),
+}
+print(json.dumps({name: len(text) for name, text in ptx.items()}))
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    if unavailable_reason("triton") is not None:
+        pytest.skip("triton unavailable")
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton ships no ptxas here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
+                          text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
