@@ -327,7 +327,9 @@ class _Sampler(abc.ABC):
     def _autocast(self, x: torch.Tensor):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=x.device.type, dtype=self.autocast)
+        # No weight-cast cache: it lives for one energy call anyway, and CUDA-graph capture
+        # requires it off.
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast, cache_enabled=False)
 
     def _call_energy(self, x: torch.Tensor):
         if self._compiled_energy is not None:
