@@ -294,6 +294,8 @@ def test_bad_constructor_arguments_get_clear_errors(make, error, match):
     (lambda s: s.sample(torch.ones(3, 2), step_size=torch.ones(4)), ValueError, "step_size has|per-chain"),
     (lambda s: s.sample(torch.ones(3, 2), step_size=torch.ones(3, dtype=torch.int64)), TypeError,
      "step_size"),
+    (lambda s: s.sample(torch.ones(3, 2), step_size=torch.ones(3, device="meta")), ValueError,
+     "step_size is on meta but x is on cpu"),
     (lambda s: s.sample(torch.ones(3, 2), step_size=lambda k, n: -1.0), ValueError,
      r"step_size \(schedule at step 0\)"),
 ])
