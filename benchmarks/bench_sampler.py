@@ -10,7 +10,8 @@ net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0
   sampler_compile  ebm_fast.LangevinSampler(compile=True)
   ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
 
-Reports the median seconds of a K-step run (methods interleaved round by round), chain-steps/s, speed-up over eager_loop and time over floor.
+Reports the median seconds of a K-step run (methods interleaved round by round),
+chain-steps/s, speed-up over eager_loop and time over floor.
 Writes benchmarks/results/sampler.json.  Usage:
     python benchmarks/bench_sampler.py [--quick] [--cases mlp2,mlp784,conv] [--device cpu]
                                        [--no-compile] [--threads N] [--out PATH]
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (on a loaded machine, 1 avoids OpenMP spin-waits)")
+                        help="torch.set_num_threads (1 avoids OpenMP spin-waits on a loaded "
+                             "machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -72,7 +72,7 @@ class SampleInfo:
 
 
 def linear_schedule(start: float, end: float) -> Callable[[int, int], float]:
-    """A schedule for step_size / noise_scale / temperature: start at step 0, end at the last step."""
+    """A schedule for step_size / noise_scale / temperature: start at step 0, end at the last."""
     def schedule(k: int, n_steps: int) -> float:
         return start + (end - start) * (k / max(n_steps - 1, 1))
     return schedule
@@ -91,7 +91,7 @@ def geometric_schedule(start: float, end: float) -> Callable[[int, int], float]:
 
 
 def _parameters_of(energy) -> list[torch.Tensor]:
-    """The parameters an energy owns: a Module's, or those of the Module a bound method belongs to."""
+    """The parameters an energy owns: a Module's, or those of the Module owning a bound method."""
     owner = energy if isinstance(energy, torch.nn.Module) else getattr(energy, "__self__", None)
     return list(owner.parameters()) if isinstance(owner, torch.nn.Module) else []
 
@@ -130,7 +130,8 @@ def _check_step_value(value, name: str, *, allow_zero: bool) -> None:
         raise TypeError(f"{name} must be a number, a tensor or a schedule f(k, n_steps), got "
                         f"{type(value).__name__}")
     if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
-        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
 def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero: bool,
@@ -146,7 +147,8 @@ def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero:
         if not allow_schedule:
             raise TypeError(f"{name} cannot be a schedule here")
         rows = [_step_values(value(k, n_steps), f"{name} (schedule at step {k})", 1, x,
-                             allow_zero=allow_zero, allow_schedule=False)[0] for k in range(n_steps)]
+                             allow_zero=allow_zero, allow_schedule=False)[0]
+                for k in range(n_steps)]
         return torch.stack(torch.broadcast_tensors(*rows))
     dtype, chains = compute_dtype(x.dtype), x.shape[0]
     if isinstance(value, torch.Tensor):
@@ -258,21 +260,23 @@ class _Sampler(abc.ABC):
         self.n_steps = self._check_n_steps(n_steps)
         self._seed = as_int64_scalar(seed, "seed", 64)
         if backend not in ("auto", "reference", "cpu", "triton"):
-            raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'triton', got {backend!r}")
+            raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'triton', got "
+                             f"{backend!r}")
         self.backend = backend
         if cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
         self.check_finite = bool(check_finite)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
         if isinstance(chain_offset, bool) or not isinstance(chain_offset, int) or chain_offset < 0:
             raise ValueError(f"chain_offset must be an int >= 0, got {chain_offset!r}")
         self.chain_offset = chain_offset
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got "
+                             f"{autocast!r}")
         self.autocast = autocast
         self._compiled_energy = torch.compile(energy) if compile else None
         self._step = torch.zeros((), dtype=torch.int64)
@@ -294,7 +298,8 @@ class _Sampler(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         for key in ("step", "seed"):
             value = state.get(key)
-            if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.int64:
+            if not (isinstance(value, torch.Tensor) and value.dim() == 0
+                    and value.dtype == torch.int64):
                 raise ValueError(f"state_dict[{key!r}] must be a 0-dim int64 tensor, got {value!r}")
         self._step = state["step"].to(self._step.device).clone()
         self._seed = state["seed"].clone()
@@ -408,7 +413,7 @@ class _Sampler(abc.ABC):
         chains, device = x0.shape[0], x0.device
         tables = self._tables(x0, n_steps, step_size)
         chunk = self.chunk_size or chains
-        # The counter and seed live on the chains' device: kernels (and CUDA graphs) read them there.
+        # The counter and seed live on the chains' device: kernels and CUDA graphs read them there.
         self._step, self._seed = self._step.to(device), self._seed.to(device)
         start = time.perf_counter()
         x = x0.detach().clone(memory_format=torch.contiguous_format)
@@ -434,7 +439,8 @@ class _Sampler(abc.ABC):
         info = SampleInfo(
             initial_energy=merged["initial_energy"], final_energy=merged["final_energy"],
             mean_grad_norm=merged["mean_grad_norm"],
-            displacement=torch.linalg.vector_norm((x - x0.detach()).reshape(chains, -1).float(), dim=1),
+            displacement=torch.linalg.vector_norm(
+                (x - x0.detach()).reshape(chains, -1).float(), dim=1),
             time_s=time.perf_counter() - start,
             accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
         return x, info
@@ -496,17 +502,21 @@ class LangevinSampler(_Sampler):
             raise ValueError("give noise_scale (decoupled sigma) or temperature "
                              "(sigma = sqrt(2 step_size temperature)), not both")
         if grad_clip_mode not in GRAD_CLIP_MODES:
-            raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
+            raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got "
+                             f"{grad_clip_mode!r}")
         if grad_clip is not None:
             if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not (
                     0 < grad_clip < math.inf):
-                raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip!r}")
+                raise ValueError(f"grad_clip must be None or a finite number > 0, got "
+                                 f"{grad_clip!r}")
             grad_clip = float(grad_clip)
         if clamp is None:
             clamp = (None, None)
         if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2 and all(
-                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in clamp)):
-            raise ValueError(f"clamp must be None or a (lo, hi) pair of numbers or None, got {clamp!r}")
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                for v in clamp)):
+            raise ValueError(f"clamp must be None or a (lo, hi) pair of numbers or None, got "
+                             f"{clamp!r}")
         clamp = tuple(None if v is None else float(v) for v in clamp)
         if None not in clamp and clamp[0] > clamp[1]:
             raise ValueError(f"clamp has lo > hi: {clamp!r}")
@@ -532,7 +542,8 @@ class LangevinSampler(_Sampler):
         else:
             temperature = _step_values(self.temperature, "temperature", n_steps, x, allow_zero=True)
             if eps.dim() != temperature.dim():  # one shared (K,), one per-chain (K, B) table
-                eps_rows, temperature = (t if t.dim() == 2 else t[:, None] for t in (eps, temperature))
+                eps_rows, temperature = (t if t.dim() == 2 else t[:, None]
+                                         for t in (eps, temperature))
             else:
                 eps_rows = eps
             sigma = (2 * eps_rows * temperature).sqrt()

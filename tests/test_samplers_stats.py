@@ -87,7 +87,8 @@ def grid_statistics(n=801, half_width=6.0):
     weights = weights / weights.sum()
     mean = (weights[:, None] * points).sum(0)
     second = (weights[:, None, None] * points[:, :, None] * points[:, None, :]).sum(0)
-    masses = torch.zeros(len(MEANS), dtype=torch.float64).index_add_(0, nearest_mode(points), weights)
+    masses = torch.zeros(len(MEANS), dtype=torch.float64)
+    masses.index_add_(0, nearest_mode(points), weights)
     return mean, second, masses
 
 
@@ -115,7 +116,8 @@ def test_mala_on_a_2d_mixture_matches_grid_moments_and_mode_masses():
         assert abs(got_second[i, i].item() - second[i, i].item()) < SIGMAS_OF_TOLERANCE * se
     got_masses = torch.bincount(nearest_mode(x), minlength=3).double() / chains
     se = torch.sqrt(masses * (1 - masses) / chains)
-    assert bool(((got_masses - masses).abs() < SIGMAS_OF_TOLERANCE * se).all()), (got_masses, masses)
+    assert bool(((got_masses - masses).abs() < SIGMAS_OF_TOLERANCE * se).all()), (
+        got_masses, masses)
     # And the chains really moved: many switched mode, and x0 is nearly forgotten.
     assert (nearest_mode(x) != nearest_mode(x0)).double().mean() > 0.15
     assert torch.corrcoef(torch.stack([x0[:, 0].double(), x[:, 0]]))[0, 1] < 0.6
