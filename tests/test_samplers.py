@@ -201,6 +201,17 @@ def test_info_reports_per_chain_diagnostics(sampler_cls):
         assert info.accept_rate is None and info.step_size is None
 
 
+def test_mean_grad_norm_averages_the_evaluated_gradients():
+    x0 = x_init((6, 4))
+    # E = |x|^2 / 2 has gradient x: one Langevin step evaluates it at x0 only.
+    _, info = LangevinSampler(quadratic, step_size=0.1, n_steps=1, check_finite=False).sample(
+        x0, return_info=True)
+    torch.testing.assert_close(info.mean_grad_norm, x0.norm(dim=1))
+    # MALA evaluates the current state before and after its one step.
+    x, info = MALASampler(quadratic, step_size=0.1, n_steps=1).sample(x0, return_info=True)
+    torch.testing.assert_close(info.mean_grad_norm, (x0.norm(dim=1) + x.norm(dim=1)) / 2)
+
+
 def test_mala_adaptation_moves_the_step_size_toward_the_target_acceptance():
     x0 = x_init((200, 8))
     too_big = MALASampler(quadratic, step_size=2.5, n_steps=10, seed=1)
