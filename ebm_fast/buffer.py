@@ -18,7 +18,8 @@ import torch
 from ebm_fast.ops._dispatch import as_int64_scalar
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import OUTPUT_DTYPES, buffer_sample
-from ebm_fast.reference.buffer_push import POLICIES, STREAM_BUFFER_QUANTIZE
+from ebm_fast.noise import STREAM_BUFFER_QUANTIZE
+from ebm_fast.reference.buffer_push import POLICIES
 
 STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 INITS = ("uniform", "gaussian")

@@ -39,6 +39,7 @@ STREAM_BUFFER_REINIT_DECISION = 2
 STREAM_BUFFER_REINIT_VALUES = 3
 STREAM_BUFFER_SLOT = 4
 STREAM_BUFFER_RESERVOIR = 5
+STREAM_BUFFER_QUANTIZE = 6  # stochastic rounding of uint8 buffer storage
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

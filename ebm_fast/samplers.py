@@ -36,8 +36,8 @@ from ebm_fast.backends import use_backend
 from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
 from ebm_fast.ops._dispatch import as_int64_scalar
 from ebm_fast.ops.langevin_update import GRAD_CLIP_MODES, SUPPORTED_DTYPES
-from ebm_fast.ops.langevin_update import _run_into as langevin_update_into
-from ebm_fast.ops.mala_accept import _run as mala_accept_into
+from ebm_fast.ops.langevin_update import langevin_update_into
+from ebm_fast.ops.mala_accept import mala_accept_into
 from ebm_fast.reference.langevin_update import compute_dtype
 
 __all__ = ["LangevinSampler", "MALASampler", "SampleInfo", "NonFiniteChainError",

@@ -33,6 +33,16 @@ def kernel_for(op: str, device: torch.device) -> Callable:
     return kernel_entry(op, backend_for(device))
 
 
+def call_op(registered_op: Callable, implementation: Callable, *args):
+    """Run an op: torch.compile traces the registered custom op; eager calls run the same
+    implementation directly. The custom-op dispatcher costs about 0.1 ms of Python per call on a
+    CPU (measured: 100 us against 9 us for a 16-element langevin_update), as much as the whole
+    update of a few hundred thousand elements."""
+    if torch.compiler.is_compiling():
+        return registered_op(*args)
+    return implementation(*args)
+
+
 def as_int64_scalar(value, name: str, bits: int) -> torch.Tensor:
     """A seed (bits=64) or step counter (bits=32), given as int or 0-dim integer tensor, as a
     0-dim int64 tensor. Ints stay on the CPU (free to read on every backend); tensors keep their

@@ -5,9 +5,9 @@ ebm_fast/reference/buffer_push.py. The user-facing API is :class:`ebm_fast.Repla
 :func:`buffer_push` validates what it forwards and runs the backend serving the storage's device.
 The op mutates storage, written and count in place (all on the device: no host sync).
 
-Eager calls run the backend kernel directly; under torch.compile the registered op is traced.
-The custom-op dispatcher (with its in-place bookkeeping) costs about 0.1-0.2 ms per call on a
-CPU, a fifth of a whole sample+push cycle of 256 CIFAR-sized chains (benchmarks/bench_buffer.py).
+Eager calls run the backend kernel directly; under torch.compile the registered op is traced
+(ops/_dispatch.call_op: the custom-op dispatcher with its in-place bookkeeping costs about a fifth
+of a whole sample+push cycle of 256 CIFAR-sized chains on a CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import kernel_entry
+from ebm_fast.ops._dispatch import call_op, kernel_entry
 from ebm_fast.reference.buffer_push import POLICIES
 
 
@@ -69,9 +69,7 @@ def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots
                              f"{tuple(labels.shape)} {labels.dtype}")
     if idx is None and y is None and count.shape[0] != 1:
         raise ValueError("y is required to append to a storage holding several classes")
-    run = _buffer_push_op if torch.compiler.is_compiling() else _push
-    run(storage, written, count, x.contiguous(),
-                    None if idx is None else idx.contiguous(),
-                    None if y is None or idx is not None else y.contiguous(), seed, step,
-                    int(chain_offset), int(slots_per_class), policy, float(lo), float(hi),
-                    bool(stochastic))
+    call_op(_buffer_push_op, _push, storage, written, count, x.contiguous(),
+            None if idx is None else idx.contiguous(),
+            None if y is None or idx is not None else y.contiguous(), seed, step,
+            int(chain_offset), int(slots_per_class), policy, float(lo), float(hi), bool(stochastic))

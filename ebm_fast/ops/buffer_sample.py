@@ -4,9 +4,9 @@ The semantics and the noise it draws are specified by ebm_fast/reference/buffer_
 user-facing API is :class:`ebm_fast.ReplayBuffer`; :func:`buffer_sample` here validates the
 arguments it forwards and runs the backend serving the storage's device.
 
-Eager calls run the backend kernel directly; under torch.compile the registered op is traced.
-The custom-op dispatcher costs about 0.05-0.15 ms per call on a CPU, a tenth of a whole
-sample+push cycle of 256 CIFAR-sized chains (benchmarks/bench_buffer.py).
+Eager calls run the backend kernel directly; under torch.compile the registered op is traced
+(ops/_dispatch.call_op: the custom-op dispatcher costs about a tenth of a whole sample+push cycle
+of 256 CIFAR-sized chains on a CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import kernel_entry
+from ebm_fast.ops._dispatch import call_op, kernel_entry
 from ebm_fast.reference.buffer_sample import INIT_KINDS
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -84,8 +84,6 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
         raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
     if init_values is not None:
         init_values = init_values.to(dtype).contiguous()
-    run = _buffer_sample_op if torch.compiler.is_compiling() else _sample
-    return run(storage.contiguous(), written.contiguous(), y, init_values,
-                             int(batch), dtype, seed, step, int(chain_offset),
-                             int(slots_per_class), float(reinit_prob), init_kind, float(lo),
-                             float(hi))
+    return call_op(_buffer_sample_op, _sample, storage.contiguous(), written.contiguous(), y,
+                   init_values, int(batch), dtype, seed, step, int(chain_offset),
+                   int(slots_per_class), float(reinit_prob), init_kind, float(lo), float(hi))

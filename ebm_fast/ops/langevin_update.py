@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.ops._dispatch import as_int64_scalar, kernel_entry
+from ebm_fast.ops._dispatch import as_int64_scalar, call_op, kernel_entry
 from ebm_fast.backends import backend_for, forced_backend
 from ebm_fast.reference.langevin_update import (
     chain_norms, compute_dtype, per_chain, pre_clamp_update)
@@ -19,8 +19,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GRAD_CLIP_MODES = ("value", "norm")
 
 
-def _run_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
-              grad_clip_mode, clamp_lo, clamp_hi) -> None:
+def langevin_update_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
+                         grad_clip, grad_clip_mode, clamp_lo, clamp_hi) -> None:
+    """Unchecked entry point for callers that already validated and normalised the arguments
+    (the samplers, once per chain rather than per step): writes the update into ``out``."""
     backend = backend_for(x.device)
     if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
         backend = "reference"  # the Triton kernel computes in float32 only
@@ -33,17 +35,29 @@ def _run_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_of
         out.copy_(target)
 
 
+def _updated(x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
+             grad_clip_mode, clamp_lo, clamp_hi) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _update_out(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
+                grad_clip_mode, clamp_lo, clamp_hi)
+    return out
+
+
+def _update_out(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
+                grad_clip_mode, clamp_lo, clamp_hi) -> None:
+    if x.numel():
+        langevin_update_into(out, x, grad, step_size, noise_scale, seed, step, stream,
+                             chain_offset, grad_clip, grad_clip_mode, clamp_lo, clamp_hi)
+
+
 @torch.library.custom_op("ebm_fast::langevin_update", mutates_args=())
 def _langevin_update_op(x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
                         noise_scale: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                         stream: int, chain_offset: int, grad_clip: float | None,
                         grad_clip_mode: str, clamp_lo: float | None,
                         clamp_hi: float | None) -> torch.Tensor:
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if x.numel():
-        _run_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
-                  grad_clip, grad_clip_mode, clamp_lo, clamp_hi)
-    return out
+    return _updated(x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
+                    grad_clip_mode, clamp_lo, clamp_hi)
 
 
 @_langevin_update_op.register_fake
@@ -58,9 +72,8 @@ def _langevin_update_out_op(out: torch.Tensor, x: torch.Tensor, grad: torch.Tens
                             seed: torch.Tensor, step: torch.Tensor, stream: int,
                             chain_offset: int, grad_clip: float | None, grad_clip_mode: str,
                             clamp_lo: float | None, clamp_hi: float | None) -> None:
-    if x.numel():
-        _run_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
-                  grad_clip, grad_clip_mode, clamp_lo, clamp_hi)
+    _update_out(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
+                grad_clip_mode, clamp_lo, clamp_hi)
 
 
 @_langevin_update_out_op.register_fake
@@ -112,7 +125,7 @@ def _backward(ctx, grad_output):
 _langevin_update_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch.Tensor:
+def chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch.Tensor:
     """Validate a float or per-chain (B,) parameter and return it as a compute-dtype tensor."""
     dtype = compute_dtype(x.dtype)
     if isinstance(value, torch.Tensor):
@@ -136,7 +149,7 @@ def _chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torc
     return torch.tensor(value, dtype=dtype)
 
 
-def _check_pair(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+def check_same_layout(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
     if not isinstance(other, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(other).__name__}")
     if other.shape != x.shape:
@@ -170,9 +183,9 @@ def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, ch
         raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have a leading chain axis (at least 1 dimension)")
-    _check_pair(x, grad, "grad")
-    step_size_t = _chain_param(step_size, "step_size", x, allow_zero=False)
-    noise_scale_t = _chain_param(noise_scale, "noise_scale", x, allow_zero=True)
+    check_same_layout(x, grad, "grad")
+    step_size_t = chain_param(step_size, "step_size", x, allow_zero=False)
+    noise_scale_t = chain_param(noise_scale, "noise_scale", x, allow_zero=True)
     if not 0 <= int(stream) < 1 << 32:
         raise ValueError(f"stream must be in [0, 2**32), got {stream}")
     if int(chain_offset) < 0:
@@ -193,10 +206,13 @@ def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, ch
     args = (step_size_t, noise_scale_t, as_int64_scalar(seed, "seed", 64),
             as_int64_scalar(step, "step", 32), int(stream), int(chain_offset), grad_clip,
             grad_clip_mode, clamp_lo, clamp_hi)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad)
     if out is None:
-        return _langevin_update_op(x, grad, *args)
-    _check_pair(x, out, "out")
-    if torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad):
+        if differentiable:
+            return _langevin_update_op(x, grad, *args)  # the registered op carries the autograd formula
+        return call_op(_langevin_update_op, _updated, x, grad, *args)
+    check_same_layout(x, out, "out")
+    if differentiable:
         raise RuntimeError("langevin_update(out=...) is not differentiable; call it without out")
-    _langevin_update_out_op(out, x, grad, *args)
+    call_op(_langevin_update_out_op, _update_out, out, x, grad, *args)
     return out

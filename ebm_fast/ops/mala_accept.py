@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for, forced_backend
-from ebm_fast.ops._dispatch import as_int64_scalar, kernel_entry
-from ebm_fast.ops.langevin_update import SUPPORTED_DTYPES, _chain_param, _check_pair
+from ebm_fast.ops._dispatch import as_int64_scalar, call_op, kernel_entry
+from ebm_fast.ops.langevin_update import SUPPORTED_DTYPES, chain_param, check_same_layout
 from ebm_fast.reference.langevin_update import compute_dtype
 
 
-def _run(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature,
-         seed, step, stream, chain_offset) -> None:
+def mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
+                     temperature, seed, step, stream, chain_offset) -> None:
+    """Unchecked entry point for callers that already validated and normalised the arguments
+    (the MALA sampler): writes the decisions into ``accepted``/``accept_prob``, moves accepted chains."""
     backend = backend_for(x.device)
     if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
         backend = "reference"  # the Triton kernel computes in float32 only
@@ -47,16 +49,22 @@ def _new_outputs(x: torch.Tensor, energy_x: torch.Tensor) -> tuple[torch.Tensor,
             torch.empty(chains, dtype=energy_x.dtype, device=x.device))
 
 
+def _decide(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step, stream,
+            chain_offset) -> tuple[torch.Tensor, torch.Tensor]:
+    accepted, accept_prob = _new_outputs(x, energy_x)
+    if x.shape[0]:
+        mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y,
+                         step_size, temperature, seed, step, stream, chain_offset)
+    return accepted, accept_prob
+
+
 @torch.library.custom_op("ebm_fast::mala_accept", mutates_args=("x", "grad_x", "energy_x"))
 def _mala_accept_op(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
                     energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
                     temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                     stream: int, chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    accepted, accept_prob = _new_outputs(x, energy_x)
-    if x.shape[0]:
-        _run(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-             temperature, seed, step, stream, chain_offset)
-    return accepted, accept_prob
+    return _decide(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step,
+                   stream, chain_offset)
 
 
 @_mala_accept_op.register_fake
@@ -79,7 +87,7 @@ def _check_energy(energy, name: str, x: torch.Tensor) -> None:
 
 
 def _positive_param(value, name: str, x: torch.Tensor) -> torch.Tensor:
-    param = _chain_param(value, name, x, allow_zero=False)
+    param = chain_param(value, name, x, allow_zero=False)
     if param.dim() == 0 and param.device not in (x.device, torch.device("cpu")):
         raise ValueError(f"{name} is on {param.device} but x is on {x.device}")
     return param.detach()
@@ -124,7 +132,7 @@ def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
     if x.dim() < 1:
         raise ValueError("x must have a leading chain axis (at least 1 dimension)")
     for other, name in ((y, "y"), (grad_x, "grad_x"), (grad_y, "grad_y")):
-        _check_pair(x, other, name)
+        check_same_layout(x, other, name)
     _check_energy(energy_x, "energy_x", x)
     _check_energy(energy_y, "energy_y", x)
     step_size_t = _positive_param(step_size, "step_size", x)
@@ -132,5 +140,6 @@ def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
     stream = _check_int(stream, "stream", 0, 1 << 32)
     chain_offset = _check_int(chain_offset, "chain_offset", 0, (1 << 62) - x.shape[0])
     tensors = (t.detach() for t in (x, y, grad_x, grad_y, energy_x, energy_y))
-    return _mala_accept_op(*tensors, step_size_t, temperature_t, as_int64_scalar(seed, "seed", 64),
+    return call_op(_mala_accept_op, _decide, *tensors, step_size_t, temperature_t,
+                   as_int64_scalar(seed, "seed", 64),
                            as_int64_scalar(step, "step", 32), stream, chain_offset)

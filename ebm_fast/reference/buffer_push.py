@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.noise import MASK32, STREAM_BUFFER_RESERVOIR, philox_bits_ref, philox_uniform_ref
+from ebm_fast.noise import (MASK32, STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_RESERVOIR,
+                            philox_bits_ref, philox_uniform_ref)
 from ebm_fast.reference.buffer_sample import UINT8_LEVELS, float32, uint8_scales
 
-# Noise-spec stream of the stochastic-rounding uniforms (next free number after DESIGN.md's 0-5).
-STREAM_BUFFER_QUANTIZE = 6
 POLICIES = ("fifo", "reservoir")
 
 

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from ebm_fast.kernels.triton._noise import read_scalar, scalar_arg, spec_uniform
 from ebm_fast.kernels.triton.langevin_update import round_to
-from ebm_fast.reference.buffer_push import STREAM_BUFFER_QUANTIZE, push_targets
+from ebm_fast.noise import STREAM_BUFFER_QUANTIZE
+from ebm_fast.reference.buffer_push import push_targets
 from ebm_fast.reference.buffer_sample import uint8_scales
 
 CHAINS = 4
