@@ -2,7 +2,8 @@
 // with xi the noise spec's normals (stream `stream`), as ebm_fast/reference/langevin_update.py.
 // One pass over memory: the noise of each tile is generated into an L1-resident buffer and
 // consumed at once. Work is split over the flattened (chain, element) range, so many small
-// chains and a few large ones both keep every core busy.
+// chains and a few large ones both keep every core busy, and a tile spans chains when they
+// are short.
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <immintrin.h>
 #endif
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
@@ -23,12 +25,21 @@ namespace {
 
 constexpr int64_t kTile = 1024;   // noise buffer: 4 KiB, stays in L1 next to x, grad, out
 constexpr int64_t kGrain = 8192;  // elements per parallel work unit at least
+// Chains shorter than this share a tile: per-chain parameters are expanded per element.
+constexpr int64_t kShortChain = 256;
 
 // Sum of squares of a chain's gradient: 16 independent accumulator lanes (vectorised without
 // reassociating a single sum), folded into a double per tile so long chains keep precision.
 template <typename scalar_t, typename acc_t>
 double sum_of_squares(const scalar_t* grad, int64_t len) {
   double total = 0.0;
+  if (len < 16) {  // short chains: the 16-lane form would cost more than the work
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = static_cast<acc_t>(grad[i]);
+      total += static_cast<double>(v * v);
+    }
+    return total;
+  }
   for (int64_t start = 0; start < len; start += kTile) {
     const int64_t count = std::min(kTile, len - start);
     const scalar_t* g = grad + start;
@@ -89,30 +100,25 @@ inline void prefetch_tile(const scalar_t* x, const scalar_t* grad, int64_t count
   }
 }
 
+// A per-chain parameter as the update loop reads it: one value for a run inside one chain, or
+// one value per element of a tile that spans many short chains.
 template <typename acc_t>
-struct UpdateParams {
-  acc_t step_size, noise_scale;
-  acc_t grad_scale;         // norm clip factor, 1 otherwise (exact)
-  acc_t clip;               // value clip bound, +inf otherwise
-  acc_t lo, hi;             // clamp bounds, -inf / +inf when absent
+struct Broadcast {
+  acc_t value;
+  acc_t operator[](int64_t) const { return value; }
 };
 
-// The update of one tile. Comparisons rather than std::min/max so NaN propagates as in torch,
-// and infinite bounds make absent options exact no-ops (no branches, so it vectorises).
-template <typename scalar_t, typename acc_t>
-inline void update_tile(scalar_t* out, const scalar_t* x, const scalar_t* grad, const float* noise,
-                        int64_t count, const UpdateParams<acc_t>& p) {
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t g = static_cast<acc_t>(grad[i]) * p.grad_scale;
-    g = g < -p.clip ? -p.clip : g;
-    g = g > p.clip ? p.clip : g;
-    acc_t v = static_cast<acc_t>(x[i]) - p.step_size * g +
-              p.noise_scale * static_cast<acc_t>(noise[i]);
-    v = v < p.lo ? p.lo : v;
-    v = v > p.hi ? p.hi : v;
-    out[i] = static_cast<scalar_t>(v);
-  }
-}
+template <typename acc_t>
+struct PerElement {
+  const acc_t* values;
+  acc_t operator[](int64_t i) const { return values[i]; }
+};
+
+template <typename acc_t>
+struct Bounds {
+  acc_t clip;    // value clip bound, +inf otherwise
+  acc_t lo, hi;  // clamp bounds, -inf / +inf when absent
+};
 
 #ifdef __F16C__
 // c10::Half's scalar conversions do not vectorise (4x slower than float32 here); F16C converts
@@ -131,18 +137,49 @@ inline void float_to_half(const float* in, c10::Half* out, int64_t count) {
                      _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i < count; ++i) out[i] = static_cast<c10::Half>(in[i]);
 }
-
-template <>
-inline void update_tile<c10::Half, float>(c10::Half* out, const c10::Half* x,
-                                          const c10::Half* grad, const float* noise,
-                                          int64_t count, const UpdateParams<float>& p) {
-  alignas(64) float x_f[kTile], grad_f[kTile];
-  half_to_float(x, x_f, count);
-  half_to_float(grad, grad_f, count);
-  update_tile<float, float>(x_f, x_f, grad_f, noise, count, p);
-  float_to_half(x_f, out, count);
-}
 #endif
+
+// The update of `count` (<= kTile) elements. grad_scale is the norm clip factor (1, exact,
+// otherwise). Comparisons rather than std::min/max so NaN propagates as in torch, and infinite
+// bounds make absent options exact no-ops (no branches, so it vectorises).
+template <typename scalar_t, typename acc_t, typename Param>
+inline void update_run(scalar_t* out, const scalar_t* x, const scalar_t* grad, const float* noise,
+                       int64_t count, Param step_size, Param noise_scale, Param grad_scale,
+                       const Bounds<acc_t>& b) {
+#ifdef __F16C__
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    alignas(64) float x_f[kTile], grad_f[kTile];
+    half_to_float(x, x_f, count);
+    half_to_float(grad, grad_f, count);
+    update_run<float, float>(x_f, x_f, grad_f, noise, count, step_size, noise_scale, grad_scale,
+                             b);
+    float_to_half(x_f, out, count);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t g = static_cast<acc_t>(grad[i]) * grad_scale[i];
+    g = g < -b.clip ? -b.clip : g;
+    g = g > b.clip ? b.clip : g;
+    acc_t v = static_cast<acc_t>(x[i]) - step_size[i] * g +
+              noise_scale[i] * static_cast<acc_t>(noise[i]);
+    v = v < b.lo ? b.lo : v;
+    v = v > b.hi ? b.hi : v;
+    out[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// Calls fn(chain, begin, end) for each chain's part of the flat range [begin, end).
+// One division per call: a 64-bit division per chain would dominate for 2-element chains.
+template <typename Fn>
+inline void for_each_chain_segment(int64_t begin, int64_t end, int64_t per_chain, Fn fn) {
+  int64_t chain = begin / per_chain;
+  for (int64_t pos = begin; pos < end; ++chain) {
+    const int64_t segment_end = std::min(end, (chain + 1) * per_chain);
+    fn(chain, pos, segment_end);
+    pos = segment_end;
+  }
+}
 
 template <typename scalar_t>
 void langevin_update_kernel(at::Tensor& out, const at::Tensor& x, const at::Tensor& grad,
@@ -166,31 +203,52 @@ void langevin_update_kernel(at::Tensor& out, const at::Tensor& x, const at::Tens
       grad_clip && norm_clip
           ? norm_clip_scales<scalar_t, acc_t>(grad_data, chains, per_chain, clip)
           : std::vector<acc_t>();
-  const acc_t value_clip = grad_clip && !norm_clip ? clip : inf;
-  const acc_t lo = clamp_lo ? static_cast<acc_t>(*clamp_lo) : -inf;
-  const acc_t hi = clamp_hi ? static_cast<acc_t>(*clamp_hi) : inf;
+  const Bounds<acc_t> bounds{grad_clip && !norm_clip ? clip : inf,
+                             clamp_lo ? static_cast<acc_t>(*clamp_lo) : -inf,
+                             clamp_hi ? static_cast<acc_t>(*clamp_hi) : inf};
+  const acc_t unit_scale = 1;
+  const acc_t* grad_scale_data = grad_scales.empty() ? &unit_scale : grad_scales.data();
+  const int64_t grad_scale_stride = grad_scales.empty() ? 0 : 1;
+  // Chains are contiguous, so the noise of the flat range [t, t + count) is the one run of
+  // global indices from chain_offset * per_chain + t: a tile is drawn whole even when it spans
+  // many short chains.
+  const uint64_t first_index = static_cast<uint64_t>(chain_offset) * static_cast<uint64_t>(per_chain);
+  const bool short_chains = per_chain < kShortChain;
 
   at::parallel_for(0, chains * per_chain, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float noise[kTile];
-    int64_t pos = begin;
-    while (pos < end) {  // one segment per chain touched by this range
-      const int64_t chain = pos / per_chain;
-      const int64_t within = pos - chain * per_chain;
-      const int64_t segment = std::min(end - pos, per_chain - within);
-      const UpdateParams<acc_t> params{
-          step_sizes[chain * step_size_stride], noise_scales[chain * noise_scale_stride],
-          grad_scales.empty() ? acc_t(1) : grad_scales[chain], value_clip, lo, hi};
-      const uint64_t n = static_cast<uint64_t>(chain_offset + chain) *
-                             static_cast<uint64_t>(per_chain) + static_cast<uint64_t>(within);
-      for (int64_t t = 0; t < segment; t += kTile) {
-        const int64_t count = std::min(kTile, segment - t);
-        prefetch_tile(x_data + pos + t + kTile, grad_data + pos + t + kTile,
-                      std::min(kTile, segment - t - count));
-        philox_normal_bulk(n + static_cast<uint64_t>(t), count, stream, noise);
-        update_tile<scalar_t, acc_t>(out_data + pos + t, x_data + pos + t, grad_data + pos + t,
-                                     noise, count, params);
+    for (int64_t t = begin; t < end;) {
+      // Tiles aligned to kTile in the global index, so that all but the first start on a
+      // Philox tile and draw no block twice.
+      const uint64_t n = first_index + static_cast<uint64_t>(t);
+      const int64_t count = std::min<int64_t>(end - t, kTile - static_cast<int64_t>(n % kTile));
+      prefetch_tile(x_data + t + count, grad_data + t + count, std::min(kTile, end - t - count));
+      philox_normal_bulk(n, count, stream, noise);
+      if (short_chains) {  // expand the parameters per element, then one vectorised pass
+        alignas(64) acc_t eps[kTile], sigma[kTile], scale[kTile];
+        for_each_chain_segment(t, t + count, per_chain, [&](int64_t chain, int64_t b, int64_t e) {
+          const acc_t chain_eps = step_sizes[chain * step_size_stride];
+          const acc_t chain_sigma = noise_scales[chain * noise_scale_stride];
+          const acc_t chain_scale = grad_scale_data[chain * grad_scale_stride];
+          for (int64_t i = b - t; i < e - t; ++i) {
+            eps[i] = chain_eps;
+            sigma[i] = chain_sigma;
+            scale[i] = chain_scale;
+          }
+        });
+        update_run<scalar_t, acc_t>(out_data + t, x_data + t, grad_data + t, noise, count,
+                                    PerElement<acc_t>{eps}, PerElement<acc_t>{sigma},
+                                    PerElement<acc_t>{scale}, bounds);
+      } else {
+        for_each_chain_segment(t, t + count, per_chain, [&](int64_t chain, int64_t b, int64_t e) {
+          update_run<scalar_t, acc_t>(
+              out_data + b, x_data + b, grad_data + b, noise + (b - t), e - b,
+              Broadcast<acc_t>{step_sizes[chain * step_size_stride]},
+              Broadcast<acc_t>{noise_scales[chain * noise_scale_stride]},
+              Broadcast<acc_t>{grad_scale_data[chain * grad_scale_stride]}, bounds);
+        });
       }
-      pos += segment;
+      t += count;
     }
   });
 }
