@@ -105,3 +105,15 @@ def test_large_draws_on_cpu(distribution, shape):
     counters = dict(seed=77, step=2, stream=3, chain_offset=1)
     got = _draw("cpu", distribution, shape, **counters)
     assert_matches_spec(got, distribution, shape, **counters)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("distribution", sorted(DRAWS))
+def test_opcheck(backend, distribution):
+    from ebm_fast.ops.philox import _philox_op
+
+    device = kernel_device(backend)
+    args = ([3, 5], torch.tensor(2**63 + 7 - 2**64, device=device), torch.tensor(4, device=device),
+            1, 2, distribution, device)
+    with use_backend(backend):
+        torch.library.opcheck(_philox_op, args)
