@@ -56,7 +56,9 @@ class SampleInfo:
     """Per-chain diagnostics of one sample() call; tensors have shape (chains,).
 
     initial_energy / final_energy: energy at x0 and at the returned samples. mean_grad_norm: the
-    energy gradient's Euclidean norm averaged over the evaluations. displacement: |x_K - x0|.
+    energy gradient's Euclidean norm, averaged over the states the chain stood at (Langevin: the
+    K states it stepped from; MALA: x0 and the state after each step, proposals not included).
+    displacement: |x_K - x0|.
     time_s: wall-clock seconds of the call (the device is synchronised to measure it).
     MALA only: accept_rate (fraction of accepted proposals) and step_size (per chain, after any
     adaptation; pass it back as ``sample(..., step_size=info.step_size)`` to keep it).
@@ -134,23 +136,38 @@ def _check_step_value(value, name: str, *, allow_zero: bool) -> None:
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A table built on the host, on the chains' device. PyTorch synchronises the stream for a
+    copy from pageable host memory; a pinned, non-blocking copy is queued like a kernel."""
+    if device.type == "cuda" and table.device.type == "cpu":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero: bool,
                  allow_schedule: bool = True) -> torch.Tensor:
     """A parameter's value at each of the call's steps: (K,) shared, or (K, B) per chain.
 
     value: a number, a 0-dim or per-chain (B,) tensor, or a schedule ``f(k, n_steps)`` returning
     either, evaluated on the host once per call. Tensor values are not checked (that would
-    synchronise with the device); numbers must be finite and > 0 (>= 0 with allow_zero).
+    synchronise with the device); numbers must be finite and > 0 (>= 0 with allow_zero). The
+    table reaches the device without waiting for it (no host synchronisation).
     """
     _check_step_value(value, name, allow_zero=allow_zero)
+    dtype, chains = compute_dtype(x.dtype), x.shape[0]
     if callable(value) and not isinstance(value, torch.Tensor):
         if not allow_schedule:
             raise TypeError(f"{name} cannot be a schedule here")
-        rows = [_step_values(value(k, n_steps), f"{name} (schedule at step {k})", 1, x,
-                             allow_zero=allow_zero, allow_schedule=False)[0]
-                for k in range(n_steps)]
-        return torch.stack(torch.broadcast_tensors(*rows))
-    dtype, chains = compute_dtype(x.dtype), x.shape[0]
+        rows = [value(k, n_steps) for k in range(n_steps)]
+        if any(isinstance(row, torch.Tensor) or callable(row) for row in rows):
+            rows = [_step_values(row, f"{name} (schedule at step {k})", 1, x,
+                                 allow_zero=allow_zero, allow_schedule=False)[0]
+                    for k, row in enumerate(rows)]
+            return torch.stack(torch.broadcast_tensors(*rows))
+        for k, row in enumerate(rows):
+            _check_step_value(row, f"{name} (schedule at step {k})", allow_zero=allow_zero)
+        # Numbers only: one (K,) table built on the host, one copy.
+        return _on_device(torch.tensor([float(row) for row in rows], dtype=dtype), x.device)
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a float or a floating tensor, got {value.dtype}")
@@ -159,9 +176,9 @@ def _step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero:
                              f"shape ({chains},), got shape {tuple(value.shape)}")
         if value.dim() == 1 and value.device != x.device:
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
-        value = value.detach().to(device=x.device, dtype=dtype)
+        value = _on_device(value.detach().to(dtype), x.device)
     else:
-        value = torch.tensor(float(value), dtype=dtype).to(x.device)
+        value = torch.full((), float(value), dtype=dtype, device=x.device)
     return value.expand(n_steps, *value.shape)
 
 
@@ -637,9 +654,9 @@ class MALASampler(_Sampler):
         diagnostics = _ChainDiagnostics(x, self.check_finite, track)
         energy_x, grad_x = self._energy_and_grad(x)
         grad_x = grad_x.contiguous()
-        # Only the initial state is checked per step: accepted states have finite energies
-        # (mala_accept rejects non-finite proposals); the final state is checked by finish().
-        diagnostics.check(energy_x.clone())
+        # Only the initial state goes through check(): accepted states have finite energies
+        # (mala_accept rejects non-finite proposals); finish() checks the final state.
+        diagnostics.check(energy_x)
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
         for k in range(n_steps):

@@ -405,13 +405,34 @@ def test_cuda_graph_replays_give_the_eager_samples(sampler_cls):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would warn
         first, info = graphed.sample(x0, return_info=True)
-        second = graphed.sample(first)  # a replay of the captured graphs
+        second = graphed.sample(first)  # without diagnostics: its own graphs, one per chunk
         with torch.no_grad():
             model[0].bias.add_(0.5)  # in-place parameter updates are seen by the replay
-        third = graphed.sample(second)
+        third = graphed.sample(second)  # replays the second call's graphs
+    assert len(graphed._graphs) == 4  # (2 chunks) x (diagnostics on, off): the third captured none
     expected_first, expected_info = eager.sample(x0, return_info=True)
     torch.testing.assert_close(first, expected_first)
     torch.testing.assert_close(info.final_energy, expected_info.final_energy)
     torch.testing.assert_close(second, eager.sample(expected_first))
     torch.testing.assert_close(third, eager.sample(second))
     assert graphed.step == eager.step == 15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("sampler_cls", SAMPLERS)
+def test_sampling_does_not_synchronise_on_cuda(sampler_cls, cuda_graph):
+    model = mlp(d=3, hidden=16).cuda()
+    x0 = x_init((12, 3)).cuda()
+    sampler = sampler_cls(model, step_size=0.02, n_steps=4, cuda_graph=cuda_graph,
+                          check_finite=False)  # the non-finite check reads the device once
+    step_sizes = (0.02, linear_schedule(0.03, 0.01), torch.full((12,), 0.02, device="cuda"))
+    for step_size in step_sizes:  # compile the kernels, capture the graphs, move the counter
+        sampler.sample(x0, step_size=step_size)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step_size in step_sizes:
+            sampler.sample(x0, step_size=step_size)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
