@@ -165,6 +165,20 @@ class ReplayBuffer:
             raise ValueError(f"{name} is on {y.device} but the buffer is on {self.device}")
         return y.to(torch.int64), (name, y, upper)
 
+    def _class_labels(self, y, batch: int, ranges: list, purpose: str):
+        """y as int64 (its range check added to ``ranges``), or None for a buffer without
+        classes; a clear error when y is missing or superfluous."""
+        if self.n_classes is None:
+            if y is not None:
+                raise ValueError("y was given but the buffer has no classes (n_classes=None)")
+            return None
+        if y is None:
+            raise ValueError(f"y (the class of each chain) is required {purpose}: the buffer has "
+                             f"n_classes={self.n_classes}")
+        y, check = self._check_labels(y, batch, "y", self.n_classes)
+        ranges.append(check)
+        return y
+
     def _check_values(self, ranges, x=None) -> None:
         """One host read for every value check of a call (skipped when check_values=False).
 
@@ -207,15 +221,7 @@ class ReplayBuffer:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self._check_batch_indices(batch_size)
         ranges = []
-        if self.n_classes is None:
-            if y is not None:
-                raise ValueError("y was given but the buffer has no classes (n_classes=None)")
-        else:
-            if y is None:
-                raise ValueError(f"y (the class of each chain) is required: the buffer has "
-                                 f"n_classes={self.n_classes}")
-            y, check = self._check_labels(y, batch_size, "y", self.n_classes)
-            ranges.append(check)
+        y = self._class_labels(y, batch_size, ranges, "to sample")
         self._check_values(ranges)
         init_values = None
         if callable(self.init):
@@ -259,14 +265,8 @@ class ReplayBuffer:
             idx, check = self._check_labels(idx, batch, "idx", self.capacity)
             ranges.append(check)
             y = None
-        elif self.n_classes is not None:
-            if y is None:
-                raise ValueError(f"y (the class of each chain) is required to append: the "
-                                 f"buffer has n_classes={self.n_classes}")
-            y, check = self._check_labels(y, batch, "y", self.n_classes)
-            ranges.append(check)
-        elif y is not None:
-            raise ValueError("y was given but the buffer has no classes (n_classes=None)")
+        else:
+            y = self._class_labels(y, batch, ranges, "to append")
         if x.dtype not in OUTPUT_DTYPES:
             x = x.to(torch.float32)
         self._check_values(ranges, x)
