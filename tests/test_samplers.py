@@ -236,8 +236,8 @@ def test_non_finite_chains_raise_with_the_step_and_count():
     sampler.sample(torch.zeros(6, 2), 7)  # x = 0 stays finite: the counter moves to step 7
     # x after update k is (1 + 1e6)^k for the repulsed chains: at k = 3 the float32 energy
     # -1e6 * 2e36 overflows, so update 3 of this call (noise step 7 + 2) is named.
-    with pytest.raises(NonFiniteChainError,
-                       match=r"3 of 6 chains.*after update 3 of 40 in this call \(sampler step 9\)"):
+    with pytest.raises(NonFiniteChainError, match=r"3 of 6 chains.*after update 3 of 40 in this "
+                                                  r"call \(sampler step 9\)"):
         sampler.sample(torch.ones(6, 2))
     assert sampler.step == 47  # the steps were drawn: a retry does not replay the same noise
     quiet = LangevinSampler(repulsive_for_some, step_size=0.5, noise_scale=0.0, n_steps=40,
