@@ -197,11 +197,14 @@ class ReplayBuffer:
             if bad:
                 raise ValueError(f"{int(bad)} entries of {name} are outside [0, {upper})")
         if x is not None and not math.isfinite(values[-1]):
-            bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
+            # Checked as stored: pushes are rounded to float32 first (float64 beyond its range
+            # would become inf).
+            stored = x.reshape(x.shape[0], -1).to(torch.float32)
+            bad = int((~torch.isfinite(stored)).any(1).sum())
             if bad:
                 raise ValueError(f"push refused: {bad} of {x.shape[0]} chains hold non-finite "
-                                 "values (NaN or inf); fix the sampler or pass "
-                                 "check_values=False")
+                                 "values (NaN, inf, or beyond float32's range); fix the sampler "
+                                 "or pass check_values=False")
 
     def _check_batch_indices(self, batch: int) -> None:
         if (self._chain_offset + batch) * self._features >= ELEMENT_INDEX_LIMIT:

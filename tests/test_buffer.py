@@ -355,3 +355,12 @@ def test_huge_finite_pushes_are_accepted():
     buffer = ReplayBuffer(4, (3,))
     buffer.push(torch.full((4, 3), 3e38))  # their sum overflows; every value is finite
     assert len(buffer) == 4
+
+
+def test_float64_pushes_beyond_float32_range_are_refused():
+    buffer = ReplayBuffer(4, (3,))
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1, 2] = 1e39  # finite in float64, inf once rounded to float32 for storage
+    with pytest.raises(ValueError, match="1 of 2 chains"):
+        buffer.push(x)
+    assert len(buffer) == 0
