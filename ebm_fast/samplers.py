@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ebm_fast.backends import use_backend
+from ebm_fast.backends import forced_backend, use_backend
 from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
 from ebm_fast.ops._dispatch import as_int64_scalar
 from ebm_fast.ops.langevin_update import GRAD_CLIP_MODES, SUPPORTED_DTYPES
@@ -402,11 +402,13 @@ class _Sampler(abc.ABC):
 
     def _graph_key(self, x, tables, n_steps, chain_offset, track) -> tuple:
         # Parameters are read from their memory at replay: a model whose tensors were replaced
-        # (not updated in place) or whose mode changed gets a new capture.
+        # (not updated in place) or whose mode changed gets a new capture; so does a call under
+        # another forced backend (the graph holds the kernels it captured).
         params = tuple(p.data_ptr() for p in _parameters_of(self.energy))
         training = getattr(self.energy, "training", None)
         return (tuple(x.shape), x.dtype, x.device, n_steps, chain_offset, track,
-                tuple((tuple(t.shape), t.dtype) for t in tables), params, training)
+                tuple((tuple(t.shape), t.dtype) for t in tables), params, training,
+                forced_backend())
 
     def _run_chunk(self, x, counter, seed, tables, n_steps: int, chain_offset: int,
                    track: bool) -> dict:
