@@ -103,6 +103,7 @@ def test_bad_input_names_the_argument():
         (dict(step_size=torch.ones(3)), ValueError, "step_size"),
         (dict(noise_scale=torch.ones(4, 1)), ValueError, "noise_scale"),
         (dict(step_size=torch.ones(4, dtype=torch.int64)), TypeError, "step_size"),
+        (dict(step_size=torch.tensor(0.1, device="meta")), ValueError, "step_size"),
         (dict(clamp=(1.0, -1.0)), ValueError, "clamp"),
         (dict(clamp=1.0), ValueError, "clamp"),
         (dict(grad_clip=0.0), ValueError, "grad_clip"),
@@ -110,6 +111,10 @@ def test_bad_input_names_the_argument():
         (dict(seed=1.5), TypeError, "seed"),
         (dict(step=-1), ValueError, "step"),
         (dict(chain_offset=-1), ValueError, "chain_offset"),
+        (dict(chain_offset=2**61), ValueError, "chain_offset"),  # 3 elements a chain: n > 2**62
+        (dict(chain_offset=1.0), TypeError, "chain_offset"),
+        (dict(stream=2**32), ValueError, "stream"),
+        (dict(stream=1.5), TypeError, "stream"),
         (dict(out=torch.empty(4, 4)), ValueError, "out"),
     ]
     for kwargs, error, pattern in cases:
@@ -161,7 +166,7 @@ def test_opcheck(dtype, options):
 def test_compiles_with_fullgraph():
     x, g = _inputs((8, 6), dtype=torch.float32)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True)  # the default backend (inductor), as users call it
     def two_steps(x, g, step):
         ebm_fast.langevin_update(x, g, 0.1, 0.05, seed=7, step=step, clamp=(-1, 1), out=x)
         return ebm_fast.langevin_update(x, g, 0.1, 0.05, seed=7, step=step + 1, clamp=(-1, 1))
