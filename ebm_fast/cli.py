@@ -1,4 +1,4 @@
-"""Command line: ``ebm-fast demo | build | info | bench NAME [args]``."""
+"""Command line: ``ebm-fast demo | study | build | info | bench NAME [args]``."""
 
 from __future__ import annotations
 
@@ -54,10 +54,16 @@ def main(argv=None) -> int:
         from ebm_fast import demo
 
         return demo.main(argv[1:])
+    if argv[:1] == ["study"]:  # likewise (`ebm-fast study -h`)
+        from ebm_fast import toy
+
+        return toy.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ebm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train a small 2-D EBM with ebm_fast and with the plain loop; "
                    "report speed and exact held-out NLL (`ebm-fast demo -h`)")
+    sub.add_parser("study", help="measure CD-k, persistent ML and short-run ML gradients against "
+                   "the exact ML gradient of a 2-D EBM (`ebm-fast study -h`)")
     sub.add_parser("build", help="build the C++ CPU kernels now (otherwise built on first use)")
     sub.add_parser("info", help="list the backends and why any is unavailable")
     bench = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (update, buffer, sampler)")

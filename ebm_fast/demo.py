@@ -23,32 +23,8 @@ from torch import nn
 
 from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.samplers import LangevinSampler
-
-BOX = 4.0  # data, buffer init and chains live in [-BOX, BOX]^2
-
-
-def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.5,
-                      std: float = 0.25) -> torch.Tensor:
-    angle = 2 * math.pi * torch.randint(modes, (n,), generator=generator) / modes
-    centres = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-    return centres + std * torch.randn(n, 2, generator=generator)
-
-
-def make_energy(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(),
-                         nn.Linear(128, 1))
-
-
-@torch.no_grad()
-def exact_nll(energy: nn.Module, data: torch.Tensor, cells: int = 300) -> float:
-    """Mean -log p(data) with p = exp(-E) / Z, Z summed on a grid over the box (exact up to the
-    grid's quadrature error and the mass outside the box)."""
-    axis = torch.linspace(-BOX, BOX, cells)
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
-    cell_area = (axis[1] - axis[0]) ** 2
-    log_z = torch.logsumexp(-energy(grid).reshape(-1), 0) + torch.log(cell_area)
-    return float(energy(data).mean() + log_z)
+# Data, buffer init and chains live in [-BOX, BOX]^2; the exact NLL sums Z on a grid over it.
+from ebm_fast.toy import BOX, exact_nll, make_energy, ring_of_gaussians
 
 
 def plain_langevin(energy: nn.Module, x: torch.Tensor, n_steps: int, step_size: float,
