@@ -141,6 +141,29 @@ def test_matches_reference(backend, data):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("grad_clip,grad_clip_mode", [(None, "value"), (1.0, "value"),
+                                                      (1.0, "norm")])
+def test_non_finite_gradients_land_where_the_reference_puts_them(backend, grad_clip,
+                                                                 grad_clip_mode):
+    """A NaN and two infinite gradient elements, through clipping and a one-sided clamp: NaN and
+    inf where the reference has them (norm clipping turns a chain with a NaN gradient NaN whole;
+    an infinite norm scales the chain by 0, so its infinite element becomes 0 * inf = NaN)."""
+    device = kernel_device(backend)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, generator=gen)
+    grad = torch.randn(4, 5, generator=gen) * 3
+    grad[1, 2], grad[2, 0], grad[3, 1] = float("nan"), float("inf"), -float("inf")
+    options = dict(seed=5, step=1, stream=0, chain_offset=0, grad_clip=grad_clip,
+                   grad_clip_mode=grad_clip_mode, clamp_lo=-4.0, clamp_hi=None)
+    want = langevin_update_ref(x, grad, torch.tensor(0.1), torch.tensor(0.5), **options)
+    if grad_clip_mode == "norm":
+        assert want[1].isnan().all() and want[2, 0].isnan() and want[3, 1].isnan()
+    with use_backend(backend):
+        got = _call(x.to(device), grad.to(device), 0.1, 0.5, options)
+    torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunks_with_chain_offset_equal_the_whole_batch(backend, dtype):
     """Shards of a batch, each with its chain_offset and slice of per-chain parameters, produce

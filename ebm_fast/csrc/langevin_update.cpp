@@ -61,13 +61,15 @@ double sum_of_squares(const scalar_t* grad, int64_t len) {
 }
 
 // Per-chain factor of the "norm" clip: c / max(|grad_chain|, c), as the reference computes it.
+// A NaN norm is kept (torch's clamp propagates it), so a chain with a NaN gradient turns NaN
+// whole, on every backend.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> norm_clip_scales(const scalar_t* grad, int64_t chains, int64_t per_chain,
                                     acc_t clip) {
   std::vector<acc_t> scales(chains);
   auto scale_of = [clip](double sum_sq) {
     const acc_t norm = static_cast<acc_t>(std::sqrt(sum_sq));
-    return clip / (norm > clip ? norm : clip);
+    return clip / (norm < clip ? clip : norm);
   };
   if (chains >= at::get_num_threads()) {
     at::parallel_for(0, chains, std::max<int64_t>(1, kGrain / per_chain), [&](int64_t b, int64_t e) {

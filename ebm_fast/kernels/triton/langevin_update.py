@@ -128,14 +128,18 @@ def _chain_sumsq_kernel(partial_ptr, grad_ptr, per_chain, chunk, splits, BLOCK: 
 @triton.jit(do_not_specialize=["grad_clip"])
 def _norm_scale_kernel(scale_ptr, partial_ptr, chains, splits, grad_clip,
                        CHAINS: tl.constexpr, SPLITS: tl.constexpr):
-    """scale[chain] = c / max(norm, c), the factor that clips a chain's gradient to norm <= c."""
+    """scale[chain] = c / max(norm, c), the factor that clips a chain's gradient to norm <= c.
+
+    A NaN norm stays NaN, as in the reference (torch's clamp): tl.maximum's default on a GPU
+    returns c instead (the interpreter's numpy maximum would hide that difference)."""
     chain = tl.program_id(0) * CHAINS + tl.arange(0, CHAINS)
     split = tl.arange(0, SPLITS)
     mask = (chain[:, None] < chains) & (split[None, :] < splits)
     partial = tl.load(partial_ptr + chain[:, None].to(tl.int64) * splits + split[None, :],
                       mask=mask, other=0.0)
     norm = tl.sqrt(tl.sum(partial, axis=1))
-    tl.store(scale_ptr + chain, grad_clip / tl.maximum(norm, grad_clip), mask=chain < chains)
+    bound = tl.maximum(norm, grad_clip, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(scale_ptr + chain, grad_clip / bound, mask=chain < chains)
 
 
 def _norm_clip_scales(grad: torch.Tensor, grad_clip: float) -> torch.Tensor:
