@@ -209,12 +209,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ebm_fast.kernels.triton import buffer_sample as bs, buffer_push as bp
 
-def compile_ptx(kernel, types, constexprs):
+def compile_ptx(kernel, types, constexprs, options=None):
     names = kernel.arg_names
     signature = {name: types.get(name, "constexpr" if name in constexprs else "i32")
                  for name in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 def sample(out, storage, has_y, init, compute):
     types = {"out_ptr": "*" + out, "slots_ptr": "*i64", "storage_ptr": "*" + storage,
@@ -225,7 +225,9 @@ def sample(out, storage, has_y, init, compute):
                   "INIT": init,
                   "STREAM_DECISION": 2, "STREAM_VALUES": 3, "STREAM_SLOT": 4, "COMPUTE": compute,
                   "CHAINS": bs.CHAINS, "BLOCK": bs.BLOCK}
-    return compile_ptx(bs._buffer_sample_kernel, types, constexprs)
+    # The launcher's options: no fp fusion, so no float32 fma where the reference rounds twice.
+    return compile_ptx(bs._buffer_sample_kernel, types, constexprs,
+                       {"enable_fp_fusion": bs.FP_FUSION})
 
 def push(storage, x, stochastic):
     types = {"storage_ptr": "*" + storage, "written_ptr": "*u8", "x_ptr": "*" + x,
@@ -244,11 +246,12 @@ ptx = {
     "push_bf16_fp32": push("bf16", "fp32", False),
     "push_fp32_fp64": push("fp32", "fp64", False),
 }
-print(json.dumps({name: len(text) for name, text in ptx.items()}))
+print(json.dumps({name: text.count("fma.rn.f32") for name, text in ptx.items()}))
 """
 
 
 def test_triton_kernels_compile_for_sm90():
+    import json
     import os
     import subprocess
     import sys
@@ -266,3 +269,6 @@ def test_triton_kernels_compile_for_sm90():
                           text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
+    fma_counts = json.loads(done.stdout.strip().splitlines()[-1])
+    # Dequantisation and uniform init (lo + q * step, lo + width * u) round like the reference.
+    assert fma_counts["sample_fp32_u8_uniform"] == 0, fma_counts

@@ -23,6 +23,10 @@ from ebm_fast.noise import (
 CHAINS = 4
 BLOCK = 1024
 INIT_CODES = {"uniform": 0, "gaussian": 1, "values": 2}
+# lo + q * step (dequantisation) and lo + width * u (uniform init) must round twice, as the
+# reference does, for bit-identical rows: a GPU build with Triton's default fp fusion turns them
+# into one fma (the interpreter never fuses, so only a GPU would show the difference).
+FP_FUSION = False
 
 
 @triton.jit(do_not_specialize=["seed", "step", "chain_offset", "batch", "features",
@@ -87,4 +91,4 @@ def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, 
         INIT=INIT_CODES[init_kind], STREAM_DECISION=STREAM_BUFFER_REINIT_DECISION,
         STREAM_VALUES=STREAM_BUFFER_REINIT_VALUES, STREAM_SLOT=STREAM_BUFFER_SLOT,
         COMPUTE=tl.float64 if out.dtype == torch.float64 else tl.float32, CHAINS=CHAINS,
-        BLOCK=block)
+        BLOCK=block, enable_fp_fusion=FP_FUSION)
