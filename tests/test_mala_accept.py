@@ -278,12 +278,14 @@ BAD_INPUTS = [
     ("temperature", 0.0, ValueError),
     ("temperature", float("inf"), ValueError),
     ("temperature", torch.ones(3), ValueError),
+    ("temperature", torch.tensor(1.0, device="meta"), ValueError),
     ("temperature", "hot", TypeError),
     ("seed", 1.5, TypeError),
     ("step", -1, ValueError),
     ("stream", -1, ValueError),
     ("stream", 1.0, TypeError),
     ("chain_offset", -1, ValueError),
+    ("chain_offset", 2**62 - 1, ValueError),
 ]
 
 

@@ -133,6 +133,10 @@ def test_bad_arguments_are_named():
         noise.philox_normal((2, 2), seed=0, step=0, stream=-1)
     with pytest.raises(ValueError, match="chain_offset"):
         noise.philox_normal((2, 2), seed=0, step=0, chain_offset=-3)
+    with pytest.raises(ValueError, match="chain_offset"):  # element indices beyond 2**62
+        noise.philox_normal((2, 2), seed=0, step=0, chain_offset=2**61)
+    with pytest.raises(TypeError, match="stream"):
+        noise.philox_normal((2, 2), seed=0, step=0, stream=1.5)
     with pytest.raises(ValueError, match="distribution"):
         from ebm_fast.ops.philox import philox
         philox((2, 2), seed=0, step=0, distribution="cauchy")

@@ -12,6 +12,7 @@ argument is a contiguous output tensor it writes into, followed by the op's norm
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable
 
 import torch
@@ -41,6 +42,30 @@ def call_op(registered_op: Callable, implementation: Callable, *args):
     if torch.compiler.is_compiling():
         return registered_op(*args)
     return implementation(*args)
+
+
+# Global element indices n of the noise spec stay below this: int64 arithmetic in the reference
+# and the kernels never overflows.
+MAX_ELEMENT_INDEX = 1 << 62
+
+
+def check_int(value, name: str, low: int, high: int) -> int:
+    """value, an int in [low, high); else a TypeError or ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return value
+
+
+def check_chain_offset(chain_offset, shape) -> int:
+    """chain_offset of a (chains, ...) tensor of draws: an int >= 0 that keeps every global
+    element index (chain_offset + chain) * elements_per_chain + j below 2**62."""
+    chain_offset = check_int(chain_offset, "chain_offset", 0, MAX_ELEMENT_INDEX)
+    if (chain_offset + shape[0]) * math.prod(shape[1:]) > MAX_ELEMENT_INDEX:
+        raise ValueError(f"chain_offset {chain_offset} with shape {tuple(shape)} gives global "
+                         "element indices beyond 2**62")
+    return chain_offset
 
 
 def as_int64_scalar(value, name: str, bits: int) -> torch.Tensor:

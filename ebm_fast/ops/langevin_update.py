@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.ops._dispatch import as_int64_scalar, call_op, kernel_entry
+from ebm_fast.ops._dispatch import (
+    as_int64_scalar, call_op, check_chain_offset, check_int, kernel_entry)
 from ebm_fast.backends import backend_for, forced_backend
 from ebm_fast.reference.langevin_update import (
     chain_norms, compute_dtype, per_chain, pre_clamp_update)
@@ -136,7 +137,8 @@ def chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch
         if value.dim() > 1:
             raise ValueError(f"{name} must be a float, a 0-dim tensor or a per-chain tensor of "
                              f"shape ({x.shape[0]},), got shape {tuple(value.shape)}")
-        if value.dim() == 1 and value.device != x.device:
+        # A 0-dim CPU tensor is read on the host by every backend; anything else lives with x.
+        if value.device != x.device and (value.dim() == 1 or value.device.type != "cpu"):
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
         # Values of tensors are not checked: that would synchronise with the device.
         return value.to(dtype)
@@ -147,6 +149,16 @@ def chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return torch.tensor(value, dtype=dtype)
+
+
+def check_chains(x) -> None:
+    """x must be a (chains, ...) tensor of a supported dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a leading chain axis (at least 1 dimension)")
 
 
 def check_same_layout(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
@@ -177,19 +189,12 @@ def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, ch
 
     Returns the updated tensor (``out`` when given). Differentiable in x and grad otherwise.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have a leading chain axis (at least 1 dimension)")
+    check_chains(x)
     check_same_layout(x, grad, "grad")
     step_size_t = chain_param(step_size, "step_size", x, allow_zero=False)
     noise_scale_t = chain_param(noise_scale, "noise_scale", x, allow_zero=True)
-    if not 0 <= int(stream) < 1 << 32:
-        raise ValueError(f"stream must be in [0, 2**32), got {stream}")
-    if int(chain_offset) < 0:
-        raise ValueError(f"chain_offset must be >= 0, got {chain_offset}")
+    stream = check_int(stream, "stream", 0, 1 << 32)
+    chain_offset = check_chain_offset(chain_offset, x.shape)
     if grad_clip_mode not in GRAD_CLIP_MODES:
         raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {grad_clip_mode!r}")
     if grad_clip is not None:
@@ -204,7 +209,7 @@ def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, ch
         if clamp_lo is not None and clamp_hi is not None and clamp_lo > clamp_hi:
             raise ValueError(f"clamp has lo > hi: {clamp!r}")
     args = (step_size_t, noise_scale_t, as_int64_scalar(seed, "seed", 64),
-            as_int64_scalar(step, "step", 32), int(stream), int(chain_offset), grad_clip,
+            as_int64_scalar(step, "step", 32), stream, chain_offset, grad_clip,
             grad_clip_mode, clamp_lo, clamp_hi)
     differentiable = torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad)
     if out is None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for, forced_backend
-from ebm_fast.ops._dispatch import as_int64_scalar, call_op, kernel_entry
-from ebm_fast.ops.langevin_update import SUPPORTED_DTYPES, chain_param, check_same_layout
+from ebm_fast.ops._dispatch import (
+    as_int64_scalar, call_op, check_chain_offset, check_int, kernel_entry)
+from ebm_fast.ops.langevin_update import chain_param, check_chains, check_same_layout
 from ebm_fast.reference.langevin_update import compute_dtype
 
 
@@ -87,18 +88,7 @@ def _check_energy(energy, name: str, x: torch.Tensor) -> None:
 
 
 def _positive_param(value, name: str, x: torch.Tensor) -> torch.Tensor:
-    param = chain_param(value, name, x, allow_zero=False)
-    if param.dim() == 0 and param.device not in (x.device, torch.device("cpu")):
-        raise ValueError(f"{name} is on {param.device} but x is on {x.device}")
-    return param.detach()
-
-
-def _check_int(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value < high:
-        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
-    return value
+    return chain_param(value, name, x, allow_zero=False).detach()
 
 
 def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, *, seed, step,
@@ -125,21 +115,16 @@ def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
     states). Arithmetic runs in float32 for bfloat16/float16 states. Not differentiable: it reads
     and writes the tensors' data, like an optimiser step under no_grad.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have a leading chain axis (at least 1 dimension)")
+    check_chains(x)
     for other, name in ((y, "y"), (grad_x, "grad_x"), (grad_y, "grad_y")):
         check_same_layout(x, other, name)
     _check_energy(energy_x, "energy_x", x)
     _check_energy(energy_y, "energy_y", x)
     step_size_t = _positive_param(step_size, "step_size", x)
     temperature_t = _positive_param(temperature, "temperature", x)
-    stream = _check_int(stream, "stream", 0, 1 << 32)
-    chain_offset = _check_int(chain_offset, "chain_offset", 0, (1 << 62) - x.shape[0])
+    stream = check_int(stream, "stream", 0, 1 << 32)
+    chain_offset = check_chain_offset(chain_offset, (x.shape[0],))  # one draw per chain
     tensors = (t.detach() for t in (x, y, grad_x, grad_y, energy_x, energy_y))
     return call_op(_mala_accept_op, _decide, *tensors, step_size_t, temperature_t,
-                   as_int64_scalar(seed, "seed", 64),
-                           as_int64_scalar(step, "step", 32), stream, chain_offset)
+                   as_int64_scalar(seed, "seed", 64), as_int64_scalar(step, "step", 32), stream,
+                   chain_offset)

@@ -7,11 +7,9 @@ _bits.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ebm_fast.ops._dispatch import as_int64_scalar, kernel_for
+from ebm_fast.ops._dispatch import as_int64_scalar, check_chain_offset, check_int, kernel_for
 
 DISTRIBUTION_DTYPES = {"normal": torch.float32, "uniform": torch.float32, "bits": torch.int32}
 
@@ -38,13 +36,9 @@ def philox(shape, *, seed, step, stream=0, chain_offset=0, distribution="normal"
     shape = [int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,))]
     if len(shape) == 0 or any(s < 0 for s in shape):
         raise ValueError(f"shape must have a leading chain axis and no negative sizes, got {shape}")
-    if not 0 <= int(stream) < 1 << 32:
-        raise ValueError(f"stream must be in [0, 2**32), got {stream}")
-    if int(chain_offset) < 0:
-        raise ValueError(f"chain_offset must be >= 0, got {chain_offset}")
-    if math.prod(shape) and (int(chain_offset) + shape[0]) * math.prod(shape[1:]) >= 1 << 62:
-        raise ValueError("chain_offset and shape give element indices beyond the 2**62 counter range")
+    stream = check_int(stream, "stream", 0, 1 << 32)
+    chain_offset = check_chain_offset(chain_offset, shape)
     device = torch.device(device) if device is not None else (
         seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
     return _philox_op(shape, as_int64_scalar(seed, "seed", 64), as_int64_scalar(step, "step", 32),
-                      int(stream), int(chain_offset), distribution, device)
+                      stream, chain_offset, distribution, device)
