@@ -10,19 +10,44 @@ needs it builds it. Set EBM_FAST_DISABLE_CPP=1 to pretend the extension is missi
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 EXTENSION_NAME = "ebm_fast_cpu"
-# -march=native: the extension is built on the machine that runs it (the cache is per machine).
+# -march=native: the build uses every instruction set the building CPU has, so the cached build
+# is keyed by the CPU's features (extension_name()).
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DEBM_FAST_BUILD"]
 LD_FLAGS = ["-fopenmp"]
 
 
 def sources() -> list[str]:
     return sorted(str(p) for p in CSRC.glob("*.cpp"))
+
+
+def _cpu_features() -> str:
+    """The host CPU's feature flags as the OS reports them (Linux), else its machine type."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def extension_name() -> str:
+    """The extension's build name, tagged with the host CPU's features. torch's cache is keyed
+    by name, sources and flags only: a cache shared between machines (an NFS home, a container
+    image, a CI cache) would otherwise hand a -march=native build to a CPU that lacks its
+    instructions, and the process would die of SIGILL instead of falling back."""
+    digest = hashlib.sha256(_cpu_features().encode()).hexdigest()[:12]
+    return f"{EXTENSION_NAME}_{digest}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +65,7 @@ def _load() -> tuple[bool, str | None]:
             flush=True,
         )
         cpp_extension.load(
-            name=EXTENSION_NAME,
+            name=extension_name(),
             sources=sources(),
             extra_cflags=CXX_FLAGS,
             extra_ldflags=LD_FLAGS,

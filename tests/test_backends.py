@@ -59,3 +59,16 @@ def test_missing_cpp_backend_falls_back_with_one_warning():
     assert count == "1"
     assert "'cpu'" in message and "EBM_FAST_DISABLE_CPP" in message and "reference" in message
     assert "cpu" not in backends
+
+
+def test_cpp_build_is_keyed_by_the_cpu_features(monkeypatch):
+    """-march=native builds are cached per CPU feature set, so a cache shared between machines
+    never loads a build whose instructions this CPU lacks."""
+    from ebm_fast import _cpp
+
+    monkeypatch.setattr(_cpp, "_cpu_features", lambda: "avx2 fma sse4_2")
+    avx2 = _cpp.extension_name()
+    assert avx2.startswith(_cpp.EXTENSION_NAME) and avx2.isidentifier()
+    assert _cpp.extension_name() == avx2
+    monkeypatch.setattr(_cpp, "_cpu_features", lambda: "avx2 avx512f fma sse4_2")
+    assert _cpp.extension_name() != avx2
