@@ -77,16 +77,6 @@ inline float philox_uniform(uint64_t n, uint32_t step, uint32_t stream, PhiloxKe
   return uniform_from_bits(philox_bits(n, step, stream, key));
 }
 
-// Box-Muller on the pair holding element n: cos for even n, sin for odd n.
-inline float philox_normal(uint64_t n, uint32_t step, uint32_t stream, PhiloxKey key) {
-  const PhiloxBlock b = philox_block(n, step, stream, key);
-  const int pair = static_cast<int>((n & 3) >> 1);
-  const float u_a = std::fmax(uniform_from_bits(b.w[2 * pair]), kBoxMullerMinU);
-  const float theta = kTwoPi * uniform_from_bits(b.w[2 * pair + 1]);
-  const float rho = std::sqrt(-2.0f * std::log(u_a));
-  return (n & 1) ? rho * std::sin(theta) : rho * std::cos(theta);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bulk generation: the spec's values for the contiguous run of global element indices
 // [n0, n0 + count), written to out[0 .. count). A tile is 16 consecutive Philox blocks
