@@ -84,6 +84,8 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
         raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
     if init_values is not None:
         init_values = init_values.to(dtype).contiguous()
-    return call_op(_buffer_sample_op, _sample, storage.contiguous(), written.contiguous(), y,
-                   init_values, int(batch), dtype, seed, step, int(chain_offset),
-                   int(slots_per_class), float(reinit_prob), init_kind, float(lo), float(hi))
+    # The kernels index y, like every tensor they read, as a contiguous array.
+    return call_op(_buffer_sample_op, _sample, storage.contiguous(), written.contiguous(),
+                   None if y is None else y.contiguous(), init_values, int(batch), dtype, seed,
+                   step, int(chain_offset), int(slots_per_class), float(reinit_prob), init_kind,
+                   float(lo), float(hi))
