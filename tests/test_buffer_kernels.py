@@ -293,3 +293,20 @@ def test_sample_reads_strided_labels(backend):
         got, slots = buffer_sample(storage.to(device), written.to(device), 4, y=y.to(device),
                                    **kwargs)
     assert torch.equal(slots.cpu(), want_slots) and torch.equal(got.cpu(), want)
+
+
+def test_tensors_on_another_device_are_named():
+    """The kernels read raw pointers: a label or row tensor elsewhere is refused, named."""
+    from ebm_fast.ops.buffer_push import buffer_push
+    from ebm_fast.ops.buffer_sample import buffer_sample
+
+    storage, written = torch.zeros(6, 2), torch.ones(6, dtype=torch.uint8)
+    counters = dict(seed=torch.tensor(1), step=torch.tensor(0), slots_per_class=2, lo=-1.0,
+                    hi=1.0)
+    with pytest.raises(ValueError, match="y is on meta"):
+        buffer_sample(storage, written, 2, y=torch.zeros(2, dtype=torch.int64, device="meta"),
+                      dtype=torch.float32, reinit_prob=0.0, init_kind="uniform", **counters)
+    with pytest.raises(ValueError, match="x is on meta"):
+        buffer_push(storage, written, torch.zeros(3, dtype=torch.int64),
+                    torch.zeros(2, 2, device="meta"), y=torch.zeros(2, dtype=torch.int64),
+                    policy="fifo", **counters)

@@ -68,6 +68,14 @@ def check_chain_offset(chain_offset, shape) -> int:
     return chain_offset
 
 
+def check_devices(device: torch.device, owner: str, **tensors) -> None:
+    """Each given tensor (None skipped) must be on ``device``, the device of ``owner``: the
+    kernels read raw pointers, so a tensor elsewhere would be read from the wrong memory."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {owner} is on {device}")
+
+
 def as_int64_scalar(value, name: str, bits: int) -> torch.Tensor:
     """A seed (bits=64) or step counter (bits=32), given as int or 0-dim integer tensor, as a
     0-dim int64 tensor. Ints stay on the CPU (free to read on every backend); tensors keep their

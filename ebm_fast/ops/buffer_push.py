@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import call_op, kernel_entry
+from ebm_fast.ops._dispatch import call_op, check_devices, kernel_entry
 from ebm_fast.reference.buffer_push import POLICIES
 
 
@@ -69,6 +69,7 @@ def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots
                              f"{tuple(labels.shape)} {labels.dtype}")
     if idx is None and y is None and count.shape[0] != 1:
         raise ValueError("y is required to append to a storage holding several classes")
+    check_devices(storage.device, "storage", written=written, count=count, x=x, idx=idx, y=y)
     call_op(_buffer_push_op, _push, storage, written, count, x.contiguous(),
             None if idx is None else idx.contiguous(),
             None if y is None or idx is not None else y.contiguous(), seed, step,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import call_op, kernel_entry
+from ebm_fast.ops._dispatch import call_op, check_devices, kernel_entry
 from ebm_fast.reference.buffer_sample import INIT_KINDS
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -82,6 +82,7 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
                          f"{tuple(init_values.shape)}")
     if not 0.0 <= reinit_prob <= 1.0:
         raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
+    check_devices(storage.device, "storage", written=written, y=y, init_values=init_values)
     if init_values is not None:
         init_values = init_values.to(dtype).contiguous()
     # The kernels index y, like every tensor they read, as a contiguous array.
