@@ -31,6 +31,15 @@ def scalar_arg(value: torch.Tensor, device: torch.device, name: str):
     raise ValueError(f"{name} is on {value.device} but the kernel runs on {device}")
 
 
+def counter_args(seed: torch.Tensor, step: torch.Tensor, device: torch.device):
+    """(seed argument, step argument, {SEED_IS_POINTER, STEP_IS_POINTER} constexprs) for a kernel
+    running on ``device`` that reads both with :func:`read_scalar`."""
+    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
+    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    return seed_arg, step_arg, dict(SEED_IS_POINTER=seed_is_pointer,
+                                    STEP_IS_POINTER=step_is_pointer)
+
+
 @triton.jit
 def read_scalar(arg, IS_POINTER: tl.constexpr):
     """The value of a scalar passed by :func:`scalar_arg`."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ebm_fast.kernels.triton._noise import read_scalar, scalar_arg, spec_uniform
+from ebm_fast.kernels.triton._noise import counter_args, read_scalar, spec_uniform
 from ebm_fast.kernels.triton.langevin_update import round_to
 from ebm_fast.noise import STREAM_BUFFER_QUANTIZE
 from ebm_fast.reference.buffer_push import push_targets
@@ -59,14 +59,12 @@ def buffer_push_out(storage, written, count, x, idx, y, seed, step, chain_offset
     device = storage.device
     targets, new_count = push_targets(x.shape[0], idx, y, count, slots_per_class, policy, seed,
                                       step, chain_offset, device)
-    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     batch, features = x.shape
     block = min(BLOCK, triton.next_power_of_2(features))
     grid = (triton.cdiv(batch, CHAINS), triton.cdiv(features, block))
     _buffer_push_kernel[grid](
         storage, written, x, targets.contiguous(), seed_arg, step_arg, chain_offset, batch,
-        features, lo, uint8_scales(lo, hi)[1], SEED_IS_POINTER=seed_is_pointer,
-        STEP_IS_POINTER=step_is_pointer, STOCHASTIC=bool(stochastic),
+        features, lo, uint8_scales(lo, hi)[1], **counter_flags, STOCHASTIC=bool(stochastic),
         STREAM_QUANTIZE=STREAM_BUFFER_QUANTIZE, CHAINS=CHAINS, BLOCK=block)
     count.copy_(new_count)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ebm_fast.kernels.triton._noise import (
-    read_scalar, scalar_arg, spec_normal, spec_uniform, spec_words)
+    counter_args, read_scalar, spec_normal, spec_uniform, spec_words)
 from ebm_fast.kernels.triton.langevin_update import round_to
 from ebm_fast.reference.buffer_sample import uint8_scales
 from ebm_fast.noise import (
@@ -77,8 +77,7 @@ def _buffer_sample_kernel(out_ptr, slots_ptr, storage_ptr, written_ptr, y_ptr, v
 def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, chain_offset,
                       slots_per_class, reinit_prob, init_kind, lo, hi):
     device = out.device
-    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     batch, features = out.shape
     width = float(torch.tensor(hi - lo, dtype=torch.float32))
     block = min(BLOCK, triton.next_power_of_2(features))
@@ -87,7 +86,7 @@ def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, 
         out, slots, storage, written, y if y is not None else slots,
         init_values if init_values is not None else out, seed_arg, step_arg, chain_offset, batch,
         features, slots_per_class, reinit_prob, lo, width, uint8_scales(lo, hi)[0],
-        SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer, HAS_Y=y is not None,
+        **counter_flags, HAS_Y=y is not None,
         INIT=INIT_CODES[init_kind], STREAM_DECISION=STREAM_BUFFER_REINIT_DECISION,
         STREAM_VALUES=STREAM_BUFFER_REINIT_VALUES, STREAM_SLOT=STREAM_BUFFER_SLOT,
         COMPUTE=tl.float64 if out.dtype == torch.float64 else tl.float32, CHAINS=CHAINS,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ebm_fast.kernels.triton._noise import (
-    read_scalar, scalar_arg, spec_normal_tile, tile_grid, tile_offsets)
+    counter_args, read_scalar, scalar_arg, spec_normal_tile, tile_grid, tile_offsets)
 
 GROUPS = 512  # 2048 elements per program
 NUM_WARPS = 4
@@ -180,15 +180,14 @@ def langevin_update_out(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
     # The clip-scale pointer is read only in norm mode; grad stands in otherwise.
     clip_scales = _norm_clip_scales(grad, grad_clip) if clip_mode == 2 else grad
     first_group, shift, grid = tile_grid(numel, chain_offset * per_chain, GROUPS)
-    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     step_size_arg, step_size_mode = chain_param_arg(step_size, device, "step_size")
     noise_scale_arg, noise_scale_mode = chain_param_arg(noise_scale, device, "noise_scale")
     _langevin_update_kernel[grid](
         out, x, grad, step_size_arg, noise_scale_arg, clip_scales, seed_arg, step_arg, stream,
         first_group, numel, per_chain, 0.0 if grad_clip is None else grad_clip,
         0.0 if clamp_lo is None else clamp_lo, 0.0 if clamp_hi is None else clamp_hi,
-        SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer,
+        **counter_flags,
         STEP_SIZE_MODE=step_size_mode, NOISE_SCALE_MODE=noise_scale_mode, CLIP_MODE=clip_mode,
         CLAMP_LO=clamp_lo is not None, CLAMP_HI=clamp_hi is not None,
         LONG_CHAINS=per_chain + 4 * GROUPS >= INT32_CHAIN_LIMIT, SHIFT=shift,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ebm_fast.kernels.triton._noise import read_scalar, scalar_arg, spec_uniform
+from ebm_fast.kernels.triton._noise import counter_args, read_scalar, spec_uniform
 from ebm_fast.kernels.triton.langevin_update import (
     SUPPORTED_DTYPES, chain_param_arg, read_chain_param)
 
@@ -85,13 +85,12 @@ def mala_accept_out(accepted: torch.Tensor, accept_prob: torch.Tensor, x: torch.
     per_chain = x.numel() // chains
     block = min(MAX_BLOCK, triton.next_power_of_2(max(per_chain, 1)))
     chains_per_program = min(TILE_ELEMENTS // block, triton.next_power_of_2(chains))
-    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, device, "step")
+    seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     step_size_arg, step_size_mode = chain_param_arg(step_size, device, "step_size")
     temperature_arg, temperature_mode = chain_param_arg(temperature, device, "temperature")
     _mala_accept_kernel[(triton.cdiv(chains, chains_per_program),)](
         accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size_arg,
         temperature_arg, seed_arg, step_arg, stream, chain_offset, chains, per_chain,
-        SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer,
+        **counter_flags,
         STEP_SIZE_MODE=step_size_mode, TEMPERATURE_MODE=temperature_mode,
         CHAINS=chains_per_program, BLOCK=block, num_warps=NUM_WARPS)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ebm_fast.kernels.triton._noise import (
-    read_scalar, scalar_arg, spec_normal_tile, spec_uniform_tile, spec_words_tile, tile_grid,
+    counter_args, read_scalar, spec_normal_tile, spec_uniform_tile, spec_words_tile, tile_grid,
     tile_offsets)
 
 GROUPS = 512
@@ -50,8 +50,7 @@ def philox_out(out: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream
         return
     per_chain = math.prod(out.shape[1:])
     first_group, shift, grid = tile_grid(out.numel(), chain_offset * per_chain, GROUPS)
-    seed_arg, seed_is_pointer = scalar_arg(seed, out.device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, out.device, "step")
+    seed_arg, step_arg, counter_flags = counter_args(seed, step, out.device)
     _philox_kernel[grid](out, seed_arg, step_arg, stream, first_group, out.numel(),
-                         SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer,
+                         **counter_flags,
                          DISTRIBUTION=code, SHIFT=shift, GROUPS=GROUPS, num_warps=NUM_WARPS)
