@@ -38,7 +38,8 @@ def plain_langevin(energy: nn.Module, x: torch.Tensor, n_steps: int, step_size: 
 
 
 class PlainBuffer:
-    """A replay buffer as IGEBM-style code writes it: a tensor, torch.randint slots, torch.rand reinit."""
+    """A replay buffer as IGEBM-style code writes it: a tensor, torch.randint slots,
+    torch.rand reinit."""
 
     def __init__(self, capacity: int, reinit_prob: float):
         self.storage = (torch.rand(capacity, 2) * 2 - 1) * BOX
@@ -104,19 +105,28 @@ def train(kind: str, args, data: torch.Tensor, log) -> dict:
             "energy": energy}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: the error names the option (0 iterations or batch would divide by zero)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ebm-fast demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20, help="Langevin steps per iteration")
+    parser.add_argument("--iterations", type=positive_int, default=400)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="Langevin steps per iteration")
     parser.add_argument("--step-size", type=float, default=0.01)
     parser.add_argument("--noise-scale", type=float, default=0.1414)
-    parser.add_argument("--buffer-size", type=int, default=10000)
+    parser.add_argument("--buffer-size", type=positive_int, default=10000)
     parser.add_argument("--reinit-prob", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -139,12 +149,14 @@ def main(argv=None) -> int:
         run["held_out_nll"] = exact_nll(run.pop("energy"), held_out)
         rows.append(run)
     log("")
-    log(f"{'run':10s} {'total s':>9s} {'sampling s':>11s} {'chain-steps/s':>14s} {'held-out NLL':>13s}")
+    log(f"{'run':10s} {'total s':>9s} {'sampling s':>11s} {'chain-steps/s':>14s} "
+        f"{'held-out NLL':>13s}")
     for run in rows:
         log(f"{run['kind']:10s} {run['total_seconds']:9.2f} {run['sampling_seconds']:11.2f} "
             f"{run['chain_steps_per_second']:14.0f} {run['held_out_nll']:13.3f}")
-    log(f"\nebm_fast vs the plain loop: sampling {plain['sampling_seconds'] / fast['sampling_seconds']:.2f}x "
-        f"faster, whole training {plain['total_seconds'] / fast['total_seconds']:.2f}x faster; "
+    log(f"\nebm_fast vs the plain loop: sampling "
+        f"{plain['sampling_seconds'] / fast['sampling_seconds']:.2f}x faster, whole training "
+        f"{plain['total_seconds'] / fast['total_seconds']:.2f}x faster; "
         f"exact held-out NLL {fast['held_out_nll']:.3f} vs {plain['held_out_nll']:.3f} "
         f"(a uniform density on the box scores {math.log((2 * BOX) ** 2):.3f}).")
     if args.json:

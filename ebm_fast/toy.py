@@ -44,17 +44,23 @@ def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius
 
 
 def make_energy(seed: int, hidden: int = 128) -> nn.Module:
-    """An MLP energy 2 -> hidden -> hidden -> 1 (SiLU), initialised from ``seed``."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                         nn.Linear(hidden, 1))
+    """An MLP energy 2 -> hidden -> hidden -> 1 (SiLU), initialised from ``seed`` (the caller's
+    global RNG state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                             nn.SiLU(), nn.Linear(hidden, 1))
+
+
+def _check_int(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_box_cells(box, cells) -> None:
     if isinstance(box, bool) or not isinstance(box, (int, float)) or not 0 < box < math.inf:
         raise ValueError(f"box must be a finite number > 0, got {box!r}")
-    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 2:
-        raise ValueError(f"cells must be an int >= 2, got {cells!r}")
+    _check_int(cells, "cells", 2)
 
 
 def grid(box: float = BOX, cells: int = 200, *, dtype=torch.float32,
@@ -72,7 +78,12 @@ def _grid_energies(energy, box, cells) -> tuple[torch.Tensor, torch.Tensor, floa
     param = next(iter(energy.parameters()), None) if isinstance(energy, nn.Module) else None
     points, area = grid(box, cells, dtype=torch.float32 if param is None else param.dtype,
                         device=None if param is None else param.device)
-    return points, energy(points).reshape(-1), area
+    values = energy(points)
+    # (N,) or (N, 1) only: flattening anything wider would silently sum the wrong terms into Z.
+    if values.shape not in ((points.shape[0],), (points.shape[0], 1)):
+        raise ValueError(f"energy must return one value per point, shape ({points.shape[0]},) or "
+                         f"({points.shape[0]}, 1), got {tuple(values.shape)}")
+    return points, values.reshape(-1), area
 
 
 def log_partition(energy, box: float = BOX, cells: int = 200) -> torch.Tensor:
@@ -115,10 +126,13 @@ def exact_samples(energy, n: int, *, seed: int, step: int, box: float = BOX,
                   cells: int = 200) -> torch.Tensor:
     """n independent draws of grid cell centres with probabilities softmax(-E) (inverse CDF of
     noise-spec uniforms at (seed, step)): the negatives an ideal sampler would give."""
+    _check_int(n, "n", 1)
     points, energies, _ = _grid_energies(energy, box, cells)
     cdf = torch.softmax(-energies.double(), 0).cumsum(0)
     u = philox_uniform((n,), seed=seed, step=step, device=points.device).double() * cdf[-1]
-    return points[torch.searchsorted(cdf, u).clamp_(max=points.shape[0] - 1)]
+    # u in [0, total): cell i is drawn for cdf[i-1] <= u < cdf[i] (right=True), so a cell of
+    # probability 0 is never drawn; the clamp only absorbs rounding at the top end.
+    return points[torch.searchsorted(cdf, u, right=True).clamp_(max=points.shape[0] - 1)]
 
 
 def train_exact_ml(energy: nn.Module, data: torch.Tensor, iterations: int, *, lr: float = 1e-3,
@@ -158,13 +172,20 @@ def estimator_study(*, steps=(1, 10, 50), repetitions: int = 10, batch: int = 10
     and the target is the exact gradient on B_r, so the data terms agree and every difference
     comes from the negatives. For each step count k: CD-k (chains start at B_r), short-run ML
     (k steps from uniform noise on the box) and persistent ML (k steps per call from a replay
-    buffer of ``buffer_size`` slots, first warmed up by ``warmup_iterations`` calls). "exact samples" (negatives drawn
-    exactly from the grid density) is the floor any sampler can reach with ``batch`` negatives.
+    buffer of ``buffer_size`` slots, first warmed up by ``warmup_iterations`` calls). "exact
+    samples" (``batch`` independent negatives drawn exactly from the grid density) is what an
+    ideal sampler with that many chains would measure.
     Langevin runs at temperature 1 (sigma = sqrt(2 step_size)), clamped to the box.
     Returns {"config", "model", "rows"}; each row has cosine and rel_error as {mean, std}.
     """
-    if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
-        raise ValueError(f"repetitions must be an int >= 1, got {repetitions!r}")
+    # Checked before the (slow) training, not when a bad value first reaches a tensor.
+    for value, name, minimum in ((repetitions, "repetitions", 1), (batch, "batch", 1),
+                                 (train_iterations, "train_iterations", 0), (hidden, "hidden", 1),
+                                 (buffer_size, "buffer_size", 1),
+                                 (warmup_iterations, "warmup_iterations", 0),
+                                 (train_cells, "train_cells", 2)):
+        _check_int(value, name, minimum)
+    _check_box_cells(box, cells)
     if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
         raise ValueError(f"steps must be a non-empty sequence of ints >= 1, got {steps!r}")
     log = log or (lambda line: None)

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from ebm_fast import demo
@@ -43,12 +44,10 @@ def test_demo_trains_and_reports(tmp_path, capsys):
         assert run["held_out_nll"] < uniform_nll
 
 
-def test_exact_nll_of_a_known_density():
-    """E(x) = |x|^2 / 2 is a standard normal (mass outside the box negligible): NLL closed form."""
-    class Quadratic(torch.nn.Module):
-        def forward(self, x):
-            return 0.5 * (x ** 2).sum(1)
 
-    data = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
-    expected = (0.5 * (data ** 2).sum(1)).mean().item() + torch.log(torch.tensor(2 * torch.pi)).item()
-    assert abs(demo.exact_nll(Quadratic(), data) - expected) < 1e-3
+@pytest.mark.parametrize("option", ["--iterations", "--batch", "--steps", "--buffer-size",
+                                    "--log-every"])
+def test_demo_rejects_a_count_below_one_naming_the_option(option, capsys):
+    with pytest.raises(SystemExit):
+        demo.main([option, "0"])
+    assert f"argument {option}: must be an int >= 1, got 0" in capsys.readouterr().err

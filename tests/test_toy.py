@@ -71,6 +71,43 @@ def test_exact_ml_gradient_of_a_gaussian_matches_the_closed_form():
         torch.testing.assert_close(g, expected, atol=5 * GRID_TOL, rtol=GRID_TOL)
 
 
+def test_exact_nll_of_a_gaussian():
+    model = Gaussian([0.3, -0.2], 0.7)
+    data = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = float(model(data).detach().mean()) + math.log(2 * math.pi * 0.49)
+    assert toy.exact_nll(model, data) == pytest.approx(expected, abs=GRID_TOL)
+
+
+def test_grid_tools_reject_bad_input():
+    with pytest.raises(ValueError, match="energy must return one value per point"):
+        toy.log_partition(lambda x: x, 4.0, 10)  # (N, 2): two "energies" per point
+    with pytest.raises(ValueError, match="cells must be"):
+        toy.grid(4.0, 1)
+    with pytest.raises(ValueError, match="box must be"):
+        toy.grid(-1.0, 10)
+    with pytest.raises(ValueError, match="n must be"):
+        toy.exact_samples(Gaussian([0.0, 0.0], 1.0), 0, seed=0, step=0, cells=10)
+
+
+def test_make_energy_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = toy.make_energy(4, hidden=8), toy.make_energy(4, hidden=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a[0].weight, toy.make_energy(5, hidden=8)[0].weight)
+
+
+def test_similarity_flattens_every_parameter_in_order():
+    """g = (1, 2 | 2), g* = (1, 2 | 0): cosine 5 / (3 sqrt 5), relative error 2 / sqrt 5."""
+    estimate = [torch.tensor([1.0, 2.0]), torch.tensor([[2.0]])]
+    exact = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    cos, rel = toy._similarity(estimate, exact)
+    assert cos == pytest.approx(5 / (3 * math.sqrt(5)), rel=1e-12)
+    assert rel == pytest.approx(2 / math.sqrt(5), rel=1e-12)
+    assert toy._similarity(exact, exact) == pytest.approx((1.0, 0.0))
+    assert toy._similarity(estimate[::-1], exact)[0] != pytest.approx(cos)
+
+
 def test_exact_ml_gradient_is_the_derivative_of_the_exact_nll():
     """Central differences of the grid NLL of a tiny float64 MLP, every parameter."""
     energy = toy.make_energy(3, hidden=6).double()
@@ -175,6 +212,19 @@ def test_short_run_ml_starts_from_init_each_call():
     assert calls == [32, 32]
 
 
+def test_frozen_parameters_are_left_out_in_the_same_order_everywhere():
+    """The study compares estimator and exact gradients tensor by tensor after flattening: both
+    must list the same (trainable) parameters in the same order."""
+    energy, data = small_setup()
+    energy[0].requires_grad_(False)
+    trainable = [p for p in energy.parameters() if p.requires_grad]
+    exact = toy.exact_ml_gradient(energy, data, 4.0, 20)
+    estimate = contrastive_divergence(energy, data, 1, sampler_for(energy))
+    assert len(exact) == len(estimate.grads) == len(trainable) == 4
+    for p, g, g_exact in zip(trainable, estimate.grads, exact):
+        assert g.shape == g_exact.shape == p.shape
+
+
 def test_estimators_reject_bad_arguments():
     energy, data = small_setup()
     sampler = sampler_for(energy)
@@ -213,8 +263,14 @@ TINY = dict(steps=(2,), repetitions=2, batch=64, train_iterations=5, hidden=8,
             warmup_iterations=2, buffer_size=128, cells=40, train_cells=20)
 
 
-def test_study_reports_finite_numbers():
+def test_study_reports_finite_numbers_and_is_deterministic():
     result = toy.estimator_study(**TINY)
+    again = toy.estimator_study(**TINY)
+
+    def numbers(res):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in res["rows"]]
+
+    assert numbers(again) == numbers(result)  # docs/estimators.md's table is reproducible
     names = [(row["estimator"], row["steps"]) for row in result["rows"]]
     assert names == [("exact samples", "-"), ("CD", 2), ("short-run ML", 2), ("persistent ML", 2)]
     for row in result["rows"]:
@@ -229,6 +285,10 @@ def test_study_rejects_bad_settings():
         toy.estimator_study(**{**TINY, "steps": (0,)})
     with pytest.raises(ValueError, match="repetitions must be"):
         toy.estimator_study(**{**TINY, "repetitions": 0})
+    with pytest.raises(ValueError, match="batch must be"):
+        toy.estimator_study(**{**TINY, "batch": 0})
+    with pytest.raises(ValueError, match="train_cells must be"):
+        toy.estimator_study(**{**TINY, "train_cells": 1})
 
 
 def test_study_cli_prints_the_table_and_writes_json(tmp_path, capsys):
