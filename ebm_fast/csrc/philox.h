@@ -114,10 +114,10 @@ constexpr float kCosCoeffs[5] = {1.0f, -1.2337005138397217f, 0.25366920232772827
                                  -0.02086007036268711f, 0.00090362987248227f};
 constexpr float kLn2 = 0.693147180559945f;
 
-// Writes the 64 elements of blocks [g, g + 16) (element indices 4g ..) to tile (as bits /
-// float), in element order.
-template <NoiseKind kind>
-inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile);
+// Writes the 64 * tiles elements of blocks [g, g + 16 * tiles) (element indices 4g ..) to out
+// (as bits / float), in element order.
+template <NoiseKind kind, int tiles>
+inline void philox_tiles(uint64_t g, const PhiloxStream& s, void* out);
 
 #ifdef __AVX512F__
 
@@ -141,13 +141,18 @@ inline __m512i xor3(__m512i a, __m512i b, __m512i c) {
 // it runs on port 5 while the multiplies and shifts compete for port 0.
 inline __m512i high_to_low(__m512i v) { return _mm512_shuffle_epi32(v, _MM_PERM_CDAB); }
 
-inline void philox16(uint64_t g, const PhiloxStream& s, __m512i w[4]) {
+// Philox for `tiles` consecutive tiles at once: w[t] gets tile t's four words. One tile's two
+// halves give only four independent multiply chains per round, too few to hide the multiply
+// latency; two tiles interleaved keep the multiplier busy (about 15-25% faster normals here).
+template <int tiles>
+inline void philox_tiles(uint64_t g, const PhiloxStream& s, __m512i w[][4]) {
+  constexpr int halves = 2 * tiles;
   const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
   const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
-  __m512i c0[2], c1[2], c2[2], c3[2];
-  for (int h = 0; h < 2; ++h) {
-    const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(g)),
-                                           block_offsets(h));
+  __m512i c0[halves], c1[halves], c2[halves], c3[halves];
+  for (int h = 0; h < halves; ++h) {
+    const __m512i block = _mm512_add_epi64(
+        _mm512_set1_epi64(static_cast<int64_t>(g + kTileBlocks * (h / 2))), block_offsets(h % 2));
     c0[h] = block;  // high dword ignored by the multiply
     c1[h] = _mm512_srli_epi64(block, 32);
     c2[h] = _mm512_set1_epi32(static_cast<int32_t>(s.step));
@@ -156,7 +161,7 @@ inline void philox16(uint64_t g, const PhiloxStream& s, __m512i w[4]) {
   for (int round = 0; round < 10; ++round) {
     const __m512i k0 = _mm512_set1_epi32(static_cast<int32_t>(s.k0[round]));
     const __m512i k1 = _mm512_set1_epi32(static_cast<int32_t>(s.k1[round]));
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < halves; ++h) {
       const __m512i prod_b = _mm512_mul_epu32(c2[h], round_b);
       const __m512i prod_a = _mm512_mul_epu32(c0[h], round_a);
       c0[h] = xor3(high_to_low(prod_b), c1[h], k0);
@@ -165,13 +170,15 @@ inline void philox16(uint64_t g, const PhiloxStream& s, __m512i w[4]) {
       c3[h] = prod_a;
     }
   }
-  // Low dwords of both halves -> 16 lanes.
+  // Low dwords of a tile's two halves -> 16 lanes.
   const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
                                                26, 28, 30);
-  w[0] = _mm512_permutex2var_epi32(c0[0], low_dwords, c0[1]);
-  w[1] = _mm512_permutex2var_epi32(c1[0], low_dwords, c1[1]);
-  w[2] = _mm512_permutex2var_epi32(c2[0], low_dwords, c2[1]);
-  w[3] = _mm512_permutex2var_epi32(c3[0], low_dwords, c3[1]);
+  for (int t = 0; t < tiles; ++t) {
+    w[t][0] = _mm512_permutex2var_epi32(c0[2 * t], low_dwords, c0[2 * t + 1]);
+    w[t][1] = _mm512_permutex2var_epi32(c1[2 * t], low_dwords, c1[2 * t + 1]);
+    w[t][2] = _mm512_permutex2var_epi32(c2[2 * t], low_dwords, c2[2 * t + 1]);
+    w[t][3] = _mm512_permutex2var_epi32(c3[2 * t], low_dwords, c3[2 * t + 1]);
+  }
 }
 
 inline __m512 uniform16(__m512i r) {
@@ -254,20 +261,22 @@ inline void interleave4(const __m512 z[4], float* out) {
 
 }  // namespace avx512
 
-template <NoiseKind kind>
-inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
-  __m512i w[4];
-  avx512::philox16(g, s, w);
-  __m512 z[4];
-  if constexpr (kind == NoiseKind::kBits) {
-    for (int i = 0; i < 4; ++i) z[i] = _mm512_castsi512_ps(w[i]);
-  } else if constexpr (kind == NoiseKind::kUniform) {
-    for (int i = 0; i < 4; ++i) z[i] = avx512::uniform16(w[i]);
-  } else {
-    avx512::box_muller16(w[0], w[1], &z[0], &z[1]);
-    avx512::box_muller16(w[2], w[3], &z[2], &z[3]);
+template <NoiseKind kind, int tiles>
+inline void philox_tiles(uint64_t g, const PhiloxStream& s, void* out) {
+  __m512i w[tiles][4];
+  avx512::philox_tiles<tiles>(g, s, w);
+  for (int t = 0; t < tiles; ++t) {
+    __m512 z[4];
+    if constexpr (kind == NoiseKind::kBits) {
+      for (int i = 0; i < 4; ++i) z[i] = _mm512_castsi512_ps(w[t][i]);
+    } else if constexpr (kind == NoiseKind::kUniform) {
+      for (int i = 0; i < 4; ++i) z[i] = avx512::uniform16(w[t][i]);
+    } else {
+      avx512::box_muller16(w[t][0], w[t][1], &z[0], &z[1]);
+      avx512::box_muller16(w[t][2], w[t][3], &z[2], &z[3]);
+    }
+    avx512::interleave4(z, static_cast<float*>(out) + kTileElements * t);
   }
-  avx512::interleave4(z, static_cast<float*>(tile));
 }
 
 #elif defined(__AVX2__)
@@ -395,9 +404,9 @@ inline void interleave4(const __m256 z[4], float* out) {
 
 }  // namespace avx2
 
-template <NoiseKind kind>
-inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
-  for (int group = 0; group < 2; ++group) {
+template <NoiseKind kind, int tiles>
+inline void philox_tiles(uint64_t g, const PhiloxStream& s, void* out) {
+  for (int group = 0; group < 2 * tiles; ++group) {
     __m256i w[4];
     avx2::philox8(g + 8 * group, s, w);
     __m256 z[4];
@@ -409,15 +418,15 @@ inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
       avx2::box_muller8(w[0], w[1], &z[0], &z[1]);
       avx2::box_muller8(w[2], w[3], &z[2], &z[3]);
     }
-    avx2::interleave4(z, static_cast<float*>(tile) + 32 * group);
+    avx2::interleave4(z, static_cast<float*>(out) + 32 * group);
   }
 }
 
 #else  // portable: one block at a time with the scalar forms above
 
-template <NoiseKind kind>
-inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
-  for (int b = 0; b < kTileBlocks; ++b) {
+template <NoiseKind kind, int tiles>
+inline void philox_tiles(uint64_t g, const PhiloxStream& s, void* tile) {
+  for (int b = 0; b < kTileBlocks * tiles; ++b) {
     const uint64_t block = g + static_cast<uint64_t>(b);
     const PhiloxBlock words = philox4x32_10(static_cast<uint32_t>(block),
                                             static_cast<uint32_t>(block >> 32), s.step,
@@ -442,7 +451,8 @@ inline void philox_tile(uint64_t g, const PhiloxStream& s, void* tile) {
 #endif  // __AVX512F__ / __AVX2__
 
 // The spec's draws of kind `kind` for elements [n0, n0 + count) into out (uint32 for kBits,
-// float otherwise). Any n0: a start or end inside a tile is generated into a buffer and copied.
+// float otherwise). Any n0: a start or end inside a tile is generated into a buffer and copied;
+// whole tiles go two at a time where they can.
 template <NoiseKind kind>
 inline void philox_fill(uint64_t n0, int64_t count, const PhiloxStream& s, void* out) {
   static_assert(sizeof(float) == sizeof(uint32_t), "one 4-byte element per draw");
@@ -453,11 +463,14 @@ inline void philox_fill(uint64_t n0, int64_t count, const PhiloxStream& s, void*
   while (n < end) {
     const uint64_t tile_start = n & ~static_cast<uint64_t>(3);
     const uint64_t skip = n - tile_start;
-    const uint64_t take = std::min<uint64_t>(kTileElements - skip, end - n);
-    if (skip == 0 && take == kTileElements) {
-      philox_tile<kind>(tile_start >> 2, s, dst);
+    uint64_t take = std::min<uint64_t>(kTileElements - skip, end - n);
+    if (skip == 0 && end - n >= 2 * kTileElements) {
+      philox_tiles<kind, 2>(tile_start >> 2, s, dst);
+      take = 2 * kTileElements;
+    } else if (skip == 0 && take == kTileElements) {
+      philox_tiles<kind, 1>(tile_start >> 2, s, dst);
     } else {
-      philox_tile<kind>(tile_start >> 2, s, buffer);
+      philox_tiles<kind, 1>(tile_start >> 2, s, buffer);
       std::memcpy(dst, buffer + skip, take * sizeof(uint32_t));
     }
     dst += take * sizeof(uint32_t);
