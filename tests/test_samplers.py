@@ -246,6 +246,36 @@ def test_non_finite_chains_raise_with_the_step_and_count():
     assert (~torch.isfinite(x).all(1)).sum() == 3
 
 
+@pytest.mark.parametrize("bad_from", [1, 31, 32, 33, 70])
+def test_the_first_non_finite_update_is_named_across_fold_boundaries(bad_from):
+    evaluations = []
+
+    def energy(x):  # evaluation k is at the state after update k; chain 1 turns infinite
+        evaluations.append(None)
+        e = (x * x).sum(1)
+        if len(evaluations) > bad_from:
+            e = e * torch.tensor([1.0, float("inf"), 1.0])
+        return e
+
+    sampler = LangevinSampler(energy, step_size=0.1, noise_scale=0.1, n_steps=80)
+    with pytest.raises(NonFiniteChainError, match=rf"1 of 3 chains.*after update {bad_from} of 80 "):
+        sampler.sample(torch.zeros(3, 2))
+
+
+def test_diagnostics_keep_each_chains_first_non_finite_step():
+    from ebm_fast.samplers import _ChainDiagnostics
+
+    first = torch.tensor([-1, 0, 31, 32, 45, 64, 69])  # around and across the folds of 32 steps
+    diagnostics = _ChainDiagnostics(torch.zeros(7, 2), check_finite=True, track=False)
+    for k in range(70):
+        energy = torch.zeros(7)
+        energy[(first >= 0) & (first <= k)] = float("nan")  # stays non-finite once it is
+        energy[first == k] = float("-inf")
+        diagnostics.check(energy)
+    result = diagnostics.finish(70, torch.zeros(7, 2), torch.zeros(7))
+    assert result["first_bad"].tolist() == first.tolist()
+
+
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
 def test_non_finite_initial_state_is_reported(sampler_cls):
     x0 = x_init((5, 2))
