@@ -196,41 +196,51 @@ def _chunk_rows(table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 class _ChainDiagnostics:
     """Per-chain diagnostics of one chunk, kept on the device and reduced once at the end.
 
-    Non-finite detection never reads the device from the host, and costs next to nothing per
-    step: check() only keeps a reference to the step's energies; every FOLD_EVERY steps (and in
-    finish()) one stacked isfinite folds them into a per-chain "first non-finite step" tensor
-    (-1: never). Memory stays O(FOLD_EVERY x chains) however long the chain runs.
+    Non-finite detection never reads the device from the host and costs next to nothing per
+    step: check() keeps a reference to the step's energies; every FOLD_EVERY steps (and in
+    finish()) they are stacked into a (FOLD_EVERY, chains) block allocated once and folded, in
+    place, into a per-chain "first non-finite step" tensor (-1: never). Memory stays
+    O(FOLD_EVERY x chains) however long the chain runs.
     """
 
-    # Steps whose energies wait for one fold: a per-step fold was ~8 small ops (70-100 us per
-    # step on one CPU thread, 3% of a 784-256-256-1 MLP step), a fold per 32 steps is a few us.
+    # A fold per step was ~8 small ops (70-100 us per step on one CPU thread, 3% of a
+    # 784-256-256-1 MLP step); a fold per 32 steps costs a few us per step.
     FOLD_EVERY = 32
 
     def __init__(self, x: torch.Tensor, check_finite: bool, track: bool):
         self.check_finite, self.track = check_finite, track
         self.first_bad = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[torch.Tensor] = []  # energies of the steps awaiting a fold
+        self.block: torch.Tensor | None = None  # where a fold stacks them, allocated once
         self.folded = 0  # local steps already folded into first_bad
         self.grad_norm_sum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         self.evaluations = 0
         self.initial_energy: torch.Tensor | None = None
 
     def check(self, energy: torch.Tensor) -> None:
-        """Record the energies of the next local step (0, 1, ...) for the non-finite check."""
+        """Record the energies of the next local step (0, 1, ...) for the non-finite check.
+        The tensor is read at the next fold: it must not be modified in place meanwhile."""
         if self.check_finite:
             self.pending.append(energy)
             if len(self.pending) == self.FOLD_EVERY:
                 self._fold()
 
     def _fold(self) -> None:
-        if not self.pending:
+        n = len(self.pending)
+        if n == 0:
             return
-        bad = ~torch.isfinite(torch.stack(self.pending))  # (steps, chains)
-        # argmax of a 0/1 row is its first 1; chains with no 1 are masked out below.
-        first = bad.to(torch.uint8).argmax(dim=0) + self.folded
-        newly_bad = bad.any(dim=0) & (self.first_bad < 0)
+        if self.block is None:
+            self.block = self.pending[0].new_empty((self.FOLD_EVERY, self.pending[0].shape[0]))
+        # In place (a fresh block-sized temporary per op would page-fault on a CPU):
+        # x * 0 is 0 where x is finite, NaN where it is not, so `bad` is 1.0 there, 0.0
+        # elsewhere; weighting step k by n - k, a column's maximum is n - (its first bad step).
+        bad = torch.stack(self.pending, out=self.block[:n]).mul_(0).nan_to_num_(nan=1.0)
+        weights = torch.arange(n, 0, -1, dtype=bad.dtype, device=bad.device)
+        score = bad.mul_(weights[:, None]).amax(dim=0)  # 0: no bad step in this block
+        newly_bad = (score > 0) & (self.first_bad < 0)
+        first = (self.folded + n) - score.to(torch.int64)
         self.first_bad = torch.where(newly_bad, first, self.first_bad)
-        self.folded += len(self.pending)
+        self.folded += n
         self.pending = []
 
     def measure(self, energy: torch.Tensor, grad: torch.Tensor) -> None:
@@ -680,8 +690,9 @@ class MALASampler(_Sampler):
         energy_x, grad_x = self._energy_and_grad(x)
         grad_x = grad_x.contiguous()
         # Only the initial state goes through check(): accepted states have finite energies
-        # (mala_accept rejects non-finite proposals); finish() checks the final state.
-        diagnostics.check(energy_x)
+        # (mala_accept rejects non-finite proposals); finish() checks the final state. A copy:
+        # check() reads its tensor later, and mala_accept overwrites energy_x in place.
+        diagnostics.check(energy_x.clone())
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
         for k in range(n_steps):

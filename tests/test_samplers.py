@@ -262,6 +262,18 @@ def test_the_first_non_finite_update_is_named_across_fold_boundaries(bad_from):
         sampler.sample(torch.zeros(3, 2))
 
 
+def test_mala_reports_an_infinite_initial_energy_even_after_leaving_that_state():
+    def energy(x):  # infinite only at x[:, 0] == 5 exactly: any proposal leaves it and is accepted
+        return (x * x).sum(1) + torch.where(x[:, 0] == 5.0, float("inf"), 0.0)
+
+    x0 = torch.zeros(4, 2)
+    x0[2, 0] = 5.0
+    sampler = MALASampler(energy, step_size=0.1, n_steps=3, check_finite=False)
+    assert bool(torch.isfinite(energy(sampler.sample(x0))).all())  # the chain left the state
+    with pytest.raises(NonFiniteChainError, match="1 of 4 chains.*initial state"):
+        MALASampler(energy, step_size=0.1, n_steps=3).sample(x0)
+
+
 def test_diagnostics_keep_each_chains_first_non_finite_step():
     from ebm_fast.samplers import _ChainDiagnostics
 
