@@ -116,6 +116,20 @@ def test_reservoir_inclusion_probability_is_capacity_over_count():
     assert stats.chisquare(included.numpy(), [expected] * items).pvalue > P_MIN
 
 
+@pytest.mark.parametrize("seen", [2**31 - 2, 2**31, 2**32 + 7, 2**40 + 1, 2**46 - 6])
+def test_reservoir_slot_is_r_times_t_plus_1_over_2_32_in_exact_integers(seen):
+    from ebm_fast.noise import MASK32, STREAM_BUFFER_RESERVOIR, philox_bits_ref
+    from ebm_fast.reference.buffer_push import push_targets
+
+    slots = seen // 2  # a full reservoir: each draw j in [0, t] lands (j < slots) or is dropped
+    targets, _ = push_targets(5, None, None, torch.tensor([seen]), slots, "reservoir", 3, 9, 0,
+                              "cpu")
+    r = philox_bits_ref((5,), seed=3, step=9, stream=STREAM_BUFFER_RESERVOIR).to(torch.int64)
+    words = (r & MASK32).tolist()
+    expected = [(word * (seen + rank + 1)) >> 32 for rank, word in enumerate(words)]  # exact
+    assert targets.tolist() == [j if j < slots else -1 for j in expected]
+
+
 def test_uint8_rounds_to_nearest_half_up_within_half_a_step():
     lo, hi = -1.0, 1.0
     step = uint8_scales(lo, hi)[0]

@@ -101,7 +101,9 @@ def push_cases(draw):
         storage_dtype=draw(st.sampled_from(STORAGE_DTYPES[::-1])),  # uint8 (the rounding) first
         x_dtype=draw(st.sampled_from(OUT_DTYPES)),
         policy=draw(st.sampled_from(["fifo", "reservoir"])), stochastic=draw(st.booleans()),
-        initial_count=draw(st.integers(0, 20)), lo=draw(st.sampled_from([-1.0, 0.0])),
+        # Past 2**31 and 2**32 items per class the reservoir's (r * (t + 1)) >> 32 leaves 64 bits.
+        initial_count=draw(st.integers(0, 20) | st.sampled_from([2**31 - 3, 2**32 + 5, 2**45])),
+        lo=draw(st.sampled_from([-1.0, 0.0])),
         width=draw(st.sampled_from([0.99609375, 3.984375, 2.0])),
         seed=draw(st.integers(0, 2**63 - 1)),
         chain_offset=draw(st.sampled_from([0, 7, 2**32])), data_seed=draw(st.integers(0, 99)))

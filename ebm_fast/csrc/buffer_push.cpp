@@ -50,7 +50,9 @@ std::vector<int64_t> append_targets(int64_t batch, const int64_t* y, std::vector
     } else {
       const uint64_t r = philox_bits(static_cast<uint64_t>(p.chain_offset + i), p.step,
                                      kStreamReservoir, p.key);
-      const int64_t j = static_cast<int64_t>((r * static_cast<uint64_t>(seen + 1)) >> 32);
+      // 128-bit product: r * (seen + 1) leaves 64 bits once a class has seen 2^32 items.
+      const int64_t j = static_cast<int64_t>(
+          (static_cast<unsigned __int128>(r) * static_cast<uint64_t>(seen + 1)) >> 32);
       targets[i] = j < slots_per_class ? base + j : -1;
     }
   }

@@ -7,8 +7,8 @@ Slots (chain i, chain index c = chain_offset + i, noise-spec step = the buffer's
   slots per class, rank the number of earlier chains of class k in the batch and count[k] the
   number of chains of class k ever appended (so count % S is the ring's head).
 * "reservoir" (Vitter's algorithm R): item t = count[k] + rank of class k goes to slot t while
-  t < S; after that j = (r * (t + 1)) >> 32 with r the Philox word of c on stream 5 (uniform in
-  [0, t]) and the item replaces slot j if j < S, else it is dropped.
+  t < S; after that j = (r * (t + 1)) >> 32 (exactly, in integers) with r the Philox word of c on
+  stream 5 (uniform in [0, t]) and the item replaces slot j if j < S, else it is dropped.
 
 Pushes are sequential in batch order: where two chains target one slot, the later one is stored.
 Storage: float32 / bfloat16 rows are x rounded to float32 then to the storage dtype; uint8 codes
@@ -56,7 +56,10 @@ def push_targets(batch, idx, y, count, slots_per_class, policy, seed, step, chai
     else:
         r = philox_bits_ref((batch,), seed=seed, step=step, stream=STREAM_BUFFER_RESERVOIR,
                             chain_offset=chain_offset, device=device).to(torch.int64) & MASK32
-        j = (r * (seen + 1)) >> 32
+        # (r * (seen + 1)) >> 32 without overflowing int64 once a class has seen 2**31 items:
+        # r in 16-bit halves (exact while a class has seen fewer than 2**46 items).
+        m = seen + 1
+        j = ((r >> 16) * m + (((r & 0xFFFF) * m) >> 16)) >> 16
         targets = torch.where(seen < slots_per_class, base + seen,
                               torch.where(j < slots_per_class, base + j, torch.full_like(j, -1)))
     return last_writer_only(targets), count + onehot.sum(0)
