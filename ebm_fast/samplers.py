@@ -111,8 +111,8 @@ def _frozen_parameters(params: list[torch.Tensor]):
             p.requires_grad_(True)
 
 
-def _check_energy_output(value, chains: int) -> torch.Tensor:
-    """The energy's output as a (chains,) tensor, or a clear error naming what is wrong."""
+def _check_energy_output(value, chains: int) -> None:
+    """A clear error naming what is wrong unless value is one energy per chain."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
     if tuple(value.shape) not in ((chains,), (chains, 1)):
@@ -120,7 +120,18 @@ def _check_energy_output(value, chains: int) -> torch.Tensor:
                          f"per chain, got {tuple(value.shape)}")
     if not value.dtype.is_floating_point:
         raise TypeError(f"energy(x) must return a floating tensor, got {value.dtype}")
-    return value.reshape(chains)
+
+
+def _chain_energies(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checked energy output (B,) or (B, 1), detached, as a contiguous (B,) tensor of dtype.
+    Conversions that would be no-ops are skipped: this runs every step, and on a CPU each op
+    call costs microseconds even when it does nothing."""
+    energy = value.detach()
+    if energy.dim() == 2:
+        energy = energy.view(energy.shape[0]) if energy.is_contiguous() else energy[:, 0]
+    if energy.dtype != dtype:
+        energy = energy.to(dtype)
+    return energy if energy.is_contiguous() else energy.contiguous()
 
 
 def _check_step_value(value, name: str, *, allow_zero: bool) -> None:
@@ -196,52 +207,56 @@ def _chunk_rows(table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 class _ChainDiagnostics:
     """Per-chain diagnostics of one chunk, kept on the device and reduced once at the end.
 
-    Non-finite detection never reads the device from the host and costs next to nothing per
-    step: check() keeps a reference to the step's energies; every FOLD_EVERY steps (and in
-    finish()) they are stacked into a (FOLD_EVERY, chains) block allocated once and folded, in
-    place, into a per-chain "first non-finite step" tensor (-1: never). Memory stays
-    O(FOLD_EVERY x chains) however long the chain runs.
+    Non-finite detection never reads the device from the host and costs one small copy per
+    step: check() copies the step's energies into a (FOLD_EVERY, chains) block allocated once;
+    every FOLD_EVERY steps (and in finish(), with the final state) the block is folded in place
+    into a per-chain score: 0 while a chain is finite, else n_steps + 1 - k for the first local
+    step k at which it was not (k = 0: the initial state, k = n_steps: the final state), so
+    folds combine by a maximum. Memory stays O(FOLD_EVERY x chains) however long the chain.
     """
 
     # A fold per step was ~8 small ops (70-100 us per step on one CPU thread, 3% of a
-    # 784-256-256-1 MLP step); a fold per 32 steps costs a few us per step.
+    # 784-256-256-1 MLP step); a copy per step and a fold per 32 steps cost a few us per step.
     FOLD_EVERY = 32
 
-    def __init__(self, x: torch.Tensor, check_finite: bool, track: bool):
-        self.check_finite, self.track = check_finite, track
-        self.first_bad = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-        self.pending: list[torch.Tensor] = []  # energies of the steps awaiting a fold
-        self.block: torch.Tensor | None = None  # where a fold stacks them, allocated once
-        self.folded = 0  # local steps already folded into first_bad
+    def __init__(self, x: torch.Tensor, n_steps: int, check_finite: bool, track: bool):
+        self.check_finite, self.track, self.n_steps = check_finite, track, n_steps
+        self.pending = 0  # rows of the block awaiting a fold
+        self.folded = 0  # local steps already folded into the score
+        self.block = self.weights = self.score = None  # made at the first check
         self.grad_norm_sum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         self.evaluations = 0
         self.initial_energy: torch.Tensor | None = None
 
     def check(self, energy: torch.Tensor) -> None:
-        """Record the energies of the next local step (0, 1, ...) for the non-finite check.
-        The tensor is read at the next fold: it must not be modified in place meanwhile."""
+        """Record the energies of the next local step (0, 1, ...) for the non-finite check."""
         if self.check_finite:
-            self.pending.append(energy)
-            if len(self.pending) == self.FOLD_EVERY:
+            if self.block is None:
+                self._allocate(energy)
+            self.block[self.pending].copy_(energy)
+            self.pending += 1
+            if self.pending == self.block.shape[0]:
                 self._fold()
 
+    def _allocate(self, like: torch.Tensor) -> None:
+        # Weights are integers up to n_steps + 1: exact in float32 below 2**24, else float64.
+        dtype = like.dtype if self.n_steps < 2**24 else torch.float64
+        self.block = like.new_empty((min(self.FOLD_EVERY, self.n_steps), like.shape[0]),
+                                    dtype=dtype)
+        self.weights = torch.arange(self.n_steps + 1, 0, -1, dtype=dtype, device=like.device)
+        self.score = like.new_zeros(like.shape[0], dtype=dtype)
+
     def _fold(self) -> None:
-        n = len(self.pending)
+        n = self.pending
         if n == 0:
             return
-        if self.block is None:
-            self.block = self.pending[0].new_empty((self.FOLD_EVERY, self.pending[0].shape[0]))
-        # In place (a fresh block-sized temporary per op would page-fault on a CPU):
-        # x * 0 is 0 where x is finite, NaN where it is not, so `bad` is 1.0 there, 0.0
-        # elsewhere; weighting step k by n - k, a column's maximum is n - (its first bad step).
-        bad = torch.stack(self.pending, out=self.block[:n]).mul_(0).nan_to_num_(nan=1.0)
-        weights = torch.arange(n, 0, -1, dtype=bad.dtype, device=bad.device)
-        score = bad.mul_(weights[:, None]).amax(dim=0)  # 0: no bad step in this block
-        newly_bad = (score > 0) & (self.first_bad < 0)
-        first = (self.folded + n) - score.to(torch.int64)
-        self.first_bad = torch.where(newly_bad, first, self.first_bad)
+        # In place (a fresh block-sized temporary per op would page-fault on a CPU): x * 0 is
+        # 0 where x is finite and NaN where it is not, so `bad` is 1 there and 0 elsewhere.
+        bad = self.block[:n].mul_(0).nan_to_num_(nan=1.0)
+        rows = bad.mul_(self.weights[self.folded:self.folded + n, None]).amax(dim=0)
+        torch.maximum(self.score, rows, out=self.score)
         self.folded += n
-        self.pending = []
+        self.pending = 0
 
     def measure(self, energy: torch.Tensor, grad: torch.Tensor) -> None:
         """Accumulate the return_info statistics of one energy+gradient evaluation."""
@@ -252,16 +267,23 @@ class _ChainDiagnostics:
                 grad.reshape(grad.shape[0], -1).float(), dim=1)
             self.evaluations += 1
 
-    def finish(self, n_steps: int, x: torch.Tensor, energy: torch.Tensor | None) -> dict:
-        chains = x.shape[0]
+    def finish(self, x: torch.Tensor, energy: torch.Tensor | None) -> dict:
+        """The chunk's results; with check_finite, "nonfinite_score" (see the class docstring)
+        includes the final state x and, when given, its energies."""
         results = {}
         if self.check_finite:
             self._fold()
-            final_bad = ~torch.isfinite(x.reshape(chains, -1)).all(dim=1)
+            # x * 0 sums to 0 exactly when all of a chain's elements are finite (a plain sum
+            # could overflow), else NaN; adding the final energies keeps that property.
+            final = (x.reshape(x.shape[0], -1) * 0).sum(dim=1)
             if energy is not None:
-                final_bad |= ~torch.isfinite(energy)
-            at_end = torch.where(final_bad, n_steps, -1)
-            results["first_bad"] = torch.where(self.first_bad >= 0, self.first_bad, at_end)
+                final = (final + energy).mul_(0)
+            if self.score is None:
+                self._allocate(final)
+            # Weight 1, the lowest: the final state counts only for chains finite until then.
+            torch.maximum(self.score, final.nan_to_num_(nan=1.0).to(self.score.dtype),
+                          out=self.score)
+            results["nonfinite_score"] = self.score
         if self.track:
             results.update(initial_energy=self.initial_energy, final_energy=energy,
                            mean_grad_norm=self.grad_norm_sum / self.evaluations)
@@ -400,21 +422,25 @@ class _Sampler(abc.ABC):
         return self.energy(x)
 
     def _energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energy (B,) in the compute dtype, dE/dx) at x; builds no graph through parameters."""
+        """(energy (B,) in the compute dtype, dE/dx) at x; builds no graph through parameters.
+        As few op calls as the loop a user writes: the (B, 1) -> (B,) reshape happens after the
+        backward pass, not inside the graph."""
         with torch.enable_grad():
             x_var = x.detach().requires_grad_(True)
             with self._autocast(x):
-                energy = _check_energy_output(self._call_energy(x_var), x.shape[0])
-            if not energy.requires_grad:
+                value = self._call_energy(x_var)
+            _check_energy_output(value, x.shape[0])
+            if not value.requires_grad:
                 raise ValueError("energy(x) does not depend on x through differentiable "
                                  "operations: there is no gradient to follow")
-            (grad,) = torch.autograd.grad(energy.sum(), x_var)
-        return energy.detach().to(compute_dtype(x.dtype)).contiguous(), grad
+            (grad,) = torch.autograd.grad(value.sum(), x_var)
+        return _chain_energies(value, compute_dtype(x.dtype)), grad
 
     def _energy_only(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast(x):
-            energy = _check_energy_output(self.energy(x), x.shape[0])
-        return energy.to(compute_dtype(x.dtype))
+            value = self.energy(x)
+        _check_energy_output(value, x.shape[0])
+        return _chain_energies(value, compute_dtype(x.dtype))
 
     # -- the call ---------------------------------------------------------------------------
 
@@ -483,9 +509,10 @@ class _Sampler(abc.ABC):
                     tuple(_chunk_rows(t, lo, hi) for t in tables),
                     n_steps, self.chain_offset + lo, return_info))
         self._step += n_steps
-        merged = {key: torch.cat([r[key] for r in results]) for key in results[0]}
+        merged = results[0] if len(results) == 1 else {
+            key: torch.cat([r[key] for r in results]) for key in results[0]}
         if self.check_finite:
-            self._raise_if_non_finite(merged["first_bad"], n_steps)
+            self._raise_if_non_finite(merged["nonfinite_score"], n_steps)
         if not return_info:
             return x
         if device.type == "cuda":
@@ -499,17 +526,17 @@ class _Sampler(abc.ABC):
             accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
         return x, info
 
-    def _raise_if_non_finite(self, first_bad: torch.Tensor, n_steps: int) -> None:
-        bad = first_bad >= 0
-        count = int(bad.sum())  # the one host read of the call
-        if count == 0:
+    def _raise_if_non_finite(self, score: torch.Tensor, n_steps: int) -> None:
+        worst = int(score.max())  # the one host read of the call
+        if worst == 0:
             return
-        first = int(first_bad[bad].min())
+        count = int((score > 0).sum())
+        first = n_steps + 1 - worst  # the earliest local step at which a chain was non-finite
         where = ("at the initial state x0" if first == 0 else
                  f"after update {first} of {n_steps} in this call (sampler step "
                  f"{int(self._step) - n_steps + first - 1})")
         raise NonFiniteChainError(
-            f"{type(self).__name__}: {count} of {first_bad.shape[0]} chains have a non-finite "
+            f"{type(self).__name__}: {count} of {score.shape[0]} chains have a non-finite "
             f"energy or state; the first appeared {where}. Lower step_size, clip gradients "
             f"(grad_clip), check the energy, or pass check_finite=False to get the samples anyway.")
 
@@ -606,17 +633,17 @@ class LangevinSampler(_Sampler):
     def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
         eps, sigma = (table.unbind(0) for table in tables)
         steps = _step_counters(counter, n_steps)
-        diagnostics = _ChainDiagnostics(x, self.check_finite, track)
+        diagnostics = _ChainDiagnostics(x, n_steps, self.check_finite, track)
         for k in range(n_steps):
             energy, grad = self._energy_and_grad(x)
             diagnostics.check(energy)
             diagnostics.measure(energy, grad)
             # The fused kernel without the custom-op layer (its arguments are valid by
             # construction): the Python dispatch of a custom op costs ~0.2 ms per call.
-            langevin_update_into(x, x, grad.contiguous(), eps[k], sigma[k], seed, steps[k],
+            langevin_update_into(x, x, grad, eps[k], sigma[k], seed, steps[k],
                                  STREAM_PROPOSAL, chain_offset, self.grad_clip,
                                  self.grad_clip_mode, *self.clamp)
-        return diagnostics.finish(n_steps, x, self._energy_only(x) if track else None)
+        return diagnostics.finish(x, self._energy_only(x) if track else None)
 
 
 # ----------------------------------------------------------------------------- MALA
@@ -686,13 +713,12 @@ class MALASampler(_Sampler):
         accepted_count = torch.zeros(chains, dtype=torch.float32, device=x.device)
         accepted = torch.empty(chains, dtype=torch.bool, device=x.device)
         accept_prob = torch.empty(chains, dtype=compute_dtype(x.dtype), device=x.device)
-        diagnostics = _ChainDiagnostics(x, self.check_finite, track)
+        diagnostics = _ChainDiagnostics(x, n_steps, self.check_finite, track)
         energy_x, grad_x = self._energy_and_grad(x)
         grad_x = grad_x.contiguous()
         # Only the initial state goes through check(): accepted states have finite energies
-        # (mala_accept rejects non-finite proposals); finish() checks the final state. A copy:
-        # check() reads its tensor later, and mala_accept overwrites energy_x in place.
-        diagnostics.check(energy_x.clone())
+        # (mala_accept rejects non-finite proposals); finish() checks the final state.
+        diagnostics.check(energy_x)
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
         for k in range(n_steps):
@@ -709,7 +735,7 @@ class MALASampler(_Sampler):
             if k < n_adapt:
                 scale.mul_(torch.exp(self.adapt_rate * (accept_prob - self.target_accept)))
             diagnostics.measure(energy_x, grad_x)
-        results = diagnostics.finish(n_steps, x, energy_x)
+        results = diagnostics.finish(x, energy_x)
         if track:
             results.update(accept_rate=accepted_count / n_steps,
                            step_size=eps_table[n_steps - 1] * scale)

@@ -274,18 +274,26 @@ def test_mala_reports_an_infinite_initial_energy_even_after_leaving_that_state()
         MALASampler(energy, step_size=0.1, n_steps=3).sample(x0)
 
 
-def test_diagnostics_keep_each_chains_first_non_finite_step():
+@pytest.mark.parametrize("energy_dtype", [torch.float32, torch.float64])
+def test_diagnostics_score_each_chains_first_non_finite_step(energy_dtype):
     from ebm_fast.samplers import _ChainDiagnostics
 
-    first = torch.tensor([-1, 0, 31, 32, 45, 64, 69])  # around and across the folds of 32 steps
-    diagnostics = _ChainDiagnostics(torch.zeros(7, 2), check_finite=True, track=False)
-    for k in range(70):
-        energy = torch.zeros(7)
+    n_steps = 70
+    # Around and across the folds of 32 steps; 70 = only the final state is non-finite.
+    first = torch.tensor([-1, 0, 31, 32, 45, 64, 69, 70])
+    diagnostics = _ChainDiagnostics(torch.zeros(8, 2), n_steps, check_finite=True, track=False)
+    for k in range(n_steps):
+        energy = torch.zeros(8, dtype=energy_dtype)
         energy[(first >= 0) & (first <= k)] = float("nan")  # stays non-finite once it is
         energy[first == k] = float("-inf")
+        if k == 40:
+            energy[3] = 0.0  # a chain that turns finite again is still reported at its first
         diagnostics.check(energy)
-    result = diagnostics.finish(70, torch.zeros(7, 2), torch.zeros(7))
-    assert result["first_bad"].tolist() == first.tolist()
+    final = torch.zeros(8, 2)
+    final[first >= 0, 1] = float("inf")
+    score = diagnostics.finish(final, None)["nonfinite_score"]
+    expected = torch.where(first >= 0, n_steps + 1 - first, 0)
+    assert score.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
