@@ -16,7 +16,8 @@ method's fastest round (on a shared VM the median moves with neighbours' load; t
 the least disturbed run).
 Writes benchmarks/results/sampler.json.  Usage:
     python benchmarks/bench_sampler.py [--quick] [--rounds N] [--cases mlp2,mlp784,conv]
-                                       [--device cpu] [--no-compile] [--threads N] [--out PATH]
+                                       [--device cpu] [--no-compile] [--threads N]
+                                       [--default-malloc] [--out PATH]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 import ebm_fast
+from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.backends import backend_for
 
 STEP_SIZE, NOISE_SCALE, CLAMP = 0.01, 0.005, (-1.0, 1.0)
@@ -192,8 +194,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 avoids OpenMP spin-waits on a loaded "
                              "machine)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (by default freed memory is kept "
+                             "for reuse, for every method alike: see ebm_fast.allocator)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -211,7 +217,7 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "update_backend": backend_for(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "reps": reps,
+        "threads": torch.get_num_threads(), "reps": reps, "malloc": malloc,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cases": results,
     }
@@ -228,8 +234,8 @@ def main(argv=None) -> int:
                   f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x")
         for method, reason in case["skipped"].items():
             print(f"  {method:16s} skipped: {reason}")
-    print(f"\nload average before/after: {load_before} / {report['load_average_after']}; "
-          f"wrote {args.out}")
+    print(f"\nmalloc: {malloc}; load average before/after: {load_before} / "
+          f"{report['load_average_after']}; wrote {args.out}")
     return 0
 
 

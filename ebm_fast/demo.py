@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.samplers import LangevinSampler
 # Data, buffer init and chains live in [-BOX, BOX]^2; the exact NLL sums Z on a grid over it.
@@ -128,10 +129,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (by default freed memory is kept "
+                             "for reuse, for both runs: see ebm_fast.allocator)")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
         print(line, flush=True)
+
+    malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
 
     from ebm_fast.backends import available_backends
 
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
     data, held_out = ring_of_gaussians(20000, generator), ring_of_gaussians(5000, generator)
     log(f"ebm-fast demo: 2-D ring of 8 Gaussians, MLP 2-128-128-1, replay-buffer approximate ML, "
         f"{args.iterations} iterations x {args.batch} chains x {args.steps} Langevin steps "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {malloc})")
     runs = [train(kind, args, data, log) for kind in ("plain", "ebm_fast")]
     plain, fast = runs
     rows = []
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
         f"(a uniform density on the box scores {math.log((2 * BOX) ** 2):.3f}).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": rows}, f, indent=2)
+            json.dump({"args": vars(args), "malloc": malloc, "runs": rows}, f, indent=2)
     return 0
 
 
