@@ -95,6 +95,15 @@ def test_chunking_gives_the_unchunked_result_bit_for_bit(sampler_cls):
 
 
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
+def test_a_strided_per_chain_step_size_gives_the_contiguous_result(sampler_cls):
+    x0 = x_init((6, 3))
+    strided = torch.linspace(0.05, 0.3, 12)[::2]
+    assert not strided.is_contiguous()
+    run = lambda eps: sampler_cls(quadratic, step_size=eps, n_steps=4, seed=2).sample(x0)
+    assert torch.equal(run(strided), run(strided.contiguous()))
+
+
+@pytest.mark.parametrize("sampler_cls", SAMPLERS)
 def test_chain_offset_and_per_chain_step_size_select_one_chain_of_the_batch(sampler_cls):
     x0 = x_init((7, 3))
     eps = torch.linspace(0.005, 0.05, 7)
