@@ -8,8 +8,8 @@ machinery, written once here:
   under torch.compile (falls back to eager with one warning) and torch.autocast;
 * a step counter kept as a 0-dim int64 tensor on the chains' device, advanced on the device (no
   host sync, CUDA-graph safe): a fresh sampler with seed s draws its updates' noise at steps
-  0, 1, 2, ... across sample() calls, and ``state_dict()`` holds it, so a resumed sampler continues the same
-  trajectories;
+  0, 1, 2, ... across sample() calls, and ``state_dict()`` holds it, so a resumed sampler
+  continues the same trajectories;
 * per-step tables for step sizes, noise scales and temperatures (constants, per-chain tensors or
   schedules), built once per call so the loop never asks the host for a value;
 * chunking over chains with the noise spec's chain_offset, so chunked results equal the
@@ -34,10 +34,8 @@ import torch
 
 from ebm_fast.backends import forced_backend, use_backend
 from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
-from ebm_fast.ops._dispatch import as_int64_scalar
+from ebm_fast.ops._dispatch import as_int64_scalar, float_kernel_for
 from ebm_fast.ops.langevin_update import GRAD_CLIP_MODES, SUPPORTED_DTYPES
-from ebm_fast.ops.langevin_update import langevin_update_kernel
-from ebm_fast.ops.mala_accept import mala_accept_kernel
 from ebm_fast.reference.langevin_update import compute_dtype
 
 __all__ = ["LangevinSampler", "MALASampler", "SampleInfo", "NonFiniteChainError",
@@ -643,7 +641,7 @@ class LangevinSampler(_Sampler):
         # The fused kernel resolved once and called without the custom-op layer: its arguments
         # are contiguous and valid by construction, and the Python dispatch of a custom op
         # costs ~0.1 ms per call.
-        update = langevin_update_kernel(x)
+        update = float_kernel_for("langevin_update", x)
         for k in range(n_steps):
             energy, grad = self._energy_and_grad(x)
             diagnostics.check(energy)
@@ -730,7 +728,8 @@ class MALASampler(_Sampler):
         proposal = torch.empty_like(x)
         # The fused kernels resolved once and called without the custom-op layer (arguments
         # contiguous and valid by construction; x, grad_x, energy_x are updated in place).
-        propose, accept = langevin_update_kernel(x), mala_accept_kernel(x)
+        propose = float_kernel_for("langevin_update", x)
+        accept = float_kernel_for("mala_accept", x)
         for k in range(n_steps):
             eps = eps_rows[k] * scale
             propose(proposal, x, grad_x, eps, (2 * eps * temperatures[k]).sqrt(), seed, steps[k],

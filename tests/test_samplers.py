@@ -267,7 +267,8 @@ def test_the_first_non_finite_update_is_named_across_fold_boundaries(bad_from):
         return e
 
     sampler = LangevinSampler(energy, step_size=0.1, noise_scale=0.1, n_steps=80)
-    with pytest.raises(NonFiniteChainError, match=rf"1 of 3 chains.*after update {bad_from} of 80 "):
+    message = rf"1 of 3 chains.*after update {bad_from} of 80 "
+    with pytest.raises(NonFiniteChainError, match=message):
         sampler.sample(torch.zeros(3, 2))
 
 

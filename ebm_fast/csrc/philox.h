@@ -143,7 +143,7 @@ inline __m512i high_to_low(__m512i v) { return _mm512_shuffle_epi32(v, _MM_PERM_
 
 // Philox for `tiles` consecutive tiles at once: w[t] gets tile t's four words. One tile's two
 // halves give only four independent multiply chains per round, too few to hide the multiply
-// latency; two tiles interleaved keep the multiplier busy (about 15-25% faster normals here).
+// latency; two tiles interleaved keep the multiplier busy (10-25% faster normals here).
 template <int tiles>
 inline void philox_tiles(uint64_t g, const PhiloxStream& s, __m512i w[][4]) {
   constexpr int halves = 2 * tiles;

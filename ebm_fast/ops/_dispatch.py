@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ebm_fast import _cpp
-from ebm_fast.backends import backend_for
+from ebm_fast.backends import backend_for, forced_backend
 
 
 def kernel_entry(op: str, backend: str) -> Callable:
@@ -32,6 +32,16 @@ def kernel_entry(op: str, backend: str) -> Callable:
 def kernel_for(op: str, device: torch.device) -> Callable:
     """The ``<op>_out`` entry point of the backend chosen for ``device``."""
     return kernel_entry(op, backend_for(device))
+
+
+def float_kernel_for(op: str, x: torch.Tensor) -> Callable:
+    """``kernel_for`` for an op whose Triton kernel computes in float32 only: float64 tensors go
+    to the reference unless a backend is forced. Callers running many steps on the same
+    tensors (the samplers) resolve it once."""
+    backend = backend_for(x.device)
+    if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
+        backend = "reference"
+    return kernel_entry(op, backend)
 
 
 def call_op(registered_op: Callable, implementation: Callable, *args):

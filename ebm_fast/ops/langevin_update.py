@@ -8,13 +8,10 @@ the arguments; the backends (reference / cpu / triton) receive contiguous tensor
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ebm_fast.ops._dispatch import (
-    as_int64_scalar, call_op, check_chain_offset, check_int, kernel_entry)
-from ebm_fast.backends import backend_for, forced_backend
+    as_int64_scalar, call_op, check_chain_offset, check_int, float_kernel_for)
 from ebm_fast.reference.langevin_update import (
     chain_norms, compute_dtype, per_chain, pre_clamp_update)
 
@@ -22,22 +19,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GRAD_CLIP_MODES = ("value", "norm")
 
 
-def langevin_update_kernel(x: torch.Tensor) -> Callable:
-    """The ``langevin_update_out`` entry point of the backend that serves tensors like x. Callers
-    running many updates on the same tensors (the samplers) resolve it once and pass it
-    contiguous, validated arguments."""
-    backend = backend_for(x.device)
-    if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
-        backend = "reference"  # the Triton kernel computes in float32 only
-    return kernel_entry("langevin_update", backend)
-
-
 def langevin_update_into(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
                          grad_clip, grad_clip_mode, clamp_lo, clamp_hi) -> None:
     """Unchecked entry point for callers that already validated and normalised the arguments:
     writes the update into ``out``."""
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    langevin_update_kernel(x)(
+    float_kernel_for("langevin_update", x)(
         target, x.contiguous(), grad.contiguous(), step_size.contiguous(),
         noise_scale.contiguous(), seed, step, stream, chain_offset, grad_clip, grad_clip_mode,
         clamp_lo, clamp_hi)

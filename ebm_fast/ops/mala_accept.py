@@ -16,24 +16,12 @@ temperature 0-dim or (B,), seed and step 0-dim int64.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from ebm_fast.backends import backend_for, forced_backend
 from ebm_fast.ops._dispatch import (
-    as_int64_scalar, call_op, check_chain_offset, check_int, kernel_entry)
+    as_int64_scalar, call_op, check_chain_offset, check_int, float_kernel_for)
 from ebm_fast.ops.langevin_update import chain_param, check_chains, check_same_layout
 from ebm_fast.reference.langevin_update import compute_dtype
-
-
-def mala_accept_kernel(x: torch.Tensor) -> Callable:
-    """The ``mala_accept_out`` entry point of the backend that serves tensors like x. The MALA
-    sampler resolves it once per chain and passes it contiguous, validated arguments."""
-    backend = backend_for(x.device)
-    if backend == "triton" and x.dtype == torch.float64 and forced_backend() is None:
-        backend = "reference"  # the Triton kernel computes in float32 only
-    return kernel_entry("mala_accept", backend)
 
 
 def mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
@@ -43,7 +31,7 @@ def mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, ener
     # The kernels write contiguous rows: a non-contiguous mutated input goes through a copy.
     mutated = (x, grad_x, energy_x)
     work = [t if t.is_contiguous() else t.contiguous() for t in mutated]
-    mala_accept_kernel(x)(
+    float_kernel_for("mala_accept", x)(
         accepted, accept_prob, work[0], y.contiguous(), work[1], grad_y.contiguous(), work[2],
         energy_y.contiguous(), step_size.contiguous(), temperature.contiguous(), seed, step,
         stream, chain_offset)
