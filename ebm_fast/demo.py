@@ -8,7 +8,9 @@ here for what it is. The fast run uses ebm_fast.ReplayBuffer + ebm_fast.Langevin
 run the loop as IGEBM/JEM code writes it (a tensor buffer with torch.rand reinit, autograd.grad,
 ``x - eps * g + sigma * randn_like(x)``, clamp). Because the model is 2-D, the exact negative
 log-likelihood of held-out data is computed on a grid (exact partition function), so the speed
-comparison comes with a check that the fast run learned as well as the plain one.
+comparison comes with a check that the fast run learned as well as the plain one. The two
+trainings run interleaved, one iteration each in turn, so that load changes on the machine hit
+both alike; each keeps its own random state, so the results equal two separate runs.
 """
 
 from __future__ import annotations
@@ -57,55 +59,85 @@ class PlainBuffer:
         self.storage[idx] = x
 
 
-def train(kind: str, args, data: torch.Tensor, log) -> dict:
-    energy = make_energy(args.seed)
-    optimiser = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    if kind == "ebm_fast":
-        # Checks off on both sides, like for like: the plain loop and buffer check nothing
-        # (with them on, a call costs one host read and a few small ops more).
-        buffer = ReplayBuffer(args.buffer_size, (2,), init_range=(-BOX, BOX),
-                              reinit_prob=args.reinit_prob, seed=args.seed, check_values=False)
-        sampler = LangevinSampler(energy, step_size=args.step_size, noise_scale=args.noise_scale,
-                                  n_steps=args.steps, clamp=(-BOX, BOX), seed=args.seed,
-                                  check_finite=False)
+class Training:
+    """One of the two trainings, advanced an iteration at a time so that main() can interleave
+    them: machine load that drifts during the demo then hits both alike."""
 
-        def negatives():
-            x0, idx = buffer.sample(args.batch)
-            x = sampler.sample(x0)
-            buffer.push(x, idx)
-            return x
-    else:
-        torch.manual_seed(args.seed)
-        buffer = PlainBuffer(args.buffer_size, args.reinit_prob)
+    def __init__(self, kind: str, args, data: torch.Tensor):
+        self.kind, self.args, self.data = kind, args, data
+        self.energy = make_energy(args.seed)
+        self.optimiser = torch.optim.Adam(self.energy.parameters(), lr=args.lr,
+                                          betas=(0.0, 0.999))
+        if kind == "ebm_fast":
+            # Checks off on both sides, like for like: the plain loop and buffer check nothing
+            # (with them on, a call costs one host read and a few small ops more).
+            self.buffer = ReplayBuffer(args.buffer_size, (2,), init_range=(-BOX, BOX),
+                                       reinit_prob=args.reinit_prob, seed=args.seed,
+                                       check_values=False)
+            self.sampler = LangevinSampler(
+                self.energy, step_size=args.step_size, noise_scale=args.noise_scale,
+                n_steps=args.steps, clamp=(-BOX, BOX), seed=args.seed, check_finite=False)
+        else:
+            # The plain loop draws from the global RNG, as such code does; it gets the state
+            # torch.manual_seed(seed) would give and keeps it between its iterations, so that
+            # interleaving with the other training changes none of its draws.
+            self.rng_state = torch.Generator().manual_seed(args.seed).get_state()
+            self.buffer = self._with_own_rng(
+                lambda: PlainBuffer(args.buffer_size, args.reinit_prob))
+        self.generator = torch.Generator().manual_seed(args.seed + 1)
+        self.sampling_seconds = self.total_seconds = 0.0
+        self.loss = float("nan")
 
-        def negatives():
-            x0, idx = buffer.sample(args.batch)
-            x = plain_langevin(energy, x0, args.steps, args.step_size, args.noise_scale)
-            buffer.push(x, idx)
-            return x
+    def negatives(self) -> torch.Tensor:
+        args = self.args
+        x0, idx = self.buffer.sample(args.batch)
+        if self.kind == "ebm_fast":
+            x = self.sampler.sample(x0)
+        else:
+            x = plain_langevin(self.energy, x0, args.steps, args.step_size, args.noise_scale)
+        self.buffer.push(x, idx)
+        return x
 
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    sampling_seconds = 0.0
-    start = time.perf_counter()
-    for it in range(1, args.iterations + 1):
-        positives = data[torch.randint(len(data), (args.batch,), generator=generator)]
+    def _with_own_rng(self, fn):
+        """fn() under this training's global-RNG state, the caller's restored afterwards."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            return fn()
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def iteration(self) -> None:
+        if self.kind == "plain":
+            self._with_own_rng(self._timed_iteration)
+        else:
+            self._timed_iteration()
+
+    def _timed_iteration(self) -> None:
+        start = time.perf_counter()
+        args = self.args
+        positives = self.data[torch.randint(len(self.data), (args.batch,),
+                                            generator=self.generator)]
         t0 = time.perf_counter()
-        x_neg = negatives()
-        sampling_seconds += time.perf_counter() - t0
-        e_pos, e_neg = energy(positives), energy(x_neg)
+        x_neg = self.negatives()
+        self.sampling_seconds += time.perf_counter() - t0
+        e_pos, e_neg = self.energy(positives), self.energy(x_neg)
         # Approximate-ML gradient: data energy down, model-sample energy up; a small energy
         # magnitude penalty keeps the scale bounded (Du & Mordatch 2019).
         loss = e_pos.mean() - e_neg.mean() + args.alpha * (e_pos ** 2 + e_neg ** 2).mean()
-        optimiser.zero_grad(set_to_none=True)
+        self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        optimiser.step()
-        if it % args.log_every == 0 or it == args.iterations:
-            log(f"  [{kind:8s}] iteration {it:4d}/{args.iterations}  loss {loss.item():+.4f}  "
-                f"sampling {sampling_seconds:.2f}s")
-    total = time.perf_counter() - start
-    return {"kind": kind, "total_seconds": total, "sampling_seconds": sampling_seconds,
-            "chain_steps_per_second": args.iterations * args.batch * args.steps / sampling_seconds,
-            "energy": energy}
+        self.optimiser.step()
+        self.loss = loss
+        self.total_seconds += time.perf_counter() - start
+
+    def result(self) -> dict:
+        args = self.args
+        return {"kind": self.kind, "total_seconds": self.total_seconds,
+                "sampling_seconds": self.sampling_seconds,
+                "chain_steps_per_second": args.iterations * args.batch * args.steps
+                / self.sampling_seconds}
 
 
 def positive_int(text: str) -> int:
@@ -150,12 +182,18 @@ def main(argv=None) -> int:
     log(f"ebm-fast demo: 2-D ring of 8 Gaussians, MLP 2-128-128-1, replay-buffer approximate ML, "
         f"{args.iterations} iterations x {args.batch} chains x {args.steps} Langevin steps "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {malloc})")
-    runs = [train(kind, args, data, log) for kind in ("plain", "ebm_fast")]
-    plain, fast = runs
-    rows = []
-    for run in runs:
-        run["held_out_nll"] = exact_nll(run.pop("energy"), held_out)
-        rows.append(run)
+    trainings = [Training(kind, args, data) for kind in ("plain", "ebm_fast")]
+    for it in range(1, args.iterations + 1):
+        # Interleaved, iteration by iteration: drifting machine load hits both runs alike.
+        for training in trainings:
+            training.iteration()
+        if it % args.log_every == 0 or it == args.iterations:
+            for training in trainings:
+                log(f"  [{training.kind:8s}] iteration {it:4d}/{args.iterations}  loss "
+                    f"{training.loss.item():+.4f}  sampling {training.sampling_seconds:.2f}s")
+    rows = [dict(training.result(), held_out_nll=exact_nll(training.energy, held_out))
+            for training in trainings]
+    plain, fast = rows
     log("")
     log(f"{'run':10s} {'total s':>9s} {'sampling s':>11s} {'chain-steps/s':>14s} "
         f"{'held-out NLL':>13s}")
