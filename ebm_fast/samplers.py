@@ -390,7 +390,7 @@ class _Sampler(abc.ABC):
             raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
         return n_steps
 
-    def _check_x0(self, x0) -> None:
+    def _check_x0(self, x0, params: list[torch.Tensor]) -> None:
         if not isinstance(x0, torch.Tensor):
             raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
         if x0.dtype not in SUPPORTED_DTYPES:
@@ -398,7 +398,7 @@ class _Sampler(abc.ABC):
         if x0.dim() < 1 or x0.numel() == 0:
             raise ValueError(f"x0 must have a leading chain axis with at least one chain (and one "
                              f"element per chain), got shape {tuple(x0.shape)}")
-        for p in _parameters_of(self.energy):
+        for p in params:
             if p.device != x0.device:
                 raise ValueError(f"x0 is on {x0.device} but the energy's parameters are on "
                                  f"{p.device}")
@@ -492,7 +492,8 @@ class _Sampler(abc.ABC):
         return run_chain(x, counter, seed, tables)
 
     def _sample(self, x0, n_steps, step_size, return_info):
-        self._check_x0(x0)
+        params = _parameters_of(self.energy)  # walking a module's tree costs tens of us: once
+        self._check_x0(x0, params)
         n_steps = self.n_steps if n_steps is None else self._check_n_steps(n_steps)
         chains, device = x0.shape[0], x0.device
         tables = self._tables(x0, n_steps, step_size)
@@ -504,7 +505,7 @@ class _Sampler(abc.ABC):
         results = []
         # "auto" leaves the choice to the ops, so an enclosing `with use_backend(...)` holds.
         backend = contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
-        with backend, _frozen_parameters(_parameters_of(self.energy)):
+        with backend, _frozen_parameters(params):
             for lo in range(0, chains, chunk):
                 hi = min(chains, lo + chunk)
                 # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
