@@ -282,8 +282,6 @@ class _ChainDiagnostics:
             final = (x.reshape(x.shape[0], -1) * 0).sum(dim=1)
             if energy is not None:
                 final = (final + energy).mul_(0)
-            if self.score is None:
-                self._allocate(final)
             # Weight 1, the lowest: the final state counts only for chains finite until then.
             torch.maximum(self.score, final.nan_to_num_(nan=1.0).to(self.score.dtype),
                           out=self.score)
