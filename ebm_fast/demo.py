@@ -25,9 +25,10 @@ from torch import nn
 
 from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.buffer import ReplayBuffer
+from ebm_fast.datasets import ring_of_gaussians
 from ebm_fast.samplers import LangevinSampler
 # Data, buffer init and chains live in [-BOX, BOX]^2; the exact NLL sums Z on a grid over it.
-from ebm_fast.toy import BOX, exact_nll, make_energy, ring_of_gaussians
+from ebm_fast.toy import BOX, exact_nll, make_energy
 
 
 def plain_langevin(energy: nn.Module, x: torch.Tensor, n_steps: int, step_size: float,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ebm_fast.buffer import ReplayBuffer
+from ebm_fast.datasets import ring_of_gaussians
 from ebm_fast.estimators import (contrastive_divergence, persistent_ml, short_run_ml,
                                  surrogate_gradient, trainable_parameters)
 from ebm_fast.noise import philox_uniform
@@ -34,13 +35,6 @@ __all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll",
            "train_exact_ml", "estimator_study", "main"]
 
 BOX = 4.0  # default half-width of the box [-BOX, BOX]^2 (the ring data lie well inside)
-
-
-def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.5,
-                      std: float = 0.25) -> torch.Tensor:
-    angle = 2 * math.pi * torch.randint(modes, (n,), generator=generator) / modes
-    centres = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-    return centres + std * torch.randn(n, 2, generator=generator)
 
 
 def make_energy(seed: int, hidden: int = 128) -> nn.Module:
