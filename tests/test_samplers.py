@@ -10,7 +10,7 @@ import torch
 
 import ebm_fast
 from ebm_fast import LangevinSampler, MALASampler
-from ebm_fast import samplers as samplers_module
+from ebm_fast.samplers import base as sampler_base
 from ebm_fast.reference.langevin_update import langevin_update_ref
 from ebm_fast.samplers import NonFiniteChainError, SampleInfo, linear_schedule
 from helpers import kernel_backends, kernel_device
@@ -286,12 +286,12 @@ def test_mala_reports_an_infinite_initial_energy_even_after_leaving_that_state()
 
 @pytest.mark.parametrize("energy_dtype", [torch.float32, torch.float64])
 def test_diagnostics_score_each_chains_first_non_finite_step(energy_dtype):
-    from ebm_fast.samplers import _ChainDiagnostics
+    from ebm_fast.samplers.diagnostics import ChainDiagnostics
 
     n_steps = 70
     # Around and across the folds of 32 steps; 70 = only the final state is non-finite.
     first = torch.tensor([-1, 0, 31, 32, 45, 64, 69, 70])
-    diagnostics = _ChainDiagnostics(torch.zeros(8, 2), n_steps, check_finite=True, track=False)
+    diagnostics = ChainDiagnostics(torch.zeros(8, 2), n_steps, check_finite=True, track=False)
     for k in range(n_steps):
         energy = torch.zeros(8, dtype=energy_dtype)
         energy[(first >= 0) & (first <= k)] = float("nan")  # stays non-finite once it is
@@ -398,7 +398,7 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_eagerly(monkeypatch):
         def __init__(self, *args):
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(samplers_module, "_CudaGraphChain", FailingCapture)
+    monkeypatch.setattr(sampler_base, "CudaGraphChain", FailingCapture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     x0 = x_init()
     eager = LangevinSampler(double_well, step_size=0.02, n_steps=4, cuda_graph=False)
