@@ -1,0 +1,109 @@
+"""Energy and gradient evaluation for the chains, leaving the user's model as it was.
+
+The energy's parameters have requires_grad switched off for a call and restored (also on error):
+no parameter graph is built and no .grad is touched. Optionally the energy runs under
+torch.compile (eager fallback with one warning) and torch.autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from ebm_fast.reference.langevin_update import compute_dtype
+from ebm_fast.samplers.kernels import contiguous
+
+
+def parameters_of(energy) -> list[torch.Tensor]:
+    """The parameters an energy owns: a Module's, or those of the Module owning a bound method."""
+    owner = energy if isinstance(energy, torch.nn.Module) else getattr(energy, "__self__", None)
+    return list(owner.parameters()) if isinstance(owner, torch.nn.Module) else []
+
+
+@contextlib.contextmanager
+def frozen_parameters(params: list[torch.Tensor]):
+    """requires_grad off for the block (no parameter graph is built), restored even on error."""
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _check_energy_output(value, chains: int) -> None:
+    """A clear error naming what is wrong unless value is one energy per chain."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
+    if tuple(value.shape) not in ((chains,), (chains, 1)):
+        raise ValueError(f"energy(x) must return shape ({chains},) or ({chains}, 1), one energy "
+                         f"per chain, got {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"energy(x) must return a floating tensor, got {value.dtype}")
+
+
+def _chain_energies(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checked energy output (B,) or (B, 1), detached, as a contiguous (B,) tensor of dtype.
+    Conversions that would be no-ops are skipped: this runs every step, and on a CPU each op
+    call costs microseconds even when it does nothing."""
+    energy = value.detach()
+    if energy.dim() == 2:
+        energy = energy.view(energy.shape[0]) if energy.is_contiguous() else energy[:, 0]
+    if energy.dtype != dtype:
+        energy = energy.to(dtype)
+    return contiguous(energy)
+
+
+class EnergyFunction:
+    """The user's energy as the chains call it: (energy, gradient) or energy alone at x.
+
+    owner: the sampler's name, for the compile-fallback warning.
+    """
+
+    def __init__(self, energy, *, compile: bool, autocast, owner: str):
+        self.energy, self.autocast, self.owner = energy, autocast, owner
+        self._compiled = torch.compile(energy) if compile else None
+
+    def _autocast(self, x: torch.Tensor):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        # No weight-cast cache: it lives for one energy call anyway, and CUDA-graph capture
+        # requires it off.
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast, cache_enabled=False)
+
+    def _call(self, x: torch.Tensor):
+        if self._compiled is not None:
+            try:
+                return self._compiled(x)
+            except Exception as exc:  # compilation failed: the eager energy is always correct
+                self._compiled = None
+                warnings.warn(f"{self.owner}: torch.compile of the energy failed "
+                              f"({type(exc).__name__}: {exc}); running it eagerly.",
+                              RuntimeWarning, stacklevel=7)  # the user's sample() call
+        return self.energy(x)
+
+    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy (B,) in the compute dtype, dE/dx) at x; builds no graph through parameters.
+        As few op calls as the loop a user writes: the (B, 1) -> (B,) reshape happens after the
+        backward pass, not inside the graph."""
+        with torch.enable_grad():
+            x_var = x.detach().requires_grad_(True)
+            with self._autocast(x):
+                value = self._call(x_var)
+            _check_energy_output(value, x.shape[0])
+            if not value.requires_grad:
+                raise ValueError("energy(x) does not depend on x through differentiable "
+                                 "operations: there is no gradient to follow")
+            (grad,) = torch.autograd.grad(value.sum(), x_var)
+        return _chain_energies(value, compute_dtype(x.dtype)), grad
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """The energy (B,) in the compute dtype at x, without a gradient."""
+        with torch.no_grad(), self._autocast(x):
+            value = self.energy(x)
+        _check_energy_output(value, x.shape[0])
+        return _chain_energies(value, compute_dtype(x.dtype))

@@ -1,0 +1,102 @@
+"""Metropolis-adjusted Langevin (MALA): exact for exp(-E / T) at any step size."""
+
+from __future__ import annotations
+
+import torch
+
+from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
+from ebm_fast.reference.langevin_update import compute_dtype
+from ebm_fast.samplers.adaptation import adapt_step_scale
+from ebm_fast.samplers.base import Sampler
+from ebm_fast.samplers.diagnostics import ChainDiagnostics
+from ebm_fast.samplers.kernels import accept_kernel, contiguous, update_kernel
+from ebm_fast.samplers.schedules import check_step_value, step_counters, step_values
+
+
+class MALASampler(Sampler):
+    """Metropolis-adjusted Langevin: exact for exp(-E / T) at any step size.
+
+    Proposal y = x - eps grad E(x) + sqrt(2 eps T) xi (noise stream 0), accepted with the
+    Metropolis-Hastings probability by the fused mala_accept kernel (uniform from stream 1), both
+    at the sampler's step counter. One energy+gradient evaluation per step: the current state's
+    energy and gradient are cached. No clamp and no gradient clipping: either would change the
+    proposal density the acceptance ratio assumes and break detailed balance.
+
+    adapt=True tunes each chain's step size toward target_accept during the first adapt_steps
+    steps of every call (default: half of them), log eps += adapt_rate * (accept_prob - target)
+    (see :func:`ebm_fast.samplers.adaptation.adapt_step_scale`). While it adapts, the chain is
+    not exactly reversible (the kernel changes with the chain's history); the steps after the
+    adaptation phase are exact MALA steps again.
+
+    step_size and temperature take a number, a per-chain tensor (B,) or a schedule f(k, n_steps).
+    **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`.
+    """
+
+    def __init__(self, energy, *, step_size, temperature=1.0, adapt=False, target_accept=0.574,
+                 adapt_steps=None, adapt_rate=0.05, clamp=None, grad_clip=None, **options):
+        super().__init__(energy, **options)
+        if clamp is not None or grad_clip is not None:
+            raise ValueError("MALASampler takes no clamp or grad_clip: they change the proposal "
+                             "density and break detailed balance (use LangevinSampler for them)")
+        if not 0 < target_accept < 1:
+            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+        if not adapt_rate > 0:
+            raise ValueError(f"adapt_rate must be > 0, got {adapt_rate!r}")
+        if adapt_steps is not None and (isinstance(adapt_steps, bool) or
+                                        not isinstance(adapt_steps, int) or adapt_steps < 0):
+            raise ValueError(f"adapt_steps must be None or an int >= 0, got {adapt_steps!r}")
+        self.step_size, self.temperature = step_size, temperature
+        self.adapt, self.target_accept = bool(adapt), float(target_accept)
+        self.adapt_steps, self.adapt_rate = adapt_steps, float(adapt_rate)
+        check_step_value(step_size, "step_size", allow_zero=False)
+        check_step_value(temperature, "temperature", allow_zero=False)
+
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
+               return_info: bool = False):
+        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
+        return_info=True (acceptance rates and adapted step sizes included)."""
+        return self._sample(x0, n_steps, step_size, return_info)
+
+    def _tables(self, x, n_steps, step_size):
+        return (step_values(self.step_size if step_size is None else step_size, "step_size",
+                            n_steps, x, allow_zero=False),
+                step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
+
+    def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
+        eps_table, temperature = tables
+        eps_rows, temperatures = eps_table.unbind(0), temperature.unbind(0)
+        steps = step_counters(counter, n_steps)
+        chains = x.shape[0]
+        n_adapt = 0 if not self.adapt else (
+            n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
+        # Per-chain multiplier of the step-size table, tuned during the adaptation phase.
+        scale = torch.ones(chains, dtype=compute_dtype(x.dtype), device=x.device)
+        accepted_count = torch.zeros(chains, dtype=torch.float32, device=x.device)
+        accepted = torch.empty(chains, dtype=torch.bool, device=x.device)
+        accept_prob = torch.empty(chains, dtype=compute_dtype(x.dtype), device=x.device)
+        diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
+        energy_x, grad_x = self._energy.value_and_grad(x)
+        grad_x = contiguous(grad_x)
+        # Only the initial state goes through check(): accepted states have finite energies
+        # (mala_accept rejects non-finite proposals); finish() checks the final state.
+        diagnostics.check(energy_x)
+        diagnostics.measure(energy_x, grad_x)
+        proposal = torch.empty_like(x)
+        propose, accept = update_kernel(x), accept_kernel(x)  # x, grad_x, energy_x: in place
+        for k in range(n_steps):
+            eps = eps_rows[k] * scale
+            propose(proposal, x, grad_x, eps, (2 * eps * temperatures[k]).sqrt(), seed, steps[k],
+                    STREAM_PROPOSAL, chain_offset, None, "value", None, None)
+            energy_y, grad_y = self._energy.value_and_grad(proposal)
+            accept(accepted, accept_prob, x, proposal, grad_x, contiguous(grad_y), energy_x,
+                   energy_y, eps, temperatures[k], seed, steps[k], STREAM_MALA_ACCEPT,
+                   chain_offset)
+            accepted_count += accepted
+            if k < n_adapt:
+                adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)
+            diagnostics.measure(energy_x, grad_x)
+        results = diagnostics.finish(x, energy_x)
+        if track:
+            results.update(accept_rate=accepted_count / n_steps,
+                           step_size=eps_table[n_steps - 1] * scale)
+        return results
