@@ -14,7 +14,9 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 EXTENSION_NAME = "ebm_fast_cpu"
@@ -22,6 +24,8 @@ EXTENSION_NAME = "ebm_fast_cpu"
 # is keyed by the CPU's features (extension_name()).
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DEBM_FAST_BUILD"]
 LD_FLAGS = ["-fopenmp"]
+# A cached build loads in well under a second: a load still running after this long is compiling.
+BUILD_NOTICE_AFTER_S = 5.0
 
 
 def sources() -> list[str]:
@@ -56,14 +60,16 @@ def _load() -> tuple[bool, str | None]:
         return False, "disabled by EBM_FAST_DISABLE_CPP=1"
     if not sources():
         return False, f"no C++ sources found in {CSRC}"
-    try:
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension
 
-        print(
-            "ebm_fast: building/loading the C++ CPU kernels (first build takes about a minute)...",
-            file=sys.stderr,
-            flush=True,
-        )
+    # Announced only once the load is slow, that is when it compiles (torch's builder cannot be
+    # asked beforehand): loading a cached build stays quiet.
+    notice = threading.Timer(BUILD_NOTICE_AFTER_S, print, args=(
+        "ebm_fast: building the C++ CPU kernels (the first build takes about a minute)...",),
+        kwargs={"file": sys.stderr, "flush": True})
+    notice.daemon = True
+    notice.start()
+    try:
         cpp_extension.load(
             name=extension_name(),
             sources=sources(),
@@ -79,6 +85,8 @@ def _load() -> tuple[bool, str | None]:
             f"the C++ extension failed to build ({first_line}); it needs g++ and ninja "
             "(`pip install ninja`); run `ebm-fast build` to see the full log"
         )
+    finally:
+        notice.cancel()
     return True, None
 
 
@@ -95,3 +103,18 @@ def ops():
     import torch
 
     return torch.ops.ebm_fast_cpu
+
+
+@functools.lru_cache(maxsize=None)
+def kernels() -> dict[str, Callable]:
+    """Each op's C++ entry point (ebm_fast/csrc/<op>.cpp), the overload itself: calling it skips
+    the packet's overload resolution (5 us per call instead of 8 on this CPU, for every update of
+    a sampler). Raises if the extension is unavailable."""
+    namespace = ops()
+    return {
+        "buffer_push": namespace.buffer_push_out.default,
+        "buffer_sample": namespace.buffer_sample_out.default,
+        "langevin_update": namespace.langevin_update_out.default,
+        "mala_accept": namespace.mala_accept_out.default,
+        "philox": namespace.philox_out.default,
+    }

@@ -252,8 +252,9 @@ def no_partial_overlap(written: torch.Tensor, written_name: str, **read) -> None
     """``written`` (an output) and each tensor it is computed from (None skipped) are either the
     very same elements (same start, shape and strides: an in-place update) or disjoint in
     memory. A partial overlap would let the kernel read an input it already overwrote. Two
-    interleaved views whose memory spans cross are refused too (a cheap, conservative check)."""
-    if not written.numel():
+    interleaved views whose memory spans cross are refused too (a cheap, conservative check).
+    Skipped while torch.compile traces: traced tensors have no addresses."""
+    if torch.compiler.is_compiling() or not written.numel():
         return
     span = _byte_span(written)
     for name, tensor in read.items():

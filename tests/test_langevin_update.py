@@ -105,7 +105,7 @@ def test_bad_input_names_the_argument():
         (dict(step_size=torch.ones(4, dtype=torch.int64)), TypeError, "step_size"),
         (dict(step_size=torch.tensor(0.1, device="meta")), ValueError, "step_size"),
         (dict(clamp=(1.0, -1.0)), ValueError, "clamp"),
-        (dict(clamp=1.0), ValueError, "clamp"),
+        (dict(clamp=1.0), TypeError, "clamp"),
         (dict(grad_clip=0.0), ValueError, "grad_clip"),
         (dict(grad_clip_mode="max"), ValueError, "grad_clip_mode"),
         (dict(seed=1.5), TypeError, "seed"),

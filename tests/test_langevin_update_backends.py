@@ -17,7 +17,8 @@ from ebm_fast import use_backend
 from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.langevin_update import _langevin_update_op
 from ebm_fast.noise import philox_normal_ref
-from ebm_fast.reference.langevin_update import compute_dtype, langevin_update_ref, per_chain
+from ebm_fast.reference.langevin_update import langevin_update_ref, per_chain
+from ebm_fast.validation import compute_dtype
 from helpers import assert_within_eager_error, kernel_backends, kernel_device
 
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}

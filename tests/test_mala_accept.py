@@ -12,7 +12,7 @@ import ebm_fast
 from ebm_fast import use_backend
 from ebm_fast.noise import STREAM_MALA_ACCEPT, philox_normal_ref, philox_uniform_ref
 from ebm_fast.ops.mala_accept import _mala_accept_op, mala_accept
-from ebm_fast.reference.langevin_update import compute_dtype
+from ebm_fast.validation import compute_dtype
 from ebm_fast.reference.mala_accept import mala_accept_ref
 from helpers import kernel_backends, kernel_device
 

@@ -6,7 +6,7 @@ ebm_fast/reference/buffer_push.py. The user-facing API is :class:`ebm_fast.Repla
 The op mutates storage, written and count in place (all on the device: no host sync).
 
 Eager calls run the backend kernel directly; under torch.compile the registered op is traced
-(ops/_dispatch.call_op: the custom-op dispatcher with its in-place bookkeeping costs about a fifth
+(ops/_dispatch.run_op: the custom-op dispatcher with its in-place bookkeeping costs about a fifth
 of a whole sample+push cycle of 256 CIFAR-sized chains on a CPU).
 """
 
@@ -14,27 +14,24 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import call_op, check_devices, kernel_entry
+from ebm_fast import validation
+from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.buffer_push import POLICIES
 
 
-def _push(storage, written, count, x, idx, y, seed, step, chain_offset, slots_per_class, policy,
-          lo, hi, stochastic):
+def push(storage: torch.Tensor, written: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
+         idx: torch.Tensor | None, y: torch.Tensor | None, seed: torch.Tensor, step: torch.Tensor,
+         chain_offset: int, slots_per_class: int, policy: str, lo: float, hi: float,
+         stochastic: bool) -> None:
+    """Store x into storage in place, arguments as :func:`buffer_push` normalises them."""
     if x.shape[0]:
-        kernel_entry("buffer_push", backend_for(storage.device))(
+        kernel_for("buffer_push", storage)(
             storage, written, count, x, idx, y, seed, step, chain_offset, slots_per_class,
             policy, lo, hi, stochastic)
 
 
-@torch.library.custom_op("ebm_fast::buffer_push", mutates_args=("storage", "written", "count"))
-def _buffer_push_op(storage: torch.Tensor, written: torch.Tensor, count: torch.Tensor,
-                    x: torch.Tensor, idx: torch.Tensor | None, y: torch.Tensor | None,
-                    seed: torch.Tensor, step: torch.Tensor, chain_offset: int,
-                    slots_per_class: int, policy: str, lo: float, hi: float,
-                    stochastic: bool) -> None:
-    _push(storage, written, count, x, idx, y, seed, step, chain_offset, slots_per_class, policy,
-          lo, hi, stochastic)
+_buffer_push_op = torch.library.custom_op("ebm_fast::buffer_push", push,
+                                          mutates_args=("storage", "written", "count"))
 
 
 @_buffer_push_op.register_fake
@@ -61,16 +58,16 @@ def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots
     if count.shape != (capacity // slots_per_class,) or count.dtype != torch.int64:
         raise ValueError(f"count must be int64 of shape ({capacity // slots_per_class},), got "
                          f"{tuple(count.shape)} {count.dtype}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    validation.choice(policy, "policy", POLICIES)
     for name, labels in (("idx", idx), ("y", y)):
         if labels is not None and (labels.shape != (x.shape[0],) or labels.dtype != torch.int64):
             raise ValueError(f"{name} must be int64 of shape ({x.shape[0]},), got "
                              f"{tuple(labels.shape)} {labels.dtype}")
     if idx is None and y is None and count.shape[0] != 1:
         raise ValueError("y is required to append to a storage holding several classes")
-    check_devices(storage.device, "storage", written=written, count=count, x=x, idx=idx, y=y)
-    call_op(_buffer_push_op, _push, storage, written, count, x.contiguous(),
+    validation.same_device(storage.device, "storage", written=written, count=count, x=x, idx=idx,
+                           y=y)
+    run_op(_buffer_push_op, push, storage, written, count, x.contiguous(),
             None if idx is None else idx.contiguous(),
             None if y is None or idx is not None else y.contiguous(), seed, step,
             int(chain_offset), int(slots_per_class), policy, float(lo), float(hi), bool(stochastic))

@@ -5,7 +5,7 @@ user-facing API is :class:`ebm_fast.ReplayBuffer`; :func:`buffer_sample` here va
 arguments it forwards and runs the backend serving the storage's device.
 
 Eager calls run the backend kernel directly; under torch.compile the registered op is traced
-(ops/_dispatch.call_op: the custom-op dispatcher costs about a tenth of a whole sample+push cycle
+(ops/_dispatch.run_op: the custom-op dispatcher costs about a tenth of a whole sample+push cycle
 of 256 CIFAR-sized chains on a CPU).
 """
 
@@ -13,33 +13,29 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.backends import backend_for
-from ebm_fast.ops._dispatch import call_op, check_devices, kernel_entry
+from ebm_fast import validation
+from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.buffer_sample import INIT_KINDS
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
-def _sample(storage, written, y, init_values, batch, dtype, seed, step, chain_offset,
-            slots_per_class, reinit_prob, init_kind, lo, hi):
+def sample(storage: torch.Tensor, written: torch.Tensor, y: torch.Tensor | None,
+           init_values: torch.Tensor | None, batch: int, dtype: torch.dtype, seed: torch.Tensor,
+           step: torch.Tensor, chain_offset: int, slots_per_class: int, reinit_prob: float,
+           init_kind: str, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, slots) as new tensors, arguments as :func:`buffer_sample` normalises them."""
     out = torch.empty((batch, storage.shape[1]), dtype=dtype, device=storage.device)
     slots = torch.empty((batch,), dtype=torch.int64, device=storage.device)
     if batch:
-        kernel_entry("buffer_sample", backend_for(storage.device))(
+        kernel_for("buffer_sample", storage)(
             out, slots, storage, written, y, init_values, seed, step, chain_offset,
             slots_per_class, reinit_prob, init_kind, lo, hi)
     return out, slots
 
 
-@torch.library.custom_op("ebm_fast::buffer_sample", mutates_args=())
-def _buffer_sample_op(storage: torch.Tensor, written: torch.Tensor, y: torch.Tensor | None,
-                      init_values: torch.Tensor | None, batch: int, dtype: torch.dtype,
-                      seed: torch.Tensor, step: torch.Tensor, chain_offset: int,
-                      slots_per_class: int, reinit_prob: float, init_kind: str, lo: float,
-                      hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _sample(storage, written, y, init_values, batch, dtype, seed, step, chain_offset,
-                   slots_per_class, reinit_prob, init_kind, lo, hi)
+_buffer_sample_op = torch.library.custom_op("ebm_fast::buffer_sample", sample, mutates_args=())
 
 
 @_buffer_sample_op.register_fake
@@ -64,8 +60,7 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
     if written.shape != (storage.shape[0],) or written.dtype != torch.uint8:
         raise ValueError(f"written must be uint8 of shape ({storage.shape[0]},), got "
                          f"{tuple(written.shape)} {written.dtype}")
-    if dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+    validation.dtype(dtype, "dtype", OUTPUT_DTYPES)
     if not (0 < slots_per_class and storage.shape[0] % slots_per_class == 0):
         raise ValueError(f"slots_per_class must divide the capacity {storage.shape[0]}, "
                          f"got {slots_per_class}")
@@ -73,20 +68,19 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
         raise ValueError("y is required when the storage holds several classes")
     if y is not None and (y.shape != (batch,) or y.dtype != torch.int64):
         raise ValueError(f"y must be int64 of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
-    if init_kind not in INIT_KINDS:
-        raise ValueError(f"init_kind must be one of {INIT_KINDS}, got {init_kind!r}")
+    validation.choice(init_kind, "init_kind", INIT_KINDS)
     if (init_kind == "values") != (init_values is not None):
         raise ValueError("init_values must be given exactly when init_kind is 'values'")
     if init_values is not None and init_values.shape != (batch, storage.shape[1]):
         raise ValueError(f"init_values must have shape {(batch, storage.shape[1])}, got "
                          f"{tuple(init_values.shape)}")
-    if not 0.0 <= reinit_prob <= 1.0:
-        raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob}")
-    check_devices(storage.device, "storage", written=written, y=y, init_values=init_values)
+    reinit_prob = validation.real(reinit_prob, "reinit_prob", low=0.0, high=1.0)
+    validation.same_device(storage.device, "storage", written=written, y=y,
+                           init_values=init_values)
     if init_values is not None:
         init_values = init_values.to(dtype).contiguous()
     # The kernels index y, like every tensor they read, as a contiguous array.
-    return call_op(_buffer_sample_op, _sample, storage.contiguous(), written.contiguous(),
+    return run_op(_buffer_sample_op, sample, storage.contiguous(), written.contiguous(),
                    None if y is None else y.contiguous(), init_values, int(batch), dtype, seed,
                    step, int(chain_offset), int(slots_per_class), float(reinit_prob), init_kind,
                    float(lo), float(hi))

@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.ops._dispatch import (
-    as_int64_scalar, call_op, check_chain_offset, check_int, float_kernel_for)
-from ebm_fast.ops.langevin_update import chain_param, check_chains, check_same_layout
-from ebm_fast.reference.langevin_update import compute_dtype
+from ebm_fast import validation
+from ebm_fast.ops._dispatch import kernel_for, run_op
 
 
-def mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                     temperature, seed, step, stream, chain_offset) -> None:
-    """Unchecked entry point for callers that already validated and normalised the arguments:
-    writes the decisions into ``accepted``/``accept_prob``, moves accepted chains."""
-    # The kernels write contiguous rows: a non-contiguous mutated input goes through a copy.
+def write_decisions(accepted: torch.Tensor, accept_prob: torch.Tensor, x: torch.Tensor,
+                    y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                    energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
+                    temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
+                    chain_offset: int) -> None:
+    """Write the decisions into ``accepted``/``accept_prob`` and move the accepted chains in
+    place, arguments as :func:`mala_accept` normalises them. The kernels write contiguous rows:
+    a non-contiguous mutated input goes through a contiguous copy."""
+    if not x.shape[0]:
+        return
     mutated = (x, grad_x, energy_x)
     work = [t if t.is_contiguous() else t.contiguous() for t in mutated]
-    float_kernel_for("mala_accept", x)(
+    kernel_for("mala_accept", x)(
         accepted, accept_prob, work[0], y.contiguous(), work[1], grad_y.contiguous(), work[2],
         energy_y.contiguous(), step_size.contiguous(), temperature.contiguous(), seed, step,
         stream, chain_offset)
@@ -46,22 +49,19 @@ def _new_outputs(x: torch.Tensor, energy_x: torch.Tensor) -> tuple[torch.Tensor,
             torch.empty(chains, dtype=energy_x.dtype, device=x.device))
 
 
-def _decide(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step, stream,
-            chain_offset) -> tuple[torch.Tensor, torch.Tensor]:
+def decide(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
+           energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
+           temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
+           chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted, accept_prob) as new tensors; accepted chains moved in place."""
     accepted, accept_prob = _new_outputs(x, energy_x)
-    if x.shape[0]:
-        mala_accept_into(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y,
-                         step_size, temperature, seed, step, stream, chain_offset)
+    write_decisions(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
+                    temperature, seed, step, stream, chain_offset)
     return accepted, accept_prob
 
 
-@torch.library.custom_op("ebm_fast::mala_accept", mutates_args=("x", "grad_x", "energy_x"))
-def _mala_accept_op(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
-                    energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
-                    temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
-                    stream: int, chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decide(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step,
-                   stream, chain_offset)
+_mala_accept_op = torch.library.custom_op("ebm_fast::mala_accept", decide,
+                                          mutates_args=("x", "grad_x", "energy_x"))
 
 
 @_mala_accept_op.register_fake
@@ -78,13 +78,9 @@ def _check_energy(energy, name: str, x: torch.Tensor) -> None:
                          f"{tuple(energy.shape)}")
     if energy.device != x.device:
         raise ValueError(f"{name} is on {energy.device} but x is on {x.device}")
-    if energy.dtype != compute_dtype(x.dtype):
-        raise TypeError(f"{name} must have dtype {compute_dtype(x.dtype)} for x of dtype "
-                        f"{x.dtype}, got {energy.dtype}")
-
-
-def _positive_param(value, name: str, x: torch.Tensor) -> torch.Tensor:
-    return chain_param(value, name, x, allow_zero=False).detach()
+    if energy.dtype != validation.compute_dtype(x.dtype):
+        raise TypeError(f"{name} must have dtype {validation.compute_dtype(x.dtype)} for x of "
+                        f"dtype {x.dtype}, got {energy.dtype}")
 
 
 def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, *, seed, step,
@@ -111,16 +107,19 @@ def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
     states). Arithmetic runs in float32 for bfloat16/float16 states. Not differentiable: it reads
     and writes the tensors' data, like an optimiser step under no_grad.
     """
-    check_chains(x)
+    validation.chain_tensor(x)
     for other, name in ((y, "y"), (grad_x, "grad_x"), (grad_y, "grad_y")):
-        check_same_layout(x, other, name)
+        validation.same_layout(x, other, name)
     _check_energy(energy_x, "energy_x", x)
     _check_energy(energy_y, "energy_y", x)
-    step_size_t = _positive_param(step_size, "step_size", x)
-    temperature_t = _positive_param(temperature, "temperature", x)
-    stream = check_int(stream, "stream", 0, 1 << 32)
-    chain_offset = check_chain_offset(chain_offset, (x.shape[0],))  # one draw per chain
+    # The mutated tensors are written while the others are read.
+    for written, name in ((x, "x"), (grad_x, "grad_x"), (energy_x, "energy_x")):
+        validation.no_partial_overlap(written, name, y=y, grad_y=grad_y, energy_y=energy_y)
+    step_size_t = validation.chain_param(step_size, "step_size", x, allow_zero=False).detach()
+    temperature_t = validation.chain_param(temperature, "temperature", x, allow_zero=False).detach()
+    stream = validation.integer(stream, "stream", low=0, high=1 << 32)
+    chain_offset = validation.chain_offset(chain_offset, (x.shape[0],))  # one draw per chain
     tensors = (t.detach() for t in (x, y, grad_x, grad_y, energy_x, energy_y))
-    return call_op(_mala_accept_op, _decide, *tensors, step_size_t, temperature_t,
-                   as_int64_scalar(seed, "seed", 64), as_int64_scalar(step, "step", 32), stream,
-                   chain_offset)
+    return run_op(_mala_accept_op, decide, *tensors, step_size_t, temperature_t,
+                  validation.counter(seed, "seed", 64), validation.counter(step, "step", 32),
+                  stream, chain_offset)

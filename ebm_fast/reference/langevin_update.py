@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.noise import philox_normal_ref
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ebm_fast.validation import compute_dtype
 
 
 def per_chain(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

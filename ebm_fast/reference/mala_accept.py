@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.noise import philox_uniform_ref
-from ebm_fast.reference.langevin_update import compute_dtype, per_chain
+from ebm_fast.reference.langevin_update import per_chain
+from ebm_fast.validation import compute_dtype
 
 
 def proposal_log_ratio_sum(x, y, grad_x, grad_y, step_size) -> torch.Tensor:
