@@ -3,6 +3,7 @@ input. Kernels against the reference: test_buffer_kernels.py."""
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -198,8 +199,8 @@ def test_dtype_of_returned_batches():
 
 def test_non_contiguous_push_equals_contiguous():
     x = torch.randn(6, 4).t()  # (4, 6) non-contiguous
-    a = ReplayBuffer(4, (6,))
-    b = ReplayBuffer(4, (6,))
+    a = ReplayBuffer(4, (6,), seed=0)
+    b = ReplayBuffer(4, (6,), seed=0)
     a.push(x)
     b.push(x.contiguous())
     assert torch.equal(_stored(a), _stored(b))
@@ -279,12 +280,23 @@ def test_bad_construction():
         ReplayBuffer(4, (3,), init="laplace")
     with pytest.raises(TypeError, match="dtype"):
         ReplayBuffer(4, (3,), dtype=torch.int32)
+    with pytest.raises(TypeError, match="capacity"):
+        ReplayBuffer(True, (3,))
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        ReplayBuffer(4, (3,), stochastic_rounding="yes")
+    with pytest.raises(ValueError, match="init_range"):
+        ReplayBuffer(4, (3,), init_range=(float("nan"), 1.0))
+    with pytest.raises(ValueError, match="seed"):
+        ReplayBuffer(4, (3,), seed=2**64)
+    assert ReplayBuffer(np.int64(4), (np.int32(3),), reinit_prob=np.float32(0.5)).capacity == 4
 
 
 def test_bad_sample_and_push_arguments():
     plain = ReplayBuffer(8, (2, 3))
     with pytest.raises(ValueError, match="batch_size"):
         plain.sample(0)
+    with pytest.raises(TypeError, match="batch_size"):
+        plain.sample(2.0)
     with pytest.raises(ValueError, match="y was given"):
         plain.sample(2, y=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="shape"):
@@ -300,8 +312,6 @@ def test_bad_sample_and_push_arguments():
         plain.push(bad)
     assert len(plain) == 0  # refused pushes store nothing
     classes = ReplayBuffer(8, (2,), n_classes=4)
-    with pytest.raises(ValueError, match="y .* required"):
-        classes.sample(3)
     with pytest.raises(ValueError, match="outside"):
         classes.sample(2, y=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="y .* required"):
@@ -378,3 +388,152 @@ def test_float64_pushes_beyond_float32_range_are_refused():
     with pytest.raises(ValueError, match="1 of 2 chains"):
         buffer.push(x)
     assert len(buffer) == 0
+
+
+def test_seed_reads_back_every_64_bit_value():
+    for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
+        assert ReplayBuffer(4, (1,), seed=seed).seed == seed
+
+
+def test_default_seed_is_drawn_from_torchs_global_generator():
+    torch.manual_seed(11)
+    a = ReplayBuffer(8, (3,))
+    torch.manual_seed(11)
+    b = ReplayBuffer(8, (3,))
+    c = ReplayBuffer(8, (3,))
+    assert a.seed == b.seed != c.seed
+    assert torch.equal(a.sample(4)[0], b.sample(4)[0])
+    assert not torch.equal(a.sample(4)[0], c.sample(4)[0])
+
+
+def _filled_state(**kwargs):
+    buffer = ReplayBuffer(8, (2,), seed=0, **kwargs)
+    buffer.push(torch.zeros(3, 2))
+    return buffer.state_dict()
+
+
+@pytest.mark.parametrize("policy, field, value, match", [
+    ("fifo", "written", torch.full((8,), 7, dtype=torch.uint8), "0 and 1"),
+    ("fifo", "count", torch.tensor([-1]), "count.*>= 0"),
+    ("fifo", "count", torch.tensor([5]), "unwritten"),  # 5 appended, 3 slots written
+    ("reservoir", "count", torch.tensor([2**46]), "2\\*\\*46"),
+    ("fifo", "draws", torch.tensor(-1), "draws"),
+    ("fifo", "draws", torch.tensor(2**32), "draws"),
+])
+def test_load_state_dict_refuses_counters_no_buffer_could_reach(policy, field, value, match):
+    state = _filled_state(policy=policy)
+    state[field] = value
+    buffer = ReplayBuffer(8, (2,), seed=0, policy=policy)
+    with pytest.raises(ValueError, match=match):
+        buffer.load_state_dict(state)
+    assert len(buffer) == 0 and int(buffer.state_dict()["count"][0]) == 0  # nothing loaded
+
+
+def test_load_state_dict_accepts_every_reachable_count():
+    buffer = ReplayBuffer(8, (2,), seed=0, policy="reservoir")
+    state = _filled_state(policy="reservoir")
+    state["written"] = torch.ones(8, dtype=torch.uint8)
+    state["count"] = torch.tensor([2**46 - 1])  # a full reservoir that has seen many items
+    buffer.load_state_dict(state)
+    assert len(buffer) == 8
+
+
+def _ones(shape, *, device, dtype):
+    return torch.ones(shape, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("change", [
+    {"init": "gaussian"}, {"init": _ones}, {"reinit_prob": 0.1}, {"stochastic_rounding": True},
+    {"dtype": torch.float64}, {"storage": "bfloat16"}, {"policy": "reservoir"},
+    {"n_classes": 2}, {"init_range": (-2.0, 2.0)}, {"rank": 1}])
+def test_load_state_dict_refuses_every_configuration_difference(change):
+    state = _filled_state()
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=f"differently configured.*{name}"):
+        ReplayBuffer(8, (2,), seed=0, **change).load_state_dict(state)
+
+
+def test_load_state_dict_takes_the_saved_seed():
+    saved = ReplayBuffer(8, (2,), seed=2**64 - 5)
+    resumed = ReplayBuffer(8, (2,), seed=3)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.seed == 2**64 - 5
+    assert torch.equal(saved.sample(4)[0], resumed.sample(4)[0])
+
+
+def test_y_is_refused_on_a_buffer_without_classes_with_or_without_idx():
+    plain = ReplayBuffer(8, (2,), seed=0)
+    _, idx = plain.sample(2)
+    for kwargs in ({"y": torch.tensor([0, 1])}, {"idx": idx, "y": torch.tensor([0, 1])}):
+        with pytest.raises(ValueError, match="no classes"):
+            plain.push(torch.zeros(2, 2), **kwargs)
+    assert len(plain) == 0
+
+
+def test_write_back_checks_y_against_the_slots_class():
+    classes = ReplayBuffer(8, (2,), n_classes=4, seed=0)
+    y = torch.tensor([3, 1, 1])
+    _, idx = classes.sample(3, y=y)
+    classes.push(torch.ones(3, 2), idx=idx, y=y)  # y may come along: it matches
+    assert len(classes) == idx.unique().numel()
+    with pytest.raises(ValueError, match="2 entries of y are not the class"):
+        classes.push(torch.ones(3, 2), idx=idx, y=torch.tensor([3, 0, 2]))
+
+
+def test_repr_of_a_meta_buffer():
+    text = repr(ReplayBuffer(8, (3,), device="meta", seed=0))
+    assert "device=meta" in text and "filled=?/8" in text
+
+
+def test_len_and_n_written_count_written_slots_not_capacity():
+    buffer = ReplayBuffer(10, (3,), n_classes=2, seed=0)
+    assert len(buffer) == buffer.n_written == 0 and buffer.capacity == 10
+    buffer.push(torch.zeros(3, 3), y=torch.tensor([0, 0, 1]))
+    assert len(buffer) == buffer.n_written == 3 and buffer.slots_per_class == 5
+
+
+def test_per_class_buffer_without_y_draws_uniformly_over_all_slots():
+    buffer = ReplayBuffer(30, (1,), n_classes=3, seed=8)
+    _, idx = buffer.sample(30000)
+    assert stats.chisquare(torch.bincount(idx, minlength=30).numpy()).pvalue > P_MIN
+    assert torch.equal(buffer.classes_of(idx), idx // 10)
+    with pytest.raises(ValueError, match="classes"):
+        ReplayBuffer(4, (1,), seed=0).classes_of(idx)
+
+
+def test_return_reinit_marks_exactly_the_reinitialised_chains():
+    # Stored values are 0; init noise lies in [1, 2): a chain is reinitialised iff x >= 1.
+    buffer = ReplayBuffer(64, (3,), init_range=(1.0, 2.0), reinit_prob=0.2, seed=6)
+    buffer.push(torch.zeros(32, 3))  # slots 0..31 written, 32..63 never
+    x, idx, reinit = buffer.sample(4000, return_reinit=True)
+    assert reinit.dtype == torch.bool and reinit.shape == (4000,)
+    assert torch.equal(reinit, x[:, 0] >= 1.0)
+    assert reinit[idx >= 32].all()  # never-written slots always give init noise
+    written = idx < 32
+    assert stats.binomtest(int(reinit[written].sum()), int(written.sum()), 0.2).pvalue > P_MIN
+
+
+def test_from_tensor_loads_a_jem_style_unconditional_buffer():
+    replay_buffer = torch.rand(20, 3, 4, 4) * 2 - 1  # JEM: init_random(buffer_size)
+    buffer = ReplayBuffer.from_tensor(replay_buffer, reinit_prob=0.0, seed=0)
+    assert buffer.capacity == len(buffer) == 20 and buffer.sample_shape == (3, 4, 4)
+    x, idx = buffer.sample(50)
+    assert torch.equal(x, replay_buffer[idx])
+
+
+def test_from_tensor_takes_jems_per_class_layout_or_labels():
+    per_class = torch.arange(12, dtype=torch.float32)[:, None]  # 3 classes of 4 rows, in blocks
+    jem = ReplayBuffer.from_tensor(per_class, n_classes=3, reinit_prob=0.0, seed=0)
+    y = torch.tensor([2, 0, 1, 2])
+    x, idx = jem.sample(4, y=y)
+    assert torch.equal(idx // 4, y) and torch.equal(x[:, 0], idx.float())
+
+    labels = torch.tensor([1, 0, 1, 0])
+    rows = torch.tensor([[10.0], [20.0], [11.0], [21.0]])
+    labelled = ReplayBuffer.from_tensor(rows, labels, n_classes=2, capacity=6, seed=0)
+    assert _stored(labelled)[:, 0].tolist() == [20.0, 21.0, 0.0, 10.0, 11.0, 0.0]  # in order
+    assert len(labelled) == 4
+    with pytest.raises(ValueError, match="n_classes"):
+        ReplayBuffer.from_tensor(rows, labels)
+    with pytest.raises(ValueError, match="equal"):
+        ReplayBuffer.from_tensor(rows, n_classes=3)
