@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from ebm_fast import validation
+
 __all__ = ["retain_freed_cpu_memory"]
 
 # mallopt parameters, from glibc's malloc.h.
@@ -32,9 +34,8 @@ def retain_freed_cpu_memory(mmap_threshold: int = 256 << 20, trim_threshold: int
     """Serve blocks below ``mmap_threshold`` bytes from the heap and keep up to
     ``trim_threshold`` bytes of freed heap; returns whether glibc accepted both settings (False
     on other C libraries, where nothing is changed)."""
-    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
-            raise ValueError(f"{name} must be an int in (0, 2**31), got {value!r}")
+    mmap_threshold = validation.integer(mmap_threshold, "mmap_threshold", low=1, high=2**31)
+    trim_threshold = validation.integer(trim_threshold, "trim_threshold", low=1, high=2**31)
     path = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(path)

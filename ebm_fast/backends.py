@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from ebm_fast import validation
+
 BACKENDS = ("reference", "cpu", "triton")
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -53,13 +55,12 @@ def _cpu_unavailable_reason() -> str | None:
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run here, or None when it can."""
-    if name == "reference":
-        return None
+    validation.choice(name, "backend", BACKENDS)
     if name == "cpu":
         return _cpu_unavailable_reason()
     if name == "triton":
         return _triton_unavailable_reason()
-    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    return None
 
 
 def available_backends() -> list[str]:
@@ -72,9 +73,9 @@ def use_backend(name: str):
     """Force a backend for every op inside the block (tests, benchmarks, bug reports).
 
     ``use_backend("auto")`` restores automatic choice. Raises ValueError for an unknown name and
-    RuntimeError for a backend that cannot run here.
+    RuntimeError for a backend that cannot run here (TypeError for a name not a string).
     """
-    if name != "auto":
+    if validation.choice(name, "backend", BACKENDS + ("auto",)) != "auto":
         reason = unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} is not available: {reason}")

@@ -39,8 +39,9 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert int(retained) < 100
 
 
-@pytest.mark.parametrize("kwargs", [dict(mmap_threshold=0), dict(trim_threshold=2**31),
-                                    dict(mmap_threshold=True), dict(trim_threshold=1.5)])
-def test_bad_thresholds_are_refused(kwargs):
-    with pytest.raises(ValueError, match="threshold"):
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(mmap_threshold=0), ValueError), (dict(trim_threshold=2**31), ValueError),
+    (dict(mmap_threshold=True), TypeError), (dict(trim_threshold=1.5), TypeError)])
+def test_bad_thresholds_are_refused(kwargs, error):
+    with pytest.raises(error, match="threshold"):
         retain_freed_cpu_memory(**kwargs)

@@ -25,8 +25,12 @@ def test_use_backend_forces_and_restores():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="unknown backend"):
+    listed = r"backend must be one of \('reference', 'cpu', 'triton', 'auto'\), got 'cuda-magic'"
+    with pytest.raises(ValueError, match=listed):
         with ebm_fast.use_backend("cuda-magic"):
+            pass
+    with pytest.raises(TypeError, match="backend must be one of"):
+        with ebm_fast.use_backend(None):
             pass
 
 
