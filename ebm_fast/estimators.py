@@ -15,7 +15,8 @@ chains start.
 * :func:`short_run_ml`: chains start from noise every time and run a fixed budget (Nijkamp et al.
   2019, short-run MCMC) — also an approximation of ML, biased by the short budget.
 
-``ebm_fast.toy`` measures each one against the exact ML gradient of a 2-D model.
+``ebm-fast study`` (ebm_fast/experiments/study.py) measures each one against the exact ML
+gradient of a 2-D model (ebm_fast.exact2d).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ebm_fast import validation
 from ebm_fast.buffer import ReplayBuffer
+from ebm_fast.exact2d import trainable_parameters
 from ebm_fast.samplers import LangevinSampler
 
 __all__ = ["Estimate", "contrastive_divergence", "persistent_ml", "short_run_ml",
@@ -37,14 +40,6 @@ class Estimate(NamedTuple):
 
     grads: list[torch.Tensor]
     negatives: torch.Tensor
-
-
-def trainable_parameters(energy: torch.nn.Module) -> list[torch.Tensor]:
-    params = [p for p in energy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
-                         "estimate a gradient for")
-    return params
 
 
 def surrogate_gradient(energy: torch.nn.Module, data_batch: torch.Tensor,
@@ -77,8 +72,7 @@ def contrastive_divergence(energy: torch.nn.Module, data_batch: torch.Tensor, k:
     """CD-k: k sampler steps from the data batch itself; k = 0 returns the data (gradient 0)."""
     _check_batch(data_batch)
     _check_sampler(sampler)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = validation.integer(k, "k", low=0)
     negatives = sampler.sample(data_batch, n_steps=k) if k > 0 else data_batch.detach().clone()
     return Estimate(surrogate_gradient(energy, data_batch, negatives), negatives)
 

@@ -1,6 +1,7 @@
-"""``ebm-fast demo``: train a small 2-D EBM twice, with ebm_fast and with the plain loop, and compare.
+"""Train a small 2-D EBM with ebm_fast and with the plain loop; report speed and exact held-out NLL.
 
-Both runs use the same model initialisation, data and hyper-parameters and the same estimator:
+``ebm-fast demo``: 
+both runs use the same model initialisation, data and hyper-parameters and the same estimator:
 replay-buffer training in the style of Du & Mordatch (2019) — persistent chains drawn from a
 buffer, a few Langevin steps, written back. Gagnon & Lajoie (2022) show this is approximate
 maximum likelihood, not contrastive divergence (CD starts its chains at the data), so it is named
@@ -24,11 +25,16 @@ import torch
 from torch import nn
 
 from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.backends import available_backends
 from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.datasets import ring_of_gaussians
-from ebm_fast.samplers import LangevinSampler
 # Data, buffer init and chains live in [-BOX, BOX]^2; the exact NLL sums Z on a grid over it.
-from ebm_fast.toy import BOX, exact_nll, make_energy
+from ebm_fast.exact2d import BOX, exact_nll
+from ebm_fast.experiments import options
+from ebm_fast.experiments.models import make_energy
+from ebm_fast.samplers import LangevinSampler
+
+__all__ = ["plain_langevin", "PlainBuffer", "Training", "add_arguments", "main"]
 
 
 def plain_langevin(energy: nn.Module, x: torch.Tensor, n_steps: int, step_size: float,
@@ -45,15 +51,16 @@ class PlainBuffer:
     """A replay buffer as IGEBM-style code writes it: a tensor, torch.randint slots,
     torch.rand reinit."""
 
-    def __init__(self, capacity: int, reinit_prob: float):
-        self.storage = (torch.rand(capacity, 2) * 2 - 1) * BOX
+    def __init__(self, capacity: int, reinit_prob: float, device: torch.device):
+        self.storage = (torch.rand(capacity, 2, device=device) * 2 - 1) * BOX
         self.reinit_prob = reinit_prob
 
     def sample(self, batch: int):
-        idx = torch.randint(len(self.storage), (batch,))
+        device = self.storage.device
+        idx = torch.randint(len(self.storage), (batch,), device=device)
         x = self.storage[idx]
-        fresh = torch.rand(batch) < self.reinit_prob
-        x[fresh] = (torch.rand(int(fresh.sum()), 2) * 2 - 1) * BOX
+        fresh = torch.rand(batch, device=device) < self.reinit_prob
+        x[fresh] = (torch.rand(int(fresh.sum()), 2, device=device) * 2 - 1) * BOX
         return x, idx
 
     def push(self, x: torch.Tensor, idx: torch.Tensor) -> None:
@@ -66,25 +73,30 @@ class Training:
 
     def __init__(self, kind: str, args, data: torch.Tensor):
         self.kind, self.args, self.data = kind, args, data
-        self.energy = make_energy(args.seed)
+        self.device = data.device
+        self.energy = make_energy(args.seed).to(self.device)
         self.optimiser = torch.optim.Adam(self.energy.parameters(), lr=args.lr,
                                           betas=(0.0, 0.999))
         if kind == "ebm_fast":
             # Checks off on both sides, like for like: the plain loop and buffer check nothing
             # (with them on, a call costs one host read and a few small ops more).
-            self.buffer = ReplayBuffer(args.buffer_size, (2,), init_range=(-BOX, BOX),
+            self.buffer = ReplayBuffer(args.buffer_size, (2,), device=self.device,
+                                       init_range=(-BOX, BOX),
                                        reinit_prob=args.reinit_prob, seed=args.seed,
                                        check_values=False)
             self.sampler = LangevinSampler(
                 self.energy, step_size=args.step_size, noise_scale=args.noise_scale,
                 n_steps=args.steps, clamp=(-BOX, BOX), seed=args.seed, check_finite=False)
         else:
-            # The plain loop draws from the global RNG, as such code does; it gets the state
-            # torch.manual_seed(seed) would give and keeps it between its iterations, so that
-            # interleaving with the other training changes none of its draws.
-            self.rng_state = torch.Generator().manual_seed(args.seed).get_state()
+            # The plain loop draws from the device's global RNG, as such code does; it gets the
+            # state torch.manual_seed(seed) would give and keeps it between its iterations, so
+            # that interleaving with the other training changes none of its draws.
+            # (--device cuda means the current CUDA device.)
+            self.global_generator = (torch.default_generator if self.device.type == "cpu" else
+                                     torch.cuda.default_generators[torch.cuda.current_device()])
+            self.rng_state = torch.Generator(self.device).manual_seed(args.seed).get_state()
             self.buffer = self._with_own_rng(
-                lambda: PlainBuffer(args.buffer_size, args.reinit_prob))
+                lambda: PlainBuffer(args.buffer_size, args.reinit_prob, self.device))
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.sampling_seconds = self.total_seconds = 0.0
         self.loss = float("nan")
@@ -101,13 +113,13 @@ class Training:
 
     def _with_own_rng(self, fn):
         """fn() under this training's global-RNG state, the caller's restored afterwards."""
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self.rng_state)
+        outer = self.global_generator.get_state()
+        self.global_generator.set_state(self.rng_state)
         try:
             return fn()
         finally:
-            self.rng_state = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            self.rng_state = self.global_generator.get_state()
+            self.global_generator.set_state(outer)
 
     def iteration(self) -> None:
         if self.kind == "plain":
@@ -115,14 +127,21 @@ class Training:
         else:
             self._timed_iteration()
 
+    def _clock(self) -> float:
+        """Seconds, read once the device has finished the work queued so far (CUDA runs
+        asynchronously: without the wait the clock would time the launches only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _timed_iteration(self) -> None:
-        start = time.perf_counter()
+        start = self._clock()
         args = self.args
         positives = self.data[torch.randint(len(self.data), (args.batch,),
                                             generator=self.generator)]
-        t0 = time.perf_counter()
+        t0 = self._clock()
         x_neg = self.negatives()
-        self.sampling_seconds += time.perf_counter() - t0
+        self.sampling_seconds += self._clock() - t0
         e_pos, e_neg = self.energy(positives), self.energy(x_neg)
         # Approximate-ML gradient: data energy down, model-sample energy up; a small energy
         # magnitude penalty keeps the scale bounded (Du & Mordatch 2019).
@@ -131,7 +150,7 @@ class Training:
         loss.backward()
         self.optimiser.step()
         self.loss = loss
-        self.total_seconds += time.perf_counter() - start
+        self.total_seconds += self._clock() - start
 
     def result(self) -> dict:
         args = self.args
@@ -141,48 +160,44 @@ class Training:
                 / self.sampling_seconds}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: the error names the option (0 iterations or batch would divide by zero)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ebm-fast demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=positive_int, default=400)
-    parser.add_argument("--batch", type=positive_int, default=256)
-    parser.add_argument("--steps", type=positive_int, default=20,
+def add_arguments(parser) -> None:
+    parser.add_argument("--iterations", type=options.count, default=400)
+    parser.add_argument("--batch", type=options.count, default=256)
+    parser.add_argument("--steps", type=options.count, default=20,
                         help="Langevin steps per iteration")
-    parser.add_argument("--step-size", type=float, default=0.01)
-    parser.add_argument("--noise-scale", type=float, default=0.1414)
-    parser.add_argument("--buffer-size", type=positive_int, default=10000)
-    parser.add_argument("--reinit-prob", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--step-size", type=options.positive_real, default=0.01)
+    parser.add_argument("--noise-scale", type=options.non_negative_real, default=0.1414)
+    parser.add_argument("--buffer-size", type=options.count, default=10000)
+    parser.add_argument("--reinit-prob", type=options.probability, default=0.05)
+    parser.add_argument("--lr", type=options.positive_real, default=1e-3)
+    parser.add_argument("--alpha", type=options.non_negative_real, default=0.1,
+                        help="weight of the energy-magnitude penalty")
+    parser.add_argument("--seed", type=options.seed, default=0)
+    parser.add_argument("--device", type=options.device, choices=("cpu", "cuda"), default="cpu",
+                        help="where both trainings run")
+    parser.add_argument("--log-every", type=options.count, default=100)
+    parser.add_argument("--json", type=options.output_file, help="write the results here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default freed memory is kept "
                              "for reuse, for both runs: see ebm_fast.allocator)")
-    args = parser.parse_args(argv)
 
+
+def main(args) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
     malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
 
-    from ebm_fast.backends import available_backends
-
     # Build/load the C++ kernels before any timing starts.
     log(f"backends available: {', '.join(available_backends())}")
     generator = torch.Generator().manual_seed(args.seed)
-    data, held_out = ring_of_gaussians(20000, generator), ring_of_gaussians(5000, generator)
+    device = torch.device(args.device)
+    data = ring_of_gaussians(20000, generator).to(device)
+    held_out = ring_of_gaussians(5000, generator).to(device)
     log(f"ebm-fast demo: 2-D ring of 8 Gaussians, MLP 2-128-128-1, replay-buffer approximate ML, "
         f"{args.iterations} iterations x {args.batch} chains x {args.steps} Langevin steps "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {malloc})")
+        f"(torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"malloc {malloc})")
     trainings = [Training(kind, args, data) for kind in ("plain", "ebm_fast")]
     for it in range(1, args.iterations + 1):
         # Interleaved, iteration by iteration: drifting machine load hits both runs alike.
@@ -212,6 +227,3 @@ def main(argv=None) -> int:
             json.dump({"args": vars(args), "malloc": malloc, "runs": rows}, f, indent=2)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

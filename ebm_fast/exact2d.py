@@ -1,0 +1,122 @@
+"""Exact tools for 2-D energy-based models: partition function, likelihood, ML gradient, samples.
+
+In 2-D the partition function is a sum over a grid: on the box [-b, b]^2 cut into cells x cells
+squares, Z = sum_i exp(-E(c_i)) * area (c_i the cell centres: the midpoint rule, exact up to the
+quadrature error and the mass outside the box). With it the exact negative log-likelihood and its
+exact gradient
+
+    grad NLL = E_data[grad E] - E_p[grad E]        (p = exp(-E) / Z)
+
+are computable, and any sampling-based estimator of that gradient can be measured against it
+(``ebm-fast study``, docs/estimators.md).
+
+The energy must be finite at every grid point: a NaN or an infinity there makes Z, the weights
+and the draws meaningless, so every tool raises ValueError instead of returning them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ebm_fast import validation
+from ebm_fast.noise import philox_uniform
+
+__all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll", "exact_ml_gradient",
+           "exact_samples", "trainable_parameters"]
+
+BOX = 4.0  # default half-width of the box [-BOX, BOX]^2 (the 2-D data sets lie well inside)
+
+
+def trainable_parameters(energy: nn.Module) -> list[torch.Tensor]:
+    """The parameters with requires_grad, in the order of ``energy.parameters()``: the list every
+    gradient here (and every estimator's) is taken with respect to."""
+    params = [p for p in energy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
+                         "take a gradient with respect to")
+    return params
+
+
+def grid(box: float = BOX, cells: int = 200, *, dtype=torch.float32,
+         device=None) -> tuple[torch.Tensor, float]:
+    """(cell centres (cells**2, 2), cell area) of the box [-box, box]^2 cut into cells x cells."""
+    box = validation.real(box, "box", low=0.0, low_open=True)
+    cells = validation.integer(cells, "cells", low=2)
+    width = 2 * box / cells
+    axis = -box + width * (torch.arange(cells, dtype=dtype, device=device) + 0.5)
+    points = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    return points, width * width
+
+
+def _grid_energies(energy, box, cells) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(grid points, E at each, cell area); the grid takes the energy's parameter dtype/device."""
+    param = next(iter(energy.parameters()), None) if isinstance(energy, nn.Module) else None
+    points, area = grid(box, cells, dtype=torch.float32 if param is None else param.dtype,
+                        device=None if param is None else param.device)
+    values = energy(points)
+    # (N,) or (N, 1) only: flattening anything wider would silently sum the wrong terms into Z.
+    if values.shape not in ((points.shape[0],), (points.shape[0], 1)):
+        raise ValueError(f"energy must return one value per point, shape ({points.shape[0]},) or "
+                         f"({points.shape[0]}, 1), got {tuple(values.shape)}")
+    values = values.reshape(-1)
+    finite = torch.isfinite(values.detach())
+    if not finite.all():  # one host read per call: these are analysis tools, not a sampler step
+        bad = (~finite).nonzero()[:, 0]
+        first = points[bad[0]].tolist()
+        raise ValueError(f"energy must be finite on the grid, got {values[bad[0]].item()} at "
+                         f"({first[0]:.4g}, {first[1]:.4g}) and non-finite values at "
+                         f"{bad.numel()} of {values.numel()} points")
+    return points, values, area
+
+
+def log_partition(energy, box: float = BOX, cells: int = 200) -> torch.Tensor:
+    """log Z = log sum_cells exp(-E) * area, as a 0-dim tensor (differentiable in the energy's
+    parameters: its gradient is -E_p[grad E])."""
+    _, values, area = _grid_energies(energy, box, cells)
+    return torch.logsumexp(-values, 0) + math.log(area)
+
+
+@torch.no_grad()
+def exact_expectation(energy, f: Callable[[torch.Tensor], torch.Tensor], box: float = BOX,
+                      cells: int = 200) -> torch.Tensor:
+    """E_p[f(x)] with weights softmax(-E) over the grid cells; f maps (N, 2) points to (N, ...)."""
+    points, energies, _ = _grid_energies(energy, box, cells)
+    weights = torch.softmax(-energies, 0)
+    values = f(points)
+    if values.shape[:1] != (points.shape[0],):
+        raise ValueError(f"f must return one value (or row) per point, shape ({points.shape[0]}, "
+                         f"...), got {tuple(values.shape)}")
+    return torch.tensordot(weights.to(values.dtype), values, dims=1)
+
+
+@torch.no_grad()
+def exact_nll(energy, data: torch.Tensor, box: float = BOX, cells: int = 300) -> float:
+    """Mean -log p(data) with p = exp(-E) / Z, Z summed on the grid."""
+    return float(energy(data).mean() + log_partition(energy, box, cells))
+
+
+def exact_ml_gradient(energy: nn.Module, data: torch.Tensor, box: float = BOX,
+                      cells: int = 200) -> list[torch.Tensor]:
+    """Gradients of the exact NLL, mean E(data) + log Z, w.r.t. ``trainable_parameters(energy)``:
+    E_data[grad E] - E_p[grad E] with the model expectation summed exactly on the grid."""
+    with torch.enable_grad():
+        nll = energy(data).mean() + log_partition(energy, box, cells)
+        return list(torch.autograd.grad(nll, trainable_parameters(energy)))
+
+
+@torch.no_grad()
+def exact_samples(energy, n: int, *, seed: int, step: int, box: float = BOX,
+                  cells: int = 200) -> torch.Tensor:
+    """n independent draws of grid cell centres with probabilities softmax(-E) (inverse CDF of
+    noise-spec uniforms at (seed, step)): the negatives an ideal sampler would give."""
+    n = validation.integer(n, "n", low=1)
+    points, energies, _ = _grid_energies(energy, box, cells)
+    cdf = torch.softmax(-energies.double(), 0).cumsum(0)
+    u = philox_uniform((n,), seed=seed, step=step, device=points.device).double() * cdf[-1]
+    # u in [0, total): cell i is drawn for cdf[i-1] <= u < cdf[i] (right=True), so a cell of
+    # probability 0 is never drawn; the clamp only absorbs rounding at the top end.
+    return points[torch.searchsorted(cdf, u, right=True).clamp_(max=points.shape[0] - 1)]
