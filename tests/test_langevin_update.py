@@ -1,6 +1,7 @@
 """The langevin_update op: reference semantics from first principles, validation, registration
 (opcheck, autograd, torch.compile). Backends against the reference: test_langevin_update_backends.py."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,6 +106,14 @@ def test_bad_input_names_the_argument():
         (dict(step_size=torch.ones(4, dtype=torch.int64)), TypeError, "step_size"),
         (dict(step_size=torch.tensor(0.1, device="meta")), ValueError, "step_size"),
         (dict(clamp=(1.0, -1.0)), ValueError, "clamp"),
+        (dict(clamp=(float("nan"), 1.0)), ValueError, r"clamp\[0\] must not be NaN"),
+        (dict(clamp=(-1.0, float("nan"))), ValueError, r"clamp\[1\] must not be NaN"),
+        (dict(grad_clip=float("nan")), ValueError, "grad_clip must not be NaN"),
+        (dict(grad_clip=True), TypeError, "grad_clip"),
+        (dict(grad_clip=1e-320), ValueError, "grad_clip must be at least"),  # subnormal
+        (dict(step_size=1e309), ValueError, "step_size"),  # inf
+        (dict(step=2**32), ValueError, "step"),
+        (dict(step=torch.tensor([1])), TypeError, "step"),
         (dict(clamp=1.0), TypeError, "clamp"),
         (dict(grad_clip=0.0), ValueError, "grad_clip"),
         (dict(grad_clip_mode="max"), ValueError, "grad_clip_mode"),
@@ -120,6 +129,17 @@ def test_bad_input_names_the_argument():
     for kwargs, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             call(**kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    x, g = _inputs()
+    kwargs = dict(seed=5, step=3, stream=1, chain_offset=2, grad_clip=0.5, clamp=(-1.0, 1.0))
+    want = ebm_fast.langevin_update(x, g, 0.25, 0.5, **kwargs)
+    got = ebm_fast.langevin_update(
+        x, g, np.float32(0.25), np.float64(0.5), seed=np.uint64(5), step=np.int32(3),
+        stream=np.int64(1), chain_offset=np.int8(2), grad_clip=np.float32(0.5),
+        clamp=(np.float64(-1.0), np.int64(1)))
+    assert torch.equal(got, want)
 
 
 def test_out_refuses_autograd():

@@ -195,6 +195,62 @@ def test_opcheck(backend):
         torch.library.opcheck(_langevin_update_op, (x, grad, *params, 0.5, "norm", -1.0, 1.0))
 
 
+EVERY_BACKEND = [pytest.param("reference", id="reference"), *kernel_backends()]
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_out_partially_overlapping_x_or_grad_is_refused(backend):
+    """out one row past x (or grad) in the same storage would read rows it already overwrote;
+    out exactly x or exactly grad is an in-place update."""
+    device = kernel_device(backend)
+    gen = torch.Generator().manual_seed(4)
+    buf, grad = torch.randn(9, 4, generator=gen).to(device), torch.randn(8, 4, generator=gen).to(device)
+    args = (0.1, 0.3)
+    kwargs = dict(seed=0, step=0, grad_clip=1.0, grad_clip_mode="norm")
+    with use_backend(backend):
+        want = ebm_fast.langevin_update(buf[:8], grad, *args, **kwargs)
+        with pytest.raises(ValueError, match="out partially overlaps x"):
+            ebm_fast.langevin_update(buf[:8], grad, *args, out=buf[1:], **kwargs)
+        grad_buf = torch.cat([grad, grad[:1]])
+        with pytest.raises(ValueError, match="out partially overlaps grad"):
+            ebm_fast.langevin_update(buf[:8], grad_buf[:8], *args, out=grad_buf[1:], **kwargs)
+        x = buf[:8].clone()
+        assert torch.equal(ebm_fast.langevin_update(x, grad, *args, out=x, **kwargs), want)
+        g = grad.clone()
+        assert torch.equal(ebm_fast.langevin_update(buf[:8], g, *args, out=g, **kwargs), want)
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+@pytest.mark.parametrize("grad_clip_mode", ["value", "norm"])
+def test_limits_beyond_the_compute_dtype_limit_nothing(backend, grad_clip_mode):
+    """grad_clip and clamp bounds are taken in the compute dtype: beyond float32's range they
+    round to inf and limit nothing, alike on every backend (1e300 gave NaN on cpu and an
+    overflow error on the reference); a grad_clip below the smallest normal is refused."""
+    device = kernel_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    x, grad = (torch.randn(3, 5, generator=gen).to(device) for _ in range(2))
+    kwargs = dict(seed=1, step=2, grad_clip_mode=grad_clip_mode)
+    with use_backend(backend):
+        plain = ebm_fast.langevin_update(x, grad, 0.1, 0.5, **kwargs)
+        huge = ebm_fast.langevin_update(x, grad, 0.1, 0.5, grad_clip=1e300,
+                                        clamp=(-1e300, 1e300), **kwargs)
+        pinned = ebm_fast.langevin_update(x, grad, 0.1, 0.5, clamp=(1e300, None), **kwargs)
+        with pytest.raises(ValueError, match="smallest normal"):
+            ebm_fast.langevin_update(x, grad, 0.1, 0.5, grad_clip=1e-40, **kwargs)
+    assert torch.equal(huge, plain)
+    assert (pinned == float("inf")).all()
+    if backend != "triton":  # float64: 1e150 is a finite limit there, and clips as one
+        x64, grad64 = x.double(), grad.double() * 1e150
+        with use_backend(backend):
+            clipped = ebm_fast.langevin_update(x64, grad64, 1.0, 0.0, grad_clip=1e150, **kwargs)
+        if grad_clip_mode == "value":
+            want = x64 - grad64.clamp(-1e150, 1e150)
+        else:
+            norms = grad64.reshape(3, -1).norm(dim=1, keepdim=True)
+            want = x64 - grad64 * (1e150 / norms.clamp(min=1e150))
+        torch.testing.assert_close(clipped, want)
+
+
 CPU_ONLY = pytest.mark.skipif(unavailable_reason("cpu") is not None,
                               reason=f"cpu backend unavailable: {unavailable_reason('cpu')}")
 

@@ -140,6 +140,21 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="distribution"):
         from ebm_fast.ops.philox import philox
         philox((2, 2), seed=0, step=0, distribution="cauchy")
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        noise.philox_normal((2, 2), seed=0, step=-1)
+    with pytest.raises(TypeError, match=r"shape\[0\] must be an int, got 2.5"):  # not truncated
+        noise.philox_normal((2.5,), seed=0, step=0)
+    with pytest.raises(TypeError, match=r"shape\[1\]"):
+        noise.philox_normal((2, True), seed=0, step=0)
+    with pytest.raises(ValueError, match=r"shape\[1\] must be >= 0"):
+        noise.philox_normal((2, -1), seed=0, step=0)
+
+
+def test_numpy_integers_are_ints():
+    want = noise.philox_bits((3, 4), seed=2**64 - 1, step=7, stream=2, chain_offset=5)
+    got = noise.philox_bits((np.int64(3), np.uint8(4)), seed=np.uint64(2**64 - 1),
+                            step=np.int32(7), stream=np.int16(2), chain_offset=np.int64(5))
+    assert torch.equal(got, want)
 
 
 def test_philox_op_passes_opcheck():
