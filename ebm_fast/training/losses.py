@@ -1,0 +1,433 @@
+"""Training losses: one callable object per gradient estimator, each named for what it is.
+
+``loss = est(x_pos)`` (``est(x_pos, y)`` with a per-class buffer) draws negatives with the
+estimator's sampler and returns
+
+    mean E(x+) - mean E(x-) + alpha * (mean E(x+)^2 + mean E(x-)^2)
+
+(the IGEBM energy-magnitude regulariser with weight alpha), whose gradient in the energy's
+parameters is the estimator's gradient: E_data[grad E] - E_negatives[grad E] plus the
+regulariser's. Sampling runs with the parameters frozen (the samplers switch requires_grad off),
+so only the returned loss carries gradients to them. ``est.last`` holds the iteration's
+statistics (:class:`LossStats`). The estimators differ in where the chains start:
+
+* :class:`ContrastiveDivergence` (CD-k, Hinton 2002): at the positive batch, k steps. Not the ML
+  gradient in general; CD-0's gradient is exactly 0.
+* :class:`PersistentCD` (Tieleman 2008): one persistent chain per batch slot, never restarted.
+* :class:`PersistentML`: IGEBM/JEM replay-buffer training (Du & Mordatch 2019; Grathwohl et al.
+  2020): chains drawn from a ReplayBuffer (fresh noise with its reinit_prob), run, written back.
+  Gagnon & Lajoie (2022, arXiv 2202.12176) show this is approximate maximum likelihood, not CD:
+  the chains never restart at the data, they persist toward the model distribution.
+* :class:`ShortRunML` (Nijkamp et al. 2019): fresh chains from ``init(batch)`` every iteration.
+* :class:`KLPersistentML` (Du et al. 2021): PersistentML plus the KL term of the sampler's
+  distribution, its last step differentiated through ``langevin_update``'s autograd, and a
+  nearest-neighbour entropy term (see docs/training.md for what they optimise).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+
+from ebm_fast import validation
+from ebm_fast.buffer import ReplayBuffer
+from ebm_fast.noise import STREAM_PROPOSAL
+from ebm_fast.ops import langevin_update
+from ebm_fast.samplers import LangevinSampler, MALASampler
+
+__all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
+           "ShortRunML", "KLPersistentML", "trainable_parameters", "energies"]
+
+
+@dataclasses.dataclass
+class LossStats:
+    """Statistics of one loss evaluation; tensors are detached 0-dim tensors on the energy's
+    device (reading them synchronises with it, so a trainer reads them only when it logs).
+
+    negatives: the iteration's negatives x- (detached). energy_pos / energy_neg: mean E(x+)
+    and mean E(x-). sampler_seconds: host wall-clock time spent drawing negatives (not
+    synchronised with an asynchronous device).
+    With ``track_chains`` on (one extra energy evaluation in the sampler): chain_grad_norm, the
+    chains' mean input-gradient norm averaged over chains; chain_displacement, the mean
+    |x_K - x_0| of the chains. reinit_fraction: fraction of buffer draws replaced by fresh noise
+    (buffer losses, when the buffer reports it). KLPersistentML: kl (mean E of the KL chains,
+    parameters frozen) and entropy (mean log nearest-neighbour distance; None until the buffer
+    holds enough samples).
+    """
+
+    negatives: torch.Tensor
+    energy_pos: torch.Tensor
+    energy_neg: torch.Tensor
+    sampler_seconds: float
+    chain_grad_norm: torch.Tensor | None = None
+    chain_displacement: torch.Tensor | None = None
+    reinit_fraction: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def trainable_parameters(energy) -> list[torch.Tensor]:
+    """The energy's parameters with requires_grad; ValueError when there are none."""
+    if not isinstance(energy, torch.nn.Module):
+        raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
+                        f"{type(energy).__name__}")
+    params = [p for p in energy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
+                         "train")
+    return params
+
+
+def energies(energy, x: torch.Tensor) -> torch.Tensor:
+    """energy(x) as a (B,) tensor; a clear error unless it returns (B,) or (B, 1)."""
+    value = energy(x)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
+    if tuple(value.shape) not in ((x.shape[0],), (x.shape[0], 1)):
+        raise ValueError(f"energy(x) must return shape ({x.shape[0]},) or ({x.shape[0]}, 1), one "
+                         f"energy per sample, got {tuple(value.shape)}")
+    return value.reshape(x.shape[0])
+
+
+@contextlib.contextmanager
+def _frozen(params: list[torch.Tensor]):
+    """requires_grad off for the block (gradients reach nothing through these parameters)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _check_batch(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a leading batch axis with at least one sample, got "
+                         f"shape {tuple(x.shape)}")
+
+
+class EBMLoss(abc.ABC):
+    """Shared machinery: the loss from positives and negatives, statistics, state.
+
+    Subclasses define :meth:`negatives`. ``track_chains`` (default False) asks the sampler for
+    per-chain diagnostics (an extra energy evaluation); a Trainer switches it on for the
+    iterations it logs.
+    """
+
+    #: whether the loss takes class labels y (a per-class buffer)
+    conditional = False
+
+    def __init__(self, sampler, alpha):
+        if not isinstance(sampler, (LangevinSampler, MALASampler)):
+            raise TypeError(f"sampler must be an ebm_fast.LangevinSampler or MALASampler, got "
+                            f"{type(sampler).__name__}")
+        self.sampler = sampler
+        self.energy = sampler.energy
+        self.parameters = trainable_parameters(self.energy)
+        self.alpha = validation.real(alpha, "alpha", low=0.0)
+        self.track_chains = False
+        self.last: LossStats | None = None
+
+    # -- the loss ---------------------------------------------------------------------------
+    def __call__(self, x_pos: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        _check_batch(x_pos, "x_pos")
+        if y is not None and not self.conditional:
+            raise ValueError(f"y was given but {type(self).__name__} takes no labels (only a "
+                             "per-class replay buffer uses them)")
+        if y is None and self.conditional:
+            raise ValueError(f"y (the class of each positive sample) is required: the buffer of "
+                             f"{type(self).__name__} has n_classes={self.buffer.n_classes}")
+        start = time.perf_counter()
+        stats = {}
+        x_neg = self.negatives(x_pos, y, stats).detach()
+        sampler_seconds = time.perf_counter() - start
+        e_pos = energies(self.energy, x_pos)
+        e_neg = energies(self.energy, x_neg)
+        loss = e_pos.mean() - e_neg.mean()
+        if self.alpha:
+            loss = loss + self.alpha * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+        loss = loss + self.extra_terms(stats)
+        self.last = LossStats(negatives=x_neg, energy_pos=e_pos.detach().mean(), energy_neg=e_neg.detach().mean(),
+                              sampler_seconds=sampler_seconds, **stats)
+        return loss
+
+    @abc.abstractmethod
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: dict) -> torch.Tensor:
+        """The negatives for the positive batch x_pos (no graph); statistics go into ``stats``
+        (keys of LossStats)."""
+
+    def extra_terms(self, stats: dict) -> torch.Tensor | float:
+        """Terms added to the loss beyond the ML surrogate and the regulariser (none here)."""
+        return 0.0
+
+    def _run(self, x0: torch.Tensor, stats: dict, n_steps: int | None = None) -> torch.Tensor:
+        """The sampler's chains from x0, recording chain statistics when tracking."""
+        if not self.track_chains:
+            return self.sampler.sample(x0, n_steps)
+        x, info = self.sampler.sample(x0, n_steps, return_info=True)
+        stats["chain_grad_norm"] = info.mean_grad_norm.mean()
+        stats["chain_displacement"] = info.displacement.mean()
+        return x
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed loss needs to continue the same run (loadable with weights_only)."""
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"{type(self).__name__} state_dict is missing {sorted(missing)} "
+                             "(saved from another kind of loss?)")
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class ContrastiveDivergence(EBMLoss):
+    """CD-k (Hinton 2002): k sampler steps from the positive batch itself; k = 0 uses the
+    positives as negatives (gradient exactly 0: the two energies are evaluated separately)."""
+
+    def __init__(self, sampler, k: int, alpha: float = 0.0):
+        super().__init__(sampler, alpha)
+        self.k = validation.integer(k, "k", low=0)
+
+    def negatives(self, x_pos, y, stats):
+        if self.k == 0:
+            return x_pos.detach()
+        return self._run(x_pos, stats, self.k)
+
+
+class PersistentCD(EBMLoss):
+    """Persistent CD (Tieleman 2008): one chain per batch slot, continued from where the last
+    iteration left it and never restarted. The chains start at the first positive batch, or at
+    ``init(batch_size)`` when given. The batch size cannot change between calls."""
+
+    def __init__(self, sampler, alpha: float = 0.0, *,
+                 init: Callable[[int], torch.Tensor] | None = None):
+        super().__init__(sampler, alpha)
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be None or a callable batch_size -> initial states, got "
+                            f"{type(init).__name__}")
+        self.init = init
+        self.chains: torch.Tensor | None = None
+
+    def negatives(self, x_pos, y, stats):
+        if self.chains is None:
+            self.chains = (x_pos.detach().clone() if self.init is None
+                           else _initial_states(self.init, x_pos))
+        elif self.chains.shape != x_pos.shape:
+            raise ValueError(f"x_pos has shape {tuple(x_pos.shape)} but the persistent chains "
+                             f"have {tuple(self.chains.shape)}: persistent CD keeps one chain per "
+                             "batch slot (use full batches, e.g. DataLoader(drop_last=True))")
+        self.chains = self._run(self.chains, stats)
+        return self.chains
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "chains": self.chains}
+
+    def load_state_dict(self, state: dict) -> None:
+        chains = state.get("chains") if isinstance(state, dict) else None
+        if chains is not None and not isinstance(chains, torch.Tensor):
+            raise ValueError(f"state_dict['chains'] must be None or a tensor, got "
+                             f"{type(chains).__name__}")
+        super().load_state_dict(state)
+        self.chains = None if chains is None else chains.clone()
+
+
+def _initial_states(init: Callable[[int], torch.Tensor], x_pos: torch.Tensor) -> torch.Tensor:
+    """init(batch) checked against the positive batch's shape and device."""
+    x0 = init(x_pos.shape[0])
+    _check_batch(x0, "init(batch_size)")
+    if x0.shape != x_pos.shape:
+        raise ValueError(f"init(batch_size) must return the positive batch's shape "
+                         f"{tuple(x_pos.shape)}, got {tuple(x0.shape)}")
+    validation.same_device(x_pos.device, "x_pos", **{"init(batch_size)": x0})
+    return x0
+
+
+class ShortRunML(EBMLoss):
+    """Short-run ML (Nijkamp et al. 2019): fresh chains from ``init(batch_size)`` (noise) every
+    iteration, run the sampler's n_steps. Its randomness is init's (save the generator it uses
+    with the run; the Trainer saves torch's global generator)."""
+
+    def __init__(self, sampler, init: Callable[[int], torch.Tensor], alpha: float = 0.0):
+        super().__init__(sampler, alpha)
+        if not callable(init):
+            raise TypeError(f"init must be a callable batch_size -> initial states, got "
+                            f"{type(init).__name__}")
+        self.init = init
+
+    def negatives(self, x_pos, y, stats):
+        return self._run(_initial_states(self.init, x_pos), stats)
+
+
+class PersistentML(EBMLoss):
+    """Replay-buffer approximate ML (IGEBM/JEM): draw len(x_pos) chains from the buffer (each
+    replaced by fresh init noise with the buffer's reinit_prob), run the sampler, write them back
+    to their slots. With a per-class buffer (n_classes set) call ``est(x_pos, y)``: chain i is
+    drawn from and written back to class y[i]."""
+
+    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0):
+        super().__init__(sampler, alpha)
+        if not isinstance(buffer, ReplayBuffer):
+            raise TypeError(f"buffer must be an ebm_fast.ReplayBuffer, got "
+                            f"{type(buffer).__name__}")
+        self.buffer = buffer
+        self.conditional = buffer.n_classes is not None
+
+    def draw(self, x_pos: torch.Tensor, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial states and slots for the positive batch from the buffer."""
+        if tuple(x_pos.shape[1:]) != self.buffer.sample_shape:
+            raise ValueError(f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
+                             f"holds samples of shape {self.buffer.sample_shape}")
+        return self.buffer.sample(x_pos.shape[0], y=y)
+
+    def negatives(self, x_pos, y, stats):
+        x0, slots = self.draw(x_pos, y)
+        x = self._run(x0, stats)
+        self.buffer.push(x, slots)
+        return x
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The buffer first: it refuses a differently configured state before copying anything.
+        if isinstance(state, dict) and "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+        super().load_state_dict(state)
+
+
+class KLPersistentML(PersistentML):
+    """Du et al. (2021), "Improved contrastive divergence training of energy-based models".
+
+    PersistentML's loss plus ``kl_weight * L_KL - entropy_weight * H``:
+
+    * the sampler runs K - 1 steps without a graph, then the last step is taken again on at most
+      ``kl_chains`` chains through ``langevin_update``'s autograd with the energy gradient kept
+      in the graph (create_graph), so the sample x_kl depends on the parameters theta;
+    * L_KL = mean E_theta_bar(x_kl), the energy evaluated with its parameters frozen: the gradient
+      reaches theta only through the sample (it trains the last step to lower the energy of what
+      it produces);
+    * H = mean_i log min_j |x_kl,i - b_j|, the nearest-neighbour distance to ``entropy_samples``
+      buffer draws (an entropy estimate of the samples, up to constants), used once the buffer
+      holds more than 1000 written samples;
+    * ``augment``: an optional callable applied to the buffer draws before sampling (Du et al.
+      use crops, flips and colour jitter on images); it must return the same shape.
+
+    Needs a LangevinSampler with a step size and noise that are numbers or per-chain tensors
+    (the last step's sizes are taken from them).
+    """
+
+    #: the entropy term starts once the buffer holds more written samples than this
+    ENTROPY_MIN_FILLED = 1000
+
+    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
+                 kl_weight: float = 1.0, entropy_weight: float = 0.3, kl_chains: int = 128,
+                 entropy_samples: int = 100, augment: Callable | None = None):
+        if not isinstance(sampler, LangevinSampler):
+            raise TypeError(f"KLPersistentML needs an ebm_fast.LangevinSampler (its last step is "
+                            f"differentiated through langevin_update), got "
+                            f"{type(sampler).__name__}")
+        for value, name in ((sampler.step_size, "step_size"),
+                            (sampler.noise_scale, "noise_scale"),
+                            (sampler.temperature, "temperature")):
+            if callable(value) and not isinstance(value, torch.Tensor):
+                raise TypeError(f"KLPersistentML needs the sampler's {name} as a number or a "
+                                "tensor, not a schedule")
+        super().__init__(sampler, buffer, alpha)
+        self.kl_weight = validation.real(kl_weight, "kl_weight", low=0.0)
+        self.entropy_weight = validation.real(entropy_weight, "entropy_weight", low=0.0)
+        self.kl_chains = validation.integer(kl_chains, "kl_chains", low=1)
+        self.entropy_samples = validation.integer(entropy_samples, "entropy_samples", low=1)
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be None or a callable x -> x, got "
+                            f"{type(augment).__name__}")
+        self.augment = augment
+        self._filled = False  # the buffer held > ENTROPY_MIN_FILLED samples (stays true)
+
+    def negatives(self, x_pos, y, stats):
+        x0, slots = self.draw(x_pos, y)
+        if self.augment is not None:
+            augmented = self.augment(x0)
+            if not isinstance(augmented, torch.Tensor) or augmented.shape != x0.shape:
+                raise ValueError(f"augment must return a tensor of the draw's shape "
+                                 f"{tuple(x0.shape)}, got "
+                                 f"{getattr(augmented, 'shape', type(augmented).__name__)}")
+            x0 = augmented
+        # Drawn before the push: the chains' own new states are not their neighbours.
+        reference = self._entropy_reference(y)
+        k = self.sampler.n_steps
+        x_prev = x0 if k == 1 else self._run(x0, stats, k - 1)
+        step = self.sampler.state_dict()["step"]  # the noise counter of the last step
+        x = self.sampler.sample(x_prev, 1)
+        self.buffer.push(x, slots)
+        self._kl_inputs = (x_prev, step, reference)
+        return x
+
+    def _entropy_reference(self, y) -> torch.Tensor | None:
+        if self.entropy_weight == 0:
+            return None
+        if not self._filled:
+            self._filled = len(self.buffer) > self.ENTROPY_MIN_FILLED  # a host read until true
+            if not self._filled:
+                return None
+        # A per-class buffer is drawn within the KL chains' classes, cycled.
+        labels = None if y is None else y[torch.arange(self.entropy_samples,
+                                                       device=y.device) % y.shape[0]]
+        return self.buffer.sample(self.entropy_samples, y=labels)[0]
+
+    def last_step(self, x_prev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The sampler's last step from x_prev on the first kl_chains chains, differentiable in
+        the energy's parameters through the energy gradient (same noise as the sampler's)."""
+        sampler = self.sampler
+        n = min(self.kl_chains, x_prev.shape[0])
+        x = x_prev[:n].detach().requires_grad_(True)
+        dtype = validation.compute_dtype(x.dtype)
+
+        def per_step(value):  # a number, 0-dim or per-chain tensor, as the sampler's table row
+            if isinstance(value, torch.Tensor):
+                return (value[:n] if value.dim() == 1 else value).to(device=x.device, dtype=dtype)
+            return torch.full((), float(value), dtype=dtype, device=x.device)
+
+        eps = per_step(sampler.step_size)
+        sigma = (per_step(sampler.noise_scale) if sampler.noise_scale is not None
+                 else (2 * eps * per_step(sampler.temperature)).sqrt())
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(energies(self.energy, x).sum(), x, create_graph=True)
+            return langevin_update(x.detach(), grad, eps, sigma, seed=sampler.state_dict()["seed"],
+                                   step=step, stream=STREAM_PROPOSAL,
+                                   chain_offset=sampler.chain_offset, grad_clip=sampler.grad_clip,
+                                   grad_clip_mode=sampler.grad_clip_mode, clamp=sampler.clamp)
+
+    def kl_term(self, x_prev: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+        """(L_KL = mean E_theta_bar(x_kl), x_kl): the last step from x_prev at noise counter
+        step, the energy evaluated with its parameters frozen."""
+        x_kl = self.last_step(x_prev, step)
+        with _frozen(self.parameters):
+            return energies(self.energy, x_kl).mean(), x_kl
+
+    def extra_terms(self, stats: dict) -> torch.Tensor:
+        x_prev, step, reference = self._kl_inputs
+        del self._kl_inputs  # the graph it belongs to ends with this iteration
+        kl, x_kl = self.kl_term(x_prev, step)
+        stats["kl"] = kl.detach()
+        extra = self.kl_weight * kl
+        if reference is not None:
+            nearest = torch.cdist(x_kl.flatten(1), reference.flatten(1).to(x_kl.dtype)).amin(1)
+            entropy = nearest.log().mean()
+            stats["entropy"] = entropy.detach()
+            extra = extra - self.entropy_weight * entropy
+        return extra
