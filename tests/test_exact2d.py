@@ -58,7 +58,8 @@ def test_exact_expectation_of_a_gaussian():
     model = Gaussian([0.3, -0.2], 0.7)
     mean = exact2d.exact_expectation(model, lambda x: x, 4.0, 200)
     torch.testing.assert_close(mean, model.mu.detach(), atol=GRID_TOL, rtol=0)
-    second = exact2d.exact_expectation(model, lambda x: ((x - model.mu.detach()) ** 2).sum(1), 4.0, 200)
+    second = exact2d.exact_expectation(model, lambda x: ((x - model.mu.detach()) ** 2).sum(1),
+                                       4.0, 200)
     assert float(second) == pytest.approx(2 * 0.49, rel=GRID_TOL)
 
 

@@ -32,8 +32,8 @@ def test_readme_opens_with_the_two_commands():
 
 def test_demo_trains_and_reports(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert cli.main(["demo", "--iterations", "30", "--batch", "64", "--steps", "5", "--log-every", "10",
-                      "--buffer-size", "500", "--json", str(out)]) == 0
+    assert cli.main(["demo", "--iterations", "30", "--batch", "64", "--steps", "5",
+                     "--log-every", "10", "--buffer-size", "500", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "iteration   30/30" in printed and "ebm_fast vs the plain loop" in printed
     runs = {run["kind"]: run for run in json.loads(out.read_text())["runs"]}

@@ -32,6 +32,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    sys.argv = [str(args.script), *args.args]
-    runpy.run_path(str(args.script), run_name="__main__")
+    # The script reads its options from sys.argv, as when run by itself.
+    caller_argv, sys.argv = sys.argv, [str(args.script), *args.args]
+    try:
+        runpy.run_path(str(args.script), run_name="__main__")
+    finally:
+        sys.argv = caller_argv
     return 0

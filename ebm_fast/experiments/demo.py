@@ -1,7 +1,7 @@
 """Train a small 2-D EBM with ebm_fast and with the plain loop; report speed and exact held-out NLL.
 
-``ebm-fast demo``: 
-both runs use the same model initialisation, data and hyper-parameters and the same estimator:
+``ebm-fast demo``. Both runs use the same model initialisation, data and hyper-parameters and the
+same estimator:
 replay-buffer training in the style of Du & Mordatch (2019) — persistent chains drawn from a
 buffer, a few Langevin steps, written back. Gagnon & Lajoie (2022) show this is approximate
 maximum likelihood, not contrastive divergence (CD starts its chains at the data), so it is named
@@ -16,7 +16,6 @@ both alike; each keeps its own random state, so the results equal two separate r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time

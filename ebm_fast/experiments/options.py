@@ -12,8 +12,8 @@ import torch
 
 from ebm_fast import validation
 
-__all__ = ["count", "non_negative_count", "grid_cells", "positive_real", "non_negative_real", "probability", "seed",
-           "output_file", "device"]
+__all__ = ["count", "non_negative_count", "grid_cells", "positive_real", "non_negative_real",
+           "probability", "seed", "output_file", "device"]
 
 count = validation.argparse_type(validation.integer, low=1)
 non_negative_count = validation.argparse_type(validation.integer, low=0)
@@ -31,7 +31,7 @@ def output_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file name")
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent  # "." for a bare file name
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"directory {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()

@@ -1,4 +1,4 @@
-"""Measure CD-k, persistent ML and short-run ML gradients against the exact ML gradient of a 2-D EBM.
+"""Measure CD-k, persistent ML and short-run ML gradients against a 2-D EBM's exact ML gradient.
 
 ``ebm-fast study``: the model is a partly trained MLP energy of a ring of Gaussians; the exact
 gradient comes from ebm_fast.exact2d's grid sums; each estimator is scored by its cosine and
