@@ -1,4 +1,4 @@
-"""Command line: ``ebm-fast COMMAND [options]`` (``ebm-fast COMMAND -h`` for each command)."""
+"""The ebm_fast command line: ebm-fast COMMAND [options] (ebm-fast COMMAND -h for its options)."""
 
 from __future__ import annotations
 
