@@ -16,11 +16,10 @@ from typing import Callable
 import torch
 
 from ebm_fast import validation
-from ebm_fast.noise import STREAM_BUFFER_QUANTIZE
+from ebm_fast.noise import STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_REINIT_DECISION, philox_uniform
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import OUTPUT_DTYPES, buffer_sample
 from ebm_fast.reference.buffer_push import POLICIES
-from ebm_fast.reference.buffer_sample import reinit_decisions
 
 STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 INITS = ("uniform", "gaussian")
@@ -110,6 +109,8 @@ class ReplayBuffer:
         self.init = init if callable(init) else validation.choice(init, "init", INITS)
         self.init_range = (lo, hi)
         self.reinit_prob = validation.real(reinit_prob, "reinit_prob", low=0.0, high=1.0)
+        # Compared in float32 as the kernels do; a 0-dim CPU tensor works with any device.
+        self._reinit_threshold = torch.tensor(self.reinit_prob, dtype=torch.float32)
         self.n_classes = n_classes
         self.policy = validation.choice(policy, "policy", POLICIES)
         self.rank = validation.integer(rank, "rank", low=0)
@@ -145,6 +146,8 @@ class ReplayBuffer:
         """
         if not isinstance(samples, torch.Tensor):
             raise TypeError(f"samples must be a tensor, got {type(samples).__name__}")
+        if not samples.dtype.is_floating_point:
+            raise TypeError(f"samples must be a floating tensor, got {samples.dtype}")
         if samples.dim() < 2 or samples.shape[0] == 0:
             raise ValueError("samples must have shape (n, *sample_shape) with n >= 1, got "
                              f"{tuple(samples.shape)}")
@@ -264,6 +267,15 @@ class ReplayBuffer:
         validation.chain_offset(self._chain_offset, (batch, self._features),
                                 f"rank {self.rank}'s first chain index")
 
+    def _reinit_decisions(self, slots: torch.Tensor) -> torch.Tensor:
+        """Which chains of the draw at the current counter got init values: the kernels' rule
+        (ebm_fast/reference/buffer_sample.py), its uniforms from the fast Philox op (the
+        reference's pure-torch Philox costs milliseconds per batch)."""
+        u = philox_uniform(slots.shape, seed=self._seed, step=self._draws,
+                           stream=STREAM_BUFFER_REINIT_DECISION, chain_offset=self._chain_offset,
+                           device=self.device)
+        return (u < self._reinit_threshold) | (self._written[slots] == 0)
+
     # -- hot path ---------------------------------------------------------------------------
     def sample(self, batch_size: int, y=None, *, return_reinit: bool = False):
         """Draw ``batch_size`` chains: returns (x (batch_size, *sample_shape) in ``dtype``,
@@ -298,9 +310,7 @@ class ReplayBuffer:
             reinit_prob=self.reinit_prob,
             init_kind="values" if init_values is not None else self.init,
             lo=self.init_range[0], hi=self.init_range[1], y=y, init_values=init_values)
-        # The kernel's own rule (the reference is the spec), at the same draw counter.
-        reinit = reinit_decisions(batch_size, slots, self._written, self.reinit_prob, self._seed,
-                                  self._draws, self._chain_offset) if return_reinit else None
+        reinit = self._reinit_decisions(slots) if return_reinit else None
         self._draws.add_(1)
         x = x.reshape(batch_size, *self.sample_shape)
         return (x, slots, reinit) if return_reinit else (x, slots)
