@@ -14,7 +14,6 @@ import hashlib
 import os
 import platform
 import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +23,6 @@ EXTENSION_NAME = "ebm_fast_cpu"
 # is keyed by the CPU's features (extension_name()).
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DEBM_FAST_BUILD"]
 LD_FLAGS = ["-fopenmp"]
-# A cached build loads in well under a second: a load still running after this long is compiling.
-BUILD_NOTICE_AFTER_S = 5.0
 
 
 def sources() -> list[str]:
@@ -54,22 +51,34 @@ def extension_name() -> str:
     return f"{EXTENSION_NAME}_{digest}"
 
 
+def _cached_build_is_current() -> bool:
+    """Whether torch's extension cache holds a build newer than every source here, so that loading
+    compiles nothing. (A change of CXX_FLAGS alone also rebuilds, unannounced.)"""
+    from torch.utils import cpp_extension
+
+    name = extension_name()
+    # torch's own cache folder for the name (honours $TORCH_EXTENSIONS_DIR); private but stable.
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    try:
+        built = library.stat().st_mtime
+    except OSError:
+        return False
+    return all(path.stat().st_mtime <= built for path in CSRC.iterdir()
+               if path.suffix in (".cpp", ".h"))
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[bool, str | None]:
     if os.environ.get("EBM_FAST_DISABLE_CPP") == "1":
         return False, "disabled by EBM_FAST_DISABLE_CPP=1"
     if not sources():
         return False, f"no C++ sources found in {CSRC}"
-    from torch.utils import cpp_extension
-
-    # Announced only once the load is slow, that is when it compiles (torch's builder cannot be
-    # asked beforehand): loading a cached build stays quiet.
-    notice = threading.Timer(BUILD_NOTICE_AFTER_S, print, args=(
-        "ebm_fast: building the C++ CPU kernels (the first build takes about a minute)...",),
-        kwargs={"file": sys.stderr, "flush": True})
-    notice.daemon = True
-    notice.start()
     try:
+        from torch.utils import cpp_extension
+
+        if not _cached_build_is_current():  # announce a build, not the load of a cached one
+            print("ebm_fast: building the C++ CPU kernels (the first build takes about a "
+                  "minute)...", file=sys.stderr, flush=True)
         cpp_extension.load(
             name=extension_name(),
             sources=sources(),
@@ -85,8 +94,6 @@ def _load() -> tuple[bool, str | None]:
             f"the C++ extension failed to build ({first_line}); it needs g++ and ninja "
             "(`pip install ninja`); run `ebm-fast build` to see the full log"
         )
-    finally:
-        notice.cancel()
     return True, None
 
 

@@ -65,6 +65,24 @@ def test_missing_cpp_backend_falls_back_with_one_warning():
     assert "cpu" not in backends
 
 
+def test_cached_cpp_build_loads_quietly():
+    """The "building ... about a minute" notice is for a build, not for loading a cached one."""
+    if "cpu" not in ebm_fast.available_backends():  # builds it here if needed
+        pytest.skip("cpu backend unavailable")
+    code = "from ebm_fast import _cpp\nprint(_cpp.load_error())\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "None", result.stderr
+    assert "building" not in result.stderr
+
+
+def test_an_empty_extension_cache_is_announced_as_a_build(monkeypatch, tmp_path):
+    from ebm_fast import _cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _cpp._cached_build_is_current()
+
+
 def test_cpp_build_is_keyed_by_the_cpu_features(monkeypatch):
     """-march=native builds are cached per CPU feature set, so a cache shared between machines
     never loads a build whose instructions this CPU lacks."""

@@ -300,6 +300,16 @@ def test_bad_input_is_refused_naming_the_argument(name, value, error):
         mala_accept(*positional, **inputs)
 
 
+def test_mutated_tensors_partially_overlapping_the_proposal_are_refused():
+    inputs = _valid_inputs()
+    states = torch.cat([inputs["x"], inputs["y"][:1]])
+    inputs["x"], inputs["y"] = states[:4], states[1:]
+    positional = [inputs.pop(k) for k in ("x", "y", "grad_x", "grad_y", "energy_x", "energy_y",
+                                          "step_size", "temperature")]
+    with pytest.raises(ValueError, match="x partially overlaps y"):
+        mala_accept(*positional, **inputs)
+
+
 def test_energy_of_half_precision_states_must_be_float32():
     inputs = _valid_inputs()
     x, y, gx, gy = (inputs[k].to(torch.bfloat16) for k in ("x", "y", "grad_x", "grad_y"))
