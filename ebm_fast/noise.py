@@ -14,6 +14,23 @@ A chain's noise depends only on (seed, step, stream, global element index):
 The public draws (:func:`philox_normal`, :func:`philox_uniform`, :func:`philox_bits`) run on the
 selected backend; the ``*_ref`` functions here are the specification. Integers are carried in
 int64 tensors holding uint32 values, so the reference needs no unsigned dtype support.
+
+What agrees exactly, and what only to rounding:
+
+* Bit-identical across backends (reference, cpu, triton): the raw Philox words
+  (:func:`philox_bits`), the uniforms (an exact integer-to-float conversion and one correctly
+  rounded float32 product), and what is decided from them alone: MALA's uniforms, the replay
+  buffer's slot choices, re-initialisation decisions, uniform re-initialisation values,
+  quantisation and stochastic rounding.
+* Bit-identical for one backend with itself on one machine: any split of a batch into chunks (chain_offset),
+  any thread count, and a chain resumed from a saved step counter.
+* Equal only to rounding across backends: the normals. Box-Muller's log, sqrt, cos and sin are
+  each backend's own float32 functions (torch's, the C++ kernels' polynomial ones, Triton's
+  libdevice), so the same uniforms give normals that differ in the last bits (reference against
+  cpu: about 6 in 10 values, by at most ~1e-6). Everything computed from normals inherits this:
+  Langevin updates, gaussian buffer re-initialisation, and so whole chains, which drift apart
+  by about 1e-6 over tens of steps (and MALA chains may then take a different decision where
+  the accept probability is within that of the uniform).
 """
 
 from __future__ import annotations
