@@ -22,8 +22,8 @@ What agrees exactly, and what only to rounding:
   rounded float32 product), and what is decided from them alone: MALA's uniforms, the replay
   buffer's slot choices, re-initialisation decisions, uniform re-initialisation values,
   quantisation and stochastic rounding.
-* Bit-identical for one backend with itself on one machine: any split of a batch into chunks (chain_offset),
-  any thread count, and a chain resumed from a saved step counter.
+* Bit-identical for one backend with itself on one machine: any split of a batch into chunks
+  (chain_offset), any thread count, and a chain resumed from a saved step counter.
 * Equal only to rounding across backends: the normals. Box-Muller's log, sqrt, cos and sin are
   each backend's own float32 functions (torch's, the C++ kernels' polynomial ones, Triton's
   libdevice), so the same uniforms give normals that differ in the last bits (reference against
