@@ -537,3 +537,26 @@ def test_from_tensor_takes_jems_per_class_layout_or_labels():
         ReplayBuffer.from_tensor(rows, labels)
     with pytest.raises(ValueError, match="equal"):
         ReplayBuffer.from_tensor(rows, n_classes=3)
+
+
+def test_from_tensor_recipe_for_an_igebm_list_buffer_keeps_its_fifo_order():
+    class IGEBMBuffer:  # IGEBM's replay buffer: a list ring with a head (baselines' layout)
+        def __init__(self, size):
+            self._storage, self._maxsize, self._next_idx = [], size, 0
+
+        def add(self, ims):
+            for im in ims:
+                if self._next_idx >= len(self._storage):
+                    self._storage.append(im)
+                else:
+                    self._storage[self._next_idx] = im
+                self._next_idx = (self._next_idx + 1) % self._maxsize
+
+    old = IGEBMBuffer(5)
+    old.add(np.arange(7, dtype=np.float32)[:, None] / 10)  # 0.0 .. 0.6: 0.0, 0.1 replaced
+    rows = old._storage[old._next_idx:] + old._storage[:old._next_idx]  # the docs' recipe
+    buffer = ReplayBuffer.from_tensor(torch.from_numpy(np.stack(rows)).float(),
+                                      capacity=old._maxsize, init_range=(0.0, 1.0), seed=0)
+    old.add(np.array([[0.9]], dtype=np.float32))
+    buffer.push(torch.tensor([[0.9]]))
+    assert sorted(_stored(buffer)[:, 0].tolist()) == sorted(float(r[0]) for r in old._storage)
