@@ -96,3 +96,12 @@ def compile_for_sm90(script: str):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def examples(n: int):
+    """@settings for a property that runs n examples under the dev profile, scaled with the
+    loaded profile (ci: 4n, thorough: 40n; see conftest.py)."""
+    from hypothesis import settings
+
+    scale = settings.default.max_examples / settings.get_profile("dev").max_examples
+    return settings(max_examples=max(1, round(n * scale)))

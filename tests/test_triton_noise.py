@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ebm_fast.backends import unavailable_reason
@@ -24,7 +24,7 @@ from ebm_fast.kernels.triton import philox as triton_philox  # noqa: E402
 from ebm_fast.kernels.triton._noise import (  # noqa: E402
     read_scalar, scalar_arg, spec_normal, spec_uniform, spec_words)
 from helpers import (  # noqa: E402
-    assert_within_eager_error, compile_for_sm90, counter, kernel_device)
+    assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
 
 DEVICE = kernel_device("triton")
 SEEDS = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63, 2**64 - 1, 2**32 - 1]))
@@ -96,7 +96,7 @@ def _assert_philox_out_matches_reference(out, seed, step, stream, chain_offset, 
         assert torch.equal(out.cpu(), want)
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(chains=st.integers(1, 5), per_chain=st.integers(1, 9), chain_offset=CHAIN_OFFSETS,
        seed=SEEDS, step=STEPS, stream=st.integers(0, 2**32 - 1),
        distribution=st.sampled_from(["bits", "uniform", "normal"]),

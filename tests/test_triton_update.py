@@ -6,7 +6,7 @@ or on a GPU. Backend-parametrised comparisons live in test_langevin_update_backe
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ebm_fast.backends import unavailable_reason
@@ -20,7 +20,7 @@ import ebm_fast  # noqa: E402
 from ebm_fast.kernels.triton import langevin_update as triton_langevin  # noqa: E402
 from ebm_fast.reference.langevin_update import langevin_update_ref  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_within_eager_error, compile_for_sm90, counter, kernel_device)
+    assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
 
 DEVICE = kernel_device("triton")
 SEEDS = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63, 2**64 - 1, 2**32 - 1]))
@@ -98,7 +98,7 @@ def test_norm_clip_scales_over_several_blocks_splits_and_scale_programs(
                                rtol=1e-5, atol=0)
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        per_chain_params=st.booleans(), params_on_device=st.booleans(), grad_clip=GRAD_CLIPS,
