@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Mutation check: plant realistic bugs, one at a time, in a temporary copy of the repository and
+check that the tests meant to catch each one fail.
+
+Each mutant is (name, file, exact old snippet, new snippet, tests). The snippet must occur exactly
+once in the file; a refactoring that moves or rewrites it is reported as "snippet not found" (or
+"snippet ambiguous"), so the list is kept in step with the code rather than silently skipped.
+
+    python scripts/mutants.py                 # every mutant, from the committed tree (HEAD)
+    python scripts/mutants.py --worktree      # from the working tree, uncommitted edits included
+    python scripts/mutants.py --only NAME ... # some of them
+    python scripts/mutants.py --list          # names, files and tests only
+
+The copy gets its own TORCH_EXTENSIONS_DIR (the unmutated C++ build, made once by the baseline
+run and shared by the Python mutants; each C++ mutant builds its own), so the user's cached
+build is never touched. The files of the checkout itself are never modified.
+Exit status: 0 when every mutant was caught, 1 otherwise, 2 when the unmutated tests fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, run with -x
+
+    @property
+    def is_cpp(self) -> bool:
+        return self.path.endswith((".cpp", ".h"))
+
+
+TRITON = "ebm_fast/kernels/triton/"
+MUTANTS = [
+    # -- kernel index arithmetic
+    Mutant("triton_update_drops_the_tiles_chain_base", TRITON + "langevin_update.py",
+           "chain = first_chain + local.to(tl.int32) // per_chain.to(tl.int32)",
+           "chain = local.to(tl.int32) // per_chain.to(tl.int32)",
+           ("tests/test_triton_update.py::test_update_across_several_programs",)),
+    Mutant("triton_grid_ignores_the_alignment_shift", TRITON + "_noise.py",
+           "(triton.cdiv(triton.cdiv(numel + shift, 4), groups),)",
+           "(triton.cdiv(triton.cdiv(numel, 4), groups),)",
+           ("tests/test_triton_noise.py::test_philox_out_across_program_tiles",)),
+    Mutant("triton_buffer_gather_drops_the_column_offset", TRITON + "buffer_sample.py",
+           "stored = tl.load(storage_ptr + slot[:, None] * features + j[None, :],",
+           "stored = tl.load(storage_ptr + slot[:, None] * features + (j % BLOCK)[None, :],",
+           ("tests/test_triton_buffer.py::test_sample_across_several_programs",)),
+    Mutant("triton_buffer_push_drops_the_column_offset", TRITON + "buffer_push.py",
+           "tl.store(storage_ptr + target[:, None] * features + j[None, :], row, mask=mask)",
+           "tl.store(storage_ptr + target[:, None] * features + (j % BLOCK)[None, :], row, "
+           "mask=mask)",
+           ("tests/test_triton_buffer.py::test_push_across_several_programs",)),
+    Mutant("triton_mala_copies_only_the_first_block", TRITON + "mala_accept.py",
+           "        mask = copy_rows & (start + column < per_chain)\n"
+           "        offset = row + start + column\n",
+           "        mask = copy_rows & (column < per_chain)\n"
+           "        offset = row + column\n",
+           ("tests/test_triton_mala.py",)),
+    Mutant("triton_norm_partial_sums_step_by_block_not_chunk", TRITON + "langevin_update.py",
+           "start = split.to(tl.int64) * chunk", "start = split.to(tl.int64) * BLOCK",
+           ("tests/test_triton_update.py::"
+            "test_norm_clip_scales_over_several_blocks_splits_and_scale_programs",)),
+    # -- noise counters and streams
+    Mutant("triton_mala_uniform_ignores_chain_offset", TRITON + "mala_accept.py",
+           "spec_uniform(seed, step, stream, chain_offset + chain)",
+           "spec_uniform(seed, step, stream, chain)",
+           ("tests/test_triton_mala.py",)),
+    Mutant("triton_buffer_slot_on_the_reinit_stream", TRITON + "buffer_sample.py",
+           "STREAM_SLOT=STREAM_BUFFER_SLOT", "STREAM_SLOT=STREAM_BUFFER_REINIT_DECISION",
+           ("tests/test_triton_buffer.py::test_sample_across_several_programs",)),
+    Mutant("portable_philox_drops_the_counters_high_word", "ebm_fast/csrc/philox.h",
+           "static_cast<uint32_t>(block >> 32), s.step,", "0u, s.step,",
+           ("tests/test_cpp_paths.py::test_each_philox_path_matches_the_spec",)),
+    Mutant("mala_accepts_on_the_proposal_stream", "ebm_fast/samplers/mala.py",
+           "seed, step, STREAM_MALA_ACCEPT, chain_offset)",
+           "seed, step, STREAM_PROPOSAL, chain_offset)",
+           ("tests/test_mala_spec.py",)),
+    # -- step counters across calls
+    Mutant("sampler_reuses_the_last_step_of_a_call", "ebm_fast/samplers/base.py",
+           "        self._step += n_steps\n", "        self._step += n_steps - 1\n",
+           ("tests/test_mala_spec.py",)),
+    # -- clamp / clip order
+    Mutant("triton_update_clamps_before_adding_noise", TRITON + "langevin_update.py",
+           "    new = (x - step_size * grad) + noise_scale * noise\n"
+           "    if CLAMP_LO:\n"
+           "        new = tl.maximum(new, clamp_lo, propagate_nan=tl.PropagateNan.ALL)\n"
+           "    if CLAMP_HI:\n"
+           "        new = tl.minimum(new, clamp_hi, propagate_nan=tl.PropagateNan.ALL)\n",
+           "    new = x - step_size * grad\n"
+           "    if CLAMP_LO:\n"
+           "        new = tl.maximum(new, clamp_lo, propagate_nan=tl.PropagateNan.ALL)\n"
+           "    if CLAMP_HI:\n"
+           "        new = tl.minimum(new, clamp_hi, propagate_nan=tl.PropagateNan.ALL)\n"
+           "    new = new + noise_scale * noise\n",
+           ("tests/test_triton_update.py",)),
+    Mutant("triton_norm_clip_scales_up_small_gradients", TRITON + "langevin_update.py",
+           "bound = tl.maximum(norm, grad_clip, propagate_nan=tl.PropagateNan.ALL)",
+           "bound = norm",
+           ("tests/test_triton_update.py",)),
+    # -- per-chain parameters
+    Mutant("mala_proposal_ignores_the_temperature", "ebm_fast/samplers/mala.py",
+           "(2 * eps * temperature).sqrt()", "(2 * eps).sqrt()",
+           ("tests/test_mala_spec.py",)),
+    Mutant("triton_mala_reads_chain_0s_step_size", TRITON + "mala_accept.py",
+           "eps = (zeros + read_chain_param(step_size, chain, live, STEP_SIZE_MODE))[:, None]",
+           "eps = (zeros + read_chain_param(step_size, chain * 0, live, STEP_SIZE_MODE))"
+           "[:, None]",
+           ("tests/test_triton_mala.py",)),
+    # -- buffer slot draws and reinit
+    Mutant("triton_buffer_slot_by_modulo", TRITON + "buffer_sample.py",
+           "slot = ((r.to(tl.uint64) * slots_per_class.to(tl.uint64)) >> 32).to(tl.int64)",
+           "slot = (r.to(tl.uint64) % slots_per_class.to(tl.uint64)).to(tl.int64)",
+           ("tests/test_triton_buffer.py::test_sample_across_several_programs",)),
+    Mutant("triton_buffer_reads_unwritten_slots", TRITON + "buffer_sample.py",
+           "reinit = (spec_uniform(seed, step, STREAM_DECISION, chain) < reinit_prob) | "
+           "(written == 0)",
+           "reinit = spec_uniform(seed, step, STREAM_DECISION, chain) < reinit_prob",
+           ("tests/test_triton_buffer.py::test_sample_across_several_programs",)),
+    Mutant("buffer_reinit_mask_forgets_unwritten_slots", "ebm_fast/buffer.py",
+           "return (u < self._reinit_threshold) | (self._written[slots] == 0)",
+           "return u < self._reinit_threshold",
+           ("tests/test_buffer.py::test_return_reinit_marks_exactly_the_reinitialised_chains",)),
+    # -- reservoir and FIFO counts
+    Mutant("push_ignores_the_rank_within_the_batch", "ebm_fast/reference/buffer_push.py",
+           "seen = count[cls] + rank", "seen = count[cls]",
+           ("tests/test_buffer.py::test_fifo_keeps_the_latest_items_in_ring_order",
+            "tests/test_buffer_kernels.py::test_push_matches_reference")),
+    Mutant("reservoir_fills_one_slot_too_many", "ebm_fast/reference/buffer_push.py",
+           "torch.where(seen < slots_per_class, base + seen,",
+           "torch.where(seen <= slots_per_class, base + seen,",
+           ("tests/test_buffer_kernels.py::test_push_matches_reference",
+            "tests/test_buffer.py::test_reservoir_inclusion_probability_is_capacity_over_count")),
+    # -- MALA correction
+    Mutant("triton_mala_correction_sign_flipped", TRITON + "mala_accept.py",
+           "log_alpha = -(energy_y - energy_x) / temp - total / (4 * temp)",
+           "log_alpha = -(energy_y - energy_x) / temp + total / (4 * temp)",
+           ("tests/test_triton_mala.py",)),
+    Mutant("reference_mala_correction_ignores_the_temperature",
+           "ebm_fast/reference/mala_accept.py",
+           "- proposal_log_ratio_sum(x, y, grad_x, grad_y, step_size) / (4 * temp))",
+           "- proposal_log_ratio_sum(x, y, grad_x, grad_y, step_size) / 4)",
+           ("tests/test_mala_accept.py", "tests/test_statistics.py")),
+    Mutant("cpp_mala_correction_sign_flipped", "ebm_fast/csrc/mala_accept.cpp",
+           "const acc_t log_alpha = -(e_y - e_x) / temp - sum / (4 * temp);",
+           "const acc_t log_alpha = -(e_y - e_x) / temp + sum / (4 * temp);",
+           ("tests/test_cpp_paths.py::test_mala_accept_split_over_threads",)),
+    # -- state_dict fields
+    Mutant("buffer_load_state_dict_forgets_the_draw_counter", "ebm_fast/buffer.py",
+           'for name in ("seed", "storage", "written", "count", "draws"):\n'
+           '            getattr(self, f"_{name}").copy_(state[name])',
+           'for name in ("seed", "storage", "written", "count"):\n'
+           '            getattr(self, f"_{name}").copy_(state[name])',
+           ("tests/test_buffer.py::test_state_dict_resumes_bit_identically",)),
+    Mutant("sampler_load_state_dict_keeps_its_own_seed", "ebm_fast/samplers/base.py",
+           "        self._seed = seed.clone()\n", "",
+           ("tests/test_samplers.py::test_resume_continues_the_same_trajectories",)),
+]
+
+
+def copy_repository(destination: Path, worktree: bool) -> None:
+    """The committed tree (git archive HEAD) or the working tree's tracked and unignored files."""
+    if not worktree:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+        return
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard",
+                            "-z"], check=True, capture_output=True, text=True).stdout
+    for name in filter(None, files.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def plant(root: Path, mutant: Mutant) -> str | None:
+    """Write the mutant into the copy; None, or why it could not be planted."""
+    path = root / mutant.path
+    if not path.is_file():
+        return f"file {mutant.path} not found"
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        return f"snippet {'not found' if count == 0 else f'ambiguous ({count} matches)'} in " \
+               f"{mutant.path}"
+    path.write_text(text.replace(mutant.old, mutant.new))
+    return None
+
+
+def run_pytest(root: Path, tests, env: dict, timeout: float) -> tuple[int, str]:
+    """(pytest's exit code, its last summary line), stopping at the first failure."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return done.returncode, (failed[0] if failed else lines[-1] if lines else done.stderr[-300:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--worktree", action="store_true",
+                        help="copy the working tree (uncommitted edits included), not HEAD")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = parser.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutants: {sorted(unknown)}")
+        mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}\n    {m.path}\n    tests: {' '.join(m.tests)}")
+        return 0
+
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="ebm_fast_mutants_"))
+    try:
+        copy_repository(root, args.worktree)
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
+               "TORCH_EXTENSIONS_DIR": str(root / ".torch_extensions"),
+               "HYPOTHESIS_PROFILE": "dev"}
+        env.pop("EBM_FAST_DISABLE_CPP", None)
+        baseline_tests = sorted({t for m in mutants for t in m.tests})
+        print(f"baseline: the unmutated tests ({len(baseline_tests)} selections) ...", flush=True)
+        code, summary = run_pytest(root, baseline_tests, env, args.timeout * 2)
+        print(f"  {summary} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if code != 0:
+            print("the unmutated tests fail: fix them before judging mutants")
+            return 2
+
+        outcomes = []
+        for mutant in mutants:
+            path = root / mutant.path
+            original = path.read_text() if path.is_file() else None
+            t0 = time.perf_counter()
+            problem = plant(root, mutant)
+            if problem is not None:
+                outcome, detail = "NOT PLANTED", problem
+            else:
+                mutant_env = env
+                if mutant.is_cpp:  # its own build; the shared one stays the unmutated one
+                    mutant_env = {**env, "TORCH_EXTENSIONS_DIR":
+                                  str(root / f".torch_extensions_{mutant.name}")}
+                code, detail = run_pytest(root, mutant.tests, mutant_env, args.timeout)
+                # 1: a test failed; 2: collection or import failed (also a catch).
+                outcome = {0: "MISSED", 1: "caught", 2: "caught"}.get(code, "ERROR")
+            if original is not None:
+                path.write_text(original)
+            seconds = time.perf_counter() - t0
+            outcomes.append((mutant.name, outcome, seconds, detail))
+            print(f"{outcome:>11}  {mutant.name}  ({seconds:.0f} s)  {detail}", flush=True)
+    finally:
+        if args.keep:
+            print(f"copy kept at {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    caught = sum(outcome == "caught" for _, outcome, _, _ in outcomes)
+    print(f"\n{caught} of {len(outcomes)} mutants caught; total "
+          f"{time.perf_counter() - started:.0f} s")
+    for name, outcome, _, detail in outcomes:
+        if outcome != "caught":
+            print(f"  {outcome}: {name}: {detail}")
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
