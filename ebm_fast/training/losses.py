@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from ebm_fast import validation
+from ebm_fast.backends import use_backend
 from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.noise import STREAM_PROPOSAL
 from ebm_fast.ops import langevin_update
@@ -404,7 +405,10 @@ class KLPersistentML(PersistentML):
         eps = per_step(sampler.step_size)
         sigma = (per_step(sampler.noise_scale) if sampler.noise_scale is not None
                  else (2 * eps * per_step(sampler.temperature)).sqrt())
-        with torch.enable_grad():
+        # The sampler's backend: the same kernel draws the same noise to the last bit.
+        backend = (contextlib.nullcontext() if sampler.backend == "auto"
+                   else use_backend(sampler.backend))
+        with torch.enable_grad(), backend:
             (grad,) = torch.autograd.grad(energies(self.energy, x).sum(), x, create_graph=True)
             return langevin_update(x.detach(), grad, eps, sigma, seed=sampler.state_dict()["seed"],
                                    step=step, stream=STREAM_PROPOSAL,
