@@ -24,11 +24,8 @@ pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
                                 reason=f"triton backend unavailable: {unavailable_reason('triton')}")
 
 import ebm_fast  # noqa: E402
-from ebm_fast import noise  # noqa: E402
-from ebm_fast.kernels.triton.philox import philox_out  # noqa: E402
-from ebm_fast.ops._dispatch import kernel_entry  # noqa: E402
-from ebm_fast.reference.buffer_push import buffer_push_out as push_ref  # noqa: E402
-from ebm_fast.reference.buffer_sample import buffer_sample_out as sample_ref  # noqa: E402
+from ebm_fast import noise, reference  # noqa: E402
+from ebm_fast.kernels import triton as triton_kernels  # noqa: E402
 from helpers import counter, kernel_device  # noqa: E402
 from test_mala_accept import _check_backend_against_reference  # noqa: E402
 from test_triton_update import _assert_update_close, _run_update, _update_inputs  # noqa: E402
@@ -72,7 +69,8 @@ def test_kernel_update_at_scale_matches_reference(dtype, grad_clip, grad_clip_mo
 def test_kernel_philox_at_scale_is_bit_exact(distribution):
     dtype = torch.int32 if distribution == "bits" else torch.float32
     out = torch.empty(UPDATE_SHAPE, dtype=dtype, device=DEVICE)
-    philox_out(out, counter(SEED, DEVICE), counter(STEP, DEVICE), 5, CHAIN_OFFSET, distribution)
+    triton_kernels.KERNELS["philox"](out, counter(SEED, DEVICE), counter(STEP, DEVICE), 5,
+                                     CHAIN_OFFSET, distribution)
     draw = noise.philox_bits_ref if distribution == "bits" else noise.philox_uniform_ref
     want = draw(UPDATE_SHAPE, seed=SEED, step=STEP, stream=5, chain_offset=CHAIN_OFFSET,
                 device=DEVICE)
@@ -124,10 +122,11 @@ def test_kernel_buffer_cycle_at_scale_matches_reference(storage_dtype, policy, c
     appended = (torch.rand(BUFFER_BATCH, features, generator=gen) * 2.2 - 1.1).to(DEVICE)
     y = torch.randint(0, N_CLASSES, (BUFFER_BATCH,), generator=gen).to(DEVICE)
     stochastic = storage_dtype == torch.uint8
-    got = _buffer_cycle(kernel_entry("buffer_sample", "triton"),
-                        kernel_entry("buffer_push", "triton"),
+    got = _buffer_cycle(triton_kernels.KERNELS["buffer_sample"],
+                        triton_kernels.KERNELS["buffer_push"],
                         [t.clone() for t in state], appended, y, policy, stochastic)
-    want = _buffer_cycle(sample_ref, push_ref, state, appended, y, policy, stochastic)
+    want = _buffer_cycle(reference.KERNELS["buffer_sample"], reference.KERNELS["buffer_push"],
+                         state, appended, y, policy, stochastic)
     for name, a, b in zip(("batch", "slots", "storage", "written", "count"), got, want):
         assert torch.equal(a, b), name
 
