@@ -21,7 +21,6 @@ import torch
 
 from ebm_fast import _cpp, reference
 from ebm_fast.backends import backend_for, forced_backend
-from ebm_fast.validation import counter
 
 
 def kernel_for(op: str, tensor: torch.Tensor) -> Callable:
@@ -51,7 +50,5 @@ def run_op(registered_op: Callable, implementation: Callable, *args):
     return implementation(*args)
 
 
-# Old names, imported by samplers/_old.py, buffer.py and tests/test_triton_kernels.py until they
-# use kernel_for and validation.counter.
+# The old name, imported by samplers/kernels.py until it calls kernel_for (same signature).
 float_kernel_for = kernel_for
-as_int64_scalar = counter

@@ -13,8 +13,6 @@ import torch
 from ebm_fast import validation
 from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.langevin_update import chain_norms, per_chain, pre_clamp_update
-# Re-exported for samplers/_old.py until it imports them from ebm_fast.validation.
-from ebm_fast.validation import GRAD_CLIP_MODES, SUPPORTED_DTYPES  # noqa: F401
 
 
 def write_update(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
