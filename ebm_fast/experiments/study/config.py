@@ -1,0 +1,96 @@
+"""The study's settings: one dataclass, the full run and the --quick run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ebm_fast import validation
+from ebm_fast.exact2d import BOX
+
+__all__ = ["StudyConfig", "FULL", "QUICK"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study run depends on besides its seed (written into results.json).
+
+    Shared: an MLP energy 2-hidden-hidden-1 on ring-of-Gaussians data, Langevin with step_size
+    at temperature 1 (sigma = sqrt(2 step_size)) clamped to the box, Adam(lr, betas (0, 0.999)),
+    exact quantities on a cells x cells grid.
+    E1: at the exact-ML iterations ``checkpoints`` (early, middle, converged), ``e1_replicas``
+    independent gradient estimates of ``e1_batch`` chains per estimator and k in ``e1_steps``;
+    persistent estimators first take ceil(e1_warm_steps / k) calls at that model.
+    E2: ``e2_chains`` chains per start, histograms of ``bins`` x ``bins`` cells, the SE from
+    ``e2_subsets`` disjoint subsets of the chains; the buffer start is a persistent-ML buffer of
+    ``buffer_size`` slots run ``e2_buffer_calls`` calls at the model.
+    E3-E5: ``seeds`` training runs per method of ``iterations`` Adam steps, batch
+    ``train_batch``, ``train_steps`` sampler steps per iteration, evaluated ``eval_points`` times;
+    E4 draws ``e4_samples`` short-run samples per model; E5 trains persistent ML at each of
+    ``temperatures``.
+    """
+
+    hidden: int = 32
+    step_size: float = 0.01
+    lr: float = 3e-3
+    box: float = BOX
+    cells: int = 100
+    train_size: int = 2000
+    heldout_size: int = 2000
+    buffer_size: int = 10_000
+    reinit_prob: float = 0.05
+    checkpoints: tuple = (25, 150, 1000)
+    e1_steps: tuple = (1, 10, 50)
+    e1_replicas: int = 100
+    e1_batch: int = 128
+    e1_warm_steps: int = 200
+    e2_chains: int = 100_000
+    e2_steps: tuple = (0, 1, 5, 10, 50)
+    e2_subsets: int = 5
+    e2_buffer_calls: int = 100
+    bins: int = 50
+    seeds: int = 5
+    iterations: int = 500
+    train_batch: int = 128
+    train_steps: int = 10
+    eval_points: int = 10
+    e4_samples: int = 20_000
+    temperatures: tuple = (0.01, 0.1, 0.3, 1.0)
+
+    def __post_init__(self):
+        for name, low in (("hidden", 1), ("cells", 2), ("train_size", 1), ("heldout_size", 1),
+                          ("buffer_size", 1), ("e1_replicas", 2), ("e1_batch", 1),
+                          ("e1_warm_steps", 0), ("e2_chains", 2), ("e2_subsets", 2),
+                          ("e2_buffer_calls", 0),
+                          ("bins", 2), ("seeds", 2), ("iterations", 1), ("train_batch", 1),
+                          ("train_steps", 1), ("eval_points", 1), ("e4_samples", 2)):
+            validation.integer(getattr(self, name), name, low=low)
+        for name in ("step_size", "lr", "box"):
+            validation.real(getattr(self, name), name, low=0.0, low_open=True)
+        validation.real(self.reinit_prob, "reinit_prob", low=0.0, high=1.0)
+        if self.e2_chains % self.e2_subsets:
+            raise ValueError(f"e2_chains ({self.e2_chains}) must be a multiple of e2_subsets "
+                             f"({self.e2_subsets})")
+        for name, low in (("checkpoints", 0), ("e1_steps", 1), ("e2_steps", 0)):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
+            for value in values:
+                validation.integer(value, name, low=low)
+            if list(values) != sorted(set(values)):
+                raise ValueError(f"{name} must be increasing, got {values!r}")
+        if len(self.checkpoints) != 3:
+            raise ValueError(f"checkpoints must name 3 iteration counts (early, middle, "
+                             f"converged), got {self.checkpoints!r}")
+        if not isinstance(self.temperatures, tuple) or 1.0 not in self.temperatures:
+            raise ValueError(f"temperatures must be a tuple holding 1.0 (E3's persistent ML "
+                             f"runs), got {self.temperatures!r}")
+        for value in self.temperatures:
+            validation.real(value, "temperatures", low=0.0, low_open=True)
+
+
+FULL = StudyConfig()
+# Same structure, fewer repetitions: 20 replicas in E1, 20k chains in E2, 2 seeds of 150
+# iterations in E3-E5 and two temperatures.
+QUICK = dataclasses.replace(FULL, e1_replicas=20, e1_warm_steps=100, e2_chains=20_000,
+                            e2_steps=(0, 1, 10, 50), seeds=2, iterations=150, e4_samples=5000,
+                            temperatures=(0.1, 1.0))
