@@ -7,8 +7,10 @@ from ebm_fast.training.diagnostics import DivergenceMonitor, TrainingWarning
 from ebm_fast.training.losses import (ContrastiveDivergence, EBMLoss, KLPersistentML, LossStats,
                                       PersistentCD, PersistentML, ShortRunML, energies,
                                       trainable_parameters)
+from ebm_fast.training.jem import JEM, JEMStats, LogitsEnergy, expected_calibration_error
 from ebm_fast.training.trainer import Trainer
 
 __all__ = ["ContrastiveDivergence", "PersistentCD", "PersistentML", "ShortRunML",
            "KLPersistentML", "EBMLoss", "LossStats", "Trainer", "DivergenceMonitor",
-           "TrainingWarning", "energies", "trainable_parameters"]
+           "TrainingWarning", "energies", "trainable_parameters", "JEM", "JEMStats", "LogitsEnergy",
+           "expected_calibration_error"]
