@@ -123,6 +123,9 @@ def grad_clip(value, name: str = "grad_clip") -> float | None:
     return real(value, name, low=0.0, low_open=True, allow_inf=True)
 
 
+_SMALLEST_NORMAL = {dtype_: torch.finfo(dtype_).tiny for dtype_ in (torch.float32, torch.float64)}
+
+
 def _rounded_to(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to nearest in ``dtype`` (float32 or float64): beyond the dtype's range it
     becomes +-inf, as the kernels' conversion makes it."""
@@ -146,8 +149,8 @@ def update_limits(grad_clip_value: float | None, clamp_lo: float | None, clamp_h
     """
     compute = compute_dtype(dtype)
     if grad_clip_value is not None:
-        if grad_clip_value < torch.finfo(compute).tiny:
-            raise ValueError(f"grad_clip must be at least {torch.finfo(compute).tiny} (the "
+        if grad_clip_value < _SMALLEST_NORMAL[compute]:
+            raise ValueError(f"grad_clip must be at least {_SMALLEST_NORMAL[compute]} (the "
                              f"smallest normal {compute}), got {grad_clip_value}")
         grad_clip_value = _rounded_to(grad_clip_value, compute)
         if math.isinf(grad_clip_value):
@@ -241,29 +244,29 @@ def same_layout(x: torch.Tensor, other, name: str) -> None:
         raise TypeError(f"{name} has dtype {other.dtype} but x has {x.dtype}")
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last) byte addresses a non-empty tensor's elements lie within."""
-    start = t.data_ptr()
-    last_offset = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return start, start + (last_offset + 1) * t.element_size()
+def _byte_extent(t: torch.Tensor) -> int:
+    """Bytes from a non-empty tensor's first element to the end of its last."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def no_partial_overlap(written: torch.Tensor, written_name: str, **read) -> None:
-    """``written`` (an output) and each tensor it is computed from (None skipped) are either the
-    very same elements (same start, shape and strides: an in-place update) or disjoint in
-    memory. A partial overlap would let the kernel read an input it already overwrote. Two
-    interleaved views whose memory spans cross are refused too (a cheap, conservative check).
-    Skipped while torch.compile traces: traced tensors have no addresses."""
+    """``written`` (an output) and each tensor it is computed from (None skipped; all on one
+    device) are either the very same elements (same start, shape and strides: an in-place
+    update) or disjoint in memory. A partial overlap would let the kernel read an input it
+    already overwrote. Two interleaved views whose memory spans cross are refused too (a cheap,
+    conservative check). Skipped while torch.compile traces: traced tensors have no addresses."""
     if torch.compiler.is_compiling() or not written.numel():
         return
-    span = _byte_span(written)
+    start, end = written.data_ptr(), None
     for name, tensor in read.items():
-        if tensor is None or not tensor.numel() or tensor.device != written.device:
+        if tensor is None or tensor is written or not tensor.numel():
             continue
-        same_elements = (tensor.data_ptr() == written.data_ptr()
-                         and tensor.shape == written.shape and tensor.stride() == written.stride())
-        other = _byte_span(tensor)
-        if not same_elements and other[0] < span[1] and span[0] < other[1]:
+        other = tensor.data_ptr()
+        if other == start and tensor.shape == written.shape and tensor.stride() == written.stride():
+            continue
+        end = start + _byte_extent(written) if end is None else end
+        if other < end and start < other + _byte_extent(tensor):
             raise ValueError(f"{written_name} partially overlaps {name} in memory: give a "
                              f"separate tensor, or {name} itself to update in place")
 
