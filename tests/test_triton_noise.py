@@ -118,8 +118,10 @@ def test_philox_out_matches_reference(chains, per_chain, chain_offset, seed, ste
 @pytest.mark.parametrize("distribution", ["bits", "normal"])
 @pytest.mark.parametrize("chain_offset", [0, 1, 2, 3])
 def test_philox_out_across_program_tiles(chain_offset, distribution):
-    """Several programs of the real tile (4 * GROUPS elements), chains straddling tile edges."""
-    shape = (3, 4 * triton_philox.GROUPS // 3 + 1)
+    """Several programs of the real tile (4 * GROUPS elements), chains straddling tile edges;
+    2 * 4 * GROUPS - 1 elements, so an alignment shift of 2 or 3 needs a third program."""
+    shape = (3, (2 * 4 * triton_philox.GROUPS - 1) // 3)
+    assert shape[0] * shape[1] == 2 * 4 * triton_philox.GROUPS - 1
     dtype = torch.int32 if distribution == "bits" else torch.float32
     out = torch.empty(shape, dtype=dtype, device=DEVICE)
     triton_philox.philox_out(out, counter(99, DEVICE), counter(4, DEVICE), 2, chain_offset,
