@@ -51,7 +51,8 @@ class Trainer:
             NonFiniteChainError).
         data_seed: seed of the data order (None: drawn from torch's global generator).
         monitor: the DivergenceMonitor (default thresholds when None).
-        callbacks: callables ``callback(trainer, record)`` run after each metrics record.
+        callbacks: callables ``callback(trainer, record)`` run for each metrics record before it
+            is written; they may add entries to it (an evaluation, the path of a plot).
 
     Each iteration reads the device once (whether loss and gradient norm are finite), as
     torch.amp.GradScaler does; logged iterations read their statistics once more.
@@ -202,12 +203,12 @@ class Trainer:
                   "nonfinite_skipped": self.nonfinite_skipped}
         record["warnings"] = self.monitor.update(record)
         self._window = {"iterations": 0, "seconds": 0.0, "sampler_seconds": 0.0}
+        for callback in self.callbacks:  # they may add entries (evaluations) to the record
+            callback(self, record)
         self.history.append(record)
         if self.out_dir is not None:
             with open(self.out_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        for callback in self.callbacks:
-            callback(self, record)
 
     # -- out_dir ----------------------------------------------------------------------------
     def _claim_out_dir(self) -> None:

@@ -1,0 +1,282 @@
+"""Train an EBM on a bundled data set: checkpoints, metrics.jsonl, PNGs, exact KL/NLL in 2-D.
+
+ebm-fast train --data ring --loss persistent --energy mlp --out runs/ring writes into runs/ring:
+config.json (the options), checkpoint.pt (every --checkpoint-every iterations and at the end),
+metrics.jsonl (every --log-every iterations) and a PNG every --plot-every iterations: for 2-D
+data the data, the learned density and the negatives, with the exact KL(data || model) (data
+sets with an analytic density) and the exact held-out NLL (partition function summed on a
+grid); for images a grid of negatives. ebm-fast train --resume runs/ring continues that run
+(to --iterations, if given, else to its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ebm_fast import LangevinSampler, ReplayBuffer, datasets, validation
+from ebm_fast.exact2d import BOX, exact_nll, grid, log_partition
+from ebm_fast.training import checkpoints
+from ebm_fast.training.losses import (ContrastiveDivergence, KLPersistentML, PersistentCD,
+                                      PersistentML, ShortRunML)
+from ebm_fast.training.trainer import CHECKPOINT_NAME, Trainer
+
+__all__ = ["add_arguments", "main", "build_energy", "exact_kl"]
+
+LOSSES = ("cd", "pcd", "persistent", "short_run", "kl")
+ENERGIES = ("mlp", "conv")
+CONFIG_NAME = "config.json"
+HELD_OUT = 5000
+GRID_CELLS = 200
+
+count = validation.argparse_type(validation.integer, low=1)
+positive_real = validation.argparse_type(validation.real, low=0.0, low_open=True)
+non_negative_real = validation.argparse_type(validation.real, low=0.0)
+probability = validation.argparse_type(validation.real, low=0.0, high=1.0)
+ema_decay = validation.argparse_type(validation.real, low=0.0, high=1.0, low_open=True,
+                                     high_open=True)
+seed = validation.argparse_type(validation.integer, low=0, high=2 ** 63)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", choices=(*datasets.TOY_2D, *datasets.IMAGES), default="ring")
+    parser.add_argument("--loss", choices=LOSSES, default="persistent",
+                        help="cd: CD-k from the data (k = --steps); pcd: persistent CD; "
+                             "persistent: replay-buffer ML (IGEBM/JEM); short_run: fresh noise "
+                             "chains; kl: persistent ML with Du et al. (2021)'s KL and entropy")
+    parser.add_argument("--energy", choices=ENERGIES, default="mlp",
+                        help="conv needs an image data set")
+    parser.add_argument("--out", type=Path, help="output directory (new, or holding no run)")
+    parser.add_argument("--resume", type=Path, help="continue the run in this directory")
+    parser.add_argument("--iterations", type=count, help="total iterations (default 3000)")
+    parser.add_argument("--batch", type=count, default=256)
+    parser.add_argument("--steps", type=count, default=20, help="Langevin steps per iteration")
+    parser.add_argument("--step-size", type=positive_real, default=0.01)
+    parser.add_argument("--noise-scale", type=non_negative_real, default=0.1414)
+    parser.add_argument("--alpha", type=non_negative_real, default=0.01,
+                        help="weight of the energy-magnitude regulariser")
+    parser.add_argument("--lr", type=positive_real, default=1e-3)
+    parser.add_argument("--buffer-size", type=count, default=10000)
+    parser.add_argument("--reinit-prob", type=probability, default=0.05)
+    parser.add_argument("--hidden", type=count, default=128, help="width of the MLP energy")
+    parser.add_argument("--ema", type=ema_decay, help="EMA decay of the weights (off if unset)")
+    parser.add_argument("--grad-clip", type=positive_real, help="max parameter-gradient norm")
+    parser.add_argument("--n-data", type=count, default=20000, help="2-D training points")
+    parser.add_argument("--value-range", choices=("-1,1", "0,1"), default="-1,1",
+                        help="pixel range of image data")
+    parser.add_argument("--log-every", type=count, default=100)
+    parser.add_argument("--checkpoint-every", type=count, default=500)
+    parser.add_argument("--plot-every", type=count, default=500,
+                        help="PNG every this many iterations (at log iterations)")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+
+def _usage_error(message: str) -> int:
+    print(f"ebm-fast train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_energy(kind: str, sample_shape: tuple, hidden: int) -> nn.Module:
+    """mlp: flatten -> hidden -> hidden -> 1 (SiLU); conv (images): three SiLU convolutions
+    (32, 64, 64 channels, the last two with stride 2) and a linear read-out."""
+    features = math.prod(sample_shape)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.SiLU(),
+                             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+    channels, height, width = sample_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+        nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), 1))
+
+
+@torch.no_grad()
+def exact_kl(energy, log_density, box: float = BOX, cells: int = GRID_CELLS) -> float:
+    """KL(data || model) = sum over grid cells of p_data (log p_data - log p_model) * area, with
+    the model normalised on the same grid."""
+    points, area = grid(box, cells, dtype=torch.float64)
+    param = next(energy.parameters())
+    log_model = -energy(points.to(param)).reshape(-1).double().cpu() - float(
+        log_partition(energy, box, cells))
+    log_data = log_density(points)
+    inside = torch.isfinite(log_data)
+    p = log_data[inside].exp()
+    return float((p * (log_data[inside] - log_model[inside])).sum() * area)
+
+
+def _load_data(args):
+    """(training data, held-out 2-D data or None, the data set's exact log density or None,
+    the chains' box (lo, hi))."""
+    if args.data in datasets.TOY_2D:
+        toy = datasets.TOY_2D[args.data]
+        generator = torch.Generator().manual_seed(args.seed)
+        return (toy.sample(args.n_data, generator), toy.sample(HELD_OUT, generator),
+                toy.log_density, (-BOX, BOX))
+    value_range = tuple(float(v) for v in args.value_range.split(","))
+    x, _ = datasets.IMAGES[args.data](value_range=value_range)
+    return x, None, None, value_range
+
+
+def _build_loss(args, energy, sample_shape, box):
+    sampler = LangevinSampler(energy, step_size=args.step_size, noise_scale=args.noise_scale,
+                              n_steps=args.steps, clamp=box, seed=args.seed + 1)
+
+    def noise(n: int) -> torch.Tensor:  # the global generator: the Trainer saves its state
+        return box[0] + (box[1] - box[0]) * torch.rand(n, *sample_shape, device=args.device)
+
+    if args.loss == "cd":
+        return ContrastiveDivergence(sampler, k=args.steps, alpha=args.alpha)
+    if args.loss == "pcd":
+        return PersistentCD(sampler, alpha=args.alpha)
+    if args.loss == "short_run":
+        return ShortRunML(sampler, noise, alpha=args.alpha)
+    buffer = ReplayBuffer(args.buffer_size, sample_shape, device=args.device, init_range=box,
+                          reinit_prob=args.reinit_prob, seed=args.seed + 2)
+    if args.loss == "persistent":
+        return PersistentML(sampler, buffer, alpha=args.alpha)
+    return KLPersistentML(sampler, buffer, alpha=args.alpha)
+
+
+class Plots:
+    """The 2-D evaluation (exact KL and held-out NLL into the record) and the PNGs."""
+
+    def __init__(self, args, out_dir: Path, held_out, log_density, box):
+        self.args, self.out_dir = args, out_dir
+        self.held_out, self.log_density, self.box = held_out, log_density, box
+
+    def __call__(self, trainer: Trainer, record: dict) -> None:
+        if record["iteration"] % self.args.plot_every and record["iteration"] != \
+                self.args.iterations:
+            return
+        energy = trainer.energy
+        negatives = trainer.loss.last.negatives.detach().cpu()
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = self.out_dir / f"iteration_{record['iteration']:07d}.png"
+        if self.held_out is None:
+            figure = _image_grid(plt, negatives[:64], self.box)
+            figure.suptitle(f"negatives at iteration {record['iteration']}")
+        else:
+            device = next(energy.parameters()).device
+            record["heldout_nll"] = exact_nll(energy, self.held_out.to(device), BOX, GRID_CELLS)
+            title = f"held-out NLL {record['heldout_nll']:.3f}"
+            if self.log_density is not None:
+                record["exact_kl"] = exact_kl(energy, self.log_density)
+                title += f", KL(data || model) {record['exact_kl']:.3f} nats"
+            figure = _density_figure(plt, energy, self.held_out, negatives)
+            figure.suptitle(f"iteration {record['iteration']}: {title}")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        record["png"] = path.name
+
+
+def _density_figure(plt, energy, data, negatives):
+    points, _ = grid(BOX, GRID_CELLS)
+    with torch.no_grad():
+        param = next(energy.parameters())
+        log_p = -energy(points.to(param)).reshape(GRID_CELLS, GRID_CELLS).cpu()
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    for ax, (title, x) in zip(axes[::2], (("data (held out)", data),
+                                          ("negatives", negatives))):
+        ax.scatter(*x[:2000].T.numpy(), s=1, alpha=0.5)
+        ax.set_title(title)
+    axes[1].imshow((log_p - log_p.max()).exp().T.numpy(), origin="lower", extent=(-BOX, BOX, -BOX, BOX),
+                   cmap="viridis")
+    axes[1].set_title("model density exp(-E)")
+    for ax in axes:
+        ax.set_xlim(-BOX, BOX)
+        ax.set_ylim(-BOX, BOX)
+        ax.set_aspect("equal")
+    return figure
+
+
+def _image_grid(plt, images, box):
+    n = images.shape[0]
+    side = math.ceil(math.sqrt(n))
+    channels, height, width = images.shape[1:]
+    tiles = torch.full((side * side, channels, height, width), box[0])
+    tiles[:n] = images.clamp(*box)
+    mosaic = tiles.view(side, side, channels, height, width).permute(0, 3, 1, 4, 2).reshape(
+        side * height, side * width, channels)
+    figure, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(((mosaic - box[0]) / (box[1] - box[0])).squeeze(-1).numpy(), cmap="gray",
+              vmin=0, vmax=1)
+    ax.axis("off")
+    return figure
+
+
+def _resolve_run(args):
+    """args completed from --resume's config, or a fresh run's config; usage errors as text."""
+    if args.resume is not None:
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            return None, "--resume continues in its own directory: leave out --out"
+        config_path = args.resume / CONFIG_NAME
+        if not (args.resume / CHECKPOINT_NAME).is_file() or not config_path.is_file():
+            return None, f"--resume {args.resume}: no {CHECKPOINT_NAME} and {CONFIG_NAME} there"
+        saved = json.loads(config_path.read_text())
+        iterations = args.iterations or saved["iterations"]
+        args = argparse.Namespace(**{**saved, "iterations": iterations,
+                                     "out": args.resume, "resume": args.resume})
+        return args, None
+    if args.out is None:
+        return None, "--out DIR is required (or --resume DIR)"
+    if args.energy == "conv" and args.data in datasets.TOY_2D:
+        return None, f"--energy conv needs an image data set, not {args.data}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return None, "--device cuda, but torch sees no CUDA device here"
+    if (args.out / CHECKPOINT_NAME).exists() or (args.out / CONFIG_NAME).exists():
+        return None, f"--out {args.out} already holds a run: continue it with --resume {args.out}"
+    args.iterations = args.iterations or 3000
+    return args, None
+
+
+def main(args) -> int:
+    args, problem = _resolve_run(args)
+    if problem:
+        return _usage_error(problem)
+    try:
+        out_dir = args.out
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume is None:
+            config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                      if k not in ("out", "resume", "func")}
+            checkpoints.atomic_write_text(json.dumps(config, indent=2), out_dir / CONFIG_NAME)
+    except OSError as exc:
+        return _usage_error(f"--out {args.out} is not writable: {exc}")
+    data, held_out, log_density, box = _load_data(args)
+    sample_shape = tuple(data.shape[1:])
+    torch.manual_seed(args.seed)
+    energy = build_energy(args.energy, sample_shape, args.hidden).to(args.device)
+    loss = _build_loss(args, energy, sample_shape, box)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    trainer = Trainer(energy, loss, optimizer, ema=args.ema, grad_clip=args.grad_clip,
+                      out_dir=out_dir, checkpoint_every=args.checkpoint_every,
+                      log_every=args.log_every, data_seed=args.seed,
+                      callbacks=(Plots(args, out_dir, held_out, log_density, box),))
+    if args.resume is not None:
+        trainer.load_checkpoint(out_dir / CHECKPOINT_NAME)
+        print(f"resuming {out_dir} at iteration {trainer.iteration}")
+    start = time.perf_counter()
+    trainer.fit(data, args.iterations, args.batch)
+    seconds = time.perf_counter() - start
+    last = trainer.history[-1] if trainer.history else {}
+    summary = f"{args.data}, {args.loss} loss, {args.energy} energy: {trainer.iteration} " \
+              f"iterations ({seconds:.1f} s this session)"
+    for key, label in (("exact_kl", "exact KL(data || model)"),
+                       ("heldout_nll", "held-out NLL")):
+        if key in last:
+            summary += f", {label} {last[key]:.3f}"
+    print(summary + f"; outputs in {out_dir}")
+    return 0
