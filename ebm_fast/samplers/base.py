@@ -9,19 +9,22 @@ import contextlib
 import functools
 import time
 import warnings
+from collections.abc import Mapping
 
 import torch
 
+from ebm_fast import validation
 from ebm_fast.backends import use_backend
-from ebm_fast.ops._dispatch import as_int64_scalar
-from ebm_fast.ops.langevin_update import SUPPORTED_DTYPES
 from ebm_fast.samplers.cuda_graph import CudaGraphChain, graph_key
 from ebm_fast.samplers.energy import EnergyFunction, frozen_parameters, parameters_of
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
-from ebm_fast.samplers.schedules import chunk_rows
+from ebm_fast.samplers.schedules import StepValues
 
+BACKENDS = ("auto", "reference", "cpu", "triton")
 CUDA_GRAPH_MODES = ("auto", True, False)
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+# The noise spec's step counter has 32 bits: step 2**32 would draw step 0's noise again.
+STEP_LIMIT = 1 << 32
 
 
 class Sampler(abc.ABC):
@@ -47,30 +50,22 @@ class Sampler(abc.ABC):
             raise TypeError(f"energy must be callable (x -> (B,) energies), got "
                             f"{type(energy).__name__}")
         self.energy = energy
-        self.n_steps = self._check_n_steps(n_steps)
-        self._seed = as_int64_scalar(seed, "seed", 64)
-        if backend not in ("auto", "reference", "cpu", "triton"):
-            raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'triton', got "
-                             f"{backend!r}")
-        self.backend = backend
-        if cuda_graph not in CUDA_GRAPH_MODES:
-            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
-        self.cuda_graph = cuda_graph
+        self.n_steps = validation.integer(n_steps, "n_steps", low=1)
+        self._seed = validation.counter(seed, "seed", 64)
+        self.backend = validation.choice(backend, "backend", BACKENDS)
+        self.cuda_graph = validation.choice(cuda_graph, "cuda_graph", CUDA_GRAPH_MODES)
         self.check_finite = bool(check_finite)
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        self.chunk_size = chunk_size
-        if isinstance(chain_offset, bool) or not isinstance(chain_offset, int) or chain_offset < 0:
-            raise ValueError(f"chain_offset must be an int >= 0, got {chain_offset!r}")
-        self.chain_offset = chain_offset
-        if autocast is not None and autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got "
-                             f"{autocast!r}")
-        self.autocast = autocast
-        self._energy = EnergyFunction(energy, compile=compile, autocast=autocast,
+        self.chunk_size = None if chunk_size is None else validation.integer(
+            chunk_size, "chunk_size", low=1)
+        self.chain_offset = validation.integer(chain_offset, "chain_offset", low=0)
+        self.autocast = None if autocast is None else validation.dtype(
+            autocast, "autocast", AUTOCAST_DTYPES)
+        self._energy = EnergyFunction(energy, compile=compile, autocast=self.autocast,
                                       owner=type(self).__name__)
+        # The step counter twice: read by the kernels on the chains' device, and kept on the
+        # host for the checks (reading the device copy would synchronise).
         self._step = torch.zeros((), dtype=torch.int64)
+        self._steps_taken = 0
         self._graphs: dict = {}
         self._graph_pool = None
         self._graph_failed = False
@@ -79,38 +74,40 @@ class Sampler(abc.ABC):
 
     @property
     def step(self) -> int:
-        """How many updates the sampler has drawn noise for (reads the device counter)."""
-        return int(self._step)
+        """How many updates the sampler has drawn noise for: the next one uses this step."""
+        return self._steps_taken
 
     def state_dict(self) -> dict:
         """The step counter and seed (loadable with torch.load(weights_only=True))."""
-        return {"step": self._step.detach().cpu().clone(), "seed": self._seed.cpu().clone()}
+        return {"step": torch.tensor(self._steps_taken, dtype=torch.int64),
+                "seed": self._seed.cpu().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue from a state_dict(): the same seed, the next step where that one stopped.
+        Counters follow the noise spec's rule (ints or 0-dim integer tensors; a step in
+        [0, 2**32), a seed in [0, 2**64))."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from state_dict(), got "
+                            f"{type(state_dict).__name__}")
         for key in ("step", "seed"):
-            value = state.get(key)
-            if not (isinstance(value, torch.Tensor) and value.dim() == 0
-                    and value.dtype == torch.int64):
-                raise ValueError(f"state_dict[{key!r}] must be a 0-dim int64 tensor, got {value!r}")
-        self._step = state["step"].to(self._step.device).clone()
-        self._seed = state["seed"].clone()
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing {key!r}, got keys {list(state_dict)}")
+        step = validation.counter(state_dict["step"], "state_dict['step']", 32)
+        # A tensor's value is read here, once: a resumed sampler must not reuse noise either.
+        steps_taken = validation.integer(int(step), "state_dict['step']", low=0, high=STEP_LIMIT)
+        seed = validation.counter(state_dict["seed"], "state_dict['seed']", 64)
+        self._step = torch.tensor(steps_taken, dtype=torch.int64, device=self._step.device)
+        self._steps_taken = steps_taken
+        self._seed = seed.clone()
 
     # -- validation -------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_n_steps(n_steps) -> int:
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
-        return n_steps
-
     def _check_x0(self, x0, params: list[torch.Tensor]) -> None:
-        if not isinstance(x0, torch.Tensor):
-            raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
-        if x0.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"x0 must have one of the dtypes {SUPPORTED_DTYPES}, got {x0.dtype}")
-        if x0.dim() < 1 or x0.numel() == 0:
-            raise ValueError(f"x0 must have a leading chain axis with at least one chain (and one "
-                             f"element per chain), got shape {tuple(x0.shape)}")
+        validation.chain_tensor(x0, "x0")
+        if x0.numel() == 0:
+            raise ValueError(f"x0 must have at least one chain and one element per chain, got "
+                             f"shape {tuple(x0.shape)}")
+        validation.chain_offset(self.chain_offset, x0.shape)
         for p in params:
             if p.device != x0.device:
                 raise ValueError(f"x0 is on {x0.device} but the energy's parameters are on "
@@ -118,17 +115,26 @@ class Sampler(abc.ABC):
         if self.cuda_graph is True and x0.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, but x0 is on {x0.device}")
 
+    def _check_steps_left(self, n_steps: int) -> None:
+        if self._steps_taken + n_steps > STEP_LIMIT:
+            raise ValueError(
+                f"{type(self).__name__}: {n_steps} more steps would take the step counter (at "
+                f"{self._steps_taken}) past 2**32 - 1, the last step the noise spec counts "
+                f"(step 2**32 would draw step 0's noise again); continue with another seed "
+                f"(load_state_dict({{'step': 0, 'seed': ...}}) or a new sampler)")
+
     # -- the call ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[torch.Tensor, ...]:
-        """The call's per-step parameter tables, (K,) shared or (K, B) per chain."""
+    def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
+        """The call's per-step parameter values (step size, noise, ...)."""
 
     @abc.abstractmethod
     def _chain(self, x, counter, seed, tables, *, n_steps: int, chain_offset: int,
                track: bool) -> dict:
-        """Run n_steps on x in place, drawing noise at (seed, counter, counter + 1, ...); return
-        the chunk's per-chain results (tensors only)."""
+        """Run n_steps on x in place, drawing noise at (seed, counter, counter + 1, ...), with
+        the tables a block of steps at a time; return the chunk's per-chain results (tensors
+        only)."""
 
     def _use_cuda_graph(self, x: torch.Tensor) -> bool:
         return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
@@ -138,6 +144,7 @@ class Sampler(abc.ABC):
         run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
                                       track=track)
         if self._use_cuda_graph(x):
+            tables = tuple(t.tabulated(n_steps) for t in tables)  # graph inputs are tensors
             try:
                 key = graph_key(self.energy, x, tables, n_steps, chain_offset, track)
                 if key not in self._graphs:
@@ -156,7 +163,9 @@ class Sampler(abc.ABC):
     def _sample(self, x0, n_steps, step_size, return_info):
         params = parameters_of(self.energy)  # walking a module's tree costs tens of us: once
         self._check_x0(x0, params)
-        n_steps = self.n_steps if n_steps is None else self._check_n_steps(n_steps)
+        n_steps = self.n_steps if n_steps is None else validation.integer(n_steps, "n_steps",
+                                                                           low=1)
+        self._check_steps_left(n_steps)
         chains, device = x0.shape[0], x0.device
         tables = self._tables(x0, n_steps, step_size)
         chunk = self.chunk_size or chains
@@ -173,9 +182,10 @@ class Sampler(abc.ABC):
                 # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
                 results.append(self._run_chunk(
                     x[lo:hi], self._step, self._seed,
-                    tuple(chunk_rows(t, lo, hi) for t in tables),
+                    tuple(t.for_chains(lo, hi) for t in tables),
                     n_steps, self.chain_offset + lo, return_info))
         self._step += n_steps
+        self._steps_taken += n_steps
         merged = results[0] if len(results) == 1 else {
             key: torch.cat([r[key] for r in results]) for key in results[0]}
         if self.check_finite:
@@ -201,7 +211,7 @@ class Sampler(abc.ABC):
         first = n_steps + 1 - worst  # the earliest local step at which a chain was non-finite
         where = ("at the initial state x0" if first == 0 else
                  f"after update {first} of {n_steps} in this call (sampler step "
-                 f"{int(self._step) - n_steps + first - 1})")
+                 f"{self._steps_taken - n_steps + first - 1})")
         raise NonFiniteChainError(
             f"{type(self).__name__}: {count} of {score.shape[0]} chains have a non-finite "
             f"energy or state; the first appeared {where}. Lower step_size, clip gradients "

@@ -23,7 +23,6 @@ class ChainDiagnostics:
     def __init__(self, x: torch.Tensor, n_steps: int, check_finite: bool, track: bool):
         self.check_finite, self.track, self.n_steps = check_finite, track, n_steps
         self.pending = 0  # rows of the block awaiting a fold
-        self.folded = 0  # local steps already folded into the score
         self.block = self.weights = self.score = None  # made at the first check
         self.grad_norm_sum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         self.evaluations = 0
@@ -42,9 +41,12 @@ class ChainDiagnostics:
     def _allocate(self, like: torch.Tensor) -> None:
         # Weights are integers up to n_steps + 1: exact in float32 below 2**24, else float64.
         dtype = like.dtype if self.n_steps < 2**24 else torch.float64
-        self.block = like.new_empty((min(self.FOLD_EVERY, self.n_steps), like.shape[0]),
-                                    dtype=dtype)
-        self.weights = torch.arange(self.n_steps + 1, 0, -1, dtype=dtype, device=like.device)
+        rows = min(self.FOLD_EVERY, self.n_steps)
+        self.block = like.new_empty((rows, like.shape[0]), dtype=dtype)
+        # The weights of the next fold's local steps k: n_steps + 1 - k, lowered in place by
+        # each fold (a table of all n_steps + 1 weights would grow with the chain).
+        self.weights = torch.arange(self.n_steps + 1, self.n_steps + 1 - rows, -1, dtype=dtype,
+                                    device=like.device)
         self.score = like.new_zeros(like.shape[0], dtype=dtype)
 
     def _fold(self) -> None:
@@ -54,9 +56,9 @@ class ChainDiagnostics:
         # In place (a fresh block-sized temporary per op would page-fault on a CPU): x * 0 is
         # 0 where x is finite and NaN where it is not, so `bad` is 1 there and 0 elsewhere.
         bad = self.block[:n].mul_(0).nan_to_num_(nan=1.0)
-        rows = bad.mul_(self.weights[self.folded:self.folded + n, None]).amax(dim=0)
+        rows = bad.mul_(self.weights[:n, None]).amax(dim=0)
         torch.maximum(self.score, rows, out=self.score)
-        self.folded += n
+        self.weights.sub_(n)
         self.pending = 0
 
     def measure(self, energy: torch.Tensor, grad: torch.Tensor) -> None:

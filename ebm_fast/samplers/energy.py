@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ebm_fast.reference.langevin_update import compute_dtype
+from ebm_fast.validation import compute_dtype
 from ebm_fast.samplers.kernels import contiguous
 
 
@@ -95,10 +95,13 @@ class EnergyFunction:
             with self._autocast(x):
                 value = self._call(x_var)
             _check_energy_output(value, x.shape[0])
-            if not value.requires_grad:
+            # An output that needs no gradient, or one only through other tensors (no path from
+            # x: grad is None), has no gradient in x to follow.
+            (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
+                if value.requires_grad else (None,)
+            if grad is None:
                 raise ValueError("energy(x) does not depend on x through differentiable "
                                  "operations: there is no gradient to follow")
-            (grad,) = torch.autograd.grad(value.sum(), x_var)
         return _chain_energies(value, compute_dtype(x.dtype)), grad
 
     def value(self, x: torch.Tensor) -> torch.Tensor:

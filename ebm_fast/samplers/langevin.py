@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ebm_fast import validation
 from ebm_fast.noise import STREAM_PROPOSAL
-from ebm_fast.ops.langevin_update import GRAD_CLIP_MODES
 from ebm_fast.samplers.base import Sampler
 from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.kernels import contiguous, update_kernel
-from ebm_fast.samplers.schedules import check_step_value, step_counters, step_values
+from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
 
 
 class LangevinSampler(Sampler):
@@ -27,8 +25,9 @@ class LangevinSampler(Sampler):
     Args:
         energy: callable x -> (B,) or (B, 1) energies; a plain nn.Module works.
         grad_clip, grad_clip_mode: None, or c > 0 with "value" (elements into [-c, c]) or
-            "norm" (each chain's gradient rescaled to norm <= c).
-        clamp: None or (lo, hi) applied to the state after each update.
+            "norm" (each chain's gradient rescaled to norm <= c); inf means no clipping.
+        clamp: None or (lo, hi) applied to the state after each update (a side None or inf:
+            unbounded).
         **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`
             (n_steps, seed, chain_offset, backend, compile, cuda_graph, check_finite,
             chunk_size, autocast).
@@ -40,28 +39,12 @@ class LangevinSampler(Sampler):
         if noise_scale is not None and temperature is not None:
             raise ValueError("give noise_scale (decoupled sigma) or temperature "
                              "(sigma = sqrt(2 step_size temperature)), not both")
-        if grad_clip_mode not in GRAD_CLIP_MODES:
-            raise ValueError(f"grad_clip_mode must be one of {GRAD_CLIP_MODES}, got "
-                             f"{grad_clip_mode!r}")
-        if grad_clip is not None:
-            if isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or not (
-                    0 < grad_clip < math.inf):
-                raise ValueError(f"grad_clip must be None or a finite number > 0, got "
-                                 f"{grad_clip!r}")
-            grad_clip = float(grad_clip)
-        if clamp is None:
-            clamp = (None, None)
-        if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2 and all(
-                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                for v in clamp)):
-            raise ValueError(f"clamp must be None or a (lo, hi) pair of numbers or None, got "
-                             f"{clamp!r}")
-        clamp = tuple(None if v is None else float(v) for v in clamp)
-        if None not in clamp and clamp[0] > clamp[1]:
-            raise ValueError(f"clamp has lo > hi: {clamp!r}")
+        self.grad_clip_mode = validation.choice(grad_clip_mode, "grad_clip_mode",
+                                                validation.GRAD_CLIP_MODES)
+        self.grad_clip = validation.grad_clip(grad_clip)
+        self.clamp = validation.clamp_bounds(clamp)
         self.step_size, self.noise_scale = step_size, noise_scale
         self.temperature = 1.0 if noise_scale is None and temperature is None else temperature
-        self.grad_clip, self.grad_clip_mode, self.clamp = grad_clip, grad_clip_mode, clamp
         check_step_value(step_size, "step_size", allow_zero=False)
         for value, name in ((noise_scale, "noise_scale"), (self.temperature, "temperature")):
             if value is not None:
@@ -76,28 +59,33 @@ class LangevinSampler(Sampler):
     def _tables(self, x, n_steps, step_size):
         eps = step_values(self.step_size if step_size is None else step_size, "step_size",
                           n_steps, x, allow_zero=False)
+        noise = (self.noise_scale, "noise_scale") if self.noise_scale is not None else (
+            self.temperature, "temperature")
+        return eps, step_values(*noise, n_steps, x, allow_zero=True)
+
+    def _noise_scales(self, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A block's noise scales sigma: noise_scale as given, or sqrt(2 eps T)."""
         if self.noise_scale is not None:
-            sigma = step_values(self.noise_scale, "noise_scale", n_steps, x, allow_zero=True)
-        else:
-            temperature = step_values(self.temperature, "temperature", n_steps, x,
-                                      allow_zero=True)
-            if eps.dim() != temperature.dim():  # one shared (K,), one per-chain (K, B) table
-                eps_rows, temperature = (t if t.dim() == 2 else t[:, None]
-                                         for t in (eps, temperature))
-            else:
-                eps_rows = eps
-            sigma = (2 * eps_rows * temperature).sqrt()
-        return eps, sigma
+            return noise
+        if eps.dim() != noise.dim():  # one shared (n,), one per-chain (n, B) block
+            eps, noise = (t if t.dim() == 2 else t[:, None] for t in (eps, noise))
+        return (2 * eps * noise).sqrt()
 
     def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
-        eps, sigma = (table.unbind(0) for table in tables)
-        steps = step_counters(counter, n_steps)
+        eps_values, noise_values = tables
+        # The limits as the kernels apply them in x's compute dtype (inf: no limit).
+        grad_clip, clamp_lo, clamp_hi = validation.update_limits(self.grad_clip, *self.clamp,
+                                                                 x.dtype)
         diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
         update = update_kernel(x)
-        for k in range(n_steps):
-            energy, grad = self._energy.value_and_grad(x)
-            diagnostics.check(energy)
-            diagnostics.measure(energy, grad)
-            update(x, x, contiguous(grad), eps[k], sigma[k], seed, steps[k], STREAM_PROPOSAL,
-                   chain_offset, self.grad_clip, self.grad_clip_mode, *self.clamp)
+        for first, n in blocks(n_steps):
+            eps = eps_values.block(first, n)
+            sigma = self._noise_scales(eps, noise_values.block(first, n))
+            steps = step_counters(counter, first, n)
+            for eps_k, sigma_k, step in zip(eps.unbind(0), sigma.unbind(0), steps):
+                energy, grad = self._energy.value_and_grad(x)
+                diagnostics.check(energy)
+                diagnostics.measure(energy, grad)
+                update(x, x, contiguous(grad), eps_k, sigma_k, seed, step, STREAM_PROPOSAL,
+                       chain_offset, grad_clip, self.grad_clip_mode, clamp_lo, clamp_hi)
         return diagnostics.finish(x, self._energy.value(x) if track else None)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ebm_fast import validation
 from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
-from ebm_fast.reference.langevin_update import compute_dtype
 from ebm_fast.samplers.adaptation import adapt_step_scale
 from ebm_fast.samplers.base import Sampler
 from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.kernels import accept_kernel, contiguous, update_kernel
-from ebm_fast.samplers.schedules import check_step_value, step_counters, step_values
+from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
 
 
 class MALASampler(Sampler):
@@ -38,16 +38,13 @@ class MALASampler(Sampler):
         if clamp is not None or grad_clip is not None:
             raise ValueError("MALASampler takes no clamp or grad_clip: they change the proposal "
                              "density and break detailed balance (use LangevinSampler for them)")
-        if not 0 < target_accept < 1:
-            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
-        if not adapt_rate > 0:
-            raise ValueError(f"adapt_rate must be > 0, got {adapt_rate!r}")
-        if adapt_steps is not None and (isinstance(adapt_steps, bool) or
-                                        not isinstance(adapt_steps, int) or adapt_steps < 0):
-            raise ValueError(f"adapt_steps must be None or an int >= 0, got {adapt_steps!r}")
         self.step_size, self.temperature = step_size, temperature
-        self.adapt, self.target_accept = bool(adapt), float(target_accept)
-        self.adapt_steps, self.adapt_rate = adapt_steps, float(adapt_rate)
+        self.adapt = bool(adapt)
+        self.target_accept = validation.real(target_accept, "target_accept", low=0.0, high=1.0,
+                                             low_open=True, high_open=True)
+        self.adapt_steps = None if adapt_steps is None else validation.integer(
+            adapt_steps, "adapt_steps", low=0)
+        self.adapt_rate = validation.real(adapt_rate, "adapt_rate", low=0.0, low_open=True)
         check_step_value(step_size, "step_size", allow_zero=False)
         check_step_value(temperature, "temperature", allow_zero=False)
 
@@ -63,17 +60,15 @@ class MALASampler(Sampler):
                 step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
 
     def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
-        eps_table, temperature = tables
-        eps_rows, temperatures = eps_table.unbind(0), temperature.unbind(0)
-        steps = step_counters(counter, n_steps)
-        chains = x.shape[0]
+        eps_values, temperature_values = tables
+        chains, dtype = x.shape[0], validation.compute_dtype(x.dtype)
         n_adapt = 0 if not self.adapt else (
             n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
-        # Per-chain multiplier of the step-size table, tuned during the adaptation phase.
-        scale = torch.ones(chains, dtype=compute_dtype(x.dtype), device=x.device)
+        # Per-chain multiplier of the step sizes, tuned during the adaptation phase.
+        scale = torch.ones(chains, dtype=dtype, device=x.device)
         accepted_count = torch.zeros(chains, dtype=torch.float32, device=x.device)
         accepted = torch.empty(chains, dtype=torch.bool, device=x.device)
-        accept_prob = torch.empty(chains, dtype=compute_dtype(x.dtype), device=x.device)
+        accept_prob = torch.empty(chains, dtype=dtype, device=x.device)
         diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
         energy_x, grad_x = self._energy.value_and_grad(x)
         grad_x = contiguous(grad_x)
@@ -83,20 +78,23 @@ class MALASampler(Sampler):
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
         propose, accept = update_kernel(x), accept_kernel(x)  # x, grad_x, energy_x: in place
-        for k in range(n_steps):
-            eps = eps_rows[k] * scale
-            propose(proposal, x, grad_x, eps, (2 * eps * temperatures[k]).sqrt(), seed, steps[k],
-                    STREAM_PROPOSAL, chain_offset, None, "value", None, None)
-            energy_y, grad_y = self._energy.value_and_grad(proposal)
-            accept(accepted, accept_prob, x, proposal, grad_x, contiguous(grad_y), energy_x,
-                   energy_y, eps, temperatures[k], seed, steps[k], STREAM_MALA_ACCEPT,
-                   chain_offset)
-            accepted_count += accepted
-            if k < n_adapt:
-                adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)
-            diagnostics.measure(energy_x, grad_x)
+        for first, n in blocks(n_steps):
+            eps_rows = eps_values.block(first, n).unbind(0)
+            temperatures = temperature_values.block(first, n).unbind(0)
+            steps = step_counters(counter, first, n)
+            for k, eps_row, temperature, step in zip(range(first, first + n), eps_rows,
+                                                     temperatures, steps):
+                eps = eps_row * scale
+                propose(proposal, x, grad_x, eps, (2 * eps * temperature).sqrt(), seed, step,
+                        STREAM_PROPOSAL, chain_offset, None, "value", None, None)
+                energy_y, grad_y = self._energy.value_and_grad(proposal)
+                accept(accepted, accept_prob, x, proposal, grad_x, contiguous(grad_y), energy_x,
+                       energy_y, eps, temperature, seed, step, STREAM_MALA_ACCEPT, chain_offset)
+                accepted_count += accepted
+                if k < n_adapt:
+                    adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)
+                diagnostics.measure(energy_x, grad_x)
         results = diagnostics.finish(x, energy_x)
         if track:
-            results.update(accept_rate=accepted_count / n_steps,
-                           step_size=eps_table[n_steps - 1] * scale)
+            results.update(accept_rate=accepted_count / n_steps, step_size=eps_rows[-1] * scale)
         return results
