@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         copy_repository(root, args.worktree)
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
                "TORCH_EXTENSIONS_DIR": str(root / ".torch_extensions"),
-               "HYPOTHESIS_PROFILE": "dev"}
+               "HYPOTHESIS_PROFILE": "mutants"}  # dev's examples, no shrinking
         env.pop("EBM_FAST_DISABLE_CPP", None)
         baseline_tests = sorted({t for m in mutants for t in m.tests})
         print(f"baseline: the unmutated tests ({len(baseline_tests)} selections) ...", flush=True)
