@@ -5,8 +5,10 @@ config.json (the options), checkpoint.pt (every --checkpoint-every iterations an
 metrics.jsonl (every --log-every iterations) and a PNG every --plot-every iterations: for 2-D
 data the data, the learned density and the negatives, with the exact KL(data || model) (data
 sets with an analytic density) and the exact held-out NLL (partition function summed on a
-grid); for images a grid of negatives. ebm-fast train --resume runs/ring continues that run
-(to --iterations, if given, else to its own).
+grid); for images a grid of negatives. --loss jem trains a classifier of the labelled images as
+JEM (the energy -logsumexp of its logits) on four fifths of them and reports the test accuracy
+and expected calibration error on the rest (test_metrics.json). ebm-fast train --resume
+runs/ring continues that run (to --iterations, if given, else to its own).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from torch import nn
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets, validation
 from ebm_fast.exact2d import BOX, exact_nll, grid, log_partition
 from ebm_fast.training import checkpoints
+from ebm_fast.training.jem import JEM, LogitsEnergy, classifier_metrics
 from ebm_fast.training.losses import (ContrastiveDivergence, KLPersistentML, PersistentCD,
                                       PersistentML, ShortRunML)
 from ebm_fast.training.trainer import CHECKPOINT_NAME, Trainer
 
 __all__ = ["add_arguments", "main", "build_energy", "exact_kl"]
 
-LOSSES = ("cd", "pcd", "persistent", "short_run", "kl")
+LOSSES = ("cd", "pcd", "persistent", "short_run", "kl", "jem")
 ENERGIES = ("mlp", "conv")
 CONFIG_NAME = "config.json"
 HELD_OUT = 5000
@@ -50,7 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--loss", choices=LOSSES, default="persistent",
                         help="cd: CD-k from the data (k = --steps); pcd: persistent CD; "
                              "persistent: replay-buffer ML (IGEBM/JEM); short_run: fresh noise "
-                             "chains; kl: persistent ML with Du et al. (2021)'s KL and entropy")
+                             "chains; kl: persistent ML with Du et al. (2021)'s KL and entropy; "
+                             "jem: JEM's p(x) + p(y|x) loss on a classifier (labelled images)")
     parser.add_argument("--energy", choices=ENERGIES, default="mlp",
                         help="conv needs an image data set")
     parser.add_argument("--out", type=Path, help="output directory (new, or holding no run)")
@@ -84,19 +88,20 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def build_energy(kind: str, sample_shape: tuple, hidden: int) -> nn.Module:
-    """mlp: flatten -> hidden -> hidden -> 1 (SiLU); conv (images): three SiLU convolutions
-    (32, 64, 64 channels, the last two with stride 2) and a linear read-out."""
+def build_energy(kind: str, sample_shape: tuple, hidden: int, outputs: int = 1) -> nn.Module:
+    """mlp: flatten -> hidden -> hidden -> outputs (SiLU); conv (images): three SiLU
+    convolutions (32, 64, 64 channels, the last two with stride 2) and a linear read-out to
+    outputs (1: an energy; the number of classes: a JEM classifier's logits)."""
     features = math.prod(sample_shape)
     if kind == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.SiLU(),
-                             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+                             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, outputs))
     channels, height, width = sample_shape
     return nn.Sequential(
         nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
-        nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), 1))
+        nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), outputs))
 
 
 @torch.no_grad()
@@ -115,15 +120,15 @@ def exact_kl(energy, log_density, box: float = BOX, cells: int = GRID_CELLS) -> 
 
 def _load_data(args):
     """(training data, held-out 2-D data or None, the data set's exact log density or None,
-    the chains' box (lo, hi))."""
+    the chains' box (lo, hi)); for --loss jem the training data is an (images, labels) pair."""
     if args.data in datasets.TOY_2D:
         toy = datasets.TOY_2D[args.data]
         generator = torch.Generator().manual_seed(args.seed)
         return (toy.sample(args.n_data, generator), toy.sample(HELD_OUT, generator),
                 toy.log_density, (-BOX, BOX))
     value_range = tuple(float(v) for v in args.value_range.split(","))
-    x, _ = datasets.IMAGES[args.data](value_range=value_range)
-    return x, None, None, value_range
+    x, y = datasets.IMAGES[args.data](value_range=value_range)
+    return ((x, y) if args.loss == "jem" else x), None, None, value_range
 
 
 def _build_loss(args, energy, sample_shape, box):
@@ -143,6 +148,11 @@ def _build_loss(args, energy, sample_shape, box):
                           reinit_prob=args.reinit_prob, seed=args.seed + 2)
     if args.loss == "persistent":
         return PersistentML(sampler, buffer, alpha=args.alpha)
+    if args.loss == "jem":  # a per-class buffer: one block of slots per logit
+        classes = energy.classifier[-1].out_features
+        buffer = ReplayBuffer(args.buffer_size, sample_shape, device=args.device, init_range=box,
+                              reinit_prob=args.reinit_prob, n_classes=classes, seed=args.seed + 2)
+        return JEM(energy.classifier, sampler, buffer)
     return KLPersistentML(sampler, buffer, alpha=args.alpha)
 
 
@@ -234,6 +244,8 @@ def _resolve_run(args):
         return None, "--out DIR is required (or --resume DIR)"
     if args.energy == "conv" and args.data in datasets.TOY_2D:
         return None, f"--energy conv needs an image data set, not {args.data}"
+    if args.loss == "jem" and (args.data in datasets.TOY_2D or args.buffer_size % 10):
+        return None, "--loss jem needs labelled images and a --buffer-size divisible by 10"
     if args.device == "cuda" and not torch.cuda.is_available():
         return None, "--device cuda, but torch sees no CUDA device here"
     if (args.out / CHECKPOINT_NAME).exists() or (args.out / CONFIG_NAME).exists():
@@ -256,9 +268,18 @@ def main(args) -> int:
     except OSError as exc:
         return _usage_error(f"--out {args.out} is not writable: {exc}")
     data, held_out, log_density, box = _load_data(args)
-    sample_shape = tuple(data.shape[1:])
+    test = None
+    if args.loss == "jem":  # a fixed fifth of the images (by --seed) is the test set
+        rows = data[0].shape[0]
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(args.seed))
+        test = tuple(t[order[:rows // 5]].to(args.device) for t in data)
+        data = tuple(t[order[rows // 5:]] for t in data)
+    sample_shape = tuple((data[0] if test else data).shape[1:])
     torch.manual_seed(args.seed)
-    energy = build_energy(args.energy, sample_shape, args.hidden).to(args.device)
+    energy = build_energy(args.energy, sample_shape, args.hidden,
+                          int(data[1].max()) + 1 if test else 1).to(args.device)
+    if test:
+        energy = LogitsEnergy(energy)
     loss = _build_loss(args, energy, sample_shape, box)
     optimizer = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
     trainer = Trainer(energy, loss, optimizer, ema=args.ema, grad_clip=args.grad_clip,
@@ -274,8 +295,13 @@ def main(args) -> int:
     last = trainer.history[-1] if trainer.history else {}
     summary = f"{args.data}, {args.loss} loss, {args.energy} energy: {trainer.iteration} " \
               f"iterations ({seconds:.1f} s this session)"
+    if test:
+        metrics = classifier_metrics(energy.classifier, *test)
+        checkpoints.atomic_write_text(json.dumps(metrics, indent=2), out_dir / "test_metrics.json")
+        last = {**last, "test_accuracy": metrics["accuracy"], "test_ece": metrics["ece"]}
     for key, label in (("exact_kl", "exact KL(data || model)"),
-                       ("heldout_nll", "held-out NLL")):
+                       ("heldout_nll", "held-out NLL"), ("test_accuracy", "test accuracy"),
+                       ("test_ece", "expected calibration error")):
         if key in last:
             summary += f", {label} {last[key]:.3f}"
     print(summary + f"; outputs in {out_dir}")

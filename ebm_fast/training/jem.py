@@ -27,7 +27,8 @@ from ebm_fast import validation
 from ebm_fast.samplers.energy import parameters_of
 from ebm_fast.training.losses import LossStats, PersistentML, _check_batch
 
-__all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error"]
+__all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error",
+           "classifier_metrics"]
 
 
 def _check_labels(y, batch: int, device: torch.device, name: str = "y") -> None:
@@ -226,3 +227,23 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,
     # (size / n) * |accuracy - mean confidence| of a bin is |sum over it of (correct - conf)| / n.
     excess = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, correct - confidence)
     return excess.abs().sum() / logits.shape[0]
+
+
+@torch.no_grad()
+def classifier_metrics(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                       n_bins: int = 15, batch_size: int = 1000) -> dict:
+    """{"accuracy", "ece"} of the classifier on (x, y) as floats, evaluated in eval mode (its
+    mode restored afterwards) in batches of batch_size."""
+    if not isinstance(classifier, torch.nn.Module):
+        raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+    _check_batch(x, "x")
+    batch_size = validation.integer(batch_size, "batch_size", low=1)
+    training = classifier.training
+    classifier.eval()
+    try:
+        logits = torch.cat([classifier(chunk) for chunk in x.split(batch_size)])
+    finally:
+        classifier.train(training)
+    _check_labels(y, x.shape[0], logits.device)
+    return {"accuracy": float((logits.argmax(1) == y).float().mean()),
+            "ece": float(expected_calibration_error(logits, y, n_bins))}
