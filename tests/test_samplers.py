@@ -54,12 +54,14 @@ def test_first_updates_follow_the_noise_spec_and_the_counter_continues_across_ca
 def test_temperature_means_sigma_sqrt_2_eps_t_and_default_is_t_1():
     x0 = x_init()
     eps, temp = 0.03, 0.7
-    by_t = LangevinSampler(double_well, step_size=eps, temperature=temp, n_steps=5).sample(x0)
+    by_t = LangevinSampler(double_well, step_size=eps, temperature=temp, n_steps=5,
+                           seed=0).sample(x0)
     by_sigma = LangevinSampler(double_well, step_size=eps, noise_scale=math.sqrt(2 * eps * temp),
-                               n_steps=5).sample(x0)
+                               n_steps=5, seed=0).sample(x0)
     torch.testing.assert_close(by_t, by_sigma, rtol=1e-6, atol=1e-6)
-    default = LangevinSampler(double_well, step_size=eps, n_steps=5).sample(x0)
-    t_one = LangevinSampler(double_well, step_size=eps, temperature=1.0, n_steps=5).sample(x0)
+    default = LangevinSampler(double_well, step_size=eps, n_steps=5, seed=0).sample(x0)
+    t_one = LangevinSampler(double_well, step_size=eps, temperature=1.0, n_steps=5,
+                            seed=0).sample(x0)
     assert torch.equal(default, t_one)
     assert not torch.allclose(default, by_t)
 
@@ -322,8 +324,8 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(sampler_base, "CudaGraphChain", FailingCapture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     x0 = x_init()
-    eager = LangevinSampler(double_well, step_size=0.02, n_steps=4, cuda_graph=False)
-    graphed = LangevinSampler(double_well, step_size=0.02, n_steps=4)
+    eager = LangevinSampler(double_well, step_size=0.02, n_steps=4, cuda_graph=False, seed=0)
+    graphed = LangevinSampler(double_well, step_size=0.02, n_steps=4, seed=0)
     monkeypatch.setattr(graphed, "_use_cuda_graph",
                         lambda x: not graphed._graph_failed)  # as if x were on CUDA
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
@@ -344,15 +346,17 @@ def test_failed_compilation_warns_and_falls_back_to_the_eager_energy(monkeypatch
     monkeypatch.setattr(torch, "compile", broken_compile)
     x0 = x_init()
     with pytest.warns(RuntimeWarning, match="torch.compile of the energy failed"):
-        got = LangevinSampler(double_well, step_size=0.02, n_steps=3, compile=True).sample(x0)
-    assert torch.equal(got, LangevinSampler(double_well, step_size=0.02, n_steps=3).sample(x0))
+        got = LangevinSampler(double_well, step_size=0.02, n_steps=3, compile=True,
+                              seed=0).sample(x0)
+    assert torch.equal(got, LangevinSampler(double_well, step_size=0.02, n_steps=3,
+                                            seed=0).sample(x0))
 
 
 def test_compiled_energy_gives_the_eager_samples():
     model = mlp(d=2, hidden=8)
     x0 = x_init((16, 2))
-    eager = MALASampler(model, step_size=0.05, n_steps=3).sample(x0)
-    compiled = MALASampler(model, step_size=0.05, n_steps=3, compile=True).sample(x0)
+    eager = MALASampler(model, step_size=0.05, n_steps=3, seed=0).sample(x0)
+    compiled = MALASampler(model, step_size=0.05, n_steps=3, compile=True, seed=0).sample(x0)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
@@ -362,8 +366,9 @@ def test_autocast_runs_the_energy_in_low_precision_and_keeps_the_state_float32()
     seen = []
     model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     x0 = x_init((8, 4))
-    full = LangevinSampler(model, step_size=0.1, n_steps=3).sample(x0)
-    low = LangevinSampler(model, step_size=0.1, n_steps=3, autocast=torch.bfloat16).sample(x0)
+    full = LangevinSampler(model, step_size=0.1, n_steps=3, seed=0).sample(x0)
+    low = LangevinSampler(model, step_size=0.1, n_steps=3, autocast=torch.bfloat16,
+                          seed=0).sample(x0)
     assert seen[:3] == [torch.float32] * 3 and set(seen[3:]) == {torch.bfloat16}
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, full, rtol=0, atol=0.05)
@@ -385,8 +390,10 @@ def test_public_exports():
 def test_cuda_graph_replays_give_the_eager_samples(sampler_cls):
     model = mlp(d=3, hidden=16).cuda()
     x0 = x_init((12, 3)).cuda()
-    graphed = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=True, chunk_size=8)
-    eager = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=False, chunk_size=8)
+    graphed = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=True, chunk_size=8,
+                          seed=0)
+    eager = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=False, chunk_size=8,
+                        seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would warn
         first, info = graphed.sample(x0, return_info=True)

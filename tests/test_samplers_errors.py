@@ -46,7 +46,7 @@ def test_energy_returning_b_by_1_is_accepted():
      "noise_scale"),
     (lambda: LangevinSampler(quadratic, step_size=0.1, noise_scale=0.1, temperature=1.0),
      ValueError, "not both"),
-    (lambda: LangevinSampler(quadratic, step_size=0.1, n_steps=0), ValueError, "n_steps"),
+    (lambda: LangevinSampler(quadratic, step_size=0.1, n_steps=-1), ValueError, "n_steps"),
     (lambda: LangevinSampler(quadratic, step_size=0.1, chunk_size=0), ValueError, "chunk_size"),
     (lambda: LangevinSampler(quadratic, step_size=0.1, cuda_graph="yes"), ValueError, "cuda_graph"),
     (lambda: LangevinSampler(quadratic, step_size=0.1, grad_clip_mode="max"), ValueError,

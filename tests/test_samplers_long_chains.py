@@ -71,9 +71,9 @@ def test_a_million_step_chain_costs_no_memory_per_step_before_its_first_updates(
 
 def test_load_state_dict_takes_counters_by_the_noise_spec_rule():
     sampler = LangevinSampler(lambda x: (x * x).sum(1), step_size=0.1, seed=0)
-    for step, error in ((2 ** 32, ValueError), (-1, ValueError), (torch.tensor(2 ** 32), ValueError),
-                        (torch.tensor(-3), ValueError), (1.5, TypeError),
-                        (torch.tensor(2.0), TypeError)):
+    for step, error in ((2 ** 32, ValueError), (-1, ValueError),
+                        (torch.tensor(2 ** 32), ValueError), (torch.tensor(-3), ValueError),
+                        (1.5, TypeError), (torch.tensor(2.0), TypeError)):
         with pytest.raises(error, match=r"state_dict\['step'\]"):
             sampler.load_state_dict({"step": step, "seed": 1})
     with pytest.raises(ValueError, match=r"state_dict\['seed'\]"):

@@ -9,9 +9,12 @@ machinery, one concern per module:
   asks the host for a value;
 * ``energy``: energy + gradient evaluation that leaves the energy's parameters as they were
   (requires_grad off for the call and restored, also on error), under torch.compile (eager
-  fallback) and torch.autocast;
+  fallback) and torch.autocast, optionally negated and in eval mode;
 * ``diagnostics``: per-chain diagnostics and the non-finite check, accumulated on the device and
   read once at the end;
+* ``inputs``: what a chain reads that changes between calls (state, counter, seed, per-step
+  values, the energy's conditioning y / keyword arguments), split per chunk and copied into a
+  CUDA graph's static buffers;
 * ``cuda_graph``: on CUDA, a chunk's whole K-step chain captured once and replayed;
 * ``kernels``: the fused update / accept kernels the chains call;
 * ``base``: the options both samplers take, the step counter (a 0-dim int64 device tensor,

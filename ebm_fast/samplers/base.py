@@ -16,7 +16,9 @@ import torch
 from ebm_fast import validation
 from ebm_fast.backends import use_backend
 from ebm_fast.samplers.cuda_graph import CudaGraphChain, graph_key
-from ebm_fast.samplers.energy import EnergyFunction, frozen_parameters, parameters_of
+from ebm_fast.samplers.energy import (EnergyFunction, eval_mode, frozen_parameters, module_of,
+                                      parameters_of)
+from ebm_fast.samplers.inputs import ChainInputs, Conditioning
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
 from ebm_fast.samplers.schedules import StepValues
 
@@ -28,10 +30,12 @@ STEP_LIMIT = 1 << 32
 
 
 class Sampler(abc.ABC):
-    """Options every sampler takes (keyword-only, after its own):
+    """The base of both samplers. The options every sampler takes (keyword-only, after its own):
 
-    n_steps: steps per sample() call (overridable per call).
-    seed: 64-bit noise seed. chain_offset: index of the first chain in a larger batch.
+    n_steps: steps per sample() call (overridable per call; 0 returns a copy of x0).
+    seed: 64-bit noise seed; None (default) draws one from torch's global generator, so
+        torch.manual_seed makes runs reproducible and two samplers draw different noise.
+    chain_offset: index of the first chain in a larger batch.
     backend: "auto", "reference", "cpu" or "triton" (forces the update kernel's backend).
     compile: torch.compile the energy (forward and backward); falls back to eager with one
         warning if compilation fails.
@@ -41,17 +45,21 @@ class Sampler(abc.ABC):
     chunk_size: run at most this many chains at a time (same results as unchunked).
     autocast: None, torch.bfloat16 or torch.float16: the energy runs under torch.autocast; the
         chain state and the update stay in x0's dtype.
+    negate: the callable returns -E (a model's f(x) as in JEM, where E(x) = -f(x)).
+    eval_mode: put the energy (an nn.Module, or the Module of a bound method) and its
+        submodules in eval mode for each call, each restored to its own mode afterwards.
     """
 
-    def __init__(self, energy, *, n_steps: int = 60, seed: int = 0, chain_offset: int = 0,
-                 backend: str = "auto", compile: bool = False, cuda_graph="auto",
-                 check_finite: bool = True, chunk_size: int | None = None, autocast=None):
+    def __init__(self, energy, *, n_steps: int = 60, seed: int | None = None,
+                 chain_offset: int = 0, backend: str = "auto", compile: bool = False,
+                 cuda_graph="auto", check_finite: bool = True, chunk_size: int | None = None,
+                 autocast=None, negate: bool = False, eval_mode: bool = False):
         if not callable(energy):
             raise TypeError(f"energy must be callable (x -> (B,) energies), got "
                             f"{type(energy).__name__}")
         self.energy = energy
-        self.n_steps = validation.integer(n_steps, "n_steps", low=1)
-        self._seed = validation.counter(seed, "seed", 64)
+        self.n_steps = validation.integer(n_steps, "n_steps", low=0)
+        self._seed = validation.counter(validation.seed_or_default(seed), "seed", 64)
         self.backend = validation.choice(backend, "backend", BACKENDS)
         self.cuda_graph = validation.choice(cuda_graph, "cuda_graph", CUDA_GRAPH_MODES)
         self.check_finite = bool(check_finite)
@@ -60,8 +68,9 @@ class Sampler(abc.ABC):
         self.chain_offset = validation.integer(chain_offset, "chain_offset", low=0)
         self.autocast = None if autocast is None else validation.dtype(
             autocast, "autocast", AUTOCAST_DTYPES)
+        self.eval_mode = bool(eval_mode)
         self._energy = EnergyFunction(energy, compile=compile, autocast=self.autocast,
-                                      owner=type(self).__name__)
+                                      negate=bool(negate), owner=type(self).__name__)
         # The step counter twice: read by the kernels on the chains' device, and kept on the
         # host for the checks (reading the device copy would synchronise).
         self._step = torch.zeros((), dtype=torch.int64)
@@ -123,67 +132,50 @@ class Sampler(abc.ABC):
                 f"(step 2**32 would draw step 0's noise again); continue with another seed "
                 f"(load_state_dict({{'step': 0, 'seed': ...}}) or a new sampler)")
 
+    def _check_y(self, y, x0: torch.Tensor) -> None:
+        if isinstance(y, torch.Tensor):
+            if y.dim() == 0 or y.shape[0] != x0.shape[0]:
+                raise ValueError(f"y must have one entry per chain ({x0.shape[0]}), got shape "
+                                 f"{tuple(y.shape)}")
+            validation.same_device(x0.device, "x0", y=y)
+
     # -- the call ---------------------------------------------------------------------------
 
-    @abc.abstractmethod
-    def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
-        """The call's per-step parameter values (step size, noise, ...)."""
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
+               return_info: bool = False, y=None, **energy_kwargs):
+        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
+        return_info=True (Langevin: one extra energy evaluation for the final energies; MALA:
+        acceptance rates and adapted step sizes included).
 
-    @abc.abstractmethod
-    def _chain(self, x, counter, seed, tables, *, n_steps: int, chain_offset: int,
-               track: bool) -> dict:
-        """Run n_steps on x in place, drawing noise at (seed, counter, counter + 1, ...), with
-        the tables a block of steps at a time; return the chunk's per-chain results (tensors
-        only)."""
-
-    def _use_cuda_graph(self, x: torch.Tensor) -> bool:
-        return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
-
-    def _run_chunk(self, x, counter, seed, tables, n_steps: int, chain_offset: int,
-                   track: bool) -> dict:
-        run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
-                                      track=track)
-        if self._use_cuda_graph(x):
-            tables = tuple(t.tabulated(n_steps) for t in tables)  # graph inputs are tensors
-            try:
-                key = graph_key(self.energy, x, tables, n_steps, chain_offset, track)
-                if key not in self._graphs:
-                    if self._graph_pool is None:
-                        self._graph_pool = torch.cuda.graph_pool_handle()
-                    self._graphs[key] = CudaGraphChain(run_chain, x, counter, seed, tables,
-                                                       self._graph_pool)
-                return self._graphs[key].replay(x, counter, seed, tables)
-            except Exception as exc:  # e.g. the energy synchronises with the host
-                self._graph_failed = True
-                warnings.warn(f"{type(self).__name__}: CUDA graph capture failed "
-                              f"({type(exc).__name__}: {exc}); running eagerly from now on.",
-                              RuntimeWarning, stacklevel=4)
-        return run_chain(x, counter, seed, tables)
-
-    def _sample(self, x0, n_steps, step_size, return_info):
+        n_steps, step_size: this call's, instead of the constructor's. y and energy_kwargs: the
+        energy is called as energy(x, y, **energy_kwargs) (energy(x, **energy_kwargs) without
+        y); a tensor y has one entry per chain and is split with the chains.
+        """
         params = parameters_of(self.energy)  # walking a module's tree costs tens of us: once
         self._check_x0(x0, params)
+        self._check_y(y, x0)
         n_steps = self.n_steps if n_steps is None else validation.integer(n_steps, "n_steps",
-                                                                           low=1)
+                                                                           low=0)
         self._check_steps_left(n_steps)
-        chains, device = x0.shape[0], x0.device
-        tables = self._tables(x0, n_steps, step_size)
-        chunk = self.chunk_size or chains
-        # The counter and seed live on the chains' device: kernels and CUDA graphs read them there.
-        self._step, self._seed = self._step.to(device), self._seed.to(device)
+        conditioning = Conditioning(y, energy_kwargs)
         start = time.perf_counter()
         x = x0.detach().clone(memory_format=torch.contiguous_format)
-        results = []
         # "auto" leaves the choice to the ops, so an enclosing `with use_backend(...)` holds.
         backend = contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
-        with backend, frozen_parameters(params):
-            for lo in range(0, chains, chunk):
-                hi = min(chains, lo + chunk)
-                # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
-                results.append(self._run_chunk(
-                    x[lo:hi], self._step, self._seed,
-                    tuple(t.for_chains(lo, hi) for t in tables),
-                    n_steps, self.chain_offset + lo, return_info))
+        with backend, frozen_parameters(params), \
+                eval_mode(module_of(self.energy) if self.eval_mode else None):
+            if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
+                return (x, self._info_without_steps(x, conditioning, start)) if return_info \
+                    else x
+            # The counter and seed live on the chains' device: kernels and CUDA graphs read
+            # them there.
+            self._step, self._seed = self._step.to(x.device), self._seed.to(x.device)
+            inputs = ChainInputs(x, self._step, self._seed, self._tables(x, n_steps, step_size),
+                                 conditioning)
+            chunk = self.chunk_size or x.shape[0]
+            results = [self._run_chunk(inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
+                                       n_steps, self.chain_offset + lo, return_info)
+                       for lo in range(0, x.shape[0], chunk)]
         self._step += n_steps
         self._steps_taken += n_steps
         merged = results[0] if len(results) == 1 else {
@@ -192,16 +184,59 @@ class Sampler(abc.ABC):
             self._raise_if_non_finite(merged["nonfinite_score"], n_steps)
         if not return_info:
             return x
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
         info = SampleInfo(
             initial_energy=merged["initial_energy"], final_energy=merged["final_energy"],
             mean_grad_norm=merged["mean_grad_norm"],
             displacement=torch.linalg.vector_norm(
-                (x - x0.detach()).reshape(chains, -1).float(), dim=1),
+                (x - x0.detach()).reshape(x.shape[0], -1).float(), dim=1),
             time_s=time.perf_counter() - start,
             accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
         return x, info
+
+    def _info_without_steps(self, x: torch.Tensor, conditioning, start: float) -> SampleInfo:
+        """A zero-step call's SampleInfo: x0's energies, no displacement, a NaN mean_grad_norm
+        (no gradient was evaluated), no accept_rate or step_size."""
+        energy = self._energy.value(x, conditioning)
+        return SampleInfo(initial_energy=energy, final_energy=energy,
+                          mean_grad_norm=torch.full((x.shape[0],), float("nan"), device=x.device),
+                          displacement=torch.zeros(x.shape[0], device=x.device),
+                          time_s=time.perf_counter() - start)
+
+    @abc.abstractmethod
+    def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
+        """The call's per-step parameter values (step size, noise, ...)."""
+
+    @abc.abstractmethod
+    def _chain(self, inputs: ChainInputs, *, n_steps: int, chain_offset: int,
+               track: bool) -> dict:
+        """Run n_steps on inputs.x in place, drawing noise at (seed, counter, counter + 1, ...),
+        with the tables a block of steps at a time; return the chunk's per-chain results
+        (tensors only)."""
+
+    def _use_cuda_graph(self, x: torch.Tensor) -> bool:
+        return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
+
+    def _run_chunk(self, inputs: ChainInputs, n_steps: int, chain_offset: int,
+                   track: bool) -> dict:
+        run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
+                                      track=track)
+        if self._use_cuda_graph(inputs.x):
+            inputs = inputs.tabulated(n_steps)  # a graph's inputs are tensors
+            try:
+                key = graph_key(self.energy, inputs, n_steps, chain_offset, track)
+                if key not in self._graphs:
+                    if self._graph_pool is None:
+                        self._graph_pool = torch.cuda.graph_pool_handle()
+                    self._graphs[key] = CudaGraphChain(run_chain, inputs, self._graph_pool)
+                return self._graphs[key].replay(inputs)
+            except Exception as exc:  # e.g. the energy synchronises with the host
+                self._graph_failed = True
+                warnings.warn(f"{type(self).__name__}: CUDA graph capture failed "
+                              f"({type(exc).__name__}: {exc}); running eagerly from now on.",
+                              RuntimeWarning, stacklevel=4)
+        return run_chain(inputs)
 
     def _raise_if_non_finite(self, score: torch.Tensor, n_steps: int) -> None:
         worst = int(score.max())  # the one host read of the call

@@ -1,25 +1,23 @@
 """A chain's K steps captured once as a CUDA graph and replayed.
 
-Everything the chain reads changes only through its static input buffers (state, counter, seed,
-per-step values), which each replay refills; everything else a capture bakes in is part of its
-key, so a call that differs there gets a capture of its own.
+Everything the chain reads changes only through its static inputs (ChainInputs: state, counter,
+seed, per-step values, conditioning), which each replay refills; everything else a capture bakes
+in is part of its key, so a call that differs there gets a capture of its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
 from ebm_fast.backends import forced_backend
 from ebm_fast.samplers.energy import parameters_of
-from ebm_fast.samplers.schedules import StepValues
+from ebm_fast.samplers.inputs import ChainInputs
 
 
-def graph_key(energy, x, tables: tuple[StepValues, ...], n_steps: int, chain_offset: int,
-              track: bool) -> tuple:
-    """What a capture of this chunk's chain bakes in besides its static inputs.
+def graph_key(energy, inputs: ChainInputs, n_steps: int, chain_offset: int, track: bool) -> tuple:
+    """What a capture of this chunk's chain bakes in besides its static inputs' values.
 
     Parameters are read from their memory at replay: a model whose tensors were replaced (not
     updated in place) or whose mode changed gets a new capture; so does a call under another
@@ -27,35 +25,35 @@ def graph_key(energy, x, tables: tuple[StepValues, ...], n_steps: int, chain_off
     """
     params = tuple(p.data_ptr() for p in parameters_of(energy))
     training = getattr(energy, "training", None)
-    values = tuple((t.per_step, tuple(t.values.shape), t.values.dtype) for t in tables)
-    return (tuple(x.shape), x.dtype, x.device, n_steps, chain_offset, track, values, params,
-            training, forced_backend())
+    return (inputs.key(), n_steps, chain_offset, track, params, training, forced_backend())
 
 
 class CudaGraphChain:
-    """One K-step chain captured as a CUDA graph: static inputs in, replay, results out.
-    tables: StepValues held in tensors (StepValues.tabulated)."""
+    """One K-step chain captured as a graph: static inputs in, replay, results out."""
 
-    def __init__(self, run_chain: Callable, x, counter, seed, tables, pool):
-        self.x, self.counter, self.seed = x.clone(), counter.clone(), seed.clone()
-        self.tables = tuple(dataclasses.replace(t, values=t.values.clone()) for t in tables)
-        # Warm up on a side stream (lazy initialisation, compilation, allocator) on scratch copies.
+    def __init__(self, run_chain: Callable[[ChainInputs], dict], inputs: ChainInputs, pool):
+        self.inputs = inputs.static_copy()
+        self.outputs = self._capture(run_chain, pool)
+
+    def _capture(self, run_chain: Callable[[ChainInputs], dict], pool) -> dict:
+        # Warm up on a side stream (lazy initialisation, compilation, allocator) on scratch
+        # copies of the state and counter.
+        scratch = self.inputs.static_copy()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            run_chain(self.x.clone(), self.counter.clone(), self.seed, self.tables)
+            run_chain(scratch)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = run_chain(self.x, self.counter, self.seed, self.tables)
+            return run_chain(self.inputs)
 
-    def replay(self, x, counter, seed, tables) -> dict:
-        self.x.copy_(x)
-        self.counter.copy_(counter)
-        self.seed.copy_(seed)
-        for static, table in zip(self.tables, tables):
-            static.values.copy_(table.values)
+    def _replay(self) -> None:
         self.graph.replay()
-        x.copy_(self.x)
+
+    def replay(self, inputs: ChainInputs) -> dict:
+        self.inputs.copy_(inputs)
+        self._replay()
+        inputs.x.copy_(self.inputs.x)
         # Graphs of one sampler share a memory pool: copy the outputs out before the next replay.
         return {key: value.clone() for key, value in self.outputs.items()}

@@ -2,7 +2,8 @@
 
 The energy's parameters have requires_grad switched off for a call and restored (also on error):
 no parameter graph is built and no .grad is touched. Optionally the energy runs under
-torch.compile (eager fallback with one warning) and torch.autocast.
+torch.compile (eager fallback with one warning) and torch.autocast, is negated (a model that
+returns -E, as JEM's f), and is put in eval mode for the call.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ import warnings
 
 import torch
 
-from ebm_fast.validation import compute_dtype
+from ebm_fast.samplers.inputs import Conditioning
 from ebm_fast.samplers.kernels import contiguous
+from ebm_fast.validation import compute_dtype
+
+
+def module_of(energy) -> torch.nn.Module | None:
+    """The Module an energy is, or the Module owning a bound method, else None."""
+    owner = energy if isinstance(energy, torch.nn.Module) else getattr(energy, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
 def parameters_of(energy) -> list[torch.Tensor]:
-    """The parameters an energy owns: a Module's, or those of the Module owning a bound method."""
-    owner = energy if isinstance(energy, torch.nn.Module) else getattr(energy, "__self__", None)
-    return list(owner.parameters()) if isinstance(owner, torch.nn.Module) else []
+    """The parameters an energy owns (those of module_of(energy))."""
+    module = module_of(energy)
+    return [] if module is None else list(module.parameters())
 
 
 @contextlib.contextmanager
@@ -35,11 +43,28 @@ def frozen_parameters(params: list[torch.Tensor]):
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module | None):
+    """The module and its submodules in eval mode for the block (batch-norm statistics do not
+    move while sampling), each restored to its own mode afterwards, even on error."""
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _check_energy_output(value, chains: int) -> None:
     """A clear error naming what is wrong unless value is one energy per chain."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
-    if tuple(value.shape) not in ((chains,), (chains, 1)):
+    shapes = ((chains,), (chains, 1), ()) if chains == 1 else ((chains,), (chains, 1))
+    if tuple(value.shape) not in shapes:
         raise ValueError(f"energy(x) must return shape ({chains},) or ({chains}, 1), one energy "
                          f"per chain, got {tuple(value.shape)}")
     if not value.dtype.is_floating_point:
@@ -47,25 +72,26 @@ def _check_energy_output(value, chains: int) -> None:
 
 
 def _chain_energies(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A checked energy output (B,) or (B, 1), detached, as a contiguous (B,) tensor of dtype.
-    Conversions that would be no-ops are skipped: this runs every step, and on a CPU each op
-    call costs microseconds even when it does nothing."""
+    """A checked energy output (B,), (B, 1) or, for one chain, (), detached, as a contiguous (B,)
+    tensor of dtype. Conversions that would be no-ops are skipped: this runs every step, and on
+    a CPU each op call costs microseconds even when it does nothing."""
     energy = value.detach()
-    if energy.dim() == 2:
-        energy = energy.view(energy.shape[0]) if energy.is_contiguous() else energy[:, 0]
+    if energy.dim() != 1:
+        energy = energy.reshape(energy.shape[0] if energy.dim() else 1)
     if energy.dtype != dtype:
         energy = energy.to(dtype)
     return contiguous(energy)
 
 
 class EnergyFunction:
-    """The user's energy as the chains call it: (energy, gradient) or energy alone at x.
+    """The user's energy as the chains call it: (energy, gradient) or energy alone at x, given
+    the call's conditioning. negate: the callable returns -E (E = -f(x)).
 
     owner: the sampler's name, for the compile-fallback warning.
     """
 
-    def __init__(self, energy, *, compile: bool, autocast, owner: str):
-        self.energy, self.autocast, self.owner = energy, autocast, owner
+    def __init__(self, energy, *, compile: bool, autocast, negate: bool, owner: str):
+        self.energy, self.autocast, self.negate, self.owner = energy, autocast, negate, owner
         self._compiled = torch.compile(energy) if compile else None
 
     def _autocast(self, x: torch.Tensor):
@@ -75,26 +101,29 @@ class EnergyFunction:
         # requires it off.
         return torch.autocast(device_type=x.device.type, dtype=self.autocast, cache_enabled=False)
 
-    def _call(self, x: torch.Tensor):
+    def _call(self, x: torch.Tensor, conditioning: Conditioning):
         if self._compiled is not None:
             try:
-                return self._compiled(x)
+                return conditioning.call(self._compiled, x)
             except Exception as exc:  # compilation failed: the eager energy is always correct
                 self._compiled = None
                 warnings.warn(f"{self.owner}: torch.compile of the energy failed "
                               f"({type(exc).__name__}: {exc}); running it eagerly.",
                               RuntimeWarning, stacklevel=7)  # the user's sample() call
-        return self.energy(x)
+        return conditioning.call(self.energy, x)
 
-    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, x: torch.Tensor,
+                       conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy (B,) in the compute dtype, dE/dx) at x; builds no graph through parameters.
         As few op calls as the loop a user writes: the (B, 1) -> (B,) reshape happens after the
         backward pass, not inside the graph."""
         with torch.enable_grad():
             x_var = x.detach().requires_grad_(True)
             with self._autocast(x):
-                value = self._call(x_var)
+                value = self._call(x_var, conditioning)
             _check_energy_output(value, x.shape[0])
+            if self.negate:
+                value = -value
             # An output that needs no gradient, or one only through other tensors (no path from
             # x: grad is None), has no gradient in x to follow.
             (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
@@ -104,9 +133,9 @@ class EnergyFunction:
                                  "operations: there is no gradient to follow")
         return _chain_energies(value, compute_dtype(x.dtype)), grad
 
-    def value(self, x: torch.Tensor) -> torch.Tensor:
+    def value(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The energy (B,) in the compute dtype at x, without a gradient."""
         with torch.no_grad(), self._autocast(x):
-            value = self.energy(x)
+            value = conditioning.call(self.energy, x)
         _check_energy_output(value, x.shape[0])
-        return _chain_energies(value, compute_dtype(x.dtype))
+        return _chain_energies(-value if self.negate else value, compute_dtype(x.dtype))

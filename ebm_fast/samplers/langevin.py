@@ -30,7 +30,7 @@ class LangevinSampler(Sampler):
             unbounded).
         **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`
             (n_steps, seed, chain_offset, backend, compile, cuda_graph, check_finite,
-            chunk_size, autocast).
+            chunk_size, autocast, negate, eval_mode).
     """
 
     def __init__(self, energy, *, step_size, noise_scale=None, temperature=None, grad_clip=None,
@@ -50,12 +50,6 @@ class LangevinSampler(Sampler):
             if value is not None:
                 check_step_value(value, name, allow_zero=True)
 
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
-               return_info: bool = False):
-        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
-        return_info=True (which costs one extra energy evaluation for the final energies)."""
-        return self._sample(x0, n_steps, step_size, return_info)
-
     def _tables(self, x, n_steps, step_size):
         eps = step_values(self.step_size if step_size is None else step_size, "step_size",
                           n_steps, x, allow_zero=False)
@@ -71,8 +65,8 @@ class LangevinSampler(Sampler):
             eps, noise = (t if t.dim() == 2 else t[:, None] for t in (eps, noise))
         return (2 * eps * noise).sqrt()
 
-    def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
-        eps_values, noise_values = tables
+    def _chain(self, inputs, *, n_steps, chain_offset, track):
+        x, seed, (eps_values, noise_values) = inputs.x, inputs.seed, inputs.tables
         # The limits as the kernels apply them in x's compute dtype (inf: no limit).
         grad_clip, clamp_lo, clamp_hi = validation.update_limits(self.grad_clip, *self.clamp,
                                                                  x.dtype)
@@ -81,11 +75,12 @@ class LangevinSampler(Sampler):
         for first, n in blocks(n_steps):
             eps = eps_values.block(first, n)
             sigma = self._noise_scales(eps, noise_values.block(first, n))
-            steps = step_counters(counter, first, n)
+            steps = step_counters(inputs.counter, first, n)
             for eps_k, sigma_k, step in zip(eps.unbind(0), sigma.unbind(0), steps):
-                energy, grad = self._energy.value_and_grad(x)
+                energy, grad = self._energy.value_and_grad(x, inputs.conditioning)
                 diagnostics.check(energy)
                 diagnostics.measure(energy, grad)
                 update(x, x, contiguous(grad), eps_k, sigma_k, seed, step, STREAM_PROPOSAL,
                        chain_offset, grad_clip, self.grad_clip_mode, clamp_lo, clamp_hi)
-        return diagnostics.finish(x, self._energy.value(x) if track else None)
+        final_energy = self._energy.value(x, inputs.conditioning) if track else None
+        return diagnostics.finish(x, final_energy)

@@ -48,19 +48,13 @@ class MALASampler(Sampler):
         check_step_value(step_size, "step_size", allow_zero=False)
         check_step_value(temperature, "temperature", allow_zero=False)
 
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
-               return_info: bool = False):
-        """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
-        return_info=True (acceptance rates and adapted step sizes included)."""
-        return self._sample(x0, n_steps, step_size, return_info)
-
     def _tables(self, x, n_steps, step_size):
         return (step_values(self.step_size if step_size is None else step_size, "step_size",
                             n_steps, x, allow_zero=False),
                 step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
 
-    def _chain(self, x, counter, seed, tables, *, n_steps, chain_offset, track):
-        eps_values, temperature_values = tables
+    def _chain(self, inputs, *, n_steps, chain_offset, track):
+        x, seed, (eps_values, temperature_values) = inputs.x, inputs.seed, inputs.tables
         chains, dtype = x.shape[0], validation.compute_dtype(x.dtype)
         n_adapt = 0 if not self.adapt else (
             n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
@@ -70,7 +64,7 @@ class MALASampler(Sampler):
         accepted = torch.empty(chains, dtype=torch.bool, device=x.device)
         accept_prob = torch.empty(chains, dtype=dtype, device=x.device)
         diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
-        energy_x, grad_x = self._energy.value_and_grad(x)
+        energy_x, grad_x = self._energy.value_and_grad(x, inputs.conditioning)
         grad_x = contiguous(grad_x)
         # Only the initial state goes through check(): accepted states have finite energies
         # (mala_accept rejects non-finite proposals); finish() checks the final state.
@@ -81,13 +75,13 @@ class MALASampler(Sampler):
         for first, n in blocks(n_steps):
             eps_rows = eps_values.block(first, n).unbind(0)
             temperatures = temperature_values.block(first, n).unbind(0)
-            steps = step_counters(counter, first, n)
+            steps = step_counters(inputs.counter, first, n)
             for k, eps_row, temperature, step in zip(range(first, first + n), eps_rows,
                                                      temperatures, steps):
                 eps = eps_row * scale
                 propose(proposal, x, grad_x, eps, (2 * eps * temperature).sqrt(), seed, step,
                         STREAM_PROPOSAL, chain_offset, None, "value", None, None)
-                energy_y, grad_y = self._energy.value_and_grad(proposal)
+                energy_y, grad_y = self._energy.value_and_grad(proposal, inputs.conditioning)
                 accept(accepted, accept_prob, x, proposal, grad_x, contiguous(grad_y), energy_x,
                        energy_y, eps, temperature, seed, step, STREAM_MALA_ACCEPT, chain_offset)
                 accepted_count += accepted
