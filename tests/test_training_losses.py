@@ -4,6 +4,7 @@ per-class buffers, and clear errors for bad input."""
 
 import pytest
 import torch
+from test_exact2d import Gaussian, cosine, gaussian_ml_gradient
 from torch import nn
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer
@@ -20,19 +21,6 @@ def mlp(seed=0, dims=2, hidden=16, dtype=torch.float32):
 def langevin(energy, **kw):
     return LangevinSampler(energy, **{"step_size": 0.01, "noise_scale": 0.1, "n_steps": 4,
                                       "seed": 3, **kw})
-
-
-class Gaussian(nn.Module):
-    """E(x) = |x - mu|^2 / (2 s^2) + d log s: normalised up to a constant, p = N(mu, s^2 I)."""
-
-    def __init__(self, dims=2):
-        super().__init__()
-        self.mu = nn.Parameter(torch.zeros(dims))
-        self.log_s = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        s2 = torch.exp(2 * self.log_s)
-        return ((x - self.mu) ** 2).sum(1) / (2 * s2) + x.shape[1] * self.log_s
 
 
 def test_cd_chains_start_at_the_data_and_cd0_gradient_is_exactly_zero():
@@ -67,7 +55,7 @@ def test_gaussian_trained_with_exact_negatives_reaches_the_mle():
     gradient in expectation, so training ends at the MLE (sample mean and RMS deviation)."""
     torch.manual_seed(0)
     data = torch.tensor([1.0, -0.5]) + 0.7 * torch.randn(4096, 2)
-    energy = Gaussian()
+    energy = Gaussian([0.0, 0.0], 1.0, dtype=torch.float32)
     draws = torch.Generator().manual_seed(1)
 
     def exact(n):
@@ -83,6 +71,51 @@ def test_gaussian_trained_with_exact_negatives_reaches_the_mle():
     mle_s = ((data - mle_mu) ** 2).sum(1).mean().div(2).sqrt()
     torch.testing.assert_close(energy.mu.detach(), mle_mu, atol=0.04, rtol=0)
     assert float(energy.log_s.exp()) == pytest.approx(float(mle_s), abs=0.03)
+
+
+def test_persistent_ml_draws_runs_and_pushes_back():
+    energy = mlp()
+
+    def buffer():
+        return ReplayBuffer(100, (2,), init_range=(-4.0, 4.0), reinit_prob=0.2, seed=3)
+
+    used, twin = buffer(), buffer()
+    loss = PersistentML(langevin(energy, seed=7), used)
+    x = torch.randn(32, 2)
+    loss(x)
+    x0, slots = twin.sample(32)
+    expected = langevin(mlp(), seed=7).sample(x0)
+    twin.push(expected, slots)
+    assert torch.equal(loss.last.negatives, expected)
+    for key, value in twin.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(used.state_dict()[key], value), key
+
+
+def test_persistent_ml_with_a_long_budget_approaches_the_exact_gradient():
+    model = Gaussian([0.0, 0.0], 1.0, dtype=torch.float32)
+    data = 0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor(
+        [1.0, -0.5])
+    buffer = ReplayBuffer(512, (2,), init_range=(-3.0, 3.0), reinit_prob=0.0, seed=1)
+    loss = PersistentML(LangevinSampler(model, step_size=0.05, n_steps=200, seed=2), buffer)
+    for _ in range(2):  # warm the persistent chains
+        loss(data)
+    grads = torch.autograd.grad(loss(data), list(model.parameters()))
+    assert cosine(grads, gaussian_ml_gradient(model, data.double())) > 0.9
+    # CD-1 from the data barely moves: its model term is the data term, nearly cancelling.
+    cd1 = torch.autograd.grad(ContrastiveDivergence(loss.sampler, k=1)(data),
+                              list(model.parameters()))
+    assert sum(float(g.norm() ** 2) for g in cd1) < 0.1 * sum(float(g.norm() ** 2)
+                                                                for g in grads)
+
+
+def test_frozen_parameters_get_no_gradient():
+    energy = mlp()
+    energy[0].requires_grad_(False)
+    loss = ContrastiveDivergence(langevin(energy), k=1)
+    assert loss.parameters == [p for p in energy.parameters() if p.requires_grad]
+    loss(torch.randn(8, 2)).backward()
+    assert energy[0].weight.grad is None and energy[2].weight.grad is not None
 
 
 def test_persistent_cd_continues_its_chains():
@@ -142,6 +175,12 @@ def test_bad_input_errors_name_the_problem():
         ContrastiveDivergence(energy, k=1)
     with pytest.raises(ValueError, match="k must be"):
         ContrastiveDivergence(langevin(energy), k=-1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        ContrastiveDivergence(langevin(energy), k=1.0)
+    with pytest.raises(TypeError, match="buffer must be"):
+        PersistentML(langevin(energy), torch.zeros(10, 2))
+    with pytest.raises(TypeError, match="energy must be a torch.nn.Module"):
+        ContrastiveDivergence(langevin(lambda x: x.sum(1)), k=1)
     with pytest.raises(TypeError, match="alpha"):
         ContrastiveDivergence(langevin(energy), k=1, alpha=True)
     with pytest.raises(TypeError, match="x_pos"):

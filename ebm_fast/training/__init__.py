@@ -6,11 +6,11 @@ See docs/training.md.
 from ebm_fast.training.diagnostics import DivergenceMonitor, TrainingWarning
 from ebm_fast.training.losses import (ContrastiveDivergence, EBMLoss, KLPersistentML, LossStats,
                                       PersistentCD, PersistentML, ShortRunML, energies,
-                                      trainable_parameters)
+                                      parameters_to_train)
 from ebm_fast.training.jem import JEM, JEMStats, LogitsEnergy, expected_calibration_error
 from ebm_fast.training.trainer import Trainer
 
 __all__ = ["ContrastiveDivergence", "PersistentCD", "PersistentML", "ShortRunML",
            "KLPersistentML", "EBMLoss", "LossStats", "Trainer", "DivergenceMonitor",
-           "TrainingWarning", "energies", "trainable_parameters", "JEM", "JEMStats", "LogitsEnergy",
+           "TrainingWarning", "energies", "parameters_to_train", "JEM", "JEMStats", "LogitsEnergy",
            "expected_calibration_error"]

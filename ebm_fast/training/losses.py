@@ -37,12 +37,13 @@ import torch
 from ebm_fast import validation
 from ebm_fast.backends import use_backend
 from ebm_fast.buffer import ReplayBuffer
+from ebm_fast.exact2d import trainable_parameters
 from ebm_fast.noise import STREAM_PROPOSAL
 from ebm_fast.ops import langevin_update
 from ebm_fast.samplers import LangevinSampler, MALASampler
 
 __all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
-           "ShortRunML", "KLPersistentML", "trainable_parameters", "energies"]
+           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies"]
 
 
 @dataclasses.dataclass
@@ -72,16 +73,14 @@ class LossStats:
     entropy: torch.Tensor | None = None
 
 
-def trainable_parameters(energy) -> list[torch.Tensor]:
-    """The energy's parameters with requires_grad; ValueError when there are none."""
+def parameters_to_train(energy) -> list[torch.Tensor]:
+    """The energy's trainable parameters (exact2d.trainable_parameters: requires_grad, in the
+    order of ``energy.parameters()``); TypeError unless it is an nn.Module, ValueError when it
+    has none."""
     if not isinstance(energy, torch.nn.Module):
         raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
                         f"{type(energy).__name__}")
-    params = [p for p in energy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
-                         "train")
-    return params
+    return trainable_parameters(energy)
 
 
 def energies(energy, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,7 @@ class EBMLoss(abc.ABC):
                             f"{type(sampler).__name__}")
         self.sampler = sampler
         self.energy = sampler.energy
-        self.parameters = trainable_parameters(self.energy)
+        self.parameters = parameters_to_train(self.energy)
         self.alpha = validation.real(alpha, "alpha", low=0.0)
         self.track_chains = False
         self.last: LossStats | None = None

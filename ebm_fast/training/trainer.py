@@ -20,7 +20,7 @@ from ebm_fast.samplers import NonFiniteChainError
 from ebm_fast.training import checkpoints
 from ebm_fast.training.data import batch_stream
 from ebm_fast.training.diagnostics import DivergenceMonitor
-from ebm_fast.training.losses import EBMLoss, trainable_parameters
+from ebm_fast.training.losses import EBMLoss, parameters_to_train
 
 __all__ = ["Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
 
@@ -64,7 +64,7 @@ class Trainer:
                  progress: bool = True, on_nonfinite: str = "skip", data_seed: int | None = None,
                  monitor: DivergenceMonitor | None = None,
                  callbacks: tuple[Callable[["Trainer", dict], None], ...] = ()):
-        self.parameters = trainable_parameters(energy)
+        self.parameters = parameters_to_train(energy)
         if not isinstance(loss, EBMLoss):
             raise TypeError(f"loss must be an ebm_fast.training loss, got {type(loss).__name__}")
         if loss.energy is not energy:
