@@ -21,7 +21,7 @@ QUESTION = ("Trained from the same start for the same number of energy evaluatio
             "land near exact ML and CD-k elsewhere? How far are the persistent chains from the "
             "model along the way?")
 METHODS = ("exact_ml",) + ESTIMATORS
-GAP_BINS = 25  # histogram cells per axis for the buffer-to-model gap (10k buffer samples)
+GAP_BINS = 25  # histogram cells per axis for the buffer-to-model gap (a few thousand samples)
 
 
 def budget_cells(cfg) -> int:
@@ -74,7 +74,7 @@ def train(ctx: Context, method: str, seed_index: int, temperature: float = 1.0) 
                 evaluate(iteration)
     else:
         loss = ctx.loss(method, energy, cfg.train_steps, "E3", seed_index, temperature,
-                        buffer_size=cfg.buffer_size, temperature=temperature)
+                        buffer_size=cfg.train_buffer_size, temperature=temperature)
         trainer = Trainer(energy, loss, optimiser, log_every=every, progress=False,
                           data_seed=data_seed,
                           callbacks=(lambda trainer, _: evaluate(trainer.iteration, loss),))
@@ -116,7 +116,7 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
         result[method] = row
     setup = {"seeds": cfg.seeds, "iterations": cfg.iterations, "batch": cfg.train_batch,
              "sampler_steps": cfg.train_steps, "exact_ml_cells": budget_cells(cfg),
-             "buffer_size": cfg.buffer_size, "gap_bins": GAP_BINS,
+             "buffer_size": cfg.train_buffer_size, "gap_bins": GAP_BINS,
              "heldout_nll_of_the_data_density": -float(ring_log_density(ctx.heldout).mean())}
     return result, setup
 
