@@ -92,6 +92,18 @@ def test_persistent_ml_draws_runs_and_pushes_back():
             assert torch.equal(used.state_dict()[key], value), key
 
 
+def test_chain_statistics_when_tracking():
+    energy = mlp()
+    loss = PersistentML(langevin(energy), ReplayBuffer(64, (2,), reinit_prob=1.0, seed=1))
+    x = torch.randn(16, 2)
+    loss(x)
+    assert loss.last.reinit_fraction is None and loss.last.chain_grad_norm is None
+    loss.track_chains = True
+    loss(x)
+    assert float(loss.last.reinit_fraction) == 1.0
+    assert float(loss.last.chain_grad_norm) > 0 and float(loss.last.chain_displacement) > 0
+
+
 def test_persistent_ml_with_a_long_budget_approaches_the_exact_gradient():
     model = Gaussian([0.0, 0.0], 1.0, dtype=torch.float32)
     data = 0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor(

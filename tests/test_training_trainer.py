@@ -171,7 +171,7 @@ def test_metrics_records_hold_the_documented_keys(tmp_path):
     run.fit(data(), 10, batch_size=16)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     for key in ("iteration", "loss", "energy_pos", "energy_neg", "energy_gap", "grad_norm",
-                "chain_grad_norm", "chain_displacement", "sampler_seconds",
+                "chain_grad_norm", "chain_displacement", "reinit_fraction", "sampler_seconds",
                 "iteration_seconds", "nonfinite_skipped", "warnings"):
         assert key in record, key
     assert record["energy_gap"] == pytest.approx(record["energy_pos"] - record["energy_neg"])

@@ -286,15 +286,20 @@ class PersistentML(EBMLoss):
         self.buffer = buffer
         self.conditional = buffer.n_classes is not None
 
-    def draw(self, x_pos: torch.Tensor, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial states and slots for the positive batch from the buffer."""
+    def draw(self, x_pos: torch.Tensor, y, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial states and slots for the positive batch from the buffer (with track_chains,
+        the fraction re-initialised goes into stats)."""
         if tuple(x_pos.shape[1:]) != self.buffer.sample_shape:
             raise ValueError(f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
                              f"holds samples of shape {self.buffer.sample_shape}")
-        return self.buffer.sample(x_pos.shape[0], y=y)
+        if not self.track_chains:
+            return self.buffer.sample(x_pos.shape[0], y=y)
+        x0, slots, reinit = self.buffer.sample(x_pos.shape[0], y=y, return_reinit=True)
+        stats["reinit_fraction"] = reinit.float().mean()
+        return x0, slots
 
     def negatives(self, x_pos, y, stats):
-        x0, slots = self.draw(x_pos, y)
+        x0, slots = self.draw(x_pos, y, stats)
         x = self._run(x0, stats)
         self.buffer.push(x, slots)
         return x
@@ -358,7 +363,7 @@ class KLPersistentML(PersistentML):
         self._filled = False  # the buffer held > ENTROPY_MIN_FILLED samples (stays true)
 
     def negatives(self, x_pos, y, stats):
-        x0, slots = self.draw(x_pos, y)
+        x0, slots = self.draw(x_pos, y, stats)
         if self.augment is not None:
             augmented = self.augment(x0)
             if not isinstance(augmented, torch.Tensor) or augmented.shape != x0.shape:
@@ -367,7 +372,7 @@ class KLPersistentML(PersistentML):
                                  f"{getattr(augmented, 'shape', type(augmented).__name__)}")
             x0 = augmented
         # Drawn before the push: the chains' own new states are not their neighbours.
-        reference = self._entropy_reference(y)
+        reference = self._entropy_reference()
         k = self.sampler.n_steps
         x_prev = x0 if k == 1 else self._run(x0, stats, k - 1)
         step = self.sampler.state_dict()["step"]  # the noise counter of the last step
@@ -376,17 +381,18 @@ class KLPersistentML(PersistentML):
         self._kl_inputs = (x_prev, step, reference)
         return x
 
-    def _entropy_reference(self, y) -> torch.Tensor | None:
+    def _entropy_reference(self) -> torch.Tensor | None:
+        """entropy_samples buffer draws (over all slots, of every class), or None before the
+        buffer holds enough samples. The draws are re-initialised with the buffer's reinit_prob
+        like any other: a fresh noise sample is rarely anyone's nearest neighbour."""
         if self.entropy_weight == 0:
             return None
         if not self._filled:
-            self._filled = len(self.buffer) > self.ENTROPY_MIN_FILLED  # a host read until true
+            # A host read per iteration until true; written slots are never unwritten.
+            self._filled = self.buffer.n_written > self.ENTROPY_MIN_FILLED
             if not self._filled:
                 return None
-        # A per-class buffer is drawn within the KL chains' classes, cycled.
-        labels = None if y is None else y[torch.arange(self.entropy_samples,
-                                                       device=y.device) % y.shape[0]]
-        return self.buffer.sample(self.entropy_samples, y=labels)[0]
+        return self.buffer.sample(self.entropy_samples)[0]
 
     def last_step(self, x_prev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The sampler's last step from x_prev on the first kl_chains chains, differentiable in
