@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ebm_fast.ops._dispatch import float_kernel_for
+from ebm_fast.ops._dispatch import kernel_for
 
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -23,10 +23,10 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
 def update_kernel(x: torch.Tensor) -> Callable:
     """langevin_update_out(out, x, grad, step_size, noise_scale, seed, step, stream,
     chain_offset, grad_clip, grad_clip_mode, clamp_lo, clamp_hi) for chains like x."""
-    return float_kernel_for("langevin_update", x)
+    return kernel_for("langevin_update", x)
 
 
 def accept_kernel(x: torch.Tensor) -> Callable:
     """mala_accept_out(accepted, accept_prob, x, proposal, grad_x, grad_y, energy_x, energy_y,
     step_size, temperature, seed, step, stream, chain_offset) for chains like x."""
-    return float_kernel_for("mala_accept", x)
+    return kernel_for("mala_accept", x)
