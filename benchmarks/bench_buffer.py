@@ -8,8 +8,10 @@ drawn slots into a preallocated batch plus ``index_copy_`` back, no randomness):
 * eager torch indexing with torch.rand-based reinit (as JEM writes it),
 * a list-of-tensors buffer (as IGEBM writes it).
 
-Usage: python benchmarks/bench_buffer.py [--quick] [--device cpu|cuda] [--threads N] [--json PATH]
-(or ``ebm-fast bench buffer ...``). Results: benchmarks/results/buffer.json.
+Usage: python benchmarks/bench_buffer.py [--quick] [--capacities N ...] [--device cpu|cuda]
+[--threads N] [--json PATH] (or ``ebm-fast bench buffer ...``). Results:
+benchmarks/results/buffer.json, rewritten after each capacity (a run cut short keeps the
+finished ones).
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def time_cycles(cycles, device, rounds, reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k slots only, few repetitions")
+    parser.add_argument("--capacities", type=int, nargs="+", default=None,
+                        help="buffer slots to time (default 10000 50000; quick 10000)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None,
@@ -136,7 +140,9 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    capacities = (10_000,) if args.quick else (10_000, 50_000)
+    capacities = args.capacities or ((10_000,) if args.quick else (10_000, 50_000))
+    if min(capacities) < BATCH:
+        parser.error(f"--capacities must be at least the batch, {BATCH}")
     rounds, reps = (5, 5) if args.quick else (15, 10)
     report = {"device": str(device), "backend": backend_for(device), "batch": BATCH,
               "sample_shape": list(SAMPLE_SHAPE), "reinit_prob": REINIT_PROB,
@@ -145,6 +151,7 @@ def main(argv=None):
               "load_average": list(os.getloadavg()),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "results": []}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for capacity in capacities:
         times = time_cycles(make_cycles(capacity, device), device, rounds, reps)
         floor = times["floor (index_select + index_copy_)"]
@@ -155,8 +162,7 @@ def main(argv=None):
             report["results"].append({"capacity": capacity, "variant": name,
                                       "ms_per_cycle": seconds * 1e3,
                                       "ratio_to_floor": seconds / floor})
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 
 

@@ -6,6 +6,8 @@ net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0
   floor            K bare energy forward+backward passes w.r.t. x (parameters frozen), no update
   eager_loop       detach, requires_grad, autograd.grad, x - eps g + sigma randn, clamp
   compiled_loop    the same loop body under torch.compile
+  graphed_loop     (CUDA) the whole K-step plain loop captured by hand in one CUDA graph and
+                   replayed: the best a user can do without ebm_fast
   sampler          ebm_fast.LangevinSampler (same update, fused kernel; CUDA graph on CUDA)
   sampler_compile  ebm_fast.LangevinSampler(compile=True)
   ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
@@ -14,9 +16,11 @@ Reports the median seconds of a K-step run (methods interleaved round by round),
 chain-steps/s, speed-up over eager_loop and time over floor, and the same two ratios from each
 method's fastest round (on a shared VM the median moves with neighbours' load; the minimum is
 the least disturbed run).
-Writes benchmarks/results/sampler.json.  Usage:
+Writes benchmarks/results/sampler.json, rewritten after each case (a run cut short keeps the
+finished cases).  Usage:
     python benchmarks/bench_sampler.py [--quick] [--rounds N] [--cases mlp2,mlp784,conv]
-                                       [--device cpu] [--no-compile] [--threads N]
+                                       [--chains B] [--steps K] [--device cpu]
+                                       [--no-compile] [--threads N]
                                        [--default-malloc] [--out PATH]
 """
 
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +100,26 @@ def loop_fn(step, x0, steps):
     return run
 
 
+def graphed_loop_fn(step, x0, steps):
+    """The plain loop captured in one CUDA graph, as torch's CUDA-graph recipe has a user do it:
+    warm-up on a side stream, capture from a static input, copy each x0 in and replay."""
+    static_x = x0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # lazy initialisation (cuBLAS, autograd) outside the capture
+        loop_fn(step, static_x, steps)()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = loop_fn(step, static_x, steps)()
+
+    def run():
+        static_x.copy_(x0)
+        graph.replay()
+        return static_out
+    return run
+
+
 def ebmkit_fn(model, x0, steps):
     from ebm.samplers.langevin import LangevinDynamics
 
@@ -127,6 +152,8 @@ def methods(model, x0, steps, compile_too: bool) -> dict:
         "sampler": lambda: (lambda s: lambda: s.sample(x0))(ebm_fast.LangevinSampler(
             model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE, clamp=CLAMP, n_steps=steps)),
     }
+    if x0.device.type == "cuda":
+        found["graphed_loop"] = lambda: graphed_loop_fn(loop_step(model), x0, steps)
     if compile_too:
         found["compiled_loop"] = lambda: loop_fn(torch.compile(loop_step(model)), x0, steps)
         found["sampler_compile"] = lambda: (lambda s: lambda: s.sample(x0))(
@@ -183,12 +210,30 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool) -> d
             "shape": list(case["shape"]), "methods": rows, "skipped": skipped}
 
 
+def print_case(case: dict) -> None:
+    print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
+    print(f"  {'method':16s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
+          f"{'/ floor':>8s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} {'/ floor':>8s}")
+    for method, row in case["methods"].items():
+        print(f"  {method:16s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
+              f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x | "
+              f"{'':16s}{row['min_seconds'] * 1e3:8.2f} "
+              f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x")
+    for method, reason in case["skipped"].items():
+        print(f"  {method:16s} skipped: {reason}")
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 timed rounds")
     parser.add_argument("--rounds", type=int, default=11,
                         help="timed rounds, every method once per round (default 11)")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--chains", type=int, default=None,
+                        help="chains B for every case instead of the case's own (smoke runs)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps K for every case instead of the case's own (smoke runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--threads", type=int, default=None,
@@ -203,37 +248,33 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    for option in ("rounds", "chains", "steps"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be >= 1")
     reps = 2 if args.quick else args.rounds
     names = [n for n in args.cases.split(",") if n]
     unknown = set(names) - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; known: {sorted(CASES)}")
     load_before = os.getloadavg()
-    results = [bench_case(n, CASES[n], device, reps, not args.no_compile) for n in names]
+    results = []
     report = {
         "benchmark": "sampler", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "update_backend": backend_for(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "reps": reps, "malloc": malloc,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "cases": results,
+        "load_average_before": load_before, "cases": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    for case in results:
-        print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
-        print(f"  {'method':16s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
-              f"{'/ floor':>8s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} {'/ floor':>8s}")
-        for method, row in case["methods"].items():
-            print(f"  {method:16s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
-                  f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x | "
-                  f"{'':16s}{row['min_seconds'] * 1e3:8.2f} "
-                  f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x")
-        for method, reason in case["skipped"].items():
-            print(f"  {method:16s} skipped: {reason}")
+    for name in names:
+        case = dict(CASES[name])
+        case.update({key: getattr(args, key) for key in ("chains", "steps")
+                     if getattr(args, key) is not None})
+        results.append(bench_case(name, case, device, reps, not args.no_compile))
+        report["load_average_after"] = os.getloadavg()
+        args.out.write_text(json.dumps(report, indent=2))
+        print_case(results[-1])
     print(f"\nmalloc: {malloc}; load average before/after: {load_before} / "
           f"{report['load_average_after']}; wrote {args.out}")
     return 0

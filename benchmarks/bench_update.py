@@ -15,7 +15,8 @@ compiled/op (speed-up of the op). On CUDA also the op's GB/s at 12 bytes per ele
 
 Usage: python benchmarks/bench_update.py [--quick] [--sizes 64K 1M ...] [--repeats N]
 [--device cpu|cuda] [--threads N] [--no-compile] [--json PATH] (or ``ebm-fast bench update ...``).
-Results: benchmarks/results/update.json.
+Results: benchmarks/results/update.json, rewritten after each size (a run cut short keeps the
+finished sizes).
 """
 
 from __future__ import annotations
@@ -204,15 +205,6 @@ def main(argv=None) -> int:
           f"{info['backend']}, {info['torch_threads']} threads), {repeats} interleaved repeats",
           flush=True)
     results = []
-    for numel in sizes:
-        results.append(bench_size(numel, args.chains, device, repeats, compiled_update))
-        r = results[-1]
-        print(f"  {r['numel']:>11,} elements: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in r["ratios"].items()), flush=True)
-    info["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    print()
-    print(format_table(results, device))
-
     report = {
         "benchmark": "update",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -223,7 +215,15 @@ def main(argv=None) -> int:
         "results": results,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    for numel in sizes:
+        results.append(bench_size(numel, args.chains, device, repeats, compiled_update))
+        r = results[-1]
+        print(f"  {r['numel']:>11,} elements: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in r["ratios"].items()), flush=True)
+        info["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(format_table(results, device))
     print(f"\nwrote {args.json}")
     return 0
 

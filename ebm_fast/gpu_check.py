@@ -1,9 +1,9 @@
-"""Run the GPU check: every CUDA test, the Triton kernels at GPU sizes, CUDA graphs and host syncs,
-the three benchmarks and the demo, with every figure and failure written to OUT_DIR.
+"""Run the GPU check and write every figure and failure to OUT_DIR (docs/gpu-check.md).
 
-Steps, in order, each a subprocess under its own timeout (docs/gpu-check.md):
+Every CUDA test, the Triton kernels at GPU sizes, CUDA graphs and host syncs, the three
+benchmarks and the demo. Steps, in order, each a subprocess under its own timeout:
 
-  info          ebm-fast info (builds the C++ kernels), nvidia-smi, versions, the card's name
+  info          ebm-fast info (builds the C++ kernels), versions, the card's name, nvidia-smi
   kernels       tests/test_gpu.py kernel tests: Triton against the reference at GPU sizes
   suite         the test suite on the GPU (every test that skips without CUDA runs here)
   graphs_syncs  tests/test_gpu.py CUDA-graph and host-synchronisation tests
@@ -239,7 +239,7 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
     info = [python + ["-c", "import sys; from ebm_fast.gpu_check import report_versions; "
                             f"sys.exit(report_versions(require_cuda={not dry_run}))"]]
     if not dry_run:
-        info.insert(0, ["nvidia-smi"])
+        info.append(["nvidia-smi"])
     if dry_run:
         bench = {
             "update": ["--sizes", "64K", "--repeats", "2", "--no-compile"],

@@ -40,20 +40,25 @@ def test_bench_update_times_the_op_against_eager_and_copies(tmp_path):
 
 def test_bench_buffer_reports_each_variant_over_the_floor(tmp_path):
     out = tmp_path / "buffer.json"
-    _run("bench_buffer.py", "--quick", "--json", str(out))
+    _run("bench_buffer.py", "--quick", "--capacities", "300", "1000", "--json", str(out))
     rows = json.loads(out.read_text())["results"]
-    floor = [r for r in rows if r["variant"].startswith("floor")]
-    assert len(floor) == 1 and floor[0]["ratio_to_floor"] == 1.0
-    assert len(rows) >= 5 and all(_positive(r["ms_per_cycle"]) for r in rows)
-    for row in rows:
-        assert row["ratio_to_floor"] == pytest.approx(row["ms_per_cycle"] /
-                                                      floor[0]["ms_per_cycle"])
+    assert sorted({r["capacity"] for r in rows}) == [300, 1000]
+    for capacity in (300, 1000):
+        at = [r for r in rows if r["capacity"] == capacity]
+        floor = [r for r in at if r["variant"].startswith("floor")]
+        assert len(floor) == 1 and floor[0]["ratio_to_floor"] == 1.0
+        assert len(at) >= 5 and all(_positive(r["ms_per_cycle"]) for r in at)
+        for row in at:
+            assert row["ratio_to_floor"] == pytest.approx(row["ms_per_cycle"] /
+                                                          floor[0]["ms_per_cycle"])
 
 
 def test_bench_sampler_times_the_sampler_against_the_loop_and_the_floor(tmp_path):
     out = tmp_path / "sampler.json"
-    _run("bench_sampler.py", "--quick", "--no-compile", "--cases", "conv", "--out", str(out))
+    _run("bench_sampler.py", "--quick", "--no-compile", "--cases", "conv", "--chains", "4",
+         "--steps", "3", "--out", str(out))
     (case,) = json.loads(out.read_text())["cases"]
+    assert (case["chains"], case["steps"]) == (4, 3)
     methods = case["methods"]
     assert {"floor", "eager_loop", "sampler"} <= methods.keys()
     # Peers are timed when installed, else reported as skipped; never silently missing.
