@@ -16,6 +16,7 @@ COMMANDS = {
     "info": "ebm_fast.commands.info",
     "bench": "ebm_fast.commands.bench",
     "train": "ebm_fast.training.command",
+    "check-gpu": "ebm_fast.gpu_check",
 }
 
 
