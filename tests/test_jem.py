@@ -3,10 +3,13 @@ f(x) = W x + b, whose energies, cross-entropy and parameter gradients have close
 E(x) = -logsumexp(f(x)), E(x, y) = -f(x)[y]; d/dW of -logsumexp f(x) = -softmax(f(x)) x^T,
 of -f(x)[y] = -e_y x^T, of the cross-entropy logsumexp f(x) - f(x)[y] = (softmax - e_y) x^T."""
 
+import json
+
 import pytest
 import torch
 
 import ebm_fast
+from ebm_fast import cli
 from ebm_fast.training import (JEM, JEMStats, LogitsEnergy, Trainer,
                                expected_calibration_error)
 
@@ -270,3 +273,23 @@ def test_expected_calibration_error_by_hand():
     assert calibrated.item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(logits, y, n_bins=0)
+
+
+# -- ebm-fast train --loss jem ---------------------------------------------------------------
+
+def test_train_command_reports_test_accuracy_calibration_and_a_sample_grid(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = cli.main(["train", "--data", "digits", "--loss", "jem", "--out", str(out),
+                       "--iterations", "40", "--batch", "64", "--steps", "2", "--log-every", "20",
+                       "--plot-every", "40", "--buffer-size", "200", "--hidden", "32",
+                       "--lr", "1e-2", "--step-size", "1", "--noise-scale", "0.01"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "expected calibration error" in printed
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["accuracy"] > 0.4  # chance is 0.1: the p(y|x) term trains the classifier
+    assert 0.0 <= metrics["ece"] <= 1.0
+    assert (out / "iteration_0000040.png").stat().st_size > 0
+    assert cli.main(["train", "--data", "ring", "--loss", "jem", "--out", str(tmp_path / "x")]) \
+        == 2
+    assert "--loss jem needs labelled images" in capsys.readouterr().err
