@@ -12,7 +12,8 @@ classifier's logits f(x) read as an energy-based model of p(x, y) ∝ exp(f(x)[y
   x- are unconditional negatives (drawn over all slots of the replay buffer, sampled from E(x)),
   x-_y class-conditional ones (chain i drawn from class y[i]'s slots of a per-class buffer,
   sampled from E(x, y)); both are written back to the slots they came from.
-* :func:`expected_calibration_error`: the calibration measure JEM reports.
+* :func:`expected_calibration_error`, :func:`classifier_metrics`: test accuracy and the
+  calibration measure JEM reports.
 """
 
 from __future__ import annotations
