@@ -16,7 +16,6 @@ runs here, the library version against the code it replaces, on the same models 
   last batch in the same slots after wrapping around.
 """
 
-import copy
 import math
 import random
 import re
