@@ -55,7 +55,8 @@ def _cpu_unavailable_reason() -> str | None:
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run here, or None when it can."""
-    validation.choice(name, "backend", BACKENDS)
+    if name not in BACKENDS:  # backend_for asks on every op: the rule only for a bad name
+        validation.choice(name, "backend", BACKENDS)
     if name == "cpu":
         return _cpu_unavailable_reason()
     if name == "triton":

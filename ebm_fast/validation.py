@@ -56,9 +56,10 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
 
 def integer(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int in [low, high) (None: unbounded). Python and numpy integers."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {_shown(value)}")
-    value = int(value)
+    if type(value) is not int:  # plain ints skip the (slow) abstract-class checks
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {_shown(value)}")
+        value = int(value)
     if (low is not None and value < low) or (high is not None and value >= high):
         raise ValueError(f"{name} must be {_range_text(low, high, False, True)}, got {value}")
     return value
@@ -70,12 +71,15 @@ def real(value, name: str, *, low: float | None = None, high: float | None = Non
 
     Python and numpy ints and floats. NaN is refused; +-inf unless ``allow_inf``.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is float:  # plain floats skip the (slow) abstract-class checks
+        converted = value
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {_shown(value)}")
-    try:
-        converted = float(value)
-    except OverflowError:  # an int beyond the float range
-        raise ValueError(f"{name} is beyond the float range, got {value}") from None
+    else:
+        try:
+            converted = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise ValueError(f"{name} is beyond the float range, got {value}") from None
     if math.isnan(converted):
         raise ValueError(f"{name} must not be NaN")
     if math.isinf(converted) and not allow_inf:
@@ -89,15 +93,15 @@ def real(value, name: str, *, low: float | None = None, high: float | None = Non
 
 
 def choice(value, name: str, choices):
-    """``value``, one of ``choices``. A value of another type than all the choices (an int where
-    the choices are strings) is a TypeError; a value of the right type not among them a
-    ValueError; both list the choices."""
-    kinds = {type(c) for c in choices}
-    if len(kinds) == 1 and not isinstance(value, next(iter(kinds))):
+    """``value``, one of ``choices`` (equal and of the same type). A value of none of the
+    choices' types (an int where the choices are strings) is a TypeError; a value of a right type
+    not among them a ValueError; both list the choices."""
+    for option in choices:
+        if type(option) is type(value) and option == value:
+            return value
+    if not isinstance(value, tuple({type(option) for option in choices})):
         raise TypeError(f"{name} must be one of {tuple(choices)}, got {_shown(value)}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def clamp_bounds(clamp, name: str = "clamp") -> tuple[float | None, float | None]:
