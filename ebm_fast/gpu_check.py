@@ -352,6 +352,7 @@ def format_table(results: list[dict]) -> str:
 
 def check(out_dir: Path, dry_run: bool, budget_s: float) -> dict:
     """Run every step; returns the summary written to OUT_DIR/summary.json."""
+    out_dir = out_dir.resolve()  # the steps run in the checkout, not in the caller's directory
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
     log_path.write_text(f"gpu check {'(dry run) ' if dry_run else ''}of {REPO} at "
