@@ -111,7 +111,11 @@ def evaluate_pytest(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     finals = [line for line in log.splitlines() if count.search(line) and " in " in line]
     figure = (", ".join(f"{n} {word}" for n, word in count.findall(finals[-1])) if finals
               else "no pytest summary")
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", log, re.MULTILINE)
+    # Verbose lines name each failure as it happens ("tests/a.py::t FAILED", with xdist
+    # "[gw1] [ 5%] FAILED tests/a.py::t"), so a suite killed at its timeout still names them.
+    failed = list(dict.fromkeys(
+        a or b for a, b in re.findall(r"(?:FAILED|ERROR) (\S+::\S+)|(\S+::\S+) (?:FAILED|ERROR)",
+                                      log)))
     if failed:
         figure += "; first failures: " + ", ".join(failed[:3])
     return figure, []
@@ -225,7 +229,7 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
     """The steps with their commands; the dry run's differ only in device and size."""
     python = [sys.executable]
     cli = python + ["-m", "ebm_fast.cli"]
-    pytest = python + ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    pytest = python + ["-m", "pytest", "-v", "-p", "no:cacheprovider"]
     device = "cpu" if dry_run else "cuda"
     if dry_run:
         # One small file of the suite: the whole suite already runs where the dry run does.

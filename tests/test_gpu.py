@@ -20,8 +20,9 @@ import torch
 
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("triton") is not None,
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}")
 
 import ebm_fast  # noqa: E402
 from ebm_fast import noise, reference  # noqa: E402

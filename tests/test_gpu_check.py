@@ -127,8 +127,15 @@ def test_sampler_targets_per_case(tmp_path):
 
 
 def test_pytest_figure_counts_and_names_failures():
-    log = ("$ python -m pytest\n..F.s\nFAILED tests/test_x.py::test_a - AssertionError\n"
-           "1 failed, 3 passed, 1 skipped, 2 deselected in 4.20s\n===== suite: fail =====\n")
+    log = ("$ python -m pytest -v\ntests/test_x.py::test_a FAILED [ 20%]\n"
+           "tests/test_x.py::test_b[1-2] PASSED [ 40%]\n"
+           "[gw1] [ 60%] ERROR tests/test_y.py::test_c\n"
+           "FAILED tests/test_x.py::test_a - AssertionError: 1 == 2\n"
+           "==== 1 failed, 3 passed, 1 skipped, 2 deselected, 1 error in 4.20s ====\n"
+           "===== suite: fail =====\n")
     figure, _ = gpu_check.evaluate_pytest(log, Path("."))
-    assert figure == ("1 failed, 3 passed, 1 skipped, 2 deselected; first failures: "
-                      "tests/test_x.py::test_a")
+    assert figure == ("1 failed, 3 passed, 1 skipped, 2 deselected, 1 error; first failures: "
+                      "tests/test_x.py::test_a, tests/test_y.py::test_c")
+    killed = "tests/test_x.py::test_a PASSED [ 1%]\ntests/test_x.py::test_b FAILED [ 2%]\n"
+    assert gpu_check.evaluate_pytest(killed, Path("."))[0] == (
+        "no pytest summary; first failures: tests/test_x.py::test_b")
