@@ -1,0 +1,24 @@
+"""benchmarks/bench_training.py runs with short settings and its ratios match its times."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_training.py"
+
+
+def test_bench_training_quick_run(tmp_path, monkeypatch):
+    bench = runpy.run_path(str(SCRIPT))
+    monkeypatch.setitem(bench["CASES"]["ring"], "steps", 2)
+    out = tmp_path / "training.json"
+    assert bench["main"](["--cases", "ring", "--iterations", "3", "--out", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    for clock in ("wall", "cpu"):
+        row = case[clock]
+        median = row["median_s"]
+        assert row["speedup"] == pytest.approx(median["plain"] / median["ebm_fast"])
+        assert row["overhead_us"] == pytest.approx(1e6 * (median["ebm_fast"] - median["passes"]))
+    with pytest.raises(SystemExit):
+        bench["main"](["--cases", "nope"])
