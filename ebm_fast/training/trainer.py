@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ebm_fast import validation
 from ebm_fast.samplers import NonFiniteChainError
-from ebm_fast.training import checkpoints
+from ebm_fast.training import checkpoints, distributed
 from ebm_fast.training.data import batch_stream
 from ebm_fast.training.diagnostics import DivergenceMonitor
 from ebm_fast.training.losses import EBMLoss, parameters_to_train
@@ -56,6 +56,12 @@ class Trainer:
 
     Each iteration reads the device once (whether loss and gradient norm are finite), as
     torch.amp.GradScaler does; logged iterations read their statistics once more.
+
+    Under torchrun (ebm_fast.training.distributed: a process group, the energy in DDP, a
+    sharded buffer) each rank trains on its slice of every global batch with its chains' global
+    indices; metrics are averaged over the ranks (one all-reduce per logged iteration), the
+    progress bar and metrics.jsonl are rank 0's, checkpoints are written per rank (loss state)
+    and by rank 0 (the rest). Callbacks run on every rank (``trainer.rank`` tells which).
     """
 
     def __init__(self, energy: torch.nn.Module, loss: EBMLoss, optimizer: torch.optim.Optimizer,
@@ -65,6 +71,7 @@ class Trainer:
                  monitor: DivergenceMonitor | None = None,
                  callbacks: tuple[Callable[["Trainer", dict], None], ...] = ()):
         self.parameters = parameters_to_train(energy)
+        self.rank, self.world_size = distributed.world()
         if not isinstance(loss, EBMLoss):
             raise TypeError(f"loss must be an ebm_fast.training loss, got {type(loss).__name__}")
         if loss.energy is not energy:
@@ -118,10 +125,12 @@ class Trainer:
             self._claim_out_dir()
         device = self.parameters[0].device
         bar = tqdm(total=iterations, initial=self.iteration, unit="it", dynamic_ncols=True,
-                   disable=not (self.progress and sys.stderr.isatty()))
+                   disable=not (self.progress and self.rank == 0 and sys.stderr.isatty()))
         with bar:
             while self.iteration < iterations:
                 x, y = next(batches)
+                if self.world_size > 1:
+                    x, y = distributed.local_batch(x, y, self.rank, self.world_size)
                 self.step(x.to(device, non_blocking=True),
                           None if y is None else y.to(device, non_blocking=True))
                 bar.update(1)
@@ -141,6 +150,8 @@ class Trainer:
         start = time.perf_counter()
         log = (self.iteration + 1) % self.log_every == 0
         self.loss.track_chains = log
+        if self.world_size > 1:
+            distributed.prepare_loss(self.loss, x.shape[0], self.rank, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss = self.loss(x, y if self.loss.conditional else None)
@@ -186,8 +197,9 @@ class Trainer:
                         "entropy"):
                 if getattr(stats, key) is not None:
                     values[key] = getattr(stats, key)
-        numbers = dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()])
-                           .tolist())) if values else {}
+        numbers = dict(zip(values, distributed.all_reduce_mean(
+            torch.stack([v.float().reshape(()) for v in values.values()])).tolist())) \
+            if values else {}
         window = self._window
         nan = float("nan")
         record = {"iteration": self.iteration,
@@ -206,7 +218,7 @@ class Trainer:
         for callback in self.callbacks:  # they may add entries (evaluations) to the record
             callback(self, record)
         self.history.append(record)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.rank == 0:
             with open(self.out_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -216,7 +228,7 @@ class Trainer:
         checkpoint (they are logged again)."""
         checkpoint, metrics = self.out_dir / CHECKPOINT_NAME, self.out_dir / METRICS_NAME
         if self._resumed_from is not None and self._resumed_from == checkpoint.resolve():
-            if metrics.exists():
+            if metrics.exists() and self.rank == 0:
                 kept = [line for line in metrics.read_text().splitlines(keepends=True)
                         if line.strip() and json.loads(line)["iteration"] <= self.iteration]
                 checkpoints.atomic_write_text("".join(kept), metrics)
@@ -232,7 +244,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "loss_kind": type(self.loss).__name__,
-                "model": self.energy.state_dict(),
+                "model": distributed.unwrap(self.energy).state_dict(),
                 "ema": None if self.ema_model is None else self.ema_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "loss": self.loss.state_dict(),
@@ -248,8 +260,33 @@ class Trainer:
                 raise ValueError("save_checkpoint() needs a path when the trainer has no out_dir")
             path = self.out_dir / CHECKPOINT_NAME
         path = Path(path)
-        checkpoints.atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.world_size > 1:
+            # Shards first, the main file last: a crash in between leaves the previous main
+            # file, whose shards (named by its iteration) are still there.
+            shard = distributed.shard_path(path, self.iteration, self.rank, self.world_size)
+            shard.parent.mkdir(exist_ok=True)
+            checkpoints.atomic_save(state.pop("loss"), shard)
+            state["loss_shards"] = self.world_size
+            distributed.barrier()
+            if self.rank == 0:
+                checkpoints.atomic_save(state, path)
+            distributed.barrier()
+            for old in shard.parent.glob(f"*-rank-{self.rank}-of-*.pt"):
+                if old != shard:
+                    old.unlink()
+        else:
+            checkpoints.atomic_save(state, path)
         return path
+
+    def _saved_loss_state(self, state: dict, path: Path) -> dict:
+        """The loss state for this rank: the single file's, or the shard files' re-sharded
+        for this world size (distributed.reshard_loss_state) when it differs."""
+        saved_ranks = state.get("loss_shards")
+        states = [state["loss"]] if saved_ranks is None else [
+            checkpoints.load(distributed.shard_path(path, state["iteration"], rank, saved_ranks),
+                             map_location="cpu") for rank in range(saved_ranks)]
+        return distributed.reshard_loss_state(states, self.rank, self.world_size)
 
     def load_checkpoint(self, path) -> None:
         """Continue the run saved at path. Refuses (ValueError, nothing loaded) a checkpoint of
@@ -262,13 +299,14 @@ class Trainer:
         if state["loss_kind"] != type(self.loss).__name__:
             raise ValueError(f"{path} was saved with loss {state['loss_kind']}, this trainer's "
                              f"loss is {type(self.loss).__name__}")
-        _check_same_model(state["model"], self.energy.state_dict(), path)
+        model = distributed.unwrap(self.energy)
+        _check_same_model(state["model"], model.state_dict(), path)
         if (state["ema"] is None) != (self.ema_model is None):
             raise ValueError(f"{path} was saved {'without' if state['ema'] is None else 'with'} "
                              f"an EMA but this trainer has ema={self.ema_decay}")
         # The loss first: its buffer refuses another configuration before copying anything.
-        self.loss.load_state_dict(state["loss"])
-        self.energy.load_state_dict(state["model"])
+        self.loss.load_state_dict(self._saved_loss_state(state, path))
+        model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema_model is not None:
             self.ema_model.load_state_dict(state["ema"])

@@ -1,0 +1,162 @@
+"""Training over 2 CPU processes (gloo, torch.multiprocessing spawn) against 1 process with the
+whole batch: bit-identical negatives and the same update for CD-k and short-run ML, sharded
+persistent ML (no shared slot or noise draw, matching statistics), checkpoints resumed on 2
+ranks (bit-identical) and on 1 rank (re-sharded buffer)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from ebm_fast import LangevinSampler, ReplayBuffer
+from ebm_fast.training import (ContrastiveDivergence, PersistentML, ShortRunML, Trainer,
+                               distributed)
+
+GLOBAL_BATCH = 16
+CAPACITY = 64
+RANKS = 2
+
+
+def data():
+    return torch.randn(128, 2, generator=torch.Generator().manual_seed(4))
+
+
+def make_trainer(kind, out_dir=None, iterations_logged=1):
+    """A tiny run of the given loss kind, built the same way in one process and on each rank
+    (distributed.wrap and shard_buffer are the identity / a whole buffer in one process)."""
+    torch.manual_seed(0)
+    energy = distributed.wrap(nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1)))
+    sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1, n_steps=4,
+                              clamp=(-3, 3), seed=1)
+    if kind == "cd":
+        loss = ContrastiveDivergence(sampler, k=4, alpha=0.1)
+    elif kind == "short_run":
+        loss = ShortRunML(sampler, lambda n: torch.rand(n, 2) * 6 - 3, alpha=0.1)
+    else:
+        loss = PersistentML(sampler, distributed.shard_buffer(
+            CAPACITY, (2,), init_range=(-3, 3), seed=2, reinit_prob=0.2), alpha=0.1)
+    optimizer = torch.optim.SGD(energy.parameters(), lr=0.05)
+    return Trainer(energy, loss, optimizer, out_dir=out_dir, progress=False, data_seed=3,
+                   log_every=iterations_logged, checkpoint_every=3)
+
+
+def run(kind, iterations, out_dir=None, resume=None):
+    """Train to `iterations` (resuming from a checkpoint when given); the last negatives, the
+    parameters, the metrics and the loss state."""
+    trainer = make_trainer(kind, out_dir)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    trainer.fit(data(), iterations, GLOBAL_BATCH)
+    return {"negatives": trainer.loss.last.negatives,
+            "parameters": [p.detach().clone() for p in trainer.parameters],
+            "history": trainer.history, "loss": trainer.loss.state_dict()}
+
+
+def _rank_main(rank, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS))
+    torch.set_num_threads(1)
+    distributed.init("gloo")
+    results = {kind: run(kind, 2) for kind in ("cd", "short_run")}
+    results["persistent"] = run("persistent", 30)
+    results["straight"] = run("persistent", 6)
+    run("persistent", 3, out_dir=f"{tmp}/run")
+    results["resumed"] = run("persistent", 6, out_dir=f"{tmp}/run",
+                             resume=f"{tmp}/run/checkpoint.pt")
+    run("persistent", 3, out_dir=f"{tmp}/for_one_rank")
+    torch.save(results, f"{tmp}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_main, args=(port, str(tmp)), nprocs=RANKS, start_method="spawn")
+    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]
+
+
+@pytest.mark.parametrize("kind", ["cd", "short_run"])
+def test_split_batch_gives_the_single_process_negatives_and_update(two_ranks, kind):
+    _, ranks = two_ranks
+    single = run(kind, 2)
+    assert torch.equal(torch.cat([r[kind]["negatives"] for r in ranks]), single["negatives"])
+    for rank in ranks:
+        for split, whole in zip(rank[kind]["parameters"], single["parameters"]):
+            torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    # Metrics are averaged over the ranks: the global batch's.
+    torch.testing.assert_close(ranks[0][kind]["history"][-1]["energy_neg"],
+                               single["history"][-1]["energy_neg"], rtol=1e-5, atol=1e-6)
+
+
+def test_shards_share_no_slot_or_noise_and_match_single_process_statistics(two_ranks):
+    _, ranks = two_ranks
+    shards = [r["persistent"]["loss"]["buffer"] for r in ranks]
+    assert [s["config"]["capacity"] for s in shards] == [CAPACITY // RANKS] * RANKS
+    assert [s["config"]["rank"] for s in shards] == list(range(RANKS))
+    # A noise draw shared by the ranks would store the same row in both shards.
+    written = torch.cat([s["written"] for s in shards]).bool()
+    stored = torch.cat([s["storage"] for s in shards])[written]
+    assert torch.unique(stored, dim=0).shape[0] == stored.shape[0]
+    single = run("persistent", 30)
+    # Slot coverage: 30 draws of 16 from 64 slots cover nearly all of them, sharded or not.
+    assert abs(written.float().mean() - single["loss"]["buffer"]["written"].float().mean()) <= 0.1
+    # The records hold the fraction averaged over the ranks, the same on each.
+    reinit = torch.tensor([h["reinit_fraction"] for h in ranks[0]["persistent"]["history"]])
+    assert reinit.tolist() == [h["reinit_fraction"] for h in ranks[1]["persistent"]["history"]]
+    single_reinit = torch.tensor([h["reinit_fraction"] for h in single["history"]])
+    # The first draws are all fresh (unwritten slots), in both runs.
+    assert reinit[0] == single_reinit[0] == 1.0
+    # Late iterations: the unwritten slots are gone, the fraction is reinit_prob = 0.2.
+    assert abs(reinit[10:].mean() - 0.2) < 0.08
+    assert abs(single_reinit[10:].mean() - 0.2) < 0.08
+
+
+def test_checkpoint_resumed_on_two_ranks_continues_bit_identically(two_ranks):
+    _, ranks = two_ranks
+    for rank in ranks:
+        for resumed, straight in zip(rank["resumed"]["parameters"],
+                                     rank["straight"]["parameters"]):
+            assert torch.equal(resumed, straight)
+        assert torch.equal(rank["resumed"]["negatives"], rank["straight"]["negatives"])
+        for key in ("storage", "written", "draws"):
+            assert torch.equal(rank["resumed"]["loss"]["buffer"][key],
+                               rank["straight"]["loss"]["buffer"][key])
+
+
+def test_checkpoint_resumed_on_one_rank_reassembles_the_buffer(two_ranks):
+    tmp, _ = two_ranks
+    checkpoint = tmp / "for_one_rank" / "checkpoint.pt"
+    shards = [torch.load(distributed.shard_path(checkpoint, 3, r, RANKS))["buffer"]
+              for r in range(RANKS)]
+    trainer = make_trainer("persistent")
+    trainer.load_checkpoint(checkpoint)
+    buffer = trainer.loss.buffer.state_dict()
+    assert buffer["config"]["capacity"] == CAPACITY and buffer["config"]["rank"] == 0
+    assert torch.equal(buffer["storage"], torch.cat([s["storage"] for s in shards]))
+    assert torch.equal(buffer["written"], torch.cat([s["written"] for s in shards]))
+    assert trainer.iteration == 3
+    trainer.fit(data(), 5, GLOBAL_BATCH)  # continues (other slot draws, same sampler noise)
+    assert trainer.iteration == 5 and all(p.isfinite().all() for p in trainer.parameters)
+
+
+def test_reshard_buffer_splits_each_class_between_ranks():
+    torch.manual_seed(0)
+    whole = ReplayBuffer(8, (1,), n_classes=2, seed=5)
+    whole.push(torch.arange(8.0)[:, None], y=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    halves = [distributed.reshard_buffer_state([whole.state_dict()], r, 2) for r in range(2)]
+    assert [h["storage"].flatten().tolist() for h in halves] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [h["count"].tolist() for h in halves] == [[2, 2], [2, 2]]
+    back = distributed.reshard_buffer_state(halves, 0, 1)
+    assert torch.equal(back["storage"], whole.state_dict()["storage"])
+    ReplayBuffer(4, (1,), n_classes=2, seed=5, rank=1).load_state_dict(halves[1])
+
+
+def test_uneven_global_batch_is_refused():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        distributed.local_batch(torch.zeros(5, 2), None, 0, 2)
