@@ -35,6 +35,8 @@ __all__ = ["add_arguments", "main", "build_energy", "exact_kl"]
 
 LOSSES = ("cd", "pcd", "persistent", "short_run", "kl", "jem")
 ENERGIES = ("mlp", "conv")
+#: --autocast choices -> the samplers' (and losses') autocast dtype
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_NAME = "config.json"
 HELD_OUT = 5000
 GRID_CELLS = 200
@@ -66,6 +68,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--noise-scale", type=non_negative_real, default=0.1414)
     parser.add_argument("--alpha", type=non_negative_real, default=0.01,
                         help="weight of the energy-magnitude regulariser")
+    parser.add_argument("--autocast", choices=tuple(AUTOCAST), default="none",
+                        help="run the energy's passes (sampler and loss) in this precision; the "
+                             "chains, their noise and updates stay float32 (docs/samplers.md: "
+                             "bf16 pays off where the hardware has bf16 units)")
     parser.add_argument("--lr", type=positive_real, default=1e-3)
     parser.add_argument("--buffer-size", type=count, default=10000)
     parser.add_argument("--reinit-prob", type=probability, default=0.05)
@@ -133,7 +139,8 @@ def _load_data(args):
 
 def _build_loss(args, energy, sample_shape, box):
     sampler = LangevinSampler(energy, step_size=args.step_size, noise_scale=args.noise_scale,
-                              n_steps=args.steps, clamp=box, seed=args.seed + 1)
+                              n_steps=args.steps, clamp=box, seed=args.seed + 1,
+                              autocast=AUTOCAST[args.autocast])
 
     def noise(n: int) -> torch.Tensor:  # the global generator: the Trainer saves its state
         return box[0] + (box[1] - box[0]) * torch.rand(n, *sample_shape, device=args.device)
@@ -237,7 +244,8 @@ def _resolve_run(args):
             return None, f"--resume {args.resume}: no {CHECKPOINT_NAME} and {CONFIG_NAME} there"
         saved = json.loads(config_path.read_text())
         iterations = args.iterations or saved["iterations"]
-        args = argparse.Namespace(**{**saved, "iterations": iterations,
+        # Runs saved before --autocast existed sampled in full precision.
+        args = argparse.Namespace(**{"autocast": "none", **saved, "iterations": iterations,
                                      "out": args.resume, "resume": args.resume})
         return args, None
     if args.out is None:

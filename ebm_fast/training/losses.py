@@ -8,7 +8,9 @@ estimator's sampler and returns
 (the IGEBM energy-magnitude regulariser with weight alpha), whose gradient in the energy's
 parameters is the estimator's gradient: E_data[grad E] - E_negatives[grad E] plus the
 regulariser's. Sampling runs with the parameters frozen (the samplers switch requires_grad off),
-so only the returned loss carries gradients to them. ``est.last`` holds the iteration's
+so only the returned loss carries gradients to them. The loss's own energy passes (positives,
+negatives, the KL step) run under the sampler's ``autocast`` dtype like its chains, and their
+energies are cast to float32 (the compute dtype of the batch) before any mean is taken. ``est.last`` holds the iteration's
 statistics (:class:`LossStats`). The estimators differ in where the chains start:
 
 * :class:`ContrastiveDivergence` (CD-k, Hinton 2002): at the positive batch, k steps. Not the ML
@@ -43,7 +45,7 @@ from ebm_fast.ops import langevin_update
 from ebm_fast.samplers import LangevinSampler, MALASampler
 
 __all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
-           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies"]
+           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies", "autocast_energies"]
 
 
 @dataclasses.dataclass
@@ -92,6 +94,17 @@ def energies(energy, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"energy(x) must return shape ({x.shape[0]},) or ({x.shape[0]}, 1), one "
                          f"energy per sample, got {tuple(value.shape)}")
     return value.reshape(x.shape[0])
+
+
+def autocast_energies(energy, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """energies(energy, x) with the energy's passes (forward, and backward through the returned
+    tensor) under torch.autocast(autocast) when it is set, returned in x's compute dtype: a
+    bfloat16 energy averaged in bfloat16 would lose the small difference E(x+) - E(x-)."""
+    if autocast is None:
+        return energies(energy, x)
+    with torch.autocast(device_type=x.device.type, dtype=autocast, cache_enabled=False):
+        value = energies(energy, x)
+    return value.to(validation.compute_dtype(x.dtype))
 
 
 @contextlib.contextmanager
@@ -151,8 +164,8 @@ class EBMLoss(abc.ABC):
         stats = {}
         x_neg = self.negatives(x_pos, y, stats).detach()
         sampler_seconds = time.perf_counter() - start
-        e_pos = energies(self.energy, x_pos)
-        e_neg = energies(self.energy, x_neg)
+        e_pos = self.energies(x_pos)
+        e_neg = self.energies(x_neg)
         loss = e_pos.mean() - e_neg.mean()
         if self.alpha:
             loss = loss + self.alpha * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
@@ -165,6 +178,10 @@ class EBMLoss(abc.ABC):
     def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: dict) -> torch.Tensor:
         """The negatives for the positive batch x_pos (no graph); statistics go into ``stats``
         (keys of LossStats)."""
+
+    def energies(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B,) energies at x with the sampler's autocast (see autocast_energies)."""
+        return autocast_energies(self.energy, x, self.sampler.autocast)
 
     def extra_terms(self, stats: dict) -> torch.Tensor | float:
         """Terms added to the loss beyond the ML surrogate and the regulariser (none here)."""
@@ -414,7 +431,7 @@ class KLPersistentML(PersistentML):
         backend = (contextlib.nullcontext() if sampler.backend == "auto"
                    else use_backend(sampler.backend))
         with torch.enable_grad(), backend:
-            (grad,) = torch.autograd.grad(energies(self.energy, x).sum(), x, create_graph=True)
+            (grad,) = torch.autograd.grad(self.energies(x).sum(), x, create_graph=True)
             return langevin_update(x.detach(), grad, eps, sigma, seed=sampler.state_dict()["seed"],
                                    step=step, stream=STREAM_PROPOSAL,
                                    chain_offset=sampler.chain_offset, grad_clip=sampler.grad_clip,
@@ -426,7 +443,7 @@ class KLPersistentML(PersistentML):
         step, the energy evaluated with its parameters frozen."""
         x_kl = self.last_step(x_prev, step)
         with _frozen(self.parameters):
-            return energies(self.energy, x_kl).mean(), x_kl
+            return self.energies(x_kl).mean(), x_kl
 
     def extra_terms(self, stats: dict) -> torch.Tensor:
         x_prev, step, reference = self._kl_inputs
