@@ -13,7 +13,7 @@ from torch import nn
 
 from ebm_fast import validation
 from ebm_fast.buffer import ReplayBuffer
-from ebm_fast.datasets import ring_of_gaussians
+from ebm_fast.datasets import ring_log_density, ring_of_gaussians
 from ebm_fast.exact2d import exact_ml_gradient, grid
 from ebm_fast.experiments.models import make_energy
 from ebm_fast.experiments.study.config import StudyConfig
@@ -29,16 +29,6 @@ __all__ = ["ESTIMATORS", "MODEL_NAMES", "RING", "ring_log_density", "exact_kl", 
 ESTIMATORS = ("cd", "pcd", "persistent_ml", "short_run_ml", "kl_persistent_ml")
 MODEL_NAMES = ("early", "middle", "converged")
 RING = dict(modes=8, radius=2.5, std=0.25)  # ring_of_gaussians' defaults
-
-
-def ring_log_density(x: torch.Tensor, modes: int = RING["modes"], radius: float = RING["radius"],
-                     std: float = RING["std"]) -> torch.Tensor:
-    """log p(x) of ring_of_gaussians' mixture: (1/modes) sum_m N(x; c_m, std^2 I)."""
-    angle = 2 * math.pi * torch.arange(modes, dtype=x.dtype, device=x.device) / modes
-    centres = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-    squared = ((x[:, None, :] - centres) ** 2).sum(-1)
-    return (torch.logsumexp(-squared / (2 * std * std), 1) - math.log(modes)
-            - math.log(2 * math.pi * std * std))
 
 
 def _grid_log_probs(log_density, box: float, cells: int) -> torch.Tensor:
