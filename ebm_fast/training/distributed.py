@@ -79,13 +79,14 @@ def world() -> tuple[int, int]:
 def wrap(energy: torch.nn.Module, **ddp_options) -> torch.nn.Module:
     """The energy in DistributedDataParallel when a process group runs; already wrapped
     modules (DDP, FSDP or any wrapper of yours) and single-process runs are returned as they
-    are. broadcast_buffers defaults to False: the sampler calls the energy every step, and
-    DDP would broadcast the module's buffers on each of those calls."""
+    are. forward_sync_buffers defaults to False: the sampler calls the energy every step, and
+    DDP would broadcast the module's buffers on each of those calls (buffers are still synced
+    once, at wrapping)."""
     if not isinstance(energy, torch.nn.Module):
         raise TypeError(f"energy must be a torch.nn.Module, got {type(energy).__name__}")
     if world()[1] == 1 or energy is not unwrap(energy) or _is_user_wrapper(energy):
         return energy
-    ddp_options.setdefault("broadcast_buffers", False)
+    ddp_options.setdefault("forward_sync_buffers", False)
     return DistributedDataParallel(energy, **ddp_options)
 
 
