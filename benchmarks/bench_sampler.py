@@ -1,7 +1,9 @@
 """Sampler throughput (chain-steps per second) against the loops users write today, in one run.
 
 Cases (issue 5): MLP 2-128-128-1 (B=8192, K=50), MLP 784-256-256-1 (B=256, K=40), a small conv
-net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0:
+net on 3x32x32 (B=32, K=10); wrn (issue 17, not run by default): a WRN-10-2 as JEM builds it
+(no normalisation, leaky ReLU) on 3x32x32 (B=16, K=5). Methods, each a whole K-step chain from
+the same x0:
 
   floor            K bare energy forward+backward passes w.r.t. x (parameters frozen), no update
   eager_loop       detach, requires_grad, autograd.grad, x - eps g + sigma randn, clamp
@@ -11,6 +13,12 @@ net on 3x32x32 (B=32, K=10). Methods, each a whole K-step chain from the same x0
   sampler          ebm_fast.LangevinSampler (same update, fused kernel; CUDA graph on CUDA)
   sampler_compile  ebm_fast.LangevinSampler(compile=True)
   ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
+  sampler_bf16     (--autocast bf16; sampler_fp16 for fp16) the sampler with the energy's passes
+                   under torch.autocast, the chains in float32
+  *_channels_last  (--channels-last, image cases) the sampler (and its autocast variant) on a
+                   channels-last copy of the model and x0
+
+"vs sampler" is the speed-up over the float32 sampler (the gain of autocast / channels-last).
 
 Reports the median seconds of a K-step run (methods interleaved round by round),
 chain-steps/s, speed-up over eager_loop and time over floor, and the same two ratios from each
@@ -22,11 +30,13 @@ finished cases).  Usage:
                                        [--chains B] [--steps K] [--device cpu]
                                        [--no-compile] [--threads N]
                                        [--default-malloc] [--out PATH]
+                                       [--autocast bf16|fp16] [--channels-last]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -59,11 +69,45 @@ def conv_net() -> torch.nn.Module:
         torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 1))
 
 
+class WideBlock(torch.nn.Module):
+    """A pre-activation wide residual block without normalisation (JEM's WRN, norm=None)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = (torch.nn.Identity() if stride == 1 and c_in == c_out
+                         else torch.nn.Conv2d(c_in, c_out, 1, stride))
+        self.act = torch.nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        h = self.conv1(self.act(x))
+        return self.conv2(self.act(h)) + self.shortcut(x)
+
+
+def wide_resnet(depth: int = 10, widen: int = 2) -> torch.nn.Module:
+    """WRN-depth-widen on 3x32x32 with one energy output ((depth - 4) / 6 blocks per group)."""
+    blocks = (depth - 4) // 6
+    widths = [16, 16 * widen, 32 * widen, 64 * widen]
+    layers = [torch.nn.Conv2d(3, widths[0], 3, 1, 1)]
+    for group, stride in zip(range(3), (1, 2, 2)):
+        for block in range(blocks):
+            layers.append(WideBlock(widths[group] if block == 0 else widths[group + 1],
+                                    widths[group + 1], stride if block == 0 else 1))
+    layers += [torch.nn.LeakyReLU(0.2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+               torch.nn.Linear(widths[3], 1)]
+    return torch.nn.Sequential(*layers)
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 CASES = {
     "mlp2": dict(make=lambda: mlp(2, 128), shape=(2,), chains=8192, steps=50),
     "mlp784": dict(make=lambda: mlp(784, 256), shape=(784,), chains=256, steps=40),
     "conv": dict(make=conv_net, shape=(3, 32, 32), chains=32, steps=10),
+    "wrn": dict(make=wide_resnet, shape=(3, 32, 32), chains=16, steps=5),
 }
+DEFAULT_CASES = ("mlp2", "mlp784", "conv")
 
 
 def floor_fn(model, x0, steps):
@@ -145,26 +189,46 @@ def torchebm_fn(model, x0, steps):
     return lambda: sampler.sample(x=x0, n_steps=steps)
 
 
-def methods(model, x0, steps, compile_too: bool) -> dict:
+def sampler_fn(model, x0, steps, **options):
+    sampler = ebm_fast.LangevinSampler(model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
+                                       clamp=CLAMP, n_steps=steps, **options)
+    return lambda: sampler.sample(x0)
+
+
+def channels_last_fn(model, x0, steps, **options):
+    """The sampler on a channels-last copy of the model and x0 (the shared model keeps its
+    layout for the other methods)."""
+    return sampler_fn(copy.deepcopy(model).to(memory_format=torch.channels_last),
+                      x0.contiguous(memory_format=torch.channels_last), steps, **options)
+
+
+def methods(model, x0, steps, compile_too: bool, autocast: str | None = None,
+            channels_last: bool = False) -> dict:
     found = {
         "floor": lambda: floor_fn(model, x0, steps),
         "eager_loop": lambda: loop_fn(loop_step(model), x0, steps),
-        "sampler": lambda: (lambda s: lambda: s.sample(x0))(ebm_fast.LangevinSampler(
-            model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE, clamp=CLAMP, n_steps=steps)),
+        "sampler": lambda: sampler_fn(model, x0, steps),
     }
+    if autocast is not None:
+        found[f"sampler_{autocast}"] = lambda: sampler_fn(model, x0, steps,
+                                                          autocast=AUTOCAST[autocast])
+    if channels_last and x0.dim() == 4:
+        found["sampler_channels_last"] = lambda: channels_last_fn(model, x0, steps)
+        if autocast is not None:
+            found[f"sampler_{autocast}_channels_last"] = lambda: channels_last_fn(
+                model, x0, steps, autocast=AUTOCAST[autocast])
     if x0.device.type == "cuda":
         found["graphed_loop"] = lambda: graphed_loop_fn(loop_step(model), x0, steps)
     if compile_too:
         found["compiled_loop"] = lambda: loop_fn(torch.compile(loop_step(model)), x0, steps)
-        found["sampler_compile"] = lambda: (lambda s: lambda: s.sample(x0))(
-            ebm_fast.LangevinSampler(model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
-                                     clamp=CLAMP, n_steps=steps, compile=True))
+        found["sampler_compile"] = lambda: sampler_fn(model, x0, steps, compile=True)
     found["ebmkit"] = lambda: ebmkit_fn(model, x0, steps)
     found["torchebm"] = lambda: torchebm_fn(model, x0, steps)
     return found
 
 
-def bench_case(name: str, case: dict, device, reps: int, compile_too: bool) -> dict:
+def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
+               autocast: str | None = None, channels_last: bool = False) -> dict:
     """Every method once for warm-up (compilation, capture, caches), then `reps` rounds in which
     every method runs once in turn, so load changes on a shared machine hit all methods alike."""
     torch.manual_seed(0)
@@ -177,7 +241,8 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool) -> d
             torch.cuda.synchronize(device)
 
     runners, skipped = {}, {}
-    for method, make in methods(model, x0, steps, compile_too).items():
+    for method, make in methods(model, x0, steps, compile_too, autocast,
+                                channels_last).items():
         try:
             run = make()
             run()
@@ -206,21 +271,25 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool) -> d
         row["time_over_floor"] = row["seconds"] / rows["floor"]["seconds"]
         row["min_speedup_vs_eager_loop"] = rows["eager_loop"]["min_seconds"] / row["min_seconds"]
         row["min_time_over_floor"] = row["min_seconds"] / rows["floor"]["min_seconds"]
+        row["speedup_vs_sampler"] = rows["sampler"]["seconds"] / row["seconds"]
+        row["min_speedup_vs_sampler"] = rows["sampler"]["min_seconds"] / row["min_seconds"]
     return {"case": name, "chains": case["chains"], "steps": steps,
             "shape": list(case["shape"]), "methods": rows, "skipped": skipped}
 
 
 def print_case(case: dict) -> None:
     print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
-    print(f"  {'method':16s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
-          f"{'/ floor':>8s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} {'/ floor':>8s}")
+    print(f"  {'method':27s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
+          f"{'/ floor':>8s} {'vs sampler':>11s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} "
+          f"{'/ floor':>8s} {'vs sampler':>11s}")
     for method, row in case["methods"].items():
-        print(f"  {method:16s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
-              f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x | "
-              f"{'':16s}{row['min_seconds'] * 1e3:8.2f} "
-              f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x")
+        print(f"  {method:27s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
+              f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x "
+              f"{row['speedup_vs_sampler']:10.2f}x | {'':16s}{row['min_seconds'] * 1e3:8.2f} "
+              f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x "
+              f"{row['min_speedup_vs_sampler']:10.2f}x")
     for method, reason in case["skipped"].items():
-        print(f"  {method:16s} skipped: {reason}")
+        print(f"  {method:27s} skipped: {reason}")
     sys.stdout.flush()
 
 
@@ -229,7 +298,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 timed rounds")
     parser.add_argument("--rounds", type=int, default=11,
                         help="timed rounds, every method once per round (default 11)")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--autocast", choices=tuple(AUTOCAST),
+                        help="also time the sampler with the energy's passes in this precision")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time the sampler on channels-last copies (image cases)")
     parser.add_argument("--chains", type=int, default=None,
                         help="chains B for every case instead of the case's own (smoke runs)")
     parser.add_argument("--steps", type=int, default=None,
@@ -264,6 +338,7 @@ def main(argv=None) -> int:
         else platform.processor() or platform.machine(),
         "update_backend": backend_for(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "reps": reps, "malloc": malloc,
+        "autocast": args.autocast, "channels_last": args.channels_last,
         "load_average_before": load_before, "cases": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +346,8 @@ def main(argv=None) -> int:
         case = dict(CASES[name])
         case.update({key: getattr(args, key) for key in ("chains", "steps")
                      if getattr(args, key) is not None})
-        results.append(bench_case(name, case, device, reps, not args.no_compile))
+        results.append(bench_case(name, case, device, reps, not args.no_compile,
+                                  args.autocast, args.channels_last))
         report["load_average_after"] = os.getloadavg()
         args.out.write_text(json.dumps(report, indent=2))
         print_case(results[-1])
