@@ -8,7 +8,9 @@ sets with an analytic density) and the exact held-out NLL (partition function su
 grid); for images a grid of negatives. --loss jem trains a classifier of the labelled images as
 JEM (the energy -logsumexp of its logits) on four fifths of them and reports the test accuracy
 and expected calibration error on the rest (test_metrics.json). ebm-fast train --resume
-runs/ring continues that run (to --iterations, if given, else to its own).
+runs/ring continues that run (to --iterations, if given, else to its own). --nproc N trains on N
+processes (torchrun, one per GPU with --device cuda; docs/distributed.md): the --batch and
+--buffer-size are global, split over the processes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ from torch import nn
 
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets, validation
 from ebm_fast.exact2d import BOX, exact_nll, grid, log_partition
-from ebm_fast.training import checkpoints
+from ebm_fast.training import checkpoints, distributed
 from ebm_fast.training.jem import JEM, LogitsEnergy, classifier_metrics
 from ebm_fast.training.losses import (ContrastiveDivergence, KLPersistentML, PersistentCD,
                                       PersistentML, ShortRunML)
@@ -87,6 +91,9 @@ def add_arguments(parser) -> None:
                         help="PNG every this many iterations (at log iterations)")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--nproc", type=count, default=1,
+                        help="processes to train on (launched with torchrun; gloo on the CPU, "
+                             "NCCL and one GPU each with --device cuda)")
 
 
 def _usage_error(message: str) -> int:
@@ -151,15 +158,17 @@ def _build_loss(args, energy, sample_shape, box):
         return PersistentCD(sampler, alpha=args.alpha)
     if args.loss == "short_run":
         return ShortRunML(sampler, noise, alpha=args.alpha)
-    buffer = ReplayBuffer(args.buffer_size, sample_shape, device=args.device, init_range=box,
-                          reinit_prob=args.reinit_prob, seed=args.seed + 2)
+    buffer = distributed.shard_buffer(args.buffer_size, sample_shape, device=args.device,
+                                      init_range=box, reinit_prob=args.reinit_prob,
+                                      seed=args.seed + 2)
     if args.loss == "persistent":
         return PersistentML(sampler, buffer, alpha=args.alpha)
     if args.loss == "jem":  # a per-class buffer: one block of slots per logit
-        classes = energy.classifier[-1].out_features
-        buffer = ReplayBuffer(args.buffer_size, sample_shape, device=args.device, init_range=box,
-                              reinit_prob=args.reinit_prob, n_classes=classes, seed=args.seed + 2)
-        return JEM(energy.classifier, sampler, buffer)
+        classes = distributed.unwrap(energy).classifier[-1].out_features
+        buffer = distributed.shard_buffer(args.buffer_size, sample_shape, device=args.device,
+                                          init_range=box, reinit_prob=args.reinit_prob,
+                                          n_classes=classes, seed=args.seed + 2)
+        return JEM(distributed.unwrap(energy).classifier, sampler, buffer)
     return KLPersistentML(sampler, buffer, alpha=args.alpha)
 
 
@@ -171,10 +180,10 @@ class Plots:
         self.held_out, self.log_density, self.box = held_out, log_density, box
 
     def __call__(self, trainer: Trainer, record: dict) -> None:
-        if record["iteration"] % self.args.plot_every and record["iteration"] != \
-                self.args.iterations:
+        if trainer.rank != 0 or (record["iteration"] % self.args.plot_every and
+                                 record["iteration"] != self.args.iterations):
             return
-        energy = trainer.energy
+        energy = distributed.unwrap(trainer.energy)
         negatives = trainer.loss.last.negatives.detach().cpu()
         import matplotlib
 
@@ -245,9 +254,11 @@ def _resolve_run(args):
         saved = json.loads(config_path.read_text())
         iterations = args.iterations or saved["iterations"]
         # Runs saved before --autocast existed sampled in full precision.
+        # The number of processes is this session's (a sharded buffer is re-sharded).
         args = argparse.Namespace(**{"autocast": "none", **saved, "iterations": iterations,
-                                     "out": args.resume, "resume": args.resume})
-        return args, None
+                                     "nproc": args.nproc, "out": args.resume,
+                                     "resume": args.resume})
+        return args, _split_problem(args)
     if args.out is None:
         return None, "--out DIR is required (or --resume DIR)"
     if args.energy == "conv" and args.data in datasets.TOY_2D:
@@ -256,10 +267,21 @@ def _resolve_run(args):
         return None, "--loss jem needs labelled images and a --buffer-size divisible by 10"
     if args.device == "cuda" and not torch.cuda.is_available():
         return None, "--device cuda, but torch sees no CUDA device here"
+    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
+        return None, f"--nproc {args.nproc}, but torch sees {torch.cuda.device_count()} GPUs"
     if (args.out / CHECKPOINT_NAME).exists() or (args.out / CONFIG_NAME).exists():
         return None, f"--out {args.out} already holds a run: continue it with --resume {args.out}"
     args.iterations = args.iterations or 3000
-    return args, None
+    return args, _split_problem(args)
+
+
+def _split_problem(args) -> str | None:
+    """Why the global batch or buffer cannot be split over args.nproc processes, or None."""
+    classes = 10 if args.loss == "jem" else 1
+    if args.batch % args.nproc or args.buffer_size % (args.nproc * classes):
+        return (f"--batch and --buffer-size are global: they must be multiples of --nproc "
+                f"{args.nproc}" + (" (the buffer of 10 * --nproc)" if classes > 1 else ""))
+    return None
 
 
 def main(args) -> int:
@@ -275,6 +297,25 @@ def main(args) -> int:
             checkpoints.atomic_write_text(json.dumps(config, indent=2), out_dir / CONFIG_NAME)
     except OSError as exc:
         return _usage_error(f"--out {args.out} is not writable: {exc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
+    return _train(args)
+
+
+def _launch(args) -> int:
+    """Run this training on args.nproc processes of this machine with torchrun; each reads
+    the run's config.json (written above) through this module's __main__."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "ebm_fast.training.command",
+               str(args.out), str(args.iterations)]
+    return subprocess.call(command + (["--resume"] if args.resume is not None else []))
+
+
+def _train(args) -> int:
+    me = distributed.init()
+    if args.device == "cuda":
+        args.device = str(me.device)
+    out_dir = args.out
     data, held_out, log_density, box = _load_data(args)
     test = None
     if args.loss == "jem":  # a fixed fifth of the images (by --seed) is the test set
@@ -288,6 +329,7 @@ def main(args) -> int:
                           int(data[1].max()) + 1 if test else 1).to(args.device)
     if test:
         energy = LogitsEnergy(energy)
+    energy = distributed.wrap(energy)
     loss = _build_loss(args, energy, sample_shape, box)
     optimizer = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
     trainer = Trainer(energy, loss, optimizer, ema=args.ema, grad_clip=args.grad_clip,
@@ -295,16 +337,19 @@ def main(args) -> int:
                       log_every=args.log_every, data_seed=args.seed,
                       callbacks=(Plots(args, out_dir, held_out, log_density, box),))
     if args.resume is not None:
-        trainer.load_checkpoint(out_dir / CHECKPOINT_NAME)
-        print(f"resuming {out_dir} at iteration {trainer.iteration}")
+        trainer.load_checkpoint(args.out / CHECKPOINT_NAME)
+        if me.rank == 0:
+            print(f"resuming {out_dir} at iteration {trainer.iteration}")
     start = time.perf_counter()
     trainer.fit(data, args.iterations, args.batch)
     seconds = time.perf_counter() - start
     last = trainer.history[-1] if trainer.history else {}
     summary = f"{args.data}, {args.loss} loss, {args.energy} energy: {trainer.iteration} " \
               f"iterations ({seconds:.1f} s this session)"
+    if me.rank != 0:
+        return 0
     if test:
-        metrics = classifier_metrics(energy.classifier, *test)
+        metrics = classifier_metrics(distributed.unwrap(energy).classifier, *test)
         checkpoints.atomic_write_text(json.dumps(metrics, indent=2), out_dir / "test_metrics.json")
         last = {**last, "test_accuracy": metrics["accuracy"], "test_ece": metrics["ece"]}
     for key, label in (("exact_kl", "exact KL(data || model)"),
@@ -314,3 +359,11 @@ def main(args) -> int:
             summary += f", {label} {last[key]:.3f}"
     print(summary + f"; outputs in {out_dir}")
     return 0
+
+
+if __name__ == "__main__":  # one rank of `ebm-fast train --nproc N` (see _launch)
+    run_dir, total = Path(sys.argv[1]), int(sys.argv[2])
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    resume = run_dir if "--resume" in sys.argv[3:] else None
+    sys.exit(_train(argparse.Namespace(**{"autocast": "none", **config, "iterations": total,
+                                          "out": run_dir, "resume": resume})))
