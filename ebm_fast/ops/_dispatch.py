@@ -48,7 +48,3 @@ def run_op(registered_op: Callable, implementation: Callable, *args):
     if torch.compiler.is_compiling():
         return registered_op(*args)
     return implementation(*args)
-
-
-# The old name, imported by samplers/kernels.py until it calls kernel_for (same signature).
-float_kernel_for = kernel_for
