@@ -43,11 +43,13 @@ def _cpu_features() -> str:
 
 
 def extension_name() -> str:
-    """The extension's build name, tagged with the host CPU's features. torch's cache is keyed
-    by name, sources and flags only: a cache shared between machines (an NFS home, a container
-    image, a CI cache) would otherwise hand a -march=native build to a CPU that lacks its
-    instructions, and the process would die of SIGILL instead of falling back."""
-    digest = hashlib.sha256(_cpu_features().encode()).hexdigest()[:12]
+    """The extension's build name, tagged with the host CPU's features and the source folder.
+    torch's cache is keyed by name, sources and flags only: a cache shared between machines (an
+    NFS home, a container image, a CI cache) would otherwise hand a -march=native build to a CPU
+    that lacks its instructions, and the process would die of SIGILL instead of falling back;
+    and two checkouts (source paths differ) would rebuild over each other's build on every
+    switch."""
+    digest = hashlib.sha256(f"{_cpu_features()}\n{CSRC}".encode()).hexdigest()[:12]
     return f"{EXTENSION_NAME}_{digest}"
 
 

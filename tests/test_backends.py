@@ -94,3 +94,13 @@ def test_cpp_build_is_keyed_by_the_cpu_features(monkeypatch):
     assert _cpp.extension_name() == avx2
     monkeypatch.setattr(_cpp, "_cpu_features", lambda: "avx2 avx512f fma sse4_2")
     assert _cpp.extension_name() != avx2
+
+
+def test_cpp_build_is_keyed_by_the_source_folder(monkeypatch, tmp_path):
+    """Two checkouts keep two builds: torch rebuilds a name whose source paths changed, so one
+    shared name would make them rebuild over each other on every switch."""
+    from ebm_fast import _cpp
+
+    here = _cpp.extension_name()
+    monkeypatch.setattr(_cpp, "CSRC", tmp_path / "csrc")
+    assert _cpp.extension_name() != here and _cpp.extension_name().isidentifier()
