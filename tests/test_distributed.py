@@ -160,3 +160,18 @@ def test_reshard_buffer_splits_each_class_between_ranks():
 def test_uneven_global_batch_is_refused():
     with pytest.raises(ValueError, match="multiple of the world size"):
         distributed.local_batch(torch.zeros(5, 2), None, 0, 2)
+
+
+def test_cli_trains_on_two_processes(tmp_path, capsys):
+    from ebm_fast import cli
+
+    out = tmp_path / "run"
+    options = ["train", "--data", "ring", "--steps", "2", "--batch", "16", "--buffer-size", "64",
+               "--n-data", "500", "--log-every", "2", "--checkpoint-every", "2",
+               "--plot-every", "100", "--iterations", "2"]
+    assert cli.main(options + ["--nproc", "3", "--out", str(tmp_path / "odd")]) == 2
+    assert "multiples of --nproc 3" in capsys.readouterr().err
+    assert cli.main(options + ["--nproc", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "checkpoint.shards").iterdir()) == [
+        "iteration-2-rank-0-of-2.pt", "iteration-2-rank-1-of-2.pt"]
+    assert torch.load(out / "checkpoint.pt")["loss_shards"] == 2
