@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ebm_fast import LangevinSampler, ReplayBuffer, datasets, validation
+from ebm_fast import LangevinSampler, datasets, validation
 from ebm_fast.exact2d import BOX, exact_nll, grid, log_partition
 from ebm_fast.training import checkpoints, distributed
 from ebm_fast.training.jem import JEM, LogitsEnergy, classifier_metrics
