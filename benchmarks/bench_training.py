@@ -39,6 +39,7 @@ from torch import nn
 import ebm_fast
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.training import PersistentML, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
@@ -68,34 +69,6 @@ CASES = {
     "conv": dict(data=lambda: datasets.digits()[0], energy=conv, batch=64, steps=20,
                  noise=0.005, box=(-1.0, 1.0)),
 }
-
-
-class Plain:
-    """One iteration of the IGEBM/JEM-style loop."""
-
-    def __init__(self, energy, case, sample_shape):
-        self.energy, self.case = energy, case
-        lo, hi = case["box"]
-        self.storage = lo + (hi - lo) * torch.rand(BUFFER, *sample_shape)
-        self.optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
-
-    def __call__(self, x_pos):
-        case, (lo, hi) = self.case, self.case["box"]
-        idx = torch.randint(BUFFER, (case["batch"],))
-        x = self.storage[idx]
-        fresh = torch.rand(case["batch"]) < REINIT
-        x[fresh] = lo + (hi - lo) * torch.rand_like(x[fresh])
-        for _ in range(case["steps"]):
-            x = x.detach().requires_grad_(True)
-            grad = torch.autograd.grad(self.energy(x).sum(), x)[0]
-            x = (x - STEP_SIZE * grad + case["noise"] * torch.randn_like(x)).clamp(lo, hi)
-        x = x.detach()
-        self.storage[idx] = x
-        e_pos, e_neg = self.energy(x_pos), self.energy(x)
-        loss = e_pos.mean() - e_neg.mean() + ALPHA * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
 
 
 def fast_trainer(energy, case, sample_shape) -> Trainer:
@@ -139,7 +112,10 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     for energy in energies.values():
         energy.load_state_dict(init.state_dict())
     trainer = fast_trainer(energies["ebm_fast"], case, sample_shape)
-    runs = {"plain": Plain(energies["plain"], case, sample_shape),
+    plain = PlainLoop(energies["plain"], sample_shape, steps=case["steps"], step_size=STEP_SIZE,
+                      noise_scale=case["noise"], clamp=case["box"], buffer_size=BUFFER,
+                      reinit_prob=REINIT, lr=LR, alpha=ALPHA)
+    runs = {"plain": plain,
             "ebm_fast": lambda x: trainer.step(x),
             "passes": Passes(energies["passes"], case, sample_shape)}
     # Wall time, and the process's CPU time: on a shared machine the CPU time leaves out the

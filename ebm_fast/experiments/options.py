@@ -13,7 +13,7 @@ import torch
 from ebm_fast import validation
 
 __all__ = ["count", "non_negative_count", "grid_cells", "positive_real", "non_negative_real",
-           "probability", "seed", "output_file", "device"]
+           "probability", "seed", "output_file", "output_dir", "device"]
 
 count = validation.argparse_type(validation.integer, low=1)
 non_negative_count = validation.argparse_type(validation.integer, low=0)
@@ -38,6 +38,20 @@ def output_file(text: str) -> str:
                                                      and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text} is not writable")
     return text
+
+
+def output_dir(text: str) -> Path:
+    """A directory the command will write into (created at the end if missing): it, or the
+    folder that will hold it, must be writable now."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    existing = path if path.exists() else path.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {existing} does not exist")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{existing} is not writable")
+    return path
 
 
 def device(text: str) -> str:
