@@ -28,6 +28,13 @@ LABELS = {"exact_ml": "exact ML", "cd": "CD-k", "pcd": "persistent CD",
           "kl_persistent_ml": "KL persistent ML", "exact_samples": "exact samples"}
 
 
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _pm(value: dict, digits: int = 3) -> str:
     return f"{value['mean']:.{digits}f} ± {value['se']:.{digits}f}"
 
@@ -63,10 +70,7 @@ def _e1_figure(result: dict, path: Path) -> None:
             if row == 1:
                 ax.set_xlabel("sampler steps k")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("E1: gradient error d = estimate - exact ML gradient (mean ± bootstrap SE)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "E1: gradient error d = estimate - exact ML gradient (mean ± bootstrap SE)")
 
 
 def _e1_text(result: dict, setup: dict) -> list[str]:
@@ -153,10 +157,7 @@ def _e2_figure(result: dict, path: Path) -> None:
         ax.set_ylabel("KL(p_data‖p) − KL(q_k‖p)  [nats]")
         ax.set_title(f"{model} model")
     axes[0].legend(fontsize=8)
-    fig.suptitle("E2: the CD objective (histogram KL, SE from disjoint subsets of the chains)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "E2: the CD objective (histogram KL, SE from disjoint subsets of the chains)")
 
 
 def _e2_text(result: dict, setup: dict) -> list[str]:
@@ -221,10 +222,7 @@ def _e3_figure(result: dict, path: Path) -> None:
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
-    fig.suptitle("E3: training outcomes (mean ± SE over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "E3: training outcomes (mean ± SE over seeds)")
 
 
 def _e3_text(result: dict, setup: dict) -> list[str]:
@@ -282,10 +280,7 @@ def _e4_figure(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.axhline(0, color="k", lw=0.8)
         ax.legend(fontsize=8)
-    fig.suptitle("E4: short-run samples versus the model density (mean ± SE over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "E4: short-run samples versus the model density (mean ± SE over seeds)")
 
 
 def _e4_text(result: dict, setup: dict) -> list[str]:
@@ -331,10 +326,7 @@ def _e5_figure(result: dict, path: Path) -> None:
     ax.set_xlabel("temperature T = σ²/(2ε)")
     ax.set_ylabel("exact KL [nats]")
     ax.legend(fontsize=8)
-    ax.set_title("E5: persistent ML trained at temperature T (mean ± SE over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "E5: persistent ML trained at temperature T (mean ± SE over seeds)")
 
 
 def _e5_text(result: dict, setup: dict) -> list[str]:
