@@ -1,4 +1,4 @@
-"""Train EBMs with ebm_fast's Trainer and with the plain IGEBM/JEM loop, side by side: speed, exact KL/NLL, a PNG.
+"""Train EBMs by ebm_fast's Trainer and by the plain IGEBM/JEM loop, side by side; speed, KL, a PNG.
 
 ``ebm-fast demo``. Two cases, each trained twice from the same initial weights on the same
 positive batches with the same estimator, replay-buffer approximate maximum likelihood
@@ -20,8 +20,8 @@ The two trainings of a case run interleaved, one iteration each in turn (the ord
 so that load drifting on the machine hits both alike. Each iteration is timed by the wall clock
 and by the process's CPU time (which leaves out the waits for a core that other jobs add on a
 shared machine). One torch thread by default: the matrices are small, and on a shared machine
-extra threads mostly spin. Writes demo.png (data, samples, learned densities; sample grids) and demo.json
-to --out.
+extra threads mostly spin. Writes demo.png (data, samples, learned densities; sample grids) and
+demo.json to --out.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import math
 import platform
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from ebm_fast.training.command import build_energy, exact_kl
 __all__ = ["Case", "CASES", "add_arguments", "main"]
 
 KINDS = ("plain", "ebm_fast")
-RING_PLOT_BATCHES = 8  # the ring panels show the last 8 batches of negatives (2,048 points)
+PLOT_BATCHES = 8  # the panels show the last 8 batches of negatives (2,048 points on the ring)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=options.output_file,
                         help="write the results here instead of OUT/demo.json")
     case_option = "for every case (default: the case's own, see the description)"
-    parser.add_argument("--iterations", type=options.count, help=f"training iterations {case_option}")
+    parser.add_argument("--iterations", type=options.count,
+                        help=f"training iterations {case_option}")
     parser.add_argument("--batch", type=options.count, help=f"chains per iteration {case_option}")
-    parser.add_argument("--steps", type=options.count, help=f"Langevin steps per iteration {case_option}")
+    parser.add_argument("--steps", type=options.count,
+                        help=f"Langevin steps per iteration {case_option}")
     parser.add_argument("--step-size", type=options.positive_real, help=case_option)
     parser.add_argument("--noise-scale", type=options.non_negative_real, help=case_option)
     parser.add_argument("--buffer-size", type=options.count, help=case_option)
@@ -147,8 +150,8 @@ class Clock:
         return result
 
 
-def run_case(name: str, case: Case, args, device: torch.device) -> dict:
-    """Train the case both ways, interleaved; its timings, figures and the panels' data."""
+def run_case(name: str, case: Case, args, device: torch.device) -> tuple[dict, dict]:
+    """Train the case both ways, interleaved: (its report, the figure's data)."""
     data, held_out, log_density, clamp = _load(name, device, args.seed)
     sample_shape = tuple(data.shape[1:])
     with torch.random.fork_rng(devices=[]):
@@ -178,7 +181,7 @@ def run_case(name: str, case: Case, args, device: torch.device) -> dict:
         return trainer.loss.last.negatives
 
     steps = {"plain": plain, "ebm_fast": ebm_fast_step}
-    negatives = {kind: [] for kind in KINDS}
+    negatives = {kind: deque(maxlen=PLOT_BATCHES) for kind in KINDS}
     clock = Clock(device)
     batches = torch.Generator().manual_seed(args.seed + 5)
     with tqdm(total=case.iterations, desc=name, unit="it", disable=None) as bar:
@@ -187,7 +190,7 @@ def run_case(name: str, case: Case, args, device: torch.device) -> dict:
             # Alternating order: neither loop always runs with the other's data in the caches.
             for kind in KINDS if it % 2 else KINDS[::-1]:
                 x = clock.time(kind, steps[kind], x_pos)
-                negatives[kind] = (negatives[kind] + [x.detach()])[-RING_PLOT_BATCHES:]
+                negatives[kind].append(x.detach())
             bar.update(1)
             if it % log_every == 0:
                 record = trainer.history[-1]
@@ -196,7 +199,7 @@ def run_case(name: str, case: Case, args, device: torch.device) -> dict:
                            f"{record['energy_neg']:+.3f}  CPU s: ebm_fast "
                            f"{clock.seconds['ebm_fast']['cpu']:.1f}, plain "
                            f"{clock.seconds['plain']['cpu']:.1f}")
-    result = {"title": case.title, "settings": dataclasses.asdict(case), "clamp": list(clamp),
+    result = {"settings": dataclasses.asdict(case), "clamp": list(clamp),
               "runs": {kind: dict(clock.seconds[kind]) for kind in KINDS}}
     for kind, run in result["runs"].items():
         run["iterations_per_second"] = {c: case.iterations / s for c, s in run.items()}
@@ -210,7 +213,7 @@ def run_case(name: str, case: Case, args, device: torch.device) -> dict:
     shown = held_out if held_out is not None else data[torch.randperm(len(data),
                                                                       generator=batches)[:64]]
     panels = {"data": shown.cpu(), "energies": energies,
-              "negatives": {kind: torch.cat(x).cpu() for kind, x in negatives.items()}}
+              "negatives": {kind: torch.cat(tuple(x)).cpu() for kind, x in negatives.items()}}
     return result, panels
 
 
@@ -271,7 +274,7 @@ def _figure(results: dict, panels: dict, path: Path) -> None:
                 _image_grid(ax, panel["negatives"][kind], result["clamp"],
                             f"{kind}: negatives")
             row[3].axis("off")
-        row[0].set_ylabel(result["title"] if name == "ring" else "MNIST 784-D")
+        row[0].set_ylabel(result["settings"]["title"].replace(", ", "\n"))
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -285,7 +288,7 @@ def _figure(results: dict, panels: dict, path: Path) -> None:
 
 def _report(name: str, result: dict) -> list[str]:
     runs, settings = result["runs"], result["settings"]
-    lines = [f"{name}: {result['title']}, {settings['iterations']} iterations x "
+    lines = [f"{name}: {settings['title']}, {settings['iterations']} iterations x "
              f"{settings['batch']} chains x {settings['steps']} Langevin steps"]
     for kind in KINDS:
         run = runs[kind]
@@ -315,14 +318,18 @@ def main(args) -> int:
         return 2
     malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
     print(f"ebm-fast demo: backends {', '.join(available_backends())}; torch {torch.__version__}, "
-          f"{device}, {torch.get_num_threads()} threads, malloc {malloc}", flush=True)
+          f"{device}, {args.threads} threads, malloc {malloc}", flush=True)
     overrides = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
     results, panels = {}, {}
-    for name in args.cases:
-        results[name], panels[name] = run_case(
-            name, dataclasses.replace(CASES[name], **overrides), args, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:  # the caller's thread count back afterwards (main also runs inside Python: the tests)
+        for name in args.cases:
+            results[name], panels[name] = run_case(
+                name, dataclasses.replace(CASES[name], **overrides), args, device)
+    finally:
+        torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "demo.png"
     _figure(results, panels, png)
@@ -332,7 +339,7 @@ def main(args) -> int:
     print(f"\nfigure: {png}")
     json_path = Path(args.json) if args.json else args.out / "demo.json"
     json_path.write_text(json.dumps({
-        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "device": str(device), "threads": args.threads,
         "malloc": malloc, "machine": platform.machine(), "png": str(png), "cases": results},
         indent=2))
     print(f"results: {json_path}")
