@@ -187,11 +187,16 @@ def evaluate_sampler(log: str, out_dir: Path) -> tuple[str, list[dict]]:
 def evaluate_demo(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     report = _read_json(out_dir / "demo.json")
     try:
-        runs = {run["kind"]: run for run in report["runs"]}
-        plain, fast = runs["plain"], runs["ebm_fast"]
-        return (f"sampling {plain['sampling_seconds'] / fast['sampling_seconds']:.2f}x the plain "
-                f"loop, held-out NLL {fast['held_out_nll']:.3f} vs {plain['held_out_nll']:.3f}"), []
-    except (TypeError, KeyError, ZeroDivisionError):
+        parts = []
+        for name, case in report["cases"].items():
+            runs = case["runs"]
+            part = f"{name} {case['speedup']['wall']:.2f}x the plain loop (wall)"
+            if "exact_kl" in runs["ebm_fast"]:
+                part += (f", KL {runs['ebm_fast']['exact_kl']:.3f} vs "
+                         f"{runs['plain']['exact_kl']:.3f}")
+            parts.append(part)
+        return "; ".join(parts) or "no demo figures in demo.json", []
+    except (TypeError, KeyError, AttributeError):
         return "no demo figures in demo.json", []
 
 
@@ -278,9 +283,8 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
                          bench_json[name], str(out_dir / f"{name}.json")]
         steps.append(Step(f"bench_{name}", [command], shares[name], evaluations[name],
                           outputs=(f"{name}.json",), env=plain_env))
-    steps.append(Step("demo", [cli + ["demo", "--device", device, *demo,
-                                      "--json", str(out_dir / "demo.json")]],
-                      30, evaluate_demo, outputs=("demo.json",), env=plain_env))
+    steps.append(Step("demo", [cli + ["demo", "--device", device, *demo, "--out", str(out_dir)]],
+                      30, evaluate_demo, outputs=("demo.json", "demo.png"), env=plain_env))
     return steps
 
 

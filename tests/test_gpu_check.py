@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = ["info", "kernels", "suite", "graphs_syncs", "bench_update", "bench_buffer",
          "bench_sampler", "demo"]
 OUT_FILES = {"steps.log", "summary.json", "update.json", "buffer.json", "sampler.json",
-             "demo.json"}
+             "demo.json", "demo.png"}
 
 
 def test_dry_run_walks_every_step_and_reports(tmp_path):
