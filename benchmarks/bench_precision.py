@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, datasets, validation
-from ebm_fast.exact2d import BOX, exact_ml_gradient, exact_samples, grid
+from ebm_fast.exact2d import BOX, exact_kl, exact_ml_gradient, exact_samples, grid
 from ebm_fast.training import Trainer
-from ebm_fast.training.command import build_energy, exact_kl
+from ebm_fast.training.command import build_energy
 from ebm_fast.training.losses import PersistentML
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"
@@ -120,7 +120,7 @@ def train_ring(seed: int, autocast, iterations: int) -> float:
     optimizer = torch.optim.Adam(energy.parameters(), lr=1e-3, betas=(0.0, 0.999))
     Trainer(energy, loss, optimizer, progress=False, log_every=iterations,
             data_seed=seed).fit(data, iterations, 128)
-    return exact_kl(energy, toy.log_density)
+    return exact_kl(toy.log_density, energy)
 
 
 def training_study(seeds: int, iterations: int) -> dict:

@@ -25,8 +25,8 @@ from torch import nn
 from ebm_fast import validation
 from ebm_fast.noise import philox_uniform
 
-__all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll", "exact_ml_gradient",
-           "exact_samples", "trainable_parameters"]
+__all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll", "exact_kl",
+           "exact_ml_gradient", "exact_samples", "trainable_parameters"]
 
 BOX = 4.0  # default half-width of the box [-BOX, BOX]^2 (the 2-D data sets lie well inside)
 
@@ -97,6 +97,36 @@ def exact_expectation(energy, f: Callable[[torch.Tensor], torch.Tensor], box: fl
 def exact_nll(energy, data: torch.Tensor, box: float = BOX, cells: int = 300) -> float:
     """Mean -log p(data) with p = exp(-E) / Z, Z summed on the grid."""
     return float(energy(data).mean() + log_partition(energy, box, cells))
+
+
+@torch.no_grad()
+def exact_kl(log_density, energy, box: float = BOX, cells: int = 200, *,
+             temperature: float = 1.0) -> float:
+    """KL(p_data || p_model) on the grid, p_model proportional to exp(-E / temperature).
+
+    Both are normalised over the same grid cells (each cell weighs its centre's density), so
+    the quadrature error and the mass outside the box fall on both alike instead of biasing the
+    KL. log_density maps (N, 2) float64 points to (N,) log densities, unnormalised allowed;
+    cells where it is -inf (outside the data's support) have p_data = 0 and contribute 0."""
+    temperature = validation.real(temperature, "temperature", low=0.0, low_open=True)
+    _, energies, _ = _grid_energies(energy, box, cells)
+    log_model = torch.log_softmax(-energies.double() / temperature, 0)
+    points, _ = grid(box, cells, dtype=torch.float64, device=log_model.device)
+    log_data = log_density(points)
+    if log_data.shape not in ((points.shape[0],), (points.shape[0], 1)):
+        raise ValueError(f"log_density must return one value per point, shape "
+                         f"({points.shape[0]},) or ({points.shape[0]}, 1), got "
+                         f"{tuple(log_data.shape)}")
+    log_data = log_data.reshape(-1).double()
+    # -inf is a zero density; NaN or +inf is no density at all.
+    if torch.isnan(log_data).any() or (log_data == math.inf).any():
+        raise ValueError("log_density must be finite or -inf on the grid, got NaN or +inf")
+    inside = torch.isfinite(log_data)
+    if not inside.any():
+        raise ValueError("log_density is -inf on every grid cell: the data has no mass in "
+                         f"the box [-{box}, {box}]^2")
+    log_data = torch.log_softmax(log_data, 0)[inside]
+    return float((log_data.exp() * (log_data - log_model[inside])).sum())
 
 
 def exact_ml_gradient(energy: nn.Module, data: torch.Tensor, box: float = BOX,

@@ -179,3 +179,52 @@ def test_log_partition_of_a_gaussian_mixture():
 
     assert float(exact2d.log_partition(energy, 4.0, 200)) == pytest.approx(0.0, abs=1e-4)
     assert float(exact2d.log_partition(energy, 4.0, 60)) == pytest.approx(0.0, abs=1e-4)
+
+
+def gaussian_log_density(mean, s):
+    """log N(mean, s^2 I) up to its constant, which exact_kl's normalisation drops."""
+    mean = torch.tensor(mean, dtype=torch.float64)
+    return lambda x: -((x - mean) ** 2).sum(1) / (2 * s * s)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_exact_kl_of_two_gaussians_matches_the_closed_form(temperature):
+    """Data N(m1, s1^2 I) as a log density, model exp(-E / T) with E = |x - m2|^2 / (2 s2^2),
+    i.e. N(m2, T s2^2 I): in 2-D, KL = 2 log(s / s1) + (2 s1^2 + |m1 - m2|^2) / (2 s^2) - 1
+    with s^2 = T s2^2."""
+    m1, s1, m2, s2 = [0.5, 0.0], 0.6, [0.0, 0.2], 0.5
+    s = math.sqrt(temperature) * s2
+    expected = 2 * math.log(s / s1) + (2 * s1 ** 2 + 0.29) / (2 * s * s) - 1
+    got = exact2d.exact_kl(gaussian_log_density(m1, s1), Gaussian(m2, s2), 4.0, 200,
+                           temperature=temperature)
+    assert got == pytest.approx(expected, abs=GRID_TOL)
+
+
+def test_exact_kl_of_a_density_to_itself_is_zero():
+    model = Gaussian([0.3, -0.2], 0.7)
+    assert exact2d.exact_kl(gaussian_log_density([0.3, -0.2], 0.7), model) == pytest.approx(
+        0.0, abs=1e-12)
+
+
+def test_exact_kl_skips_cells_outside_the_data_support():
+    """Data: N(0, I) cut to x > 0 (log density -inf elsewhere), model N(0, I): KL = log 2 (the
+    cut falls on cell edges, so the grid halves the mass exactly)."""
+    def half_normal(x):
+        return torch.where(x[:, 0] > 0, -(x ** 2).sum(1) / 2, -math.inf)
+
+    assert exact2d.exact_kl(half_normal, Gaussian([0.0, 0.0], 1.0), 5.0, 200) == pytest.approx(
+        math.log(2), abs=1e-9)
+
+
+def test_exact_kl_rejects_bad_input():
+    model, log_density = Gaussian([0.0, 0.0], 1.0), gaussian_log_density([0.0, 0.0], 1.0)
+    with pytest.raises(ValueError, match="log_density must return one value per point"):
+        exact2d.exact_kl(lambda x: x, model, 4.0, 10)
+    with pytest.raises(ValueError, match="log_density must be finite or -inf"):
+        exact2d.exact_kl(lambda x: torch.full_like(x[:, 0], math.nan), model, 4.0, 10)
+    with pytest.raises(ValueError, match="log_density is -inf on every grid cell"):
+        exact2d.exact_kl(lambda x: torch.full_like(x[:, 0], -math.inf), model, 4.0, 10)
+    with pytest.raises(ValueError, match="temperature must be"):
+        exact2d.exact_kl(log_density, model, 4.0, 10, temperature=0.0)
+    with pytest.raises(ValueError, match="energy must be finite on the grid"):
+        exact2d.exact_kl(log_density, lambda x: torch.full_like(x[:, 0], math.nan), 4.0, 10)

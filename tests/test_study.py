@@ -60,13 +60,6 @@ def test_bin_log_probs_are_the_gaussian_cell_masses():
     torch.testing.assert_close(got.exp(), expected, atol=1e-4, rtol=0)
 
 
-def test_exact_kl_of_two_gaussians_matches_the_closed_form():
-    s = 0.6
-    got = common.exact_kl(gaussian_log_density([0.5, 0.0], s), gaussian_log_density([0.0, 0.2], s),
-                          4.0, 200)
-    assert got == pytest.approx(0.29 / (2 * s * s), abs=1e-4)
-
-
 def test_ring_log_density_peaks_at_a_centre():
     """At a centre the other modes are >= 1.9 away (7.7 std): p = 1 / (8 * 2 pi std^2)."""
     at_centre = common.ring_log_density(torch.tensor([[2.5, 0.0]], dtype=torch.float64))

@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.backends import available_backends
-from ebm_fast.exact2d import BOX, exact_nll
+from ebm_fast.exact2d import BOX, exact_kl, exact_nll
 from ebm_fast.experiments import options
 from ebm_fast.experiments.plain_loop import PlainLoop
-from ebm_fast.training import PersistentML, Trainer
-from ebm_fast.training.command import build_energy, exact_kl
+from ebm_fast.training import PersistentML, Trainer, plots
+from ebm_fast.training.command import build_energy
 
 __all__ = ["Case", "CASES", "add_arguments", "main"]
 
@@ -208,46 +208,13 @@ def run_case(name: str, case: Case, args, device: torch.device) -> tuple[dict, d
     if held_out is not None:
         for kind, energy in energies.items():
             result["runs"][kind]["held_out_nll"] = exact_nll(energy, held_out)
-            result["runs"][kind]["exact_kl"] = exact_kl(energy, log_density)
+            result["runs"][kind]["exact_kl"] = exact_kl(log_density, energy)
         result["data_nll"] = float(-log_density(held_out.cpu().double()).mean())
     shown = held_out if held_out is not None else data[torch.randperm(len(data),
                                                                       generator=batches)[:64]]
     panels = {"data": shown.cpu(), "energies": energies,
               "negatives": {kind: torch.cat(tuple(x)).cpu() for kind, x in negatives.items()}}
     return result, panels
-
-
-def _density(ax, energy, title: str) -> None:
-    cells = 200
-    axis = torch.linspace(-BOX, BOX, cells)
-    points = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
-    param = next(energy.parameters())
-    with torch.no_grad():
-        log_p = -energy(points.to(param)).reshape(cells, cells).float().cpu()
-    ax.imshow((log_p - log_p.max()).exp().numpy(), origin="lower", cmap="magma",
-              extent=(-BOX, BOX, -BOX, BOX))
-    ax.set_title(title)
-
-
-def _scatter(ax, points: torch.Tensor, title: str) -> None:
-    ax.scatter(*points[:4000].T.numpy(), s=1, alpha=0.4)
-    ax.set_xlim(-BOX, BOX)
-    ax.set_ylim(-BOX, BOX)
-    ax.set_aspect("equal")
-    ax.set_title(title)
-
-
-def _image_grid(ax, images: torch.Tensor, clamp, title: str, side: int = 8) -> None:
-    """The first side x side images of (N, 1, H, W) as one grey mosaic."""
-    lo, hi = clamp
-    tiles = torch.full((side * side, *images.shape[1:]), lo)
-    shown = images[:side * side].clamp(lo, hi)
-    tiles[:len(shown)] = shown
-    height, width = images.shape[-2:]
-    mosaic = tiles.reshape(side, side, height, width).permute(0, 2, 1, 3).reshape(
-        side * height, side * width)
-    ax.imshow(((mosaic - lo) / (hi - lo)).numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title)
 
 
 def _figure(results: dict, panels: dict, path: Path) -> None:
@@ -263,16 +230,17 @@ def _figure(results: dict, panels: dict, path: Path) -> None:
         speed = (f"ebm_fast {result['speedup']['cpu']:.2f}x the plain loop's speed (CPU time), "
                  f"{result['speedup']['wall']:.2f}x (wall)")
         if name == "ring":
-            _scatter(row[0], panel["data"], "held-out data")
-            _scatter(row[1], panel["negatives"]["ebm_fast"], "ebm_fast: buffer negatives")
+            plots.scatter_panel(row[0], panel["data"], BOX, "held-out data")
+            plots.scatter_panel(row[1], panel["negatives"]["ebm_fast"], BOX,
+                                "ebm_fast: buffer negatives")
             for ax, kind in zip(row[2:], KINDS[::-1]):
-                _density(ax, panel["energies"][kind],
-                         f"{kind}: exp(-E), KL {runs[kind]['exact_kl']:.3f} nats")
+                plots.density_panel(ax, panel["energies"][kind], BOX,
+                                    title=f"{kind}: exp(-E), KL {runs[kind]['exact_kl']:.3f} nats")
         else:
-            _image_grid(row[0], panel["data"], result["clamp"], "data")
+            plots.image_mosaic(row[0], panel["data"], result["clamp"], "data", side=8)
             for ax, kind in zip(row[1:3], KINDS[::-1]):
-                _image_grid(ax, panel["negatives"][kind], result["clamp"],
-                            f"{kind}: negatives")
+                plots.image_mosaic(ax, panel["negatives"][kind], result["clamp"],
+                                   f"{kind}: negatives", side=8)
             row[3].axis("off")
         row[0].set_ylabel(result["settings"]["title"].replace(", ", "\n"))
         for ax in row:

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from ebm_fast import LangevinSampler, datasets, validation
-from ebm_fast.exact2d import BOX, exact_nll, grid, log_partition
-from ebm_fast.training import checkpoints, distributed
+from ebm_fast.exact2d import BOX, exact_kl, exact_nll
+from ebm_fast.training import checkpoints, distributed, plots
 from ebm_fast.training.jem import JEM, LogitsEnergy, classifier_metrics
 from ebm_fast.training.losses import (ContrastiveDivergence, KLPersistentML, PersistentCD,
                                       PersistentML, ShortRunML)
 from ebm_fast.training.trainer import CHECKPOINT_NAME, Trainer
 
-__all__ = ["add_arguments", "main", "build_energy", "exact_kl"]
+__all__ = ["add_arguments", "main", "build_energy"]
 
 LOSSES = ("cd", "pcd", "persistent", "short_run", "kl", "jem")
 ENERGIES = ("mlp", "conv")
@@ -117,20 +117,6 @@ def build_energy(kind: str, sample_shape: tuple, hidden: int, outputs: int = 1) 
         nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), outputs))
 
 
-@torch.no_grad()
-def exact_kl(energy, log_density, box: float = BOX, cells: int = GRID_CELLS) -> float:
-    """KL(data || model) = sum over grid cells of p_data (log p_data - log p_model) * area, with
-    the model normalised on the same grid."""
-    points, area = grid(box, cells, dtype=torch.float64)
-    param = next(energy.parameters())
-    log_model = -energy(points.to(param)).reshape(-1).double().cpu() - float(
-        log_partition(energy, box, cells))
-    log_data = log_density(points)
-    inside = torch.isfinite(log_data)
-    p = log_data[inside].exp()
-    return float((p * (log_data[inside] - log_model[inside])).sum() * area)
-
-
 def _load_data(args):
     """(training data, held-out 2-D data or None, the data set's exact log density or None,
     the chains' box (lo, hi)); for --loss jem the training data is an (images, labels) pair."""
@@ -192,55 +178,24 @@ class Plots:
 
         path = self.out_dir / f"iteration_{record['iteration']:07d}.png"
         if self.held_out is None:
-            figure = _image_grid(plt, negatives[:64], self.box)
+            figure, ax = plt.subplots(figsize=(6, 6))
+            plots.image_mosaic(ax, negatives, self.box, side=8)
             figure.suptitle(f"negatives at iteration {record['iteration']}")
         else:
             device = next(energy.parameters()).device
             record["heldout_nll"] = exact_nll(energy, self.held_out.to(device), BOX, GRID_CELLS)
             title = f"held-out NLL {record['heldout_nll']:.3f}"
             if self.log_density is not None:
-                record["exact_kl"] = exact_kl(energy, self.log_density)
+                record["exact_kl"] = exact_kl(self.log_density, energy, BOX, GRID_CELLS)
                 title += f", KL(data || model) {record['exact_kl']:.3f} nats"
-            figure = _density_figure(plt, energy, self.held_out, negatives)
+            figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+            plots.scatter_panel(axes[0], self.held_out, BOX, "data (held out)")
+            plots.density_panel(axes[1], energy, BOX, GRID_CELLS, "model density exp(-E)")
+            plots.scatter_panel(axes[2], negatives, BOX, "negatives")
             figure.suptitle(f"iteration {record['iteration']}: {title}")
         figure.savefig(path, dpi=100)
         plt.close(figure)
         record["png"] = path.name
-
-
-def _density_figure(plt, energy, data, negatives):
-    points, _ = grid(BOX, GRID_CELLS)
-    with torch.no_grad():
-        param = next(energy.parameters())
-        log_p = -energy(points.to(param)).reshape(GRID_CELLS, GRID_CELLS).cpu()
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-    for ax, (title, x) in zip(axes[::2], (("data (held out)", data),
-                                          ("negatives", negatives))):
-        ax.scatter(*x[:2000].T.numpy(), s=1, alpha=0.5)
-        ax.set_title(title)
-    axes[1].imshow((log_p - log_p.max()).exp().T.numpy(), origin="lower", extent=(-BOX, BOX, -BOX, BOX),
-                   cmap="viridis")
-    axes[1].set_title("model density exp(-E)")
-    for ax in axes:
-        ax.set_xlim(-BOX, BOX)
-        ax.set_ylim(-BOX, BOX)
-        ax.set_aspect("equal")
-    return figure
-
-
-def _image_grid(plt, images, box):
-    n = images.shape[0]
-    side = math.ceil(math.sqrt(n))
-    channels, height, width = images.shape[1:]
-    tiles = torch.full((side * side, channels, height, width), box[0])
-    tiles[:n] = images.clamp(*box)
-    mosaic = tiles.view(side, side, channels, height, width).permute(0, 3, 1, 4, 2).reshape(
-        side * height, side * width, channels)
-    figure, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(((mosaic - box[0]) / (box[1] - box[0])).squeeze(-1).numpy(), cmap="gray",
-              vmin=0, vmax=1)
-    ax.axis("off")
-    return figure
 
 
 def _resolve_run(args):

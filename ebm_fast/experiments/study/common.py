@@ -14,7 +14,7 @@ from torch import nn
 from ebm_fast import validation
 from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.datasets import ring_log_density, ring_of_gaussians
-from ebm_fast.exact2d import exact_ml_gradient, grid
+from ebm_fast.exact2d import exact_kl, exact_ml_gradient, grid
 from ebm_fast.experiments.models import make_energy
 from ebm_fast.experiments.study.config import StudyConfig
 from ebm_fast.noise import philox_uniform
@@ -22,7 +22,7 @@ from ebm_fast.samplers import LangevinSampler
 from ebm_fast.training import (ContrastiveDivergence, KLPersistentML, PersistentCD, PersistentML,
                                ShortRunML)
 
-__all__ = ["ESTIMATORS", "MODEL_NAMES", "RING", "ring_log_density", "exact_kl", "bin_log_probs",
+__all__ = ["ESTIMATORS", "MODEL_NAMES", "RING", "ring_log_density", "bin_log_probs",
            "binned_kl", "histogram_kl", "mean_se", "flat", "Context"]
 
 #: the sampling estimators, as results.json names them
@@ -36,12 +36,6 @@ def _grid_log_probs(log_density, box: float, cells: int) -> torch.Tensor:
     points, _ = grid(box, cells)
     with torch.no_grad():
         return torch.log_softmax(log_density(points).reshape(-1).double(), 0)
-
-
-def exact_kl(log_p, log_q, box: float, cells: int) -> float:
-    """KL(p || q) of two (unnormalised) log densities, each normalised over the grid cells."""
-    lp, lq = _grid_log_probs(log_p, box, cells), _grid_log_probs(log_q, box, cells)
-    return float((lp.exp() * (lp - lq)).sum())
 
 
 def bin_log_probs(log_density, box: float, bins: int, refine: int = 4) -> torch.Tensor:
@@ -117,8 +111,8 @@ class Context:
 
     def exact_kl_to_model(self, energy, temperature: float = 1.0) -> float:
         """Exact KL(p_data || p) with p proportional to exp(-E / temperature)."""
-        return exact_kl(ring_log_density, lambda x: -energy(x).reshape(-1) / temperature,
-                        self.config.box, self.config.cells)
+        return exact_kl(ring_log_density, energy, self.config.box, self.config.cells,
+                        temperature=temperature)
 
     def models(self) -> dict:
         """{"early", "middle", "converged"}: copies of one MLP energy along Adam on the exact ML
