@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, cli
+from ebm_fast.training import JEM, LogitsEnergy
 from ebm_fast.training.losses import ContrastiveDivergence, KLPersistentML, PersistentML
 
 LOW = [torch.bfloat16, torch.float16]
@@ -108,6 +109,45 @@ def test_losses_run_their_energy_passes_under_the_samplers_autocast(loss_cls):
             torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
     else:
         assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_jem_runs_its_classifier_passes_under_the_samplers_autocast():
+    """All three JEM terms on: the classifier's passes (positives' logits, both kinds of
+    negatives) run in bfloat16, their logits cast to float32: the loss and its gradients equal
+    the hand-built loss on the hand-autocast classifier; the negatives stay float32."""
+    dtype, n_classes = torch.bfloat16, 3
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.SiLU(),
+                                     torch.nn.Linear(32, n_classes))
+    sampler = LangevinSampler(LogitsEnergy(classifier), step_size=1e-7, noise_scale=1e-7,
+                              n_steps=3, seed=4, autocast=dtype, backend="reference")
+    buffer = ReplayBuffer(8 * n_classes, (2,), init_range=(-2.0, 2.0), reinit_prob=0.0,
+                          n_classes=n_classes, seed=7)
+    loss = JEM(classifier, sampler, buffer, p_x_weight=1.0, p_y_given_x_weight=1.0,
+               p_x_y_weight=1.0)
+    seen = []
+    classifier[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    x_pos, y = x_start(12), torch.arange(12) % n_classes
+    value = loss(x_pos, y)
+    assert value.dtype == torch.float32 and set(seen) == {dtype}
+    x_neg, x_neg_y = loss.last.negatives, loss.last.conditional_negatives
+    assert x_neg.dtype == x_neg_y.dtype == torch.float32
+    for negatives in (x_neg, x_neg_y):  # the buffer's float32 uniform draws, barely moved
+        assert (negatives.to(dtype).float() != negatives).float().mean() > 0.9
+    grads = torch.autograd.grad(value, loss.parameters)
+
+    logits = autocast_by_hand(classifier, dtype)
+    logits_pos, logits_neg, logits_neg_y = logits(x_pos), logits(x_neg), logits(x_neg_y)
+    assert logits_pos.dtype == torch.float32
+    rows = torch.arange(12)
+    want = (-logits_pos.logsumexp(1).mean() + logits_neg.logsumexp(1).mean()
+            + torch.nn.functional.cross_entropy(logits_pos, y)
+            + (-logits_pos[rows, y].mean() + logits_neg_y[rows, y].mean()))
+    torch.testing.assert_close(value, want, rtol=0, atol=0)
+    want_grads = torch.autograd.grad(want, loss.parameters)
+    for got_grad, want_grad in zip(grads, want_grads):
+        assert got_grad.dtype == torch.float32
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("loss_cls", [ContrastiveDivergence, PersistentML])

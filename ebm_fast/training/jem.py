@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ebm_fast import validation
 from ebm_fast.samplers.energy import parameters_of
-from ebm_fast.training.losses import LossStats, PersistentML, _check_batch
+from ebm_fast.training.losses import LossStats, PersistentML, _check_batch, autocast_pass
 
 __all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error",
            "classifier_metrics"]
@@ -115,6 +115,9 @@ class JEM(PersistentML):
             a term of weight 0 is not computed (its chains are not sampled). At least one of
             the two sampled terms must be on.
 
+    The classifier's passes (the positives' logits, the negatives' energies) run under the
+    sampler's ``autocast`` like its chains, the logits cast to float32 before the loss.
+
     ``est.last`` is a :class:`JEMStats`. The state_dict holds the sampler's and the buffer's
     state (a Trainer checkpoint resumes the same chains).
     """
@@ -166,12 +169,12 @@ class JEM(PersistentML):
             stats["conditional_negatives"] = self.negatives(x_pos, y, stats if tracked else {})
         sampler_seconds = time.perf_counter() - start
 
-        logits_pos = self.classifier(x_pos)
+        logits_pos = self.logits(x_pos)
         _check_logits(logits_pos, x_pos.shape[0])
         loss = 0.0
         if self.p_x_weight:
             e_pos = logits_energy(logits_pos)
-            e_neg = logits_energy(self.classifier(stats["negatives"]))
+            e_neg = logits_energy(self.logits(stats["negatives"]))
             loss = loss + self.p_x_weight * (e_pos.mean() - e_neg.mean())
             stats.update(energy_pos=e_pos.detach().mean(), energy_neg=e_neg.detach().mean())
         if y is not None:
@@ -185,7 +188,7 @@ class JEM(PersistentML):
                 raise ValueError(f"classifier(x) returns {logits_pos.shape[1]} logits but the "
                                  f"buffer has n_classes={self.buffer.n_classes}")
             e_pos_y = logits_energy(logits_pos, y)
-            e_neg_y = logits_energy(self.classifier(stats["conditional_negatives"]), y)
+            e_neg_y = logits_energy(self.logits(stats["conditional_negatives"]), y)
             loss = loss + self.p_x_y_weight * (e_pos_y.mean() - e_neg_y.mean())
             stats.update(conditional_energy_pos=e_pos_y.detach().mean(),
                          conditional_energy_neg=e_neg_y.detach().mean())
@@ -195,6 +198,11 @@ class JEM(PersistentML):
                              energy_neg=stats["conditional_energy_neg"])
         self.last = JEMStats(sampler_seconds=sampler_seconds, **stats)
         return loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """classifier(x) under the sampler's autocast, in x's compute dtype (see autocast_pass):
+        the loss's energies and cross-entropy are computed from float32 logits."""
+        return autocast_pass(self.classifier, x, self.sampler.autocast)
 
     def negatives(self, x_pos, y, stats):
         """Chains drawn from the buffer (over all slots without y, from class y[i]'s slots with

@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -45,7 +46,8 @@ from ebm_fast.ops import langevin_update
 from ebm_fast.samplers import LangevinSampler, MALASampler
 
 __all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
-           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies", "autocast_energies"]
+           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies", "autocast_pass",
+           "autocast_energies"]
 
 
 @dataclasses.dataclass
@@ -96,15 +98,20 @@ def energies(energy, x: torch.Tensor) -> torch.Tensor:
     return value.reshape(x.shape[0])
 
 
-def autocast_energies(energy, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
-    """energies(energy, x) with the energy's passes (forward, and backward through the returned
-    tensor) under torch.autocast(autocast) when it is set, returned in x's compute dtype: a
-    bfloat16 energy averaged in bfloat16 would lose the small difference E(x+) - E(x-)."""
+def autocast_pass(function, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """function(x) with its passes (forward, and backward through the returned tensor) under
+    torch.autocast(autocast) when it is set, returned in x's compute dtype: a bfloat16 energy
+    averaged in bfloat16 would lose the small difference E(x+) - E(x-)."""
     if autocast is None:
-        return energies(energy, x)
+        return function(x)
     with torch.autocast(device_type=x.device.type, dtype=autocast, cache_enabled=False):
-        value = energies(energy, x)
+        value = function(x)
     return value.to(validation.compute_dtype(x.dtype))
+
+
+def autocast_energies(energy, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """energies(energy, x) under the sampler's autocast (see autocast_pass)."""
+    return autocast_pass(functools.partial(energies, energy), x, autocast)
 
 
 @contextlib.contextmanager
