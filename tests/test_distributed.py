@@ -1,10 +1,15 @@
 """Training over 2 CPU processes (gloo, torch.multiprocessing spawn) against 1 process with the
 whole batch: bit-identical negatives and the same update for CD-k and short-run ML, sharded
 persistent ML (no shared slot or noise draw, matching statistics), checkpoints resumed on 2
-ranks (bit-identical) and on 1 rank (re-sharded buffer)."""
+ranks (bit-identical) and on 1 rank (re-sharded buffer), and a torchrun job with one rank killed
+mid-run resumed to the uninterrupted run's end."""
 
 import os
+import signal
 import socket
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from torch import nn
 
 from ebm_fast import LangevinSampler, ReplayBuffer
 from ebm_fast.training import (ContrastiveDivergence, PersistentML, ShortRunML, Trainer,
-                               distributed)
+                               checkpoints, distributed)
 
 GLOBAL_BATCH = 16
 CAPACITY = 64
@@ -175,3 +180,71 @@ def test_cli_trains_on_two_processes(tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoint.shards").iterdir()) == [
         "iteration-2-rank-0-of-2.pt", "iteration-2-rank-1-of-2.pt"]
     assert torch.load(out / "checkpoint.pt")["loss_shards"] == 2
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of the given rank whose environment holds marker
+    (read from /proc: the test's own processes only)."""
+    wanted = {f"KILL_TEST_MARKER={marker}".encode(), f"RANK={rank}".encode()}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if wanted <= set(environ.read_bytes().split(b"\0")):
+                return int(environ.parent.name)
+        except OSError:  # gone, or not ours
+            continue
+    return None
+
+
+def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
+        tmp_path, monkeypatch, capfd):
+    """SIGKILL rank 1 of `ebm-fast train --nproc 2` while it checkpoints every 2 iterations:
+    torchrun ends the job, checkpoint.pt is the last complete checkpoint (its shards on disk),
+    and resuming it on 2 ranks ends with the parameters and buffer shards of a run that never
+    stopped."""
+    from ebm_fast import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("KILL_TEST_MARKER", str(tmp_path))  # torchrun passes it to the ranks
+    options = ["train", "--data", "ring", "--steps", "2", "--batch", "16", "--buffer-size", "64",
+               "--n-data", "500", "--log-every", "1000", "--checkpoint-every", "2",
+               "--plot-every", "1000", "--nproc", "2"]
+    killed = tmp_path / "killed"
+    exit_codes = []
+    job = threading.Thread(target=lambda: exit_codes.append(cli.main(
+        options + ["--iterations", "100000", "--out", str(killed)])))
+    job.start()
+    deadline = time.monotonic() + 60
+    while not (killed / "checkpoint.pt").exists():
+        assert job.is_alive() and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    os.kill(_rank_pid(str(tmp_path), 1), signal.SIGKILL)
+    job.join(timeout=60)
+    assert exit_codes and exit_codes[0] != 0  # torchrun stopped rank 0 and reports the failure
+    saved = checkpoints.load(killed / "checkpoint.pt")
+    iteration = saved["iteration"]
+    assert iteration % 2 == 0 and saved["loss_shards"] == RANKS
+    target = iteration + 5
+    # What a rank killed in the middle of writing its next shard leaves (the kill above lands
+    # there only by chance): atomic_save's temporary file, half written.
+    shards_dir = killed / "checkpoint.shards"
+    (shards_dir / f".iteration-{iteration + 2}-rank-1-of-2.pt.k1ll3d.tmp").write_bytes(
+        (shards_dir / f"iteration-{iteration}-rank-1-of-2.pt").read_bytes()[:100])
+    capfd.readouterr()
+    assert cli.main(["train", "--resume", str(killed), "--nproc", "2",
+                     "--iterations", str(target)]) == 0
+    assert f"resuming {killed} at iteration {iteration}" in capfd.readouterr().out
+    straight = tmp_path / "straight"
+    assert cli.main(options + ["--iterations", str(target), "--out", str(straight)]) == 0
+    ends = [checkpoints.load(run / "checkpoint.pt") for run in (killed, straight)]
+    assert ends[0]["iteration"] == ends[1]["iteration"] == target
+    for name, tensor in ends[1]["model"].items():
+        assert torch.equal(ends[0]["model"][name], tensor), name
+    for rank in range(RANKS):
+        shards = [checkpoints.load(distributed.shard_path(run / "checkpoint.pt", target, rank,
+                                                          RANKS))["buffer"]
+                  for run in (killed, straight)]
+        for key in ("storage", "written", "draws"):
+            assert torch.equal(shards[0][key], shards[1][key]), (rank, key)
+    # The resumed run's checkpoints removed the files the killed job left behind.
+    assert sorted(p.name for p in shards_dir.iterdir()) == [
+        f"iteration-{target}-rank-{rank}-of-2.pt" for rank in range(RANKS)]

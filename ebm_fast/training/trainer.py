@@ -272,9 +272,12 @@ class Trainer:
             if self.rank == 0:
                 checkpoints.atomic_save(state, path)
             distributed.barrier()
-            for old in shard.parent.glob(f"*-rank-{self.rank}-of-*.pt"):
-                if old != shard:
-                    old.unlink()
+            # Older shards, and the temporary files of writes a crash cut short (atomic_save
+            # cannot remove them when the process is killed).
+            for pattern in (f"*-rank-{self.rank}-of-*.pt", f"*-rank-{self.rank}-of-*.pt.*.tmp"):
+                for old in shard.parent.glob(pattern):
+                    if old != shard:
+                        old.unlink()
         else:
             checkpoints.atomic_save(state, path)
         return path
