@@ -182,17 +182,18 @@ def test_cli_trains_on_two_processes(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pt")["loss_shards"] == 2
 
 
-def _rank_pid(marker: str, rank: int) -> int | None:
-    """The pid of the torchrun worker of the given rank whose environment holds marker
-    (read from /proc: the test's own processes only)."""
-    wanted = {f"KILL_TEST_MARKER={marker}".encode(), f"RANK={rank}".encode()}
+def _marked_pids(marker: str, *entries: str) -> list[int]:
+    """The pids of the processes whose environment holds marker (and each entry, e.g. RANK=1),
+    read from /proc: the test's own torchrun and ranks only."""
+    wanted = {f"KILL_TEST_MARKER={marker}".encode(), *(e.encode() for e in entries)}
+    pids = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             if wanted <= set(environ.read_bytes().split(b"\0")):
-                return int(environ.parent.name)
+                pids.append(int(environ.parent.name))
         except OSError:  # gone, or not ours
             continue
-    return None
+    return pids
 
 
 def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
@@ -211,14 +212,21 @@ def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
     killed = tmp_path / "killed"
     exit_codes = []
     job = threading.Thread(target=lambda: exit_codes.append(cli.main(
-        options + ["--iterations", "100000", "--out", str(killed)])))
+        options + ["--iterations", "100000", "--out", str(killed)])), daemon=True)
     job.start()
-    deadline = time.monotonic() + 60
-    while not (killed / "checkpoint.pt").exists():
-        assert job.is_alive() and time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.02)
-    os.kill(_rank_pid(str(tmp_path), 1), signal.SIGKILL)
-    job.join(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not (killed / "checkpoint.pt").exists():
+            assert job.is_alive() and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.02)
+        (rank_1,) = _marked_pids(str(tmp_path), "RANK=1")
+        os.kill(rank_1, signal.SIGKILL)
+        job.join(timeout=60)
+    finally:  # never leave the 100,000-iteration job running past a failed test
+        if job.is_alive():
+            for pid in _marked_pids(str(tmp_path)):
+                os.kill(pid, signal.SIGKILL)
+            job.join(timeout=30)
     assert exit_codes and exit_codes[0] != 0  # torchrun stopped rank 0 and reports the failure
     saved = checkpoints.load(killed / "checkpoint.pt")
     iteration = saved["iteration"]
