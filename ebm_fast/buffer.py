@@ -20,6 +20,7 @@ from ebm_fast.noise import STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_REINIT_DECISION
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import OUTPUT_DTYPES, buffer_sample
 from ebm_fast.reference.buffer_push import POLICIES
+from ebm_fast.reference.buffer_sample import reinit_mask
 
 STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 INITS = ("uniform", "gaussian")
@@ -274,7 +275,7 @@ class ReplayBuffer:
         u = philox_uniform(slots.shape, seed=self._seed, step=self._draws,
                            stream=STREAM_BUFFER_REINIT_DECISION, chain_offset=self._chain_offset,
                            device=self.device)
-        return (u < self._reinit_threshold) | (self._written[slots] == 0)
+        return reinit_mask(u, self._reinit_threshold, self._written, slots)
 
     # -- hot path ---------------------------------------------------------------------------
     def sample(self, batch_size: int, y=None, *, return_reinit: bool = False):

@@ -131,9 +131,9 @@ MUTANTS = [
            "(written == 0)",
            "reinit = spec_uniform(seed, step, STREAM_DECISION, chain) < reinit_prob",
            ("tests/test_triton_buffer.py::test_sample_across_several_programs",)),
-    Mutant("buffer_reinit_mask_forgets_unwritten_slots", "ebm_fast/buffer.py",
-           "return (u < self._reinit_threshold) | (self._written[slots] == 0)",
-           "return u < self._reinit_threshold",
+    Mutant("buffer_reinit_mask_forgets_unwritten_slots", "ebm_fast/reference/buffer_sample.py",
+           "return (u < threshold) | (written[slots] == 0)",
+           "return u < threshold",
            ("tests/test_buffer.py::test_return_reinit_marks_exactly_the_reinitialised_chains",)),
     # -- reservoir and FIFO counts
     Mutant("push_ignores_the_rank_within_the_batch", "ebm_fast/reference/buffer_push.py",

@@ -43,10 +43,16 @@ def draw_slots(batch, y, slots_per_class, seed, step, chain_offset, device) -> t
     return local if y is None else y * slots_per_class + local
 
 
+def reinit_mask(u, threshold, written, slots) -> torch.Tensor:
+    """The reinit rule: a chain gets init values when its uniform u is below the float32
+    reinit probability, or when its slot was never written."""
+    return (u < threshold) | (written[slots] == 0)
+
+
 def reinit_decisions(batch, slots, written, reinit_prob, seed, step, chain_offset) -> torch.Tensor:
     u = philox_uniform_ref((batch,), seed=seed, step=step, stream=STREAM_BUFFER_REINIT_DECISION,
                            chain_offset=chain_offset, device=slots.device)
-    return (u < float32(reinit_prob).to(slots.device)) | (written[slots] == 0)
+    return reinit_mask(u, float32(reinit_prob).to(slots.device), written, slots)
 
 
 def init_noise(shape, init_kind, lo, hi, seed, step, chain_offset, device) -> torch.Tensor:
