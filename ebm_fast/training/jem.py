@@ -122,6 +122,8 @@ class JEM(PersistentML):
     state (a Trainer checkpoint resumes the same chains).
     """
 
+    energy_takes_y = True  # the p(x, y) chains sample E(x, y) = -f(x)[y]
+
     def __init__(self, classifier, sampler, buffer, p_x_weight: float = 1.0,
                  p_y_given_x_weight: float = 1.0, p_x_y_weight: float = 0.0):
         super().__init__(sampler, buffer)
@@ -203,22 +205,6 @@ class JEM(PersistentML):
         """classifier(x) under the sampler's autocast, in x's compute dtype (see autocast_pass):
         the loss's energies and cross-entropy are computed from float32 logits."""
         return autocast_pass(self.classifier, x, self.sampler.autocast)
-
-    def negatives(self, x_pos, y, stats):
-        """Chains drawn from the buffer (over all slots without y, from class y[i]'s slots with
-        it), sampled from E(x) or E(x, y), written back to their slots (no graph). With
-        track_chains, the chains' statistics and the draw's reinit fraction go into stats."""
-        x0, slots, *reinit = self.buffer.sample(x_pos.shape[0], y=y,
-                                                return_reinit=self.track_chains)
-        if self.track_chains:
-            x, info = self.sampler.sample(x0, y=y, return_info=True)
-            stats["chain_grad_norm"] = info.mean_grad_norm.mean()
-            stats["chain_displacement"] = info.displacement.mean()
-            stats["reinit_fraction"] = reinit[0].float().mean()
-        else:
-            x = self.sampler.sample(x0, y=y)
-        self.buffer.push(x, slots)
-        return x.detach()
 
 
 def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,

@@ -194,11 +194,13 @@ class EBMLoss(abc.ABC):
         """Terms added to the loss beyond the ML surrogate and the regulariser (none here)."""
         return 0.0
 
-    def _run(self, x0: torch.Tensor, stats: dict, n_steps: int | None = None) -> torch.Tensor:
-        """The sampler's chains from x0, recording chain statistics when tracking."""
+    def _run(self, x0: torch.Tensor, stats: dict, n_steps: int | None = None,
+             y: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampler's chains from x0 (y passed to a conditional energy), recording chain
+        statistics when tracking."""
         if not self.track_chains:
-            return self.sampler.sample(x0, n_steps)
-        x, info = self.sampler.sample(x0, n_steps, return_info=True)
+            return self.sampler.sample(x0, n_steps, y=y)
+        x, info = self.sampler.sample(x0, n_steps, y=y, return_info=True)
         stats["chain_grad_norm"] = info.mean_grad_norm.mean()
         stats["chain_displacement"] = info.displacement.mean()
         return x
@@ -302,6 +304,10 @@ class PersistentML(EBMLoss):
     to their slots. With a per-class buffer (n_classes set) call ``est(x_pos, y)``: chain i is
     drawn from and written back to class y[i]."""
 
+    # Whether y also conditions the energy (sampler.sample(x0, y=y)), as JEM's E(x, y) does;
+    # here y only picks the buffer's class.
+    energy_takes_y = False
+
     def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0):
         super().__init__(sampler, alpha)
         if not isinstance(buffer, ReplayBuffer):
@@ -324,7 +330,7 @@ class PersistentML(EBMLoss):
 
     def negatives(self, x_pos, y, stats):
         x0, slots = self.draw(x_pos, y, stats)
-        x = self._run(x0, stats)
+        x = self._run(x0, stats, y=y if self.energy_takes_y else None)
         self.buffer.push(x, slots)
         return x
 
