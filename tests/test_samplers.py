@@ -66,6 +66,25 @@ def test_temperature_means_sigma_sqrt_2_eps_t_and_default_is_t_1():
     assert not torch.allclose(default, by_t)
 
 
+@pytest.mark.parametrize("sampler_cls", SAMPLERS)
+def test_changed_parameters_and_dtypes_take_effect_on_the_next_call(sampler_cls):
+    """A sampler keeps the tables of its number parameters between calls: setting a parameter,
+    or chains of another dtype, must not reuse the old ones."""
+    x0 = x_init()
+    sampler = sampler_cls(double_well, step_size=0.05, n_steps=3, seed=2)
+    sampler.sample(x0)
+    sampler.step_size = 0.02
+    sampler.temperature = 0.5
+    changed = sampler.sample(x0)
+    fresh = sampler_cls(double_well, step_size=0.02, temperature=0.5, n_steps=3, seed=2)
+    fresh.load_state_dict({"step": 3, "seed": 2})
+    assert torch.equal(changed, fresh.sample(x0))
+    in_float64 = sampler.sample(x0.double())
+    assert in_float64.dtype == torch.float64
+    fresh.load_state_dict({"step": 6, "seed": 2})
+    torch.testing.assert_close(in_float64, fresh.sample(x0.double()))
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_whole_trajectories_agree_with_the_reference_backend(backend):
     device = kernel_device(backend)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import numbers
 import time
 import warnings
 from collections.abc import Mapping
@@ -78,6 +79,7 @@ class Sampler(abc.ABC):
         self._graphs: dict = {}
         self._graph_pool = None
         self._graph_failed = False
+        self._number_tables = None  # (key, tables) of _call_tables
 
     # -- state ------------------------------------------------------------------------------
 
@@ -170,8 +172,8 @@ class Sampler(abc.ABC):
             # The counter and seed live on the chains' device: kernels and CUDA graphs read
             # them there.
             self._step, self._seed = self._step.to(x.device), self._seed.to(x.device)
-            inputs = ChainInputs(x, self._step, self._seed, self._tables(x, n_steps, step_size),
-                                 conditioning)
+            inputs = ChainInputs(x, self._step, self._seed,
+                                 self._call_tables(x, n_steps, step_size), conditioning)
             chunk = self.chunk_size or x.shape[0]
             results = [self._run_chunk(inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
                                        n_steps, self.chain_offset + lo, return_info)
@@ -207,6 +209,24 @@ class Sampler(abc.ABC):
     @abc.abstractmethod
     def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
         """The call's per-step parameter values (step size, noise, ...)."""
+
+    @abc.abstractmethod
+    def _parameter_values(self) -> tuple:
+        """The per-step parameters as the sampler holds them (numbers, tensors, schedules or
+        None), which _tables reads."""
+
+    def _call_tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
+        """_tables, kept while the parameters are the same numbers and the chains' dtype and
+        device do not change: checking and filling them cost ~40 us per call on a CPU thread.
+        Tables of numbers do not depend on n_steps (every step reads the same 0-dim tensor)."""
+        values = self._parameter_values()
+        if step_size is not None or not all(v is None or isinstance(v, numbers.Real)
+                                            for v in values):
+            return self._tables(x, n_steps, step_size)
+        key = (x.dtype, x.device, *values)
+        if self._number_tables is None or self._number_tables[0] != key:
+            self._number_tables = (key, self._tables(x, n_steps, None))
+        return self._number_tables[1]
 
     @abc.abstractmethod
     def _chain(self, inputs: ChainInputs, *, n_steps: int, chain_offset: int,

@@ -24,7 +24,10 @@ class ChainDiagnostics:
         self.check_finite, self.track, self.n_steps = check_finite, track, n_steps
         self.pending = 0  # rows of the block awaiting a fold
         self.block = self.weights = self.score = None  # made at the first check
-        self.grad_norm_sum = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        # Whether check() or measure() read the step's energies (else a chain may skip them).
+        self.needs_energy = check_finite or track
+        self.grad_norm_sum = torch.zeros(x.shape[0], dtype=torch.float32,
+                                         device=x.device) if track else None
         self.evaluations = 0
         self.initial_energy: torch.Tensor | None = None
 

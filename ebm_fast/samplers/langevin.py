@@ -57,6 +57,9 @@ class LangevinSampler(Sampler):
             self.temperature, "temperature")
         return eps, step_values(*noise, n_steps, x, allow_zero=True)
 
+    def _parameter_values(self):
+        return self.step_size, self.noise_scale, self.temperature
+
     def _noise_scales(self, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """A block's noise scales sigma: noise_scale as given, or sqrt(2 eps T)."""
         if self.noise_scale is not None:
@@ -77,9 +80,12 @@ class LangevinSampler(Sampler):
             sigma = self._noise_scales(eps, noise_values.block(first, n))
             steps = step_counters(inputs.counter, first, n)
             for eps_k, sigma_k, step in zip(eps.unbind(0), sigma.unbind(0), steps):
-                energy, grad = self._energy.value_and_grad(x, inputs.conditioning)
-                diagnostics.check(energy)
-                diagnostics.measure(energy, grad)
+                if diagnostics.needs_energy:
+                    energy, grad = self._energy.value_and_grad(x, inputs.conditioning)
+                    diagnostics.check(energy)
+                    diagnostics.measure(energy, grad)
+                else:
+                    grad = self._energy.grad(x, inputs.conditioning)
                 update(x, x, contiguous(grad), eps_k, sigma_k, seed, step, STREAM_PROPOSAL,
                        chain_offset, grad_clip, self.grad_clip_mode, clamp_lo, clamp_hi)
         final_energy = self._energy.value(x, inputs.conditioning) if track else None

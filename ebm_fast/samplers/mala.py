@@ -53,6 +53,9 @@ class MALASampler(Sampler):
                             n_steps, x, allow_zero=False),
                 step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
 
+    def _parameter_values(self):
+        return self.step_size, self.temperature
+
     def _chain(self, inputs, *, n_steps, chain_offset, track):
         x, seed, (eps_values, temperature_values) = inputs.x, inputs.seed, inputs.tables
         chains, dtype = x.shape[0], validation.compute_dtype(x.dtype)

@@ -176,7 +176,9 @@ class EBMLoss(abc.ABC):
         loss = e_pos.mean() - e_neg.mean()
         if self.alpha:
             loss = loss + self.alpha * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
-        loss = loss + self.extra_terms(stats)
+        extra = self.extra_terms(stats)
+        if extra is not None:
+            loss = loss + extra
         self.last = LossStats(negatives=x_neg, energy_pos=e_pos.detach().mean(), energy_neg=e_neg.detach().mean(),
                               sampler_seconds=sampler_seconds, **stats)
         return loss
@@ -190,9 +192,9 @@ class EBMLoss(abc.ABC):
         """The (B,) energies at x with the sampler's autocast (see autocast_energies)."""
         return autocast_energies(self.energy, x, self.sampler.autocast)
 
-    def extra_terms(self, stats: dict) -> torch.Tensor | float:
-        """Terms added to the loss beyond the ML surrogate and the regulariser (none here)."""
-        return 0.0
+    def extra_terms(self, stats: dict) -> torch.Tensor | None:
+        """Terms added to the loss beyond the ML surrogate and the regulariser (None: none)."""
+        return None
 
     def _run(self, x0: torch.Tensor, stats: dict, n_steps: int | None = None,
              y: torch.Tensor | None = None) -> torch.Tensor:

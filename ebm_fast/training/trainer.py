@@ -4,7 +4,6 @@ JSONL metrics, divergence warnings and exact-resume checkpoints."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 import tempfile
 import time
@@ -162,8 +161,12 @@ class Trainer:
         finite = False
         if loss is not None:
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(
-                self.parameters, math.inf if self.grad_clip is None else self.grad_clip)
+            # Without a clip, the norm alone (clip_grad_norm_ with an infinite max would still
+            # rescale every gradient by 1: a pass over all of them per iteration).
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.parameters if p.grad is not None]) \
+                if self.grad_clip is None else \
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
             finite = bool(torch.isfinite(loss.detach() + norm))  # the iteration's host read
         if finite:
             self.optimizer.step()
