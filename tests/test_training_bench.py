@@ -19,6 +19,9 @@ def test_bench_training_quick_run(tmp_path, monkeypatch):
         row = case[clock]
         median = row["median_s"]
         assert row["speedup"] == pytest.approx(median["plain"] / median["ebm_fast"])
-        assert row["overhead_us"] == pytest.approx(1e6 * (median["ebm_fast"] - median["passes"]))
+        assert row["overhead_us"] == pytest.approx(
+            1e6 * (median["ebm_fast"] - median["passes"] - median["optimizer"]))
+        assert row["ceiling"] == pytest.approx(
+            median["plain"] / (median["passes"] + median["optimizer"]))
     with pytest.raises(SystemExit):
         bench["main"](["--cases", "nope"])

@@ -174,8 +174,9 @@ class Sampler(abc.ABC):
             self._step, self._seed = self._step.to(x.device), self._seed.to(x.device)
             inputs = ChainInputs(x, self._step, self._seed,
                                  self._call_tables(x, n_steps, step_size), conditioning)
-            chunk = self.chunk_size or x.shape[0]
-            results = [self._run_chunk(inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
+            chunk = min(self.chunk_size or x.shape[0], x.shape[0])
+            results = [self._run_chunk(inputs if chunk == x.shape[0] else
+                                       inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
                                        n_steps, self.chain_offset + lo, return_info)
                        for lo in range(0, x.shape[0], chunk)]
         self._step += n_steps

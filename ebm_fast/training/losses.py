@@ -173,14 +173,16 @@ class EBMLoss(abc.ABC):
         sampler_seconds = time.perf_counter() - start
         e_pos = self.energies(x_pos)
         e_neg = self.energies(x_neg)
-        loss = e_pos.mean() - e_neg.mean()
+        mean_pos, mean_neg = e_pos.mean(), e_neg.mean()
+        loss = mean_pos - mean_neg
         if self.alpha:
             loss = loss + self.alpha * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
         extra = self.extra_terms(stats)
         if extra is not None:
             loss = loss + extra
-        self.last = LossStats(negatives=x_neg, energy_pos=e_pos.detach().mean(), energy_neg=e_neg.detach().mean(),
-                              sampler_seconds=sampler_seconds, **stats)
+        self.last = LossStats(negatives=x_neg, energy_pos=mean_pos.detach(),
+                              energy_neg=mean_neg.detach(), sampler_seconds=sampler_seconds,
+                              **stats)
         return loss
 
     @abc.abstractmethod
