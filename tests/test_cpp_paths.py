@@ -192,10 +192,11 @@ def philox_library(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", sorted(_PATHS))
-@pytest.mark.parametrize("chain_offset", [2**32 // 7 + 1, 2**33 + 1])
+@pytest.mark.parametrize("chain_offset", [2**32 // 7 + 1, 2**33 + 1, 2**34 // 7 - 57])
 def test_each_philox_path_matches_the_spec(philox_library, path, chain_offset):
     """Chains of 7 elements: the run starts 3 elements into a block (and past 2**32 blocks, the
-    counter's high word, for the second offset), spans single and paired tiles and ends inside
+    counter's high word, for the second offset; across block 2**32, 101 blocks in, inside a
+    group of 8 of the AVX2 path, for the third), spans single and paired tiles and ends inside
     one. Words and uniforms bit-exact, normals within the float32 reference's own error."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the vector paths are x86-64 ones")
