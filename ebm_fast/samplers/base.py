@@ -164,7 +164,8 @@ class Sampler(abc.ABC):
         x = x0.detach().clone(memory_format=torch.contiguous_format)
         # "auto" leaves the choice to the ops, so an enclosing `with use_backend(...)` holds.
         backend = contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
-        with backend, frozen_parameters(params), \
+        # Grad mode on for the chains' input gradients (a caller may sample under no_grad).
+        with backend, frozen_parameters(params), torch.enable_grad(), \
                 eval_mode(module_of(self.energy) if self.eval_mode else None):
             if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
                 return (x, self._info_without_steps(x, conditioning, start)) if return_info \

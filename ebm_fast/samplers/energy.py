@@ -116,21 +116,21 @@ class EnergyFunction:
                         conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy as the callable returned it, negated when it returns -E; dE/dx) at x; builds
         no graph through parameters. As few op calls as the loop a user writes: the (B, 1) ->
-        (B,) reshape happens after the backward pass, not inside the graph."""
-        with torch.enable_grad():
-            x_var = x.detach().requires_grad_(True)
-            with self._autocast(x):
-                value = self._call(x_var, conditioning)
-            _check_energy_output(value, x.shape[0])
-            if self.negate:
-                value = -value
-            # An output that needs no gradient, or one only through other tensors (no path from
-            # x: grad is None), has no gradient in x to follow.
-            (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
-                if value.requires_grad else (None,)
-            if grad is None:
-                raise ValueError("energy(x) does not depend on x through differentiable "
-                                 "operations: there is no gradient to follow")
+        (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
+        on: Sampler.sample turns it on once for the call (per step it costs microseconds)."""
+        x_var = x.detach().requires_grad_(True)
+        with self._autocast(x):
+            value = self._call(x_var, conditioning)
+        _check_energy_output(value, x.shape[0])
+        if self.negate:
+            value = -value
+        # An output that needs no gradient, or one only through other tensors (no path from
+        # x: grad is None), has no gradient in x to follow.
+        (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
+            if value.requires_grad else (None,)
+        if grad is None:
+            raise ValueError("energy(x) does not depend on x through differentiable "
+                             "operations: there is no gradient to follow")
         return value, grad
 
     def value_and_grad(self, x: torch.Tensor,
