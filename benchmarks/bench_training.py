@@ -15,6 +15,9 @@ eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 
   passes    the energy's forward/backward passes of one iteration alone (K input-gradient
             passes on B chains, parameters frozen, then the loss's two forwards and backward)
   optimizer the Adam step alone, on the gradients the passes left (both loops take the same)
+  kernels   the fused kernels' calls of one iteration alone, straight to their C++ entry points
+            (K langevin_update calls on B chains, one buffer_sample, one buffer_push): the
+            least a library that calls one kernel per step from Python can add
 
 Reports, by wall time and by the process's CPU time (which leaves out the waits that other jobs
 on a shared machine add), median seconds per iteration, iterations/s, the speed-up over plain,
@@ -23,6 +26,7 @@ and per iteration in microseconds:
             sampler's and the Trainer's own work), and the plain loop's by the same rule
   ceiling   plain / (passes + optimizer): the speed-up a library that cost nothing beyond the
             model's passes and the optimizer would reach on this case
+  floor     the kernels' time: the part of the overhead that is the fused kernels' own calls
 Writes benchmarks/results/training.json. Usage:
     python benchmarks/bench_training.py [--quick] [--iterations N] [--cases mnist784,ring,conv]
                                         [--threads N] [--out PATH]
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -44,6 +49,7 @@ from torch import nn
 import ebm_fast
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.ops._dispatch import kernel_for
 from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.training import PersistentML, Trainer
 
@@ -113,6 +119,42 @@ class Passes:
         self.optimizer.step()
 
 
+class KernelCalls:
+    """The fused kernels' calls of one ebm_fast iteration and nothing else: the K updates of B
+    chains in place, then one buffer draw and one write-back, each called at its C++ entry
+    point with the arguments the sampler and the buffer pass."""
+
+    def __init__(self, case, sample_shape):
+        self.case = case
+        self.buffer = ReplayBuffer(BUFFER, sample_shape, init_range=case["box"],
+                                   reinit_prob=REINIT, seed=2, check_values=False)
+        lo, hi = case["box"]
+        # Every slot written, as in a running training: draws copy rows, few re-initialise.
+        self.buffer.push(lo + (hi - lo) * torch.rand(BUFFER, *sample_shape))
+        features = self.buffer._storage.shape[1]
+        self.chains = torch.rand(case["batch"], features)
+        self.grad = torch.randn(case["batch"], features)
+        self.slots = torch.empty(case["batch"], dtype=torch.int64)
+        self.update = kernel_for("langevin_update", self.chains)
+        self.draw = kernel_for("buffer_sample", self.buffer._storage)
+        self.write = kernel_for("buffer_push", self.buffer._storage)
+        self.counters = [torch.tensor(k, dtype=torch.int64) for k in range(case["steps"])]
+        self.seed = torch.tensor(1, dtype=torch.int64)
+        self.step_size = torch.tensor(STEP_SIZE)
+        self.noise_scale = torch.tensor(case["noise"])
+
+    def __call__(self, x_pos):
+        lo, hi = self.case["box"]
+        buffer, chains = self.buffer, self.chains
+        self.draw(chains, self.slots, buffer._storage, buffer._written, None, None,
+                  buffer._seed, buffer._draws, 0, BUFFER, REINIT, "uniform", lo, hi)
+        for counter in self.counters:
+            self.update(chains, chains, self.grad, self.step_size, self.noise_scale, self.seed,
+                        counter, 0, 0, math.inf, "value", lo, hi)
+        self.write(buffer._storage, buffer._written, buffer._count, chains, self.slots, None,
+                   buffer._seed, buffer._draws, 0, BUFFER, buffer.policy, lo, hi, False)
+
+
 def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     data = case["data"]()
     sample_shape = tuple(data.shape[1:])
@@ -130,7 +172,8 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     runs = {"plain": plain,
             "ebm_fast": lambda x: trainer.step(x),
             "passes": passes,
-            "optimizer": passes.step_optimizer}
+            "optimizer": passes.step_optimizer,
+            "kernels": KernelCalls(case, sample_shape)}
     # Wall time, and the process's CPU time: on a shared machine the CPU time leaves out the
     # waits for a core that other jobs' load adds to the wall time (one thread: CPU ~ work).
     times = {clock: {kind: [] for kind in runs} for clock in ("wall", "cpu")}
@@ -154,7 +197,8 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
             "ceiling": median["plain"] / (median["passes"] + median["optimizer"]),
             "overhead_us": 1e6 * (median["ebm_fast"] - median["passes"] - median["optimizer"]),
             "plain_overhead_us": 1e6 * (median["plain"] - median["passes"]
-                                        - median["optimizer"])}
+                                        - median["optimizer"]),
+            "floor_us": 1e6 * median["kernels"]}
     return result
 
 
@@ -190,7 +234,8 @@ def main(argv=None) -> int:
                   f"plain {row['iterations_per_s']['plain']:7.1f}  ebm_fast "
                   f"{row['iterations_per_s']['ebm_fast']:7.1f}  speed-up {row['speedup']:.2f}x "
                   f"(ceiling {row['ceiling']:.2f}x)  overhead {row['overhead_us']:7.0f} us/it "
-                  f"(plain loop {row['plain_overhead_us']:.0f}; optimizer "
+                  f"(kernel calls {row['floor_us']:.0f}; plain loop "
+                  f"{row['plain_overhead_us']:.0f}; optimizer "
                   f"{1e6 * row['median_s']['optimizer']:.0f})", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

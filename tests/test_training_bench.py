@@ -21,6 +21,7 @@ def test_bench_training_quick_run(tmp_path, monkeypatch):
         assert row["speedup"] == pytest.approx(median["plain"] / median["ebm_fast"])
         assert row["overhead_us"] == pytest.approx(
             1e6 * (median["ebm_fast"] - median["passes"] - median["optimizer"]))
+        assert row["floor_us"] == pytest.approx(1e6 * median["kernels"])
         assert row["ceiling"] == pytest.approx(
             median["plain"] / (median["passes"] + median["optimizer"]))
     with pytest.raises(SystemExit):
