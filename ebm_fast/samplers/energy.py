@@ -15,6 +15,7 @@ import torch
 
 from ebm_fast.samplers.inputs import Conditioning
 from ebm_fast.samplers.kernels import contiguous
+from ebm_fast.samplers.mlp_gradient import MLPGradient
 from ebm_fast.validation import compute_dtype
 
 
@@ -87,12 +88,18 @@ class EnergyFunction:
     """The user's energy as the chains call it: (energy, gradient) or energy alone at x, given
     the call's conditioning. negate: the callable returns -E (E = -f(x)).
 
-    owner: the sampler's name, for the compile-fallback warning.
+    owner: the sampler's name, for the compile-fallback warning. mlp_gradient: take an MLP
+    energy's input gradient without autograd where MLPGradient covers it (same bits).
     """
 
-    def __init__(self, energy, *, compile: bool, autocast, negate: bool, owner: str):
+    def __init__(self, energy, *, compile: bool, autocast, negate: bool, owner: str,
+                 mlp_gradient: bool = True):
         self.energy, self.autocast, self.negate, self.owner = energy, autocast, negate, owner
         self._compiled = torch.compile(energy) if compile else None
+        # The direct route computes the plain energy's passes: not for a compiled, autocast or
+        # negated one.
+        direct = mlp_gradient and not (compile or autocast is not None or negate)
+        self._mlp = MLPGradient.of(energy) if direct else None
 
     def _autocast(self, x: torch.Tensor):
         if self.autocast is None:
@@ -118,6 +125,8 @@ class EnergyFunction:
         no graph through parameters. As few op calls as the loop a user writes: the (B, 1) ->
         (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
         on: Sampler.sample turns it on once for the call (per step it costs microseconds)."""
+        if self._mlp is not None and self._mlp.covers(x, conditioning):
+            return self._mlp(x)
         x_var = x.detach().requires_grad_(True)
         with self._autocast(x):
             value = self._call(x_var, conditioning)

@@ -30,7 +30,7 @@ class LangevinSampler(Sampler):
             unbounded).
         **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`
             (n_steps, seed, chain_offset, backend, compile, cuda_graph, check_finite,
-            chunk_size, autocast, negate, eval_mode).
+            chunk_size, autocast, negate, eval_mode, mlp_gradient).
     """
 
     def __init__(self, energy, *, step_size, noise_scale=None, temperature=None, grad_clip=None,
