@@ -177,6 +177,7 @@ class Sampler(abc.ABC):
             if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
                 return (x, self._info_without_steps(x, conditioning, start)) if return_info \
                     else x
+            self._energy.start_call(x, conditioning)
             # The counter and seed live on the chains' device: kernels and CUDA graphs read
             # them there.
             self._step, self._seed = self._step.to(x.device), self._seed.to(x.device)

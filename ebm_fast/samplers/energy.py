@@ -100,6 +100,13 @@ class EnergyFunction:
         # negated one.
         direct = mlp_gradient and not (compile or autocast is not None or negate)
         self._mlp = MLPGradient.of(energy) if direct else None
+        self._direct = False  # this call's route (start_call)
+
+    def start_call(self, x: torch.Tensor, conditioning: Conditioning) -> None:
+        """Choose the route of this sample() call's input gradients: MLPGradient where it
+        covers the energy, else autograd. Once per call: the check walks the layers (tens of
+        microseconds), and nothing it reads changes while the chains run."""
+        self._direct = self._mlp is not None and self._mlp.covers(x, conditioning)
 
     def _autocast(self, x: torch.Tensor):
         if self.autocast is None:
@@ -125,7 +132,7 @@ class EnergyFunction:
         no graph through parameters. As few op calls as the loop a user writes: the (B, 1) ->
         (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
         on: Sampler.sample turns it on once for the call (per step it costs microseconds)."""
-        if self._mlp is not None and self._mlp.covers(x, conditioning):
+        if self._direct:
             return self._mlp(x)
         x_var = x.detach().requires_grad_(True)
         with self._autocast(x):
