@@ -41,7 +41,8 @@ def test_every_activation_is_exercised():
 @given(activation=st.sampled_from(ACTIVATIONS),
        hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
        d=st.integers(1, 30), batch=st.integers(1, 17), image=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
 # A 1 x 1 input reads as column-major, where autograd's addmm backward rounds another way.
 @example(activation=ACTIVATIONS[0], hidden=[12], d=1, batch=1, image=False,
          dtype=torch.float32, seed=0)

@@ -41,10 +41,10 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def _plain(module: nn.Module) -> bool:
-    """No hooks and no parametrisation: its forward is its math alone."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or torch.nn.utils.parametrize.is_parametrized(module))
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks would run around the module's forward or backward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 class MLPGradient:
@@ -79,17 +79,21 @@ class MLPGradient:
         return alternating and modules[-1].out_features == 1
 
     def covers(self, x: torch.Tensor, conditioning) -> bool:
-        """Whether this call can take the direct route: the same layers as at construction
-        (a Sequential can be edited), none with hooks or a parametrisation, parameters of x's
-        dtype and device, x at least 2-D, no conditioning, no global module hooks."""
+        """Whether this call can take the direct route: the same layers of the same classes as
+        at construction (a Sequential can be edited, a parametrisation swaps a layer's class),
+        none with hooks, parameters of x's dtype and device, x at least 2-D, no conditioning,
+        no global module hooks."""
         if conditioning.y is not None or conditioning.kwargs or x.dim() < 2:
             return False
-        if tuple(self.sequential) != self.modules or not _plain(self.sequential):
+        # The layout again, by exact class: a parametrisation (spectral_norm, ...) swaps a
+        # layer's class for a subclass, which the layout refuses.
+        if tuple(self.sequential) != self.modules or not self._layout_supported(self.modules) \
+                or _hooked(self.sequential):
             return False
         if any(getattr(nn.modules.module, hooks) for hooks in _GLOBAL_HOOKS):
             return False
         for module in self.modules:
-            if not _plain(module):
+            if _hooked(module):
                 return False
             if type(module) is nn.Linear and (
                     module.weight.dtype != x.dtype or module.weight.device != x.device):
