@@ -52,8 +52,8 @@ class Sampler(abc.ABC):
     mlp_gradient: for an nn.Sequential MLP energy (Linear layers and elementwise activations,
         one output; see ebm_fast.samplers.mlp_gradient), compute each step's input gradient
         with the layers' own forward and backward functions instead of autograd: the same
-        bits, without building a graph (a quarter of a small MLP's step on a CPU). False: always
-        autograd. Energies it does not cover use autograd either way.
+        bits, without building a graph (1.07-1.29x faster passes measured on a CPU). False:
+        always autograd. Energies it does not cover use autograd either way.
     """
 
     def __init__(self, energy, *, n_steps: int = 60, seed: int | None = None,
