@@ -16,6 +16,9 @@ eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 
   direct_passes  (MLP energies) the passes as ebm_fast computes them: the K input gradients by
             the samplers' MLP route (ebm_fast.samplers.mlp_gradient, no autograd, same bits)
   optimizer the Adam step alone, on the gradients the passes left (both loops take the same)
+  torchebm, ebmkit  their persistent CD with a replay buffer (reinit 0.05), their Langevin
+            sampler and the same Adam, when installed (benchmark-only; never a dependency;
+            each in its own noise convention, with the same steps, batch and clamp)
   kernels   the fused kernels' calls of one iteration alone, straight to their C++ entry points
             (K langevin_update calls on B chains, one buffer_sample, one buffer_push): the
             least a library that calls one kernel per step from Python can add
@@ -164,12 +167,66 @@ class KernelCalls:
                    buffer._seed, buffer._draws, 0, BUFFER, buffer.policy, lo, hi, False)
 
 
+def torchebm_step(energy, case, sample_shape):
+    """One training iteration of torchebm's persistent CD (its replay buffer with
+    new_sample_ratio = reinit, its LangevinDynamics, energy_reg_weight = alpha) and Adam."""
+    from torchebm.core import BaseModel
+    from torchebm.losses import ContrastiveDivergence
+    from torchebm.samplers import LangevinDynamics
+
+    class Wrapped(BaseModel):  # torchebm samples BaseModel subclasses
+        def forward(self, x):
+            return self.net(x).reshape(-1)
+
+    model = Wrapped()
+    model.net = energy
+    sampler = LangevinDynamics(model=model, step_size=STEP_SIZE, noise_scale=case["noise"],
+                               clamp=case["box"])
+    loss_fn = ContrastiveDivergence(model=model, sampler=sampler, k_steps=case["steps"],
+                                    persistent=True, buffer_size=BUFFER, new_sample_ratio=REINIT,
+                                    energy_reg_weight=ALPHA)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
+
+    def step(x_pos):
+        loss, _ = loss_fn(x_pos)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def ebmkit_step(energy, case, sample_shape):
+    """One training iteration of ebmkit's persistent CD (ContrastiveDivergence with its
+    ReplayBuffer, its LangevinDynamics, energy_reg = alpha) and Adam."""
+    from ebm.buffer import ReplayBuffer as EbmkitBuffer
+    from ebm.losses.cd import ContrastiveDivergence
+    from ebm.samplers.langevin import LangevinDynamics
+
+    lo, hi = case["box"]
+    buffer = EbmkitBuffer(BUFFER, sample_shape, reinit_prob=REINIT,
+                          init_fn=lambda shape: lo + (hi - lo) * torch.rand(shape))
+    sampler = LangevinDynamics(step_size=STEP_SIZE, steps=case["steps"],
+                               noise_scale=case["noise"], clamp=case["box"])
+    loss_fn = ContrastiveDivergence(sampler, buffer=buffer, energy_reg=ALPHA)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
+
+    def step(x_pos):
+        out = loss_fn(lambda x: energy(x).reshape(-1), x_pos)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+    return step
+
+
+PEERS = {"torchebm": torchebm_step, "ebmkit": ebmkit_step}
+
+
 def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     data = case["data"]()
     sample_shape = tuple(data.shape[1:])
     torch.manual_seed(0)
     init = case["energy"]()
-    energies = {kind: case["energy"]() for kind in ("plain", "ebm_fast", "passes")}
+    energies = {kind: case["energy"]() for kind in ("plain", "ebm_fast", "passes", *PEERS)}
     for energy in energies.values():
         energy.load_state_dict(init.state_dict())
     trainer = fast_trainer(energies["ebm_fast"], case, sample_shape)
@@ -185,6 +242,11 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
             "kernels": KernelCalls(case, sample_shape)}
     if MLPGradient.of(energies["passes"]) is not None:  # ebm_fast's passes take that route
         runs["direct_passes"] = Passes(energies["passes"], case, sample_shape, direct=True)
+    for peer, make_step in PEERS.items():  # benchmark-only; never a dependency
+        try:
+            runs[peer] = make_step(energies[peer], case, sample_shape)
+        except ImportError:
+            pass
     # Wall time, and the process's CPU time: on a shared machine the CPU time leaves out the
     # waits for a core that other jobs' load adds to the wall time (one thread: CPU ~ work).
     times = {clock: {kind: [] for kind in runs} for clock in ("wall", "cpu")}
@@ -211,7 +273,9 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
             "overhead_us": 1e6 * (median["ebm_fast"] - library_passes - median["optimizer"]),
             "plain_overhead_us": 1e6 * (median["plain"] - median["passes"]
                                         - median["optimizer"]),
-            "floor_us": 1e6 * median["kernels"]}
+            "floor_us": 1e6 * median["kernels"],
+            "speedup_vs_peers": {peer: median[peer] / median["ebm_fast"]
+                                 for peer in PEERS if peer in median}}
     return result
 
 
@@ -250,7 +314,9 @@ def main(argv=None) -> int:
                   f"{row['direct_route_speedup']:.2f}x)  overhead {row['overhead_us']:7.0f} us/it "
                   f"(kernel calls {row['floor_us']:.0f}; plain loop "
                   f"{row['plain_overhead_us']:.0f}; optimizer "
-                  f"{1e6 * row['median_s']['optimizer']:.0f})", flush=True)
+                  f"{1e6 * row['median_s']['optimizer']:.0f})"
+                  + "".join(f"  vs {peer} {ratio:.2f}x"
+                            for peer, ratio in row["speedup_vs_peers"].items()), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc": malloc,

@@ -25,6 +25,8 @@ def test_bench_training_quick_run(tmp_path, monkeypatch):
         assert row["direct_route_speedup"] == pytest.approx(
             median["passes"] / median["direct_passes"])
         assert row["floor_us"] == pytest.approx(1e6 * median["kernels"])
+        for peer, ratio in row["speedup_vs_peers"].items():  # those installed (none in CI)
+            assert ratio == pytest.approx(median[peer] / median["ebm_fast"])
         assert row["ceiling"] == pytest.approx(
             median["plain"] / (median["passes"] + median["optimizer"]))
     with pytest.raises(SystemExit):
