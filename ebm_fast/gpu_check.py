@@ -4,9 +4,9 @@ Every CUDA test, the Triton kernels at GPU sizes, CUDA graphs and host syncs, th
 benchmarks and the demo. Steps, in order, each a subprocess under its own timeout:
 
   info          ebm-fast info (builds the C++ kernels), versions, the card's name, nvidia-smi
-  kernels       tests/test_gpu.py kernel tests: Triton against the reference at GPU sizes
+  kernels       tests/gpu/test_gpu.py kernel tests: Triton against the reference at GPU sizes
   suite         the test suite on the GPU (every test that skips without CUDA runs here)
-  graphs_syncs  tests/test_gpu.py CUDA-graph and host-synchronisation tests
+  graphs_syncs  tests/gpu/test_gpu.py CUDA-graph and host-synchronisation tests
   bench_update, bench_buffer, bench_sampler   ebm-fast bench NAME --device cuda --quick
   demo          ebm-fast demo --device cuda
 
@@ -243,7 +243,7 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
         # Spread over worker processes where pytest-xdist is installed (the GPU machines have
         # 16 cores); the GPU check's own tests are the steps around this one.
         workers = [] if importlib.util.find_spec("xdist") is None else ["-n", "8"]
-        suite = ["tests", "--ignore=tests/test_gpu.py", "--ignore=tests/test_gpu_check.py",
+        suite = ["tests", "--ignore=tests/gpu/test_gpu.py", "--ignore=tests/commands/test_gpu_check.py",
                  *workers]
     info = [python + ["-c", "import sys; from ebm_fast.gpu_check import report_versions; "
                             f"sys.exit(report_versions(require_cuda={not dry_run}))"]]
@@ -269,10 +269,10 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
     # and a build killed half-way leaves torch's build lock behind for every later step.
     steps = [
         Step("info", info, 100, evaluate_info, env=plain_env),
-        Step("kernels", [pytest + ["tests/test_gpu.py", "-k", "kernel"]], 60, evaluate_pytest,
+        Step("kernels", [pytest + ["tests/gpu/test_gpu.py", "-k", "kernel"]], 60, evaluate_pytest,
              env=test_env),
         Step("suite", [pytest + suite], 120, evaluate_pytest, env=test_env),
-        Step("graphs_syncs", [pytest + ["tests/test_gpu.py", "-k", "graph or sync"]], 35,
+        Step("graphs_syncs", [pytest + ["tests/gpu/test_gpu.py", "-k", "graph or sync"]], 35,
              evaluate_pytest, env=test_env),
     ]
     evaluations = {"update": evaluate_update, "buffer": evaluate_buffer,

@@ -1,5 +1,5 @@
 """ReplayBuffer semantics from first principles, statistics of its draws, checkpoints and bad
-input. Kernels against the reference: test_buffer_kernels.py."""
+input. Kernels against the reference: tests/kernels/test_buffer.py."""
 
 import io
 

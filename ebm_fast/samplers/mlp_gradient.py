@@ -8,7 +8,7 @@ autograd's formula calls) and ``g @ W_l`` (what autograd's addmm backward comput
 column-major branch included). Calling them directly skips the modules' ``__call__``, the graph
 and the engine: the passes of a small MLP ran 1.07-1.29x faster on this repository's CPU
 (bench_training's ``direct_passes``), with the same bits as autograd
-(tests/test_samplers_mlp_gradient.py holds it to that).
+(tests/samplers/test_mlp_gradient.py holds it to that).
 
 Anything else goes through autograd: other modules, in-place activations, a Linear with more
 than one output at the end, hooks or parametrisations on any layer, parameters of another dtype

@@ -14,7 +14,7 @@ from ebm_fast.noise import STREAM_MALA_ACCEPT, philox_normal_ref, philox_uniform
 from ebm_fast.ops.mala_accept import _mala_accept_op, mala_accept
 from ebm_fast.validation import compute_dtype
 from ebm_fast.reference.mala_accept import mala_accept_ref
-from helpers import kernel_backends, kernel_device
+from tests.helpers import kernel_backends, kernel_device
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}

@@ -1,6 +1,6 @@
 """LangevinSampler / MALASampler: the noise-spec contract, invariances (chunking, resume,
 chain_offset, schedules), parameter safety, diagnostics, non-finite detection, bad input, and the
-compile / CUDA-graph fallbacks. Statistics on known densities: test_samplers_stats.py."""
+compile / CUDA-graph fallbacks. Statistics on known densities: tests/samplers/test_stationary.py."""
 
 import math
 import warnings
@@ -13,7 +13,7 @@ from ebm_fast import LangevinSampler, MALASampler
 from ebm_fast.samplers import base as sampler_base
 from ebm_fast.reference.langevin_update import langevin_update_ref
 from ebm_fast.samplers import NonFiniteChainError, SampleInfo, linear_schedule
-from helpers import kernel_backends, kernel_device
+from tests.helpers import kernel_backends, kernel_device
 
 SAMPLERS = [pytest.param(LangevinSampler, id="langevin"), pytest.param(MALASampler, id="mala")]
 

@@ -2,7 +2,7 @@
 span several programs in both tiled dimensions: features wider than one column block and batches
 over several row blocks, for every storage dtype, init kind and push policy, with classes and a
 nonzero chain_offset. Runs under TRITON_INTERPRET=1 on the CPU or on a GPU. Small random cases on
-every backend and the PTX check live in test_buffer_kernels.py."""
+every backend and the PTX check live in tests/kernels/test_buffer.py."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from ebm_fast.kernels.triton import buffer_push as triton_push  # noqa: E402
 from ebm_fast.kernels.triton import buffer_sample as triton_sample  # noqa: E402
 from ebm_fast.reference.buffer_push import buffer_push_out as push_ref  # noqa: E402
 from ebm_fast.reference.buffer_sample import buffer_sample_out as sample_ref  # noqa: E402
-from helpers import counter, kernel_device  # noqa: E402
+from tests.helpers import counter, kernel_device  # noqa: E402
 
 DEVICE = kernel_device("triton")
 CPU = torch.device("cpu")

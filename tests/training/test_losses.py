@@ -4,7 +4,7 @@ per-class buffers, and clear errors for bad input."""
 
 import pytest
 import torch
-from test_exact2d import Gaussian, cosine, gaussian_ml_gradient
+from tests.test_exact2d import Gaussian, cosine, gaussian_ml_gradient
 from torch import nn
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer

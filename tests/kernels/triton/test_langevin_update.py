@@ -2,7 +2,7 @@
 langevin_update_out, the two-pass norm reduction, the tile layout at sizes that span several
 programs in every tiled dimension (chains straddling program edges, per-chain parameters, norm
 clipping, nonzero chain_offset), and its PTX for sm_90. Runs under TRITON_INTERPRET=1 on the CPU
-or on a GPU. Backend-parametrised comparisons live in test_langevin_update_backends.py."""
+or on a GPU. Backend-parametrised comparisons live in tests/kernels/test_langevin_update.py."""
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import ebm_fast  # noqa: E402
 from ebm_fast.kernels.triton import langevin_update as triton_langevin  # noqa: E402
 from ebm_fast.reference.langevin_update import langevin_update_ref  # noqa: E402
-from helpers import (  # noqa: E402
+from tests.helpers import (  # noqa: E402
     assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
 
 DEVICE = kernel_device("triton")

@@ -19,7 +19,7 @@ from ebm_fast.ops.langevin_update import _langevin_update_op
 from ebm_fast.noise import philox_normal_ref
 from ebm_fast.reference.langevin_update import langevin_update_ref, per_chain
 from ebm_fast.validation import compute_dtype
-from helpers import assert_within_eager_error, kernel_backends, kernel_device
+from tests.helpers import assert_within_eager_error, kernel_backends, kernel_device
 
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 

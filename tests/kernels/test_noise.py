@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from ebm_fast import noise, use_backend
 from ebm_fast.backends import unavailable_reason
-from helpers import assert_within_eager_error, kernel_backends, kernel_device
+from tests.helpers import assert_within_eager_error, kernel_backends, kernel_device
 
 DRAWS = {"bits": (noise.philox_bits, noise.philox_bits_ref),
          "uniform": (noise.philox_uniform, noise.philox_uniform_ref),

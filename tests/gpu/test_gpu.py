@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 import ebm_fast  # noqa: E402
 from ebm_fast import noise, reference  # noqa: E402
 from ebm_fast.kernels import triton as triton_kernels  # noqa: E402
-from helpers import counter, kernel_device  # noqa: E402
-from test_mala_accept import _check_backend_against_reference  # noqa: E402
-from test_triton_update import _assert_update_close, _run_update, _update_inputs  # noqa: E402
+from tests.helpers import counter, kernel_device  # noqa: E402
+from tests.ops.test_mala_accept import _check_backend_against_reference  # noqa: E402
+from tests.kernels.triton.test_langevin_update import _assert_update_close, _run_update, _update_inputs  # noqa: E402
 
 DEVICE = kernel_device("triton")
 ON_GPU = DEVICE.type == "cuda"

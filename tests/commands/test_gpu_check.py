@@ -11,7 +11,7 @@ import pytest
 
 from ebm_fast import gpu_check
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEPS = ["info", "kernels", "suite", "graphs_syncs", "bench_update", "bench_buffer",
          "bench_sampler", "demo"]
 OUT_FILES = {"steps.log", "summary.json", "update.json", "buffer.json", "sampler.json",

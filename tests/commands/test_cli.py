@@ -40,7 +40,7 @@ def test_bad_numbers_are_usage_errors_naming_the_option(argv, message, capsys):
     assert message in usage_error(argv, capsys)
 
 
-@pytest.mark.parametrize("command", ["demo"])  # study: tests/test_study.py
+@pytest.mark.parametrize("command", ["demo"])  # study: tests/experiments/test_study.py
 def test_output_paths_are_checked_before_the_work(command, tmp_path, capsys):
     err = usage_error([command, "--json", "/nonexistent/x.json"], capsys)
     assert "argument --json: directory /nonexistent does not exist" in err

@@ -1,7 +1,7 @@
 """ebm_fast/kernels/triton/mala_accept.py against the reference at sizes that span several
 programs and several column blocks per chain (the two-pass walk over each chain: the reduction,
 then the copy of accepted rows), and its PTX for sm_90. Runs under TRITON_INTERPRET=1 on the CPU
-or on a GPU. Small random cases on every backend live in test_mala_accept.py."""
+or on a GPU. Small random cases on every backend live in tests/ops/test_mala_accept.py."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from ebm_fast.kernels.triton import mala_accept as triton_mala  # noqa: E402
 from ebm_fast.noise import philox_uniform_ref  # noqa: E402
 from ebm_fast.reference.mala_accept import mala_accept_ref  # noqa: E402
-from helpers import compile_for_sm90, counter, kernel_device  # noqa: E402
+from tests.helpers import compile_for_sm90, counter, kernel_device  # noqa: E402
 
 DEVICE = kernel_device("triton")
 SEED, STEP, STREAM, CHAIN_OFFSET = 2**63 + 5, 9, 1, 2**33 + 1

@@ -18,7 +18,7 @@ from ebm_fast import LangevinSampler, ReplayBuffer
 from ebm_fast.training import (ContrastiveDivergence, DivergenceMonitor, PersistentML, Trainer,
                                TrainingWarning)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_run(out_dir=None, *, ema=0.9, n_classes=None, **trainer_kw):
@@ -85,7 +85,7 @@ def test_resume_across_processes(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO / 'tests')!r})
-        from test_training_trainer import make_run, data
+        from tests.training.test_trainer import make_run, data
         root = sys.argv[1]
         if sys.argv[2] == "fresh":
             make_run(root + "/a").fit(data(), 60, batch_size=16)

@@ -29,7 +29,7 @@ import torch
 import ebm_fast
 import ebm_fast.training  # noqa: F401  (the blocks use ebm_fast.training.*)
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "drop-in.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "drop-in.md"
 SIGMAS_OF_TOLERANCE = 5.0
 CHAINS, DIM, N_CLASSES = 2000, 6, 3
 

@@ -10,7 +10,7 @@ import torch
 from ebm_fast import cli
 from ebm_fast.exact2d import BOX
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_python_example_runs():

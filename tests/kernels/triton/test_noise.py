@@ -1,7 +1,7 @@
 """ebm_fast/kernels/triton/_noise.py and philox.py: the @triton.jit noise-spec helpers, how scalars
 reach the kernels, the tiled philox_out kernel across program tiles, and its PTX for sm_90.
 Runs under TRITON_INTERPRET=1 on the CPU or on a GPU. Backend-parametrised comparisons of the
-public draws live in test_noise_backends.py."""
+public draws live in tests/kernels/test_noise.py."""
 
 import math
 
@@ -23,7 +23,7 @@ from ebm_fast import noise  # noqa: E402
 from ebm_fast.kernels.triton import philox as triton_philox  # noqa: E402
 from ebm_fast.kernels.triton._noise import (  # noqa: E402
     read_scalar, scalar_arg, spec_normal, spec_uniform, spec_words)
-from helpers import (  # noqa: E402
+from tests.helpers import (  # noqa: E402
     assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
 
 DEVICE = kernel_device("triton")

@@ -19,7 +19,7 @@ from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import buffer_sample
 from ebm_fast.ops.mala_accept import mala_accept
-from helpers import assert_within_eager_error, counter
+from tests.helpers import assert_within_eager_error, counter
 
 # The grains in csrc: buffer kernels split the batch into runs of at least 16384 / features
 # rows, mala_accept the chains into runs of at least 32768 / elements per chain.

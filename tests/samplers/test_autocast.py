@@ -1,7 +1,7 @@
 """autocast=: only the energy's passes run in bfloat16/float16; the chain state, its noise and
 update, MALA's accept ratio and the training losses' averages stay in float32.
 
-(LangevinSampler's trajectory under autocast is pinned in tests/test_statistics.py.)
+(LangevinSampler's trajectory under autocast is pinned in tests/samplers/test_statistics.py.)
 """
 
 import json

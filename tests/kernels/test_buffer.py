@@ -13,7 +13,7 @@ from ebm_fast.ops.buffer_push import _buffer_push_op
 from ebm_fast.ops.buffer_sample import _buffer_sample_op
 from ebm_fast.reference.buffer_push import buffer_push_out as push_ref
 from ebm_fast.reference.buffer_sample import buffer_sample_out as sample_ref
-from helpers import kernel_backends, kernel_device
+from tests.helpers import kernel_backends, kernel_device
 
 STORAGE_DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -275,7 +275,7 @@ def test_triton_kernels_compile_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
                           text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-3000:]
     fma_counts = json.loads(done.stdout.strip().splitlines()[-1])
     # Dequantisation and uniform init (lo + q * step, lo + width * u) round like the reference.
