@@ -15,7 +15,7 @@ COMMANDS = {
     "build": "ebm_fast.commands.build",
     "info": "ebm_fast.commands.info",
     "bench": "ebm_fast.commands.bench",
-    "train": "ebm_fast.training.command",
+    "train": "ebm_fast.commands.train",
     "check-gpu": "ebm_fast.gpu_check",
 }
 

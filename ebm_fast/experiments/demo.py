@@ -47,9 +47,9 @@ from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.backends import available_backends
 from ebm_fast.exact2d import BOX, exact_kl, exact_nll
 from ebm_fast.experiments import options
+from ebm_fast.experiments.models import build_energy
 from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.training import PersistentML, Trainer, plots
-from ebm_fast.training.command import build_energy
 
 __all__ = ["Case", "CASES", "add_arguments", "main"]
 

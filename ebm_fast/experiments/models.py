@@ -1,6 +1,9 @@
-"""The energies the experiments train, and exact maximum-likelihood training of a 2-D one."""
+"""The energies the experiments and ``ebm-fast train`` build, and exact maximum-likelihood
+training of a 2-D one."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -8,7 +11,23 @@ from torch import nn
 from ebm_fast import validation
 from ebm_fast.exact2d import BOX, exact_ml_gradient, trainable_parameters
 
-__all__ = ["make_energy", "train_exact_ml"]
+__all__ = ["build_energy", "make_energy", "train_exact_ml"]
+
+
+def build_energy(kind: str, sample_shape: tuple, hidden: int, outputs: int = 1) -> nn.Module:
+    """mlp: flatten -> hidden -> hidden -> outputs (SiLU); conv (images): three SiLU
+    convolutions (32, 64, 64 channels, the last two with stride 2) and a linear read-out to
+    outputs (1: an energy; the number of classes: a JEM classifier's logits)."""
+    features = math.prod(sample_shape)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.SiLU(),
+                             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, outputs))
+    channels, height, width = sample_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+        nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), outputs))
 
 
 def make_energy(seed: int, hidden: int = 128) -> nn.Module:

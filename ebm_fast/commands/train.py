@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,17 +24,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ebm_fast import LangevinSampler, datasets, validation
 from ebm_fast.exact2d import BOX, exact_kl, exact_nll
+from ebm_fast.experiments.models import build_energy
 from ebm_fast.training import checkpoints, distributed, plots
 from ebm_fast.training.jem import JEM, LogitsEnergy, classifier_metrics
 from ebm_fast.training.losses import (ContrastiveDivergence, KLPersistentML, PersistentCD,
                                       PersistentML, ShortRunML)
 from ebm_fast.training.trainer import CHECKPOINT_NAME, Trainer
 
-__all__ = ["add_arguments", "main", "build_energy"]
+__all__ = ["add_arguments", "main"]
 
 LOSSES = ("cd", "pcd", "persistent", "short_run", "kl", "jem")
 ENERGIES = ("mlp", "conv")
@@ -99,22 +98,6 @@ def add_arguments(parser) -> None:
 def _usage_error(message: str) -> int:
     print(f"ebm-fast train: error: {message}", file=sys.stderr)
     return 2
-
-
-def build_energy(kind: str, sample_shape: tuple, hidden: int, outputs: int = 1) -> nn.Module:
-    """mlp: flatten -> hidden -> hidden -> outputs (SiLU); conv (images): three SiLU
-    convolutions (32, 64, 64 channels, the last two with stride 2) and a linear read-out to
-    outputs (1: an energy; the number of classes: a JEM classifier's logits)."""
-    features = math.prod(sample_shape)
-    if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.SiLU(),
-                             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, outputs))
-    channels, height, width = sample_shape
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
-        nn.Linear(64 * math.ceil(height / 4) * math.ceil(width / 4), outputs))
 
 
 def _load_data(args):
@@ -261,7 +244,7 @@ def _launch(args) -> int:
     """Run this training on args.nproc processes of this machine with torchrun; each reads
     the run's config.json (written above) through this module's __main__."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", "-m", "ebm_fast.training.command",
+               f"--nproc_per_node={args.nproc}", "-m", "ebm_fast.commands.train",
                str(args.out), str(args.iterations)]
     return subprocess.call(command + (["--resume"] if args.resume is not None else []))
 
