@@ -5,17 +5,29 @@ Every ``*.cpp`` file in csrc is compiled into one extension that registers its o
 result under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and rebuilds only when a source
 or a flag changes. ``ebm-fast build`` runs the build ahead of time; otherwise the first op that
 needs it builds it. Set EBM_FAST_DISABLE_CPP=1 to pretend the extension is missing.
+
+A build never hangs its neighbours: torch guards a build with a lock file that a builder killed
+mid-build leaves behind, after which torch waits on it forever. Every build here also holds an
+OS lock (flock) on a file beside it, which dies with its holder; see _build_lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; torch's own lock file alone guards the build
+    fcntl = None
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 EXTENSION_NAME = "ebm_fast_cpu"
@@ -23,6 +35,9 @@ EXTENSION_NAME = "ebm_fast_cpu"
 # is keyed by the CPU's features (extension_name()).
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DEBM_FAST_BUILD"]
 LD_FLAGS = ["-fopenmp"]
+# How long a process waits for another process's build before it runs the reference kernels
+# instead (the first build takes about a minute; longer on a loaded machine).
+BUILD_WAIT_S = 600.0
 
 
 def sources() -> list[str]:
@@ -53,20 +68,73 @@ def extension_name() -> str:
     return f"{EXTENSION_NAME}_{digest}"
 
 
+def build_directory() -> Path:
+    """torch's cache folder for this build (honours $TORCH_EXTENSIONS_DIR; created if missing)."""
+    from torch.utils import cpp_extension
+
+    # Private but stable across torch 2.x.
+    return Path(cpp_extension._get_build_directory(extension_name(), verbose=False))
+
+
 def _cached_build_is_current() -> bool:
     """Whether torch's extension cache holds a build newer than every source here, so that loading
     compiles nothing. (A change of CXX_FLAGS alone also rebuilds, unannounced.)"""
-    from torch.utils import cpp_extension
-
-    name = extension_name()
-    # torch's own cache folder for the name (honours $TORCH_EXTENSIONS_DIR); private but stable.
-    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    library = build_directory() / f"{extension_name()}.so"
     try:
         built = library.stat().st_mtime
     except OSError:
         return False
     return all(path.stat().st_mtime <= built for path in CSRC.iterdir()
                if path.suffix in (".cpp", ".h"))
+
+
+class BuildWaitTimeout(RuntimeError):
+    """Another live process held the build for longer than BUILD_WAIT_S."""
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Hold the build's flock (``ebm_fast.lock``, naming its holder) while torch builds or loads.
+
+    The OS drops a flock when its holder dies, and every ebm_fast build runs under it: so a
+    process that holds it and finds torch's lock file (``lock``) knows that file's owner is gone,
+    and removes it instead of waiting on it forever. Waiting for a live builder is announced and
+    ends after BUILD_WAIT_S with BuildWaitTimeout."""
+    if fcntl is None:
+        yield
+        return
+    path = directory / "ebm_fast.lock"
+    with open(path, "a+") as handle:  # "a+": the holder's name stays readable while we wait
+        if not _try_flock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            print(f"ebm_fast: waiting for the C++ kernels' build by {holder} (up to "
+                  f"{BUILD_WAIT_S:.0f} s)...", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + BUILD_WAIT_S
+            while not _try_flock(handle):
+                if time.monotonic() > deadline:
+                    raise BuildWaitTimeout(
+                        f"waited {BUILD_WAIT_S:.0f} s for the C++ build by {holder} "
+                        f"(lock {path}); when it ends, or once you stop it, the next process "
+                        "loads the kernels (`ebm-fast build` builds them and shows the log)")
+                time.sleep(0.2)
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        stale = directory / "lock"
+        if stale.exists():
+            stale.unlink()
+            print(f"ebm_fast: removed {stale}, left by an interrupted build", file=sys.stderr,
+                  flush=True)
+        yield  # closing the file releases the flock
+
+
+def _try_flock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,18 +146,21 @@ def _load() -> tuple[bool, str | None]:
     try:
         from torch.utils import cpp_extension
 
-        if not _cached_build_is_current():  # announce a build, not the load of a cached one
-            print("ebm_fast: building the C++ CPU kernels (the first build takes about a "
-                  "minute)...", file=sys.stderr, flush=True)
-        cpp_extension.load(
-            name=extension_name(),
-            sources=sources(),
-            extra_cflags=CXX_FLAGS,
-            extra_ldflags=LD_FLAGS,
-            extra_include_paths=[str(CSRC)],
-            is_python_module=False,
-            verbose=os.environ.get("EBM_FAST_VERBOSE_BUILD") == "1",
-        )
+        with _build_lock(build_directory()):
+            if not _cached_build_is_current():  # announce a build, not the load of a cached one
+                print("ebm_fast: building the C++ CPU kernels (the first build takes about a "
+                      "minute)...", file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=extension_name(),
+                sources=sources(),
+                extra_cflags=CXX_FLAGS,
+                extra_ldflags=LD_FLAGS,
+                extra_include_paths=[str(CSRC)],
+                is_python_module=False,
+                verbose=os.environ.get("EBM_FAST_VERBOSE_BUILD") == "1",
+            )
+    except BuildWaitTimeout as exc:
+        return False, str(exc)
     except Exception as exc:  # compiler missing, ninja missing, build error
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return False, (
@@ -113,17 +184,3 @@ def ops():
 
     return torch.ops.ebm_fast_cpu
 
-
-@functools.lru_cache(maxsize=None)
-def kernels() -> dict[str, Callable]:
-    """Each op's C++ entry point (ebm_fast/csrc/<op>.cpp), the overload itself: calling it skips
-    the packet's overload resolution (5 us per call instead of 8 on this CPU, for every update of
-    a sampler). Raises if the extension is unavailable."""
-    namespace = ops()
-    return {
-        "buffer_push": namespace.buffer_push_out.default,
-        "buffer_sample": namespace.buffer_sample_out.default,
-        "langevin_update": namespace.langevin_update_out.default,
-        "mala_accept": namespace.mala_accept_out.default,
-        "philox": namespace.philox_out.default,
-    }
