@@ -46,6 +46,8 @@ class Mutant:
 
 
 TRITON = "ebm_fast/kernels/triton/"
+TRAINER = "ebm_fast/training/trainer.py"
+TRAINER_DEFS = "tests/training/test_trainer_definitions.py"
 MUTANTS = [
     # -- kernel index arithmetic
     Mutant("triton_update_drops_the_tiles_chain_base", TRITON + "langevin_update.py",
@@ -169,6 +171,73 @@ MUTANTS = [
     Mutant("sampler_load_state_dict_keeps_its_own_seed", "ebm_fast/samplers/base.py",
            "        self._seed = seed.clone()\n", "",
            ("tests/samplers/test_samplers.py::test_resume_continues_the_same_trajectories",)),
+    # -- the Trainer's update rules (tests/training/test_trainer_definitions.py)
+    Mutant("trainer_ema_weights_the_new_weights_by_the_decay", TRAINER,
+           "get_ema_multi_avg_fn(self.ema_decay)", "get_ema_multi_avg_fn(1 - self.ema_decay)",
+           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each_step",)),
+    Mutant("trainer_ema_updates_before_the_optimizer_step", TRAINER,
+           "            self.optimizer.step()\n"
+           "            if self.ema_model is not None:\n"
+           "                self.ema_model.update_parameters(self.energy)\n",
+           "            if self.ema_model is not None:\n"
+           "                self.ema_model.update_parameters(self.energy)\n"
+           "            self.optimizer.step()\n",
+           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each_step",)),
+    Mutant("trainer_ema_updates_on_skipped_steps", TRAINER,
+           "        if finite:\n"
+           "            self.optimizer.step()\n"
+           "            if self.ema_model is not None:\n"
+           "                self.ema_model.update_parameters(self.energy)\n"
+           "        else:\n",
+           "        if finite:\n"
+           "            self.optimizer.step()\n"
+           "        if self.ema_model is not None:\n"
+           "            self.ema_model.update_parameters(self.energy)\n"
+           "        if not finite:\n",
+           (TRAINER_DEFS + "::test_ema_skips_a_skipped_step",)),
+    Mutant("trainer_clips_by_the_max_norm", TRAINER,
+           "clip_grad_norm_(self.parameters, self.grad_clip)",
+           "clip_grad_norm_(self.parameters, self.grad_clip, norm_type=float(\"inf\"))",
+           (TRAINER_DEFS + "::test_clipping_scales_the_gradient_by_its_total_l2_norm",)),
+    Mutant("trainer_clips_by_the_l1_norm", TRAINER,
+           "clip_grad_norm_(self.parameters, self.grad_clip)",
+           "clip_grad_norm_(self.parameters, self.grad_clip, norm_type=1)",
+           (TRAINER_DEFS + "::test_clipping_scales_the_gradient_by_its_total_l2_norm",)),
+    Mutant("trainer_clips_each_parameter_by_its_own_norm", TRAINER,
+           "torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)",
+           "torch.stack([torch.nn.utils.clip_grad_norm_(p, self.grad_clip)\n"
+           "                             for p in self.parameters]).norm()",
+           (TRAINER_DEFS + "::test_clipping_scales_the_gradient_by_its_total_l2_norm",)),
+    Mutant("trainer_logs_the_max_norm_without_a_clip", TRAINER,
+           "[p.grad for p in self.parameters if p.grad is not None])",
+           "[p.grad for p in self.parameters if p.grad is not None], norm_type=float(\"inf\"))",
+           (TRAINER_DEFS + "::test_without_a_clip_the_gradient_is_applied_as_is_and_its_l2_norm"
+            "_logged",)),
+    Mutant("trainer_checks_only_the_loss_for_finiteness", TRAINER,
+           "finite = bool(torch.isfinite(loss.detach() + norm))",
+           "finite = bool(torch.isfinite(loss.detach()))",
+           (TRAINER_DEFS + "::test_a_nonfinite_gradient_with_a_finite_loss_skips_the_whole_step",)),
+    Mutant("trainer_checks_gradients_only_when_clipping", TRAINER,
+           "norm = torch.nn.utils.get_total_norm(\n"
+           "                [p.grad for p in self.parameters if p.grad is not None]) \\\n",
+           "norm = loss.detach() * 0 \\\n",  # no pass over the gradients without a clip
+           (TRAINER_DEFS + "::test_a_nonfinite_gradient_with_a_finite_loss_skips_the_whole_step",)),
+    # -- the data order between epochs (tests/training/test_data.py)
+    Mutant("data_same_order_every_epoch", "ebm_fast/training/data.py",
+           "manual_seed(self.seed + self.epoch)", "manual_seed(self.seed)",
+           ("tests/training/test_data.py",)),
+    Mutant("data_keeps_the_first_epochs_order", "ebm_fast/training/data.py",
+           "self.epoch, self.position, self._order = self.epoch + 1, 0, None",
+           "self.epoch, self.position = self.epoch + 1, 0",
+           ("tests/training/test_data.py",)),
+    Mutant("data_reads_in_storage_order", "ebm_fast/training/data.py",
+           "self._order = torch.randperm(self.size, generator=generator)",
+           "self._order = torch.arange(self.size)",
+           ("tests/training/test_data.py",)),
+    Mutant("data_ends_the_epoch_one_batch_early", "ebm_fast/training/data.py",
+           "if self.position + self.batch_size > self.size:",
+           "if self.position + self.batch_size >= self.size:",
+           ("tests/training/test_data.py",)),
 ]
 
 
