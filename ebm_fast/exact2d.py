@@ -23,22 +23,13 @@ import torch
 from torch import nn
 
 from ebm_fast import validation
-from ebm_fast.noise import philox_uniform
+from ebm_fast.ops.philox import philox_uniform
+from ebm_fast.samplers.energy import trainable_parameters
 
 __all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll", "exact_kl",
-           "exact_ml_gradient", "exact_samples", "trainable_parameters"]
+           "exact_ml_gradient", "exact_samples"]
 
 BOX = 4.0  # default half-width of the box [-BOX, BOX]^2 (the 2-D data sets lie well inside)
-
-
-def trainable_parameters(energy: nn.Module) -> list[torch.Tensor]:
-    """The parameters with requires_grad, in the order of ``energy.parameters()``: the list every
-    gradient here (and every estimator's) is taken with respect to."""
-    params = [p for p in energy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
-                         "take a gradient with respect to")
-    return params
 
 
 def grid(box: float = BOX, cells: int = 200, *, dtype=torch.float32,

@@ -10,6 +10,7 @@ from torch import nn
 from ebm_fast import exact2d
 from ebm_fast.datasets import ring_of_gaussians
 from ebm_fast.experiments.study.common import ring_log_density
+from ebm_fast.samplers.energy import trainable_parameters
 
 
 class Gaussian(nn.Module):
@@ -151,9 +152,9 @@ def test_grid_tools_refuse_a_non_finite_energy_naming_it(bad, where):
 
 def test_trainable_parameters_in_order_and_none_is_an_error():
     model = Gaussian([0.0, 0.0], 1.0)
-    assert exact2d.trainable_parameters(model) == [model.mu, model.log_s]
+    assert trainable_parameters(model) == [model.mu, model.log_s]
     model.mu.requires_grad_(False)
-    assert exact2d.trainable_parameters(model) == [model.log_s]
+    assert trainable_parameters(model) == [model.log_s]
     model.log_s.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         exact2d.exact_ml_gradient(model, torch.zeros(3, 2, dtype=torch.float64), 4.0, 10)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ebm_fast import validation
-from ebm_fast.exact2d import BOX, exact_ml_gradient, trainable_parameters
+from ebm_fast.exact2d import BOX, exact_ml_gradient
+from ebm_fast.samplers.energy import trainable_parameters
 
 __all__ = ["build_energy", "make_energy", "train_exact_ml"]
 

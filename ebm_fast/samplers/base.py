@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from ebm_fast import validation
-from ebm_fast.backends import use_backend
+from ebm_fast.backends import BACKENDS, use_backend
 from ebm_fast.samplers.cuda_graph import CudaGraphChain, graph_key
 from ebm_fast.samplers.energy import (EnergyFunction, eval_mode, frozen_parameters, module_of,
                                       parameters_of)
@@ -23,7 +23,6 @@ from ebm_fast.samplers.inputs import ChainInputs, Conditioning
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
 from ebm_fast.samplers.schedules import StepValues
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
 CUDA_GRAPH_MODES = ("auto", True, False)
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 # The noise spec's step counter has 32 bits: step 2**32 would draw step 0's noise again.
@@ -48,7 +47,8 @@ class Sampler(abc.ABC):
         chain state and the update stay in x0's dtype.
     negate: the callable returns -E (a model's f(x) as in JEM, where E(x) = -f(x)).
     eval_mode: put the energy (an nn.Module, or the Module of a bound method) and its
-        submodules in eval mode for each call, each restored to its own mode afterwards.
+        submodules in eval mode for each sample() call, each restored to its own mode
+        afterwards. The chains' option: a loss's passes (energies()) run in the module's mode.
     mlp_gradient: for an nn.Sequential MLP energy (Linear layers and elementwise activations,
         one output; see ebm_fast.samplers.mlp_gradient), compute each step's input gradient
         with the layers' own forward and backward functions instead of autograd: the same
@@ -118,6 +118,19 @@ class Sampler(abc.ABC):
         self._steps_taken = steps_taken
         self._seed = seed.clone()
 
+    # -- the energy and the backend, as losses use them -----------------------------------
+
+    def energies(self, x: torch.Tensor, y=None, **energy_kwargs) -> torch.Tensor:
+        """The (B,) energies E(x) as this sampler sees the energy (output checked, negated,
+        under its autocast, in x's compute dtype), differentiable in x and in the energy's
+        parameters: the one pass every loss takes. The module runs in its own mode."""
+        return self._energy.energies(x, Conditioning(y, energy_kwargs))
+
+    def backend_context(self):
+        """The block in which ops run on this sampler's backend: its forced one, or, for
+        "auto", whatever an enclosing ``use_backend`` chose (the ops pick)."""
+        return contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
+
     # -- validation -------------------------------------------------------------------------
 
     def _check_x0(self, x0, params: list[torch.Tensor]) -> None:
@@ -160,6 +173,12 @@ class Sampler(abc.ABC):
         energy is called as energy(x, y, **energy_kwargs) (energy(x, **energy_kwargs) without
         y); a tensor y has one entry per chain and is split with the chains.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{type(self).__name__}.sample() cannot run under "
+                               "torch.inference_mode(): the chains follow the energy's input "
+                               "gradient, which inference mode switches off; use "
+                               "torch.no_grad() instead (the sampler turns gradients on for its "
+                               "own passes)")
         params = parameters_of(self.energy)  # walking a module's tree costs tens of us: once
         self._check_x0(x0, params)
         self._check_y(y, x0)
@@ -169,10 +188,8 @@ class Sampler(abc.ABC):
         conditioning = Conditioning(y, energy_kwargs)
         start = time.perf_counter()
         x = x0.detach().clone(memory_format=torch.contiguous_format)
-        # "auto" leaves the choice to the ops, so an enclosing `with use_backend(...)` holds.
-        backend = contextlib.nullcontext() if self.backend == "auto" else use_backend(self.backend)
         # Grad mode on for the chains' input gradients (a caller may sample under no_grad).
-        with backend, frozen_parameters(params), torch.enable_grad(), \
+        with self.backend_context(), frozen_parameters(params), torch.enable_grad(), \
                 eval_mode(module_of(self.energy) if self.eval_mode else None):
             if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
                 return (x, self._info_without_steps(x, conditioning, start)) if return_info \

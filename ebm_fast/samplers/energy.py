@@ -1,23 +1,26 @@
-"""Energy and gradient evaluation for the chains, leaving the user's model as it was.
+"""The one place where an energy is evaluated: by the chains (energy and input gradient, no
+parameter graph) and by the losses (energies that keep the parameter graph). Both apply the same
+output check, negate, autocast and conditioning, so an energy option works in samplers and losses
+alike by construction.
 
-The energy's parameters have requires_grad switched off for a call and restored (also on error):
-no parameter graph is built and no .grad is touched. Optionally the energy runs under
-torch.compile (eager fallback with one warning) and torch.autocast, is negated (a model that
-returns -E, as JEM's f), and is put in eval mode for the call.
+For the chains the energy's parameters have requires_grad switched off for a call and restored
+(also on error): no parameter graph is built and no .grad is touched. Optionally the energy runs
+under torch.compile (eager fallback with one warning) and torch.autocast, is negated (a model
+that returns -E, as JEM's f), and is put in eval mode for the call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Callable
 
 import torch
 
-from ebm_fast.samplers.inputs import Conditioning
+from ebm_fast.samplers.inputs import NO_CONDITIONING, Conditioning
 from ebm_fast.samplers.kernels import contiguous
 from ebm_fast.samplers.mlp_gradient import MLPGradient
 from ebm_fast.validation import compute_dtype
-
 
 def module_of(energy) -> torch.nn.Module | None:
     """The Module an energy is, or the Module owning a bound method, else None."""
@@ -29,6 +32,38 @@ def parameters_of(energy) -> list[torch.Tensor]:
     """The parameters an energy owns (those of module_of(energy))."""
     module = module_of(energy)
     return [] if module is None else list(module.parameters())
+
+
+def trainable_parameters(energy) -> list[torch.Tensor]:
+    """The parameters with requires_grad of an energy that is an nn.Module, in the order of
+    ``energy.parameters()``: the list every training gradient (and exact2d's exact ones) is taken
+    with respect to. TypeError for anything but a Module, ValueError when it has none."""
+    if not isinstance(energy, torch.nn.Module):
+        raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
+                        f"{type(energy).__name__}")
+    params = [p for p in energy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
+                         "take a gradient with respect to")
+    return params
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast(dtype) for the passes, or a null context for dtype None. No weight-cast
+    cache: it lives for one energy call anyway, and CUDA-graph capture requires it off."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False)
+
+
+def autocast_pass(function: Callable, x: torch.Tensor, dtype: torch.dtype | None):
+    """function(x) with its passes (forward, and backward through the returned tensor) under
+    autocast(dtype), the result in x's compute dtype: a bfloat16 energy averaged in bfloat16
+    would lose the small difference E(x+) - E(x-). For passes that are not an energy (JEM's
+    logits); energies go through EnergyFunction.energies."""
+    with autocast_context(x.device.type, dtype):
+        value = function(x)
+    return value if dtype is None else value.to(compute_dtype(x.dtype))
 
 
 @contextlib.contextmanager
@@ -72,11 +107,10 @@ def _check_energy_output(value, chains: int) -> None:
         raise TypeError(f"energy(x) must return a floating tensor, got {value.dtype}")
 
 
-def _chain_energies(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A checked energy output (B,), (B, 1) or, for one chain, (), detached, as a contiguous (B,)
-    tensor of dtype. Conversions that would be no-ops are skipped: this runs every step, and on
-    a CPU each op call costs microseconds even when it does nothing."""
-    energy = value.detach()
+def _per_chain(energy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checked energy output (B,), (B, 1) or, for one chain, (), as a contiguous (B,) tensor of
+    dtype (differentiable). Conversions that would be no-ops are skipped: this runs every step,
+    and on a CPU each op call costs microseconds even when it does nothing."""
     if energy.dim() != 1:
         energy = energy.reshape(energy.shape[0] if energy.dim() else 1)
     if energy.dtype != dtype:
@@ -85,8 +119,11 @@ def _chain_energies(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class EnergyFunction:
-    """The user's energy as the chains call it: (energy, gradient) or energy alone at x, given
-    the call's conditioning. negate: the callable returns -E (E = -f(x)).
+    """The user's energy as samplers and losses call it, given the call's conditioning.
+    negate: the callable returns -E (E = -f(x)). autocast: None or the dtype its passes run in.
+
+    Chains: (energy, gradient), the gradient alone, or the energy alone at x (no parameter
+    graph: the sampler freezes the parameters). Losses: :meth:`energies`, which keeps the graph.
 
     owner: the sampler's name, for the compile-fallback warning. mlp_gradient: take an MLP
     energy's input gradient without autograd where MLPGradient covers it (same bits).
@@ -108,23 +145,32 @@ class EnergyFunction:
         microseconds), and nothing it reads changes while the chains run."""
         self._direct = self._mlp is not None and self._mlp.covers(x, conditioning)
 
-    def _autocast(self, x: torch.Tensor):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        # No weight-cast cache: it lives for one energy call anyway, and CUDA-graph capture
-        # requires it off.
-        return torch.autocast(device_type=x.device.type, dtype=self.autocast, cache_enabled=False)
-
-    def _call(self, x: torch.Tensor, conditioning: Conditioning):
-        if self._compiled is not None:
+    def _call(self, x: torch.Tensor, conditioning: Conditioning, compiled: bool):
+        if compiled and self._compiled is not None:
             try:
                 return conditioning.call(self._compiled, x)
             except Exception as exc:  # compilation failed: the eager energy is always correct
                 self._compiled = None
                 warnings.warn(f"{self.owner}: torch.compile of the energy failed "
                               f"({type(exc).__name__}: {exc}); running it eagerly.",
-                              RuntimeWarning, stacklevel=7)  # the user's sample() call
+                              RuntimeWarning, stacklevel=8)  # the user's sample() call
         return conditioning.call(self.energy, x)
+
+    def _forward(self, x: torch.Tensor, conditioning: Conditioning, *,
+                 compiled: bool = False) -> torch.Tensor:
+        """The energy at x as returned, checked, negated when the callable returns -E, its
+        passes under the autocast dtype."""
+        with autocast_context(x.device.type, self.autocast):
+            value = self._call(x, conditioning, compiled)
+        _check_energy_output(value, x.shape[0])
+        return -value if self.negate else value
+
+    def energies(self, x: torch.Tensor,
+                 conditioning: Conditioning = NO_CONDITIONING) -> torch.Tensor:
+        """The (B,) energies at x in x's compute dtype, differentiable in x and in the
+        energy's parameters: the pass a loss takes (positives, negatives, the KL step). The
+        module runs in its own mode (eval_mode is the chains' option)."""
+        return _per_chain(self._forward(x, conditioning), compute_dtype(x.dtype))
 
     def _value_and_grad(self, x: torch.Tensor,
                         conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +181,7 @@ class EnergyFunction:
         if self._direct:
             return self._mlp(x)
         x_var = x.detach().requires_grad_(True)
-        with self._autocast(x):
-            value = self._call(x_var, conditioning)
-        _check_energy_output(value, x.shape[0])
-        if self.negate:
-            value = -value
+        value = self._forward(x_var, conditioning, compiled=True)
         # An output that needs no gradient, or one only through other tensors (no path from
         # x: grad is None), has no gradient in x to follow.
         (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
@@ -151,9 +193,9 @@ class EnergyFunction:
 
     def value_and_grad(self, x: torch.Tensor,
                        conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energy (B,) in the compute dtype, dE/dx) at x."""
+        """(energy (B,) in the compute dtype, detached; dE/dx) at x."""
         value, grad = self._value_and_grad(x, conditioning)
-        return _chain_energies(value, compute_dtype(x.dtype)), grad
+        return _per_chain(value.detach(), compute_dtype(x.dtype)), grad
 
     def grad(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """dE/dx at x, for chains that need no energies (no check, no statistics): the energies'
@@ -162,7 +204,5 @@ class EnergyFunction:
 
     def value(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The energy (B,) in the compute dtype at x, without a gradient."""
-        with torch.no_grad(), self._autocast(x):
-            value = conditioning.call(self.energy, x)
-        _check_energy_output(value, x.shape[0])
-        return _chain_energies(-value if self.negate else value, compute_dtype(x.dtype))
+        with torch.no_grad():
+            return self.energies(x, conditioning)

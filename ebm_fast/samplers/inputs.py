@@ -73,6 +73,9 @@ class Conditioning:
                 *(part(name, value) for name, value in sorted(self.kwargs.items())))
 
 
+NO_CONDITIONING = Conditioning()  # energy(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChainInputs:
     """A chunk's inputs: x (updated in place), the step counter and seed (0-dim int64 tensors on

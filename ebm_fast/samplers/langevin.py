@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ebm_fast import validation
 from ebm_fast.noise import STREAM_PROPOSAL
+from ebm_fast.ops import langevin_update
 from ebm_fast.samplers.base import Sampler
+from ebm_fast.samplers.energy import eval_mode, module_of
+from ebm_fast.samplers.inputs import Conditioning
 from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.kernels import contiguous, update_kernel
 from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
@@ -69,12 +74,15 @@ class LangevinSampler(Sampler):
         return (2 * eps * noise).sqrt()
 
     def _chain(self, inputs, *, n_steps, chain_offset, track):
-        x, seed, (eps_values, noise_values) = inputs.x, inputs.seed, inputs.tables
+        x, (eps_values, noise_values) = inputs.x, inputs.tables
         # The limits as the kernels apply them in x's compute dtype (inf: no limit).
         grad_clip, clamp_lo, clamp_hi = validation.update_limits(self.grad_clip, *self.clamp,
                                                                  x.dtype)
         diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
-        update = update_kernel(x)
+        update = functools.partial(
+            update_kernel(x), out=x, x=x, seed=inputs.seed, stream=STREAM_PROPOSAL,
+            chain_offset=chain_offset, grad_clip=grad_clip, grad_clip_mode=self.grad_clip_mode,
+            clamp_lo=clamp_lo, clamp_hi=clamp_hi)
         for first, n in blocks(n_steps):
             eps = eps_values.block(first, n)
             sigma = self._noise_scales(eps, noise_values.block(first, n))
@@ -86,7 +94,31 @@ class LangevinSampler(Sampler):
                     diagnostics.measure(energy, grad)
                 else:
                     grad = self._energy.grad(x, inputs.conditioning)
-                update(x, x, contiguous(grad), eps_k, sigma_k, seed, step, STREAM_PROPOSAL,
-                       chain_offset, grad_clip, self.grad_clip_mode, clamp_lo, clamp_hi)
+                update(grad=contiguous(grad), step_size=eps_k, noise_scale=sigma_k, step=step)
         final_energy = self._energy.value(x, inputs.conditioning) if track else None
         return diagnostics.finish(x, final_energy)
+
+    def differentiable_step(self, x: torch.Tensor, step: int, *, chains: int | None = None,
+                            y=None, **energy_kwargs) -> torch.Tensor:
+        """The update a one-step sample() takes from x when the step counter is at ``step``,
+        on the first ``chains`` chains (all when None), differentiable in the energy's
+        parameters: the energy gradient stays in the graph (create_graph) and the update runs
+        through langevin_update's autograd, with the same noise, sizes, clipping, clamp,
+        backend and eval mode as the sampler's step. x itself is a constant. The step counter
+        does not move. Du et al. (2021)'s KL term differentiates the chains' last step so."""
+        n = x.shape[0] if chains is None else validation.integer(chains, "chains", low=1)
+        n = min(n, x.shape[0])
+        eps_values, noise_values = (t.for_chains(0, n) for t in self._tables(x, 1, None))
+        eps = eps_values.block(0, 1)
+        sigma = self._noise_scales(eps, noise_values.block(0, 1))[0]
+        x_n = x[:n].detach()
+        x_var = x_n.clone().requires_grad_(True)
+        conditioning = Conditioning(y, energy_kwargs).for_chains(0, n)
+        with torch.enable_grad(), self.backend_context(), \
+                eval_mode(module_of(self.energy) if self.eval_mode else None):
+            energy = self._energy.energies(x_var, conditioning)
+            (grad,) = torch.autograd.grad(energy.sum(), x_var, create_graph=True)
+            return langevin_update(x_n, grad, eps[0], sigma, seed=self._seed, step=step,
+                                   stream=STREAM_PROPOSAL, chain_offset=self.chain_offset,
+                                   grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
+                                   clamp=self.clamp)

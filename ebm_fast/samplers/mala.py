@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ebm_fast import validation
@@ -74,7 +76,15 @@ class MALASampler(Sampler):
         diagnostics.check(energy_x)
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
-        propose, accept = update_kernel(x), accept_kernel(x)  # x, grad_x, energy_x: in place
+        # Both write in place: the proposal into `proposal`, the accepted states into x,
+        # grad_x and energy_x.
+        propose = functools.partial(update_kernel(x), out=proposal, x=x, grad=grad_x, seed=seed,
+                                    stream=STREAM_PROPOSAL, chain_offset=chain_offset,
+                                    grad_clip=None, grad_clip_mode="value", clamp_lo=None,
+                                    clamp_hi=None)
+        accept = functools.partial(accept_kernel(x), accepted=accepted, accept_prob=accept_prob,
+                                   x=x, y=proposal, grad_x=grad_x, energy_x=energy_x,
+                                   seed=seed, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)
         for first, n in blocks(n_steps):
             eps_rows = eps_values.block(first, n).unbind(0)
             temperatures = temperature_values.block(first, n).unbind(0)
@@ -82,11 +92,10 @@ class MALASampler(Sampler):
             for k, eps_row, temperature, step in zip(range(first, first + n), eps_rows,
                                                      temperatures, steps):
                 eps = eps_row * scale
-                propose(proposal, x, grad_x, eps, (2 * eps * temperature).sqrt(), seed, step,
-                        STREAM_PROPOSAL, chain_offset, None, "value", None, None)
+                propose(step_size=eps, noise_scale=(2 * eps * temperature).sqrt(), step=step)
                 energy_y, grad_y = self._energy.value_and_grad(proposal, inputs.conditioning)
-                accept(accepted, accept_prob, x, proposal, grad_x, contiguous(grad_y), energy_x,
-                       energy_y, eps, temperature, seed, step, STREAM_MALA_ACCEPT, chain_offset)
+                accept(grad_y=contiguous(grad_y), energy_y=energy_y, step_size=eps,
+                       temperature=temperature, step=step)
                 accepted_count += accepted
                 if k < n_adapt:
                     adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)

@@ -11,8 +11,9 @@ and the engine: the passes of a small MLP ran 1.07-1.29x faster on this reposito
 (tests/samplers/test_mlp_gradient.py holds it to that).
 
 Anything else goes through autograd: other modules, in-place activations, a Linear with more
-than one output at the end, hooks or parametrisations on any layer, parameters of another dtype
-or device than the chains, conditioning arguments.
+than one output at the end, hooks, parametrisations or a ``forward`` replaced on an instance of
+any layer, parameters of another dtype or device than the chains, conditioning arguments, and
+calls under an enclosing torch.autocast (autograd follows its casts).
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether hooks would run around the module's forward or backward."""
+def _altered(module: nn.Module) -> bool:
+    """Whether the module's call is not its class's forward alone: hooks would run around its
+    forward or backward, or ``forward`` was replaced on the instance (whose backward the route
+    would not know)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 class MLPGradient:
@@ -82,19 +85,20 @@ class MLPGradient:
     def covers(self, x: torch.Tensor, conditioning) -> bool:
         """Whether this call can take the direct route: the same layers of the same classes as
         at construction (a Sequential can be edited, a parametrisation swaps a layer's class),
-        none with hooks, parameters of x's dtype and device, x at least 2-D, no conditioning,
-        no global module hooks."""
-        if conditioning.y is not None or conditioning.kwargs or x.dim() < 2:
+        none with hooks or a replaced forward, parameters of x's dtype and device, x at least
+        2-D, no conditioning, no global module hooks, no enclosing autocast."""
+        if conditioning.y is not None or conditioning.kwargs or x.dim() < 2 \
+                or torch.is_autocast_enabled(x.device.type):
             return False
         # The layout again, by exact class: a parametrisation (spectral_norm, ...) swaps a
         # layer's class for a subclass, which the layout refuses.
         if tuple(self.sequential) != self.modules or not self._layout_supported(self.modules) \
-                or _hooked(self.sequential):
+                or _altered(self.sequential):
             return False
         if any(getattr(nn.modules.module, hooks) for hooks in _GLOBAL_HOOKS):
             return False
         for module in self.modules:
-            if _hooked(module):
+            if _altered(module):
                 return False
             if type(module) is nn.Linear and (
                     module.weight.dtype != x.dtype or module.weight.device != x.device):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ebm_fast import validation
-from ebm_fast.samplers.energy import parameters_of
-from ebm_fast.training.losses import LossStats, PersistentML, _check_batch, autocast_pass
+from ebm_fast.samplers.energy import autocast_pass, parameters_of
+from ebm_fast.training.losses import LossStats, PersistentML, _check_batch
 
 __all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error",
            "classifier_metrics"]

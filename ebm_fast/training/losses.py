@@ -9,9 +9,9 @@ estimator's sampler and returns
 parameters is the estimator's gradient: E_data[grad E] - E_negatives[grad E] plus the
 regulariser's. Sampling runs with the parameters frozen (the samplers switch requires_grad off),
 so only the returned loss carries gradients to them. The loss's own energy passes (positives,
-negatives, the KL step) run under the sampler's ``autocast`` dtype like its chains, and their
-energies are cast to float32 (the compute dtype of the batch) before any mean is taken. ``est.last`` holds the iteration's
-statistics (:class:`LossStats`). The estimators differ in where the chains start:
+negatives, the KL step) are the sampler's (``sampler.energies``: the one energy path, with its
+negate, autocast and output check), their energies in float32 (the compute dtype of the batch)
+before any mean is taken. ``est.last`` holds the iteration's statistics (:class:`LossStats`). The estimators differ in where the chains start:
 
 * :class:`ContrastiveDivergence` (CD-k, Hinton 2002): at the positive batch, k steps. Not the ML
   gradient in general; CD-0's gradient is exactly 0.
@@ -29,25 +29,19 @@ statistics (:class:`LossStats`). The estimators differ in where the chains start
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
-import functools
 import time
 from typing import Callable
 
 import torch
 
 from ebm_fast import validation
-from ebm_fast.backends import use_backend
 from ebm_fast.buffer import ReplayBuffer
-from ebm_fast.exact2d import trainable_parameters
-from ebm_fast.noise import STREAM_PROPOSAL
-from ebm_fast.ops import langevin_update
 from ebm_fast.samplers import LangevinSampler, MALASampler
+from ebm_fast.samplers.energy import frozen_parameters, trainable_parameters
 
 __all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
-           "ShortRunML", "KLPersistentML", "parameters_to_train", "energies", "autocast_pass",
-           "autocast_energies"]
+           "ShortRunML", "KLPersistentML", "nearest_distances"]
 
 
 @dataclasses.dataclass
@@ -77,55 +71,6 @@ class LossStats:
     entropy: torch.Tensor | None = None
 
 
-def parameters_to_train(energy) -> list[torch.Tensor]:
-    """The energy's trainable parameters (exact2d.trainable_parameters: requires_grad, in the
-    order of ``energy.parameters()``); TypeError unless it is an nn.Module, ValueError when it
-    has none."""
-    if not isinstance(energy, torch.nn.Module):
-        raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
-                        f"{type(energy).__name__}")
-    return trainable_parameters(energy)
-
-
-def energies(energy, x: torch.Tensor) -> torch.Tensor:
-    """energy(x) as a (B,) tensor; a clear error unless it returns (B,) or (B, 1)."""
-    value = energy(x)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
-    if tuple(value.shape) not in ((x.shape[0],), (x.shape[0], 1)):
-        raise ValueError(f"energy(x) must return shape ({x.shape[0]},) or ({x.shape[0]}, 1), one "
-                         f"energy per sample, got {tuple(value.shape)}")
-    return value.reshape(x.shape[0])
-
-
-def autocast_pass(function, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
-    """function(x) with its passes (forward, and backward through the returned tensor) under
-    torch.autocast(autocast) when it is set, returned in x's compute dtype: a bfloat16 energy
-    averaged in bfloat16 would lose the small difference E(x+) - E(x-)."""
-    if autocast is None:
-        return function(x)
-    with torch.autocast(device_type=x.device.type, dtype=autocast, cache_enabled=False):
-        value = function(x)
-    return value.to(validation.compute_dtype(x.dtype))
-
-
-def autocast_energies(energy, x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
-    """energies(energy, x) under the sampler's autocast (see autocast_pass)."""
-    return autocast_pass(functools.partial(energies, energy), x, autocast)
-
-
-@contextlib.contextmanager
-def _frozen(params: list[torch.Tensor]):
-    """requires_grad off for the block (gradients reach nothing through these parameters)."""
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _check_batch(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -153,7 +98,7 @@ class EBMLoss(abc.ABC):
                             f"{type(sampler).__name__}")
         self.sampler = sampler
         self.energy = sampler.energy
-        self.parameters = parameters_to_train(self.energy)
+        self.parameters = trainable_parameters(self.energy)
         self.alpha = validation.real(alpha, "alpha", low=0.0)
         self.track_chains = False
         self.last: LossStats | None = None
@@ -191,8 +136,8 @@ class EBMLoss(abc.ABC):
         (keys of LossStats)."""
 
     def energies(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B,) energies at x with the sampler's autocast (see autocast_energies)."""
-        return autocast_energies(self.energy, x, self.sampler.autocast)
+        """The (B,) energies at x as the sampler sees the energy (``sampler.energies``)."""
+        return self.sampler.energies(x)
 
     def extra_terms(self, stats: dict) -> torch.Tensor | None:
         """Terms added to the loss beyond the ML surrogate and the regulariser (None: none)."""
@@ -304,21 +249,35 @@ class ShortRunML(EBMLoss):
 
 class PersistentML(EBMLoss):
     """Replay-buffer approximate ML (IGEBM/JEM): draw len(x_pos) chains from the buffer (each
-    replaced by fresh init noise with the buffer's reinit_prob), run the sampler, write them back
-    to their slots. With a per-class buffer (n_classes set) call ``est(x_pos, y)``: chain i is
-    drawn from and written back to class y[i]."""
+    replaced by fresh init noise with the buffer's reinit_prob), run the sampler, push them
+    back. With a per-class buffer (n_classes set) call ``est(x_pos, y)``: chain i is drawn from
+    and pushed into class y[i].
+
+    push: how the chains go back. "slots" writes each chain back to the slot it was drawn from
+    (JEM); "append" appends them by the buffer's policy (IGEBM's FIFO, ICD's reservoir
+    sampling). None (default): "append" for a reservoir buffer, else "slots". A reservoir
+    buffer with "slots" is refused: its policy would be silently ignored.
+    """
 
     # Whether y also conditions the energy (sampler.sample(x0, y=y)), as JEM's E(x, y) does;
     # here y only picks the buffer's class.
     energy_takes_y = False
 
-    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0):
+    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
+                 push: str | None = None):
         super().__init__(sampler, alpha)
         if not isinstance(buffer, ReplayBuffer):
             raise TypeError(f"buffer must be an ebm_fast.ReplayBuffer, got "
                             f"{type(buffer).__name__}")
         self.buffer = buffer
         self.conditional = buffer.n_classes is not None
+        default = "append" if buffer.policy == "reservoir" else "slots"
+        self.push = validation.choice(default if push is None else push, "push",
+                                      ("slots", "append"))
+        if self.push == "slots" and buffer.policy == "reservoir":
+            raise ValueError('push="slots" writes chains back to their slots, which ignores the '
+                             'buffer\'s policy="reservoir"; use push="append" (ICD) or a fifo '
+                             'buffer')
 
     def draw(self, x_pos: torch.Tensor, y, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial states and slots for the positive batch from the buffer (with track_chains,
@@ -335,8 +294,15 @@ class PersistentML(EBMLoss):
     def negatives(self, x_pos, y, stats):
         x0, slots = self.draw(x_pos, y, stats)
         x = self._run(x0, stats, y=y if self.energy_takes_y else None)
-        self.buffer.push(x, slots)
+        self.push_chains(x, slots, y)
         return x
+
+    def push_chains(self, x: torch.Tensor, slots: torch.Tensor, y) -> None:
+        """The chains back into the buffer: to their slots, or appended (see ``push``)."""
+        if self.push == "slots":
+            self.buffer.push(x, slots)
+        else:
+            self.buffer.push(x, y=y)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "buffer": self.buffer.state_dict()}
@@ -346,6 +312,15 @@ class PersistentML(EBMLoss):
         if isinstance(state, dict) and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
         super().load_state_dict(state)
+
+
+def nearest_distances(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) Euclidean distance from each sample of x to its nearest one in reference (samples
+    flattened), differentiable in x. From the differences, not cdist's matrix-product route,
+    which rounds distances below ~1e-4 to 0 (log -> -inf, NaN gradients) and is ~20% off at
+    1e-3."""
+    return torch.cdist(x.flatten(1), reference.flatten(1).to(x.dtype),
+                       compute_mode="donot_use_mm_for_euclid_dist").amin(1)
 
 
 class KLPersistentML(PersistentML):
@@ -365,8 +340,9 @@ class KLPersistentML(PersistentML):
     * ``augment``: an optional callable applied to the buffer draws before sampling (Du et al.
       use crops, flips and colour jitter on images); it must return the same shape.
 
-    Needs a LangevinSampler with a step size and noise that are numbers or per-chain tensors
-    (the last step's sizes are taken from them).
+    Needs a LangevinSampler with a step size and noise that are numbers or per-chain tensors;
+    the last step is the sampler's own (``LangevinSampler.differentiable_step``). ``push`` as
+    for PersistentML.
     """
 
     #: the entropy term starts once the buffer holds more written samples than this
@@ -374,7 +350,8 @@ class KLPersistentML(PersistentML):
 
     def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
                  kl_weight: float = 1.0, entropy_weight: float = 0.3, kl_chains: int = 128,
-                 entropy_samples: int = 100, augment: Callable | None = None):
+                 entropy_samples: int = 100, augment: Callable | None = None,
+                 push: str | None = None):
         if not isinstance(sampler, LangevinSampler):
             raise TypeError(f"KLPersistentML needs an ebm_fast.LangevinSampler (its last step is "
                             f"differentiated through langevin_update), got "
@@ -384,8 +361,9 @@ class KLPersistentML(PersistentML):
                             (sampler.temperature, "temperature")):
             if callable(value) and not isinstance(value, torch.Tensor):
                 raise TypeError(f"KLPersistentML needs the sampler's {name} as a number or a "
-                                "tensor, not a schedule")
-        super().__init__(sampler, buffer, alpha)
+                                "tensor, not a schedule (its chains run K - 1 steps, then one: "
+                                "a schedule would not be the K-step chain's)")
+        super().__init__(sampler, buffer, alpha, push=push)
         self.kl_weight = validation.real(kl_weight, "kl_weight", low=0.0)
         self.entropy_weight = validation.real(entropy_weight, "entropy_weight", low=0.0)
         self.kl_chains = validation.integer(kl_chains, "kl_chains", low=1)
@@ -409,10 +387,10 @@ class KLPersistentML(PersistentML):
         reference = self._entropy_reference()
         k = self.sampler.n_steps
         x_prev = x0 if k == 1 else self._run(x0, stats, k - 1)
-        step = self.sampler.state_dict()["step"]  # the noise counter of the last step
+        last_step = self.sampler.step  # the noise counter of the chains' last step
         x = self.sampler.sample(x_prev, 1)
-        self.buffer.push(x, slots)
-        self._kl_inputs = (x_prev, step, reference)
+        self.push_chains(x, slots, y)
+        self._kl_inputs = (x_prev, last_step, reference)
         return x
 
     def _entropy_reference(self) -> torch.Tensor | None:
@@ -428,38 +406,12 @@ class KLPersistentML(PersistentML):
                 return None
         return self.buffer.sample(self.entropy_samples)[0]
 
-    def last_step(self, x_prev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """The sampler's last step from x_prev on the first kl_chains chains, differentiable in
-        the energy's parameters through the energy gradient (same noise as the sampler's)."""
-        sampler = self.sampler
-        n = min(self.kl_chains, x_prev.shape[0])
-        x = x_prev[:n].detach().requires_grad_(True)
-        dtype = validation.compute_dtype(x.dtype)
-
-        def per_step(value):  # a number, 0-dim or per-chain tensor, as the sampler's table row
-            if isinstance(value, torch.Tensor):
-                return (value[:n] if value.dim() == 1 else value).to(device=x.device, dtype=dtype)
-            return torch.full((), float(value), dtype=dtype, device=x.device)
-
-        eps = per_step(sampler.step_size)
-        sigma = (per_step(sampler.noise_scale) if sampler.noise_scale is not None
-                 else (2 * eps * per_step(sampler.temperature)).sqrt())
-        # The sampler's backend: the same kernel draws the same noise to the last bit.
-        backend = (contextlib.nullcontext() if sampler.backend == "auto"
-                   else use_backend(sampler.backend))
-        with torch.enable_grad(), backend:
-            (grad,) = torch.autograd.grad(self.energies(x).sum(), x, create_graph=True)
-            return langevin_update(x.detach(), grad, eps, sigma, seed=sampler.state_dict()["seed"],
-                                   step=step, stream=STREAM_PROPOSAL,
-                                   chain_offset=sampler.chain_offset, grad_clip=sampler.grad_clip,
-                                   grad_clip_mode=sampler.grad_clip_mode, clamp=sampler.clamp)
-
-    def kl_term(self, x_prev: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
-        """(L_KL = mean E_theta_bar(x_kl), x_kl): the last step from x_prev at noise counter
-        step, the energy evaluated with its parameters frozen."""
-        x_kl = self.last_step(x_prev, step)
-        with _frozen(self.parameters):
+    def kl_term(self, x_prev: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_KL = mean E_theta_bar(x_kl), x_kl): x_kl the sampler's differentiable last step
+        from the first kl_chains chains of x_prev at noise counter step (the chains' own last
+        step, redone in the graph), its energy evaluated with the parameters frozen."""
+        x_kl = self.sampler.differentiable_step(x_prev, step, chains=self.kl_chains)
+        with frozen_parameters(self.parameters):
             return self.energies(x_kl).mean(), x_kl
 
     def extra_terms(self, stats: dict) -> torch.Tensor:
@@ -469,8 +421,7 @@ class KLPersistentML(PersistentML):
         stats["kl"] = kl.detach()
         extra = self.kl_weight * kl
         if reference is not None:
-            nearest = torch.cdist(x_kl.flatten(1), reference.flatten(1).to(x_kl.dtype)).amin(1)
-            entropy = nearest.log().mean()
+            entropy = nearest_distances(x_kl, reference).log().mean()
             stats["entropy"] = entropy.detach()
             extra = extra - self.entropy_weight * entropy
         return extra

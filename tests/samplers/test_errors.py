@@ -162,3 +162,10 @@ def test_infinite_clamp_and_grad_clip_mean_no_limit_as_in_the_op(mode):
     assert torch.equal(one_sided, LangevinSampler(quadratic, step_size=0.1, n_steps=3, seed=1,
                                                   clamp=(None, 0.5)).sample(x0))
     assert bool((one_sided <= 0.5).all()) and not bool((free <= 0.5).all())
+
+
+def test_inference_mode_is_named_as_the_cause():
+    energy = torch.nn.Linear(2, 1)
+    sampler = LangevinSampler(energy, step_size=0.1, n_steps=2, seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        sampler.sample(torch.randn(3, 2))

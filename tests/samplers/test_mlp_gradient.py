@@ -122,7 +122,21 @@ def _parametrized(energy):
     torch.nn.utils.parametrizations.spectral_norm(energy[2])
 
 
-@pytest.mark.parametrize("change", [_doubling_forward_hook, _parametrized])
+def _doubling_pre_hook(energy):
+    energy[2].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+
+
+def _replaced_linear_forward(energy):
+    layer = energy[0]
+    layer.forward = lambda h: torch.nn.functional.linear(h, 2 * layer.weight, layer.bias)
+
+
+def _replaced_activation_forward(energy):
+    energy[1].forward = torch.sin
+
+
+@pytest.mark.parametrize("change", [_doubling_forward_hook, _parametrized, _doubling_pre_hook,
+                                    _replaced_linear_forward, _replaced_activation_forward])
 def test_hooks_and_parametrisations_fall_back_to_autograd_with_their_effect(change):
     energy = mlp([3, 8, 1], nn.SiLU)
     change(energy)
@@ -172,3 +186,16 @@ def test_an_edited_sequential_is_followed():
 def test_negated_autocast_or_compiled_energies_use_autograd(option):
     sampler = LangevinSampler(mlp([3, 8, 1], nn.SiLU), step_size=0.01, **option)
     assert sampler._energy._mlp is None
+
+
+def test_an_enclosing_autocast_falls_back_to_autograd():
+    """Under a caller's torch.autocast the route's float32 gradient would not match the bf16
+    chain state autograd produces; autograd follows autocast's casts."""
+    energy = mlp([3, 8, 1], nn.SiLU)
+    x = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not MLPGradient(energy).covers(x, NO_CONDITIONING)
+        sampled = LangevinSampler(energy, step_size=0.01, n_steps=3, seed=1).sample(x)
+        reference = LangevinSampler(energy, step_size=0.01, n_steps=3, seed=1,
+                                    mlp_gradient=False).sample(x)
+    assert torch.equal(sampled, reference)

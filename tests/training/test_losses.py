@@ -8,7 +8,7 @@ from tests.test_exact2d import Gaussian, cosine, gaussian_ml_gradient
 from torch import nn
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer
-from ebm_fast.noise import philox_normal_ref
+from ebm_fast.reference.philox import philox_normal_ref
 from ebm_fast.training import (ContrastiveDivergence, KLPersistentML, PersistentCD, PersistentML,
                                ShortRunML, Trainer)
 
@@ -230,16 +230,15 @@ def kl_setup(clamp=None, dtype=torch.float64):
     return energy, sampler, loss, x_prev
 
 
-def test_kl_last_step_equals_the_samplers_step():
+def test_differentiable_step_equals_the_samplers_step():
     energy, sampler, loss, x_prev = kl_setup(clamp=(-0.5, 0.5))
-    step = sampler.state_dict()["step"]
-    x_kl = loss.last_step(x_prev, step)
+    x_kl = sampler.differentiable_step(x_prev, sampler.step, chains=6)
     torch.testing.assert_close(x_kl.detach(), sampler.sample(x_prev, 1)[:6], rtol=0, atol=1e-12)
 
 
 def test_kl_term_gradient_matches_create_graph_reference_and_finite_differences():
     energy, sampler, loss, x_prev = kl_setup()
-    step = torch.tensor(7)
+    step = 7
     kl, _ = loss.kl_term(x_prev, step)
     got = torch.autograd.grad(kl, list(energy.parameters()), materialize_grads=True)
 
@@ -262,7 +261,8 @@ def test_kl_term_gradient_matches_create_graph_reference_and_finite_differences(
     for sign in (1, -1):
         with torch.no_grad():
             weight[0, 1] += sign * h
-        point = loss.last_step(x_prev, step).detach()  # the sample at the moved weight
+        # the sample at the moved weight
+        point = sampler.differentiable_step(x_prev, step, chains=6).detach()
         with torch.no_grad():
             weight[0, 1] -= sign * h
             values.append(float(energy(point).mean()))
@@ -283,3 +283,40 @@ def test_kl_loss_adds_kl_and_entropy_terms():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in energy.parameters())
     with pytest.raises(ValueError, match="augment"):
         KLPersistentML(langevin(energy), buffer, augment=lambda x: x[:1])(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("gap", [1e-6, 1e-4, 1e-3, 0.5])
+def test_entropy_distances_are_exact_next_to_a_reference(gap):
+    """The entropy term's nearest-neighbour distance is |x - b| of the nearest b, with gradient
+    (x - b) / |x - b|, also for a sample within 1e-4 of a reference (where cdist's
+    matrix-product route returns 0: log -inf, NaN gradients)."""
+    from ebm_fast.training.losses import nearest_distances
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(50, 3, 4, generator=generator) * 3
+    direction = torch.tensor([0.6, 0.0, 0.8] + [0.0] * 9).reshape(3, 4)
+    x = (reference[7] + gap * direction).unsqueeze(0).requires_grad_(True)
+    difference = x.detach()[0] - reference[7]  # gap * direction, as float32 rounds it
+    distance = nearest_distances(x, reference)
+    assert distance.item() == pytest.approx(difference.norm().item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(distance.log().sum(), x)
+    torch.testing.assert_close(grad[0], difference / difference.norm() ** 2, rtol=1e-4, atol=0)
+
+
+def test_a_reservoir_buffer_is_appended_to_by_its_policy():
+    energy = mlp(seed=1)
+    buffer = ReplayBuffer(8, (2,), policy="reservoir", seed=2)
+    loss = PersistentML(langevin(energy), buffer)
+    assert loss.push == "append"
+    for _ in range(3):
+        loss(torch.randn(4, 2))
+    # Appends count every pushed chain (reservoir sampling needs the count); write-backs to
+    # slots count none.
+    assert int(buffer.state_dict()["count"].sum()) == 12
+    with pytest.raises(ValueError, match="reservoir"):
+        PersistentML(langevin(energy), buffer, push="slots")
+    fifo = ReplayBuffer(8, (2,), seed=2)
+    assert PersistentML(langevin(energy), fifo).push == "slots"
+    appended = PersistentML(langevin(energy), fifo, push="append")
+    appended(torch.randn(4, 2))
+    assert int(fifo.state_dict()["count"].sum()) == 4

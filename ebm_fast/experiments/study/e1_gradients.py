@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from ebm_fast.exact2d import exact_samples, log_partition, trainable_parameters
+from ebm_fast.exact2d import exact_samples, log_partition
+from ebm_fast.samplers.energy import trainable_parameters
 from ebm_fast.experiments.study.common import ESTIMATORS, MODEL_NAMES, Context, flat
-from ebm_fast.training import KLPersistentML, energies
+from ebm_fast.training import KLPersistentML
 
 __all__ = ["run", "summarise", "BOOTSTRAP"]
 
@@ -57,7 +58,7 @@ def _negative_term_errors(energy, negatives: torch.Tensor, model_term: torch.Ten
     """(R, P): per replica, E_p[grad E] - mean over its negatives of grad E, the error of
     E_data[grad E] - E_neg[grad E] against the exact gradient on the same data."""
     params = trainable_parameters(energy)
-    return torch.stack([model_term - flat(torch.autograd.grad(energies(energy, chunk).mean(),
+    return torch.stack([model_term - flat(torch.autograd.grad(energy(chunk).mean(),
                                                               params))
                         for chunk in negatives.chunk(replicas)])
 
@@ -87,7 +88,7 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
             model_term = -flat(torch.autograd.grad(log_partition(energy, cfg.box, cfg.cells),
                                                    params))
         scale = float(model_term.norm())
-        full_gradient = flat(torch.autograd.grad(energies(energy, ctx.train).mean(), params))
+        full_gradient = flat(torch.autograd.grad(energy(ctx.train).mean(), params))
         models[model_name] = {
             "exact_kl": ctx.exact_kl_to_model(energy), "model_term_norm": scale,
             "exact_gradient_norm": float((full_gradient - model_term).norm())}
