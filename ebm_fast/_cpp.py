@@ -38,6 +38,7 @@ LD_FLAGS = ["-fopenmp"]
 # How long a process waits for another process's build before it runs the reference kernels
 # instead (the first build takes about a minute; longer on a loaded machine).
 BUILD_WAIT_S = 600.0
+QUIET_WAIT_S = 2.0  # a wait this short goes unannounced
 
 
 def sources() -> list[str]:
@@ -106,18 +107,7 @@ def _build_lock(directory: Path):
     path = directory / "ebm_fast.lock"
     with open(path, "a+") as handle:  # "a+": the holder's name stays readable while we wait
         if not _try_flock(handle):
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            print(f"ebm_fast: waiting for the C++ kernels' build by {holder} (up to "
-                  f"{BUILD_WAIT_S:.0f} s)...", file=sys.stderr, flush=True)
-            deadline = time.monotonic() + BUILD_WAIT_S
-            while not _try_flock(handle):
-                if time.monotonic() > deadline:
-                    raise BuildWaitTimeout(
-                        f"waited {BUILD_WAIT_S:.0f} s for the C++ build by {holder} "
-                        f"(lock {path}); when it ends, or once you stop it, the next process "
-                        "loads the kernels (`ebm-fast build` builds them and shows the log)")
-                time.sleep(0.2)
+            _wait_for_holder(handle, path)
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
@@ -127,6 +117,27 @@ def _build_lock(directory: Path):
             print(f"ebm_fast: removed {stale}, left by an interrupted build", file=sys.stderr,
                   flush=True)
         yield  # closing the file releases the flock
+
+
+def _wait_for_holder(handle, path: Path) -> None:
+    """Take the flock on ``handle`` once its holder lets go: quietly for QUIET_WAIT_S (the
+    holder may be loading a cached build), then announced; BuildWaitTimeout after
+    BUILD_WAIT_S."""
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    start, announced = time.monotonic(), False
+    while not _try_flock(handle):
+        waited = time.monotonic() - start
+        if waited > BUILD_WAIT_S:
+            raise BuildWaitTimeout(
+                f"waited {BUILD_WAIT_S:.0f} s for the C++ build by {holder} (lock {path}); "
+                "when it ends, or once you stop it, the next process loads the kernels "
+                "(`ebm-fast build` builds them and shows the log)")
+        if waited > QUIET_WAIT_S and not announced:
+            print(f"ebm_fast: waiting for the C++ kernels' build by {holder} (up to "
+                  f"{BUILD_WAIT_S:.0f} s)...", file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(0.1)
 
 
 def _try_flock(handle) -> bool:

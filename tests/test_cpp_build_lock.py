@@ -51,7 +51,7 @@ def test_waiting_on_a_live_build_ends_in_the_reference_kernels_with_one_warning(
         held.flush()
         code = ("import warnings, torch\n"
                 "from ebm_fast import _cpp, backends\n"
-                "_cpp.BUILD_WAIT_S = 0.5\n"
+                "_cpp.BUILD_WAIT_S, _cpp.QUIET_WAIT_S = 1.0, 0.2\n"
                 "with warnings.catch_warnings(record=True) as caught:\n"
                 "    warnings.simplefilter('always')\n"
                 "    for _ in range(3):\n"
