@@ -1,5 +1,6 @@
-"""Trainer: the EBM training loop with EMA, gradient clipping, a non-finite policy, progress,
-JSONL metrics, divergence warnings and exact-resume checkpoints."""
+"""Trainer: the EBM training loop with EMA, gradient clipping, a learning-rate schedule, a
+non-finite policy, progress, JSONL metrics, divergence warnings, callbacks and exact-resume
+checkpoints."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from tqdm.auto import tqdm
 
 from ebm_fast import validation
 from ebm_fast.samplers import NonFiniteChainError
+from ebm_fast.samplers.energy import trainable_parameters
 from ebm_fast.training import checkpoints, distributed
 from ebm_fast.training.data import batch_stream
 from ebm_fast.training.diagnostics import DivergenceMonitor
-from ebm_fast.training.losses import EBMLoss, parameters_to_train
+from ebm_fast.training.losses import EBMLoss
 
 __all__ = ["Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
 
@@ -38,8 +40,9 @@ class Trainer:
             ``trainer.ema_model`` (torch.optim.swa_utils.AveragedModel).
         grad_clip: None or a max norm > 0 for the parameter gradients (clip_grad_norm_).
         out_dir: where checkpoint.pt and metrics.jsonl go (None: nothing is written). Checked
-            writable at once; a directory that already holds a run is refused unless the trainer
-            was resumed from its checkpoint.
+            writable at once; ``fit`` refuses a directory that already holds a run
+            (FileExistsError) unless this trainer was resumed from its checkpoint or started
+            that run itself.
         checkpoint_every: write a checkpoint every this many iterations (and at the end of fit);
             None: only at the end.
         log_every: every this many iterations a metrics record (metrics.jsonl, ``history``) and
@@ -50,8 +53,13 @@ class Trainer:
             NonFiniteChainError).
         data_seed: seed of the data order (None: drawn from torch's global generator).
         monitor: the DivergenceMonitor (default thresholds when None).
+        scheduler: None or a torch.optim.lr_scheduler scheduler of ``optimizer``, stepped once
+            per iteration (after the optimiser step, also when a non-finite step was skipped:
+            the learning rate is a function of the iteration); saved in checkpoints.
         callbacks: callables ``callback(trainer, record)`` run for each metrics record before it
             is written; they may add entries to it (an evaluation, the path of a plot).
+        step_callbacks: callables ``callback(trainer)`` run after every iteration (after the
+            metrics record of a logged one), with ``trainer.iteration`` already counted.
 
     Each iteration reads the device once (whether loss and gradient norm are finite), as
     torch.amp.GradScaler does; logged iterations read their statistics once more.
@@ -68,8 +76,10 @@ class Trainer:
                  checkpoint_every: int | None = None, log_every: int = 100,
                  progress: bool = True, on_nonfinite: str = "skip", data_seed: int | None = None,
                  monitor: DivergenceMonitor | None = None,
-                 callbacks: tuple[Callable[["Trainer", dict], None], ...] = ()):
-        self.parameters = parameters_to_train(energy)
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 callbacks: tuple[Callable[["Trainer", dict], None], ...] = (),
+                 step_callbacks: tuple[Callable[["Trainer"], None], ...] = ()):
+        self.parameters = trainable_parameters(energy)
         self.rank, self.world_size = distributed.world()
         if not isinstance(loss, EBMLoss):
             raise TypeError(f"loss must be an ebm_fast.training loss, got {type(loss).__name__}")
@@ -97,14 +107,18 @@ class Trainer:
         self.on_nonfinite = validation.choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
         self.data_seed = validation.seed_or_default(data_seed, "data_seed")
         self.monitor = DivergenceMonitor() if monitor is None else monitor
+        self.scheduler = _check_scheduler(scheduler, optimizer)
         if not all(callable(c) for c in callbacks):
             raise TypeError("callbacks must be callables callback(trainer, record)")
-        self.callbacks = tuple(callbacks)
+        if not all(callable(c) for c in step_callbacks):
+            raise TypeError("step_callbacks must be callables callback(trainer)")
+        self.callbacks, self.step_callbacks = tuple(callbacks), tuple(step_callbacks)
         self.out_dir = None if out_dir is None else _writable_dir(out_dir)
         self.iteration = 0
         self.nonfinite_skipped = 0
         self.history: list[dict] = []
         self._resumed_from: Path | None = None
+        self._claimed: Path | None = None  # the out_dir whose run is this trainer's
         self._data_state: dict | None = None  # a checkpoint's data order, applied by fit()
         self._batches = None  # fit()'s batch stream
         self._window = {"iterations": 0, "seconds": 0.0, "sampler_seconds": 0.0}
@@ -180,6 +194,8 @@ class Trainer:
                     "clip gradients (Trainer(grad_clip=...)); on_nonfinite='skip' skips such steps")
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_skipped += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.iteration += 1
         window = self._window
         window["iterations"] += 1
@@ -188,6 +204,8 @@ class Trainer:
             window["sampler_seconds"] += self.loss.last.sampler_seconds
         if log:
             self._log(loss, norm if loss is not None else None)
+        for callback in self.step_callbacks:
+            callback(self)
 
     # -- metrics ----------------------------------------------------------------------------
     def _log(self, loss, grad_norm) -> None:
@@ -227,19 +245,23 @@ class Trainer:
 
     # -- out_dir ----------------------------------------------------------------------------
     def _claim_out_dir(self) -> None:
-        """Refuse to overwrite another run; a resumed run drops the metrics it logged after its
-        checkpoint (they are logged again)."""
+        """Refuse to overwrite another run (whatever this trainer's iteration: after a load
+        from elsewhere or a manual step too); a resumed run drops the metrics it logged after
+        its checkpoint (they are logged again)."""
+        if self._claimed == self.out_dir:
+            return
         checkpoint, metrics = self.out_dir / CHECKPOINT_NAME, self.out_dir / METRICS_NAME
         if self._resumed_from is not None and self._resumed_from == checkpoint.resolve():
             if metrics.exists() and self.rank == 0:
                 kept = [line for line in metrics.read_text().splitlines(keepends=True)
                         if line.strip() and json.loads(line)["iteration"] <= self.iteration]
                 checkpoints.atomic_write_text("".join(kept), metrics)
-        elif self.iteration == 0 and (checkpoint.exists() or metrics.exists()):
+        elif checkpoint.exists() or metrics.exists():
             raise FileExistsError(
                 f"out_dir {self.out_dir} already holds a run ({CHECKPOINT_NAME} or "
                 f"{METRICS_NAME}); resume it with trainer.load_checkpoint("
                 f"'{checkpoint}') or choose another out_dir")
+        self._claimed = self.out_dir
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -250,6 +272,7 @@ class Trainer:
                 "model": distributed.unwrap(self.energy).state_dict(),
                 "ema": None if self.ema_model is None else self.ema_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "loss": self.loss.state_dict(),
                 "data": None if self._batches is None else self._batches.state_dict(),
                 "rng": {"cpu": torch.get_rng_state(),
@@ -310,18 +333,41 @@ class Trainer:
         if (state["ema"] is None) != (self.ema_model is None):
             raise ValueError(f"{path} was saved {'without' if state['ema'] is None else 'with'} "
                              f"an EMA but this trainer has ema={self.ema_decay}")
+        if (state.get("scheduler") is None) != (self.scheduler is None):
+            raise ValueError(f"{path} was saved "
+                             f"{'without' if state.get('scheduler') is None else 'with'} a "
+                             f"learning-rate scheduler but this trainer has "
+                             f"scheduler={type(self.scheduler).__name__ if self.scheduler else None}")
         # The loss first: its buffer refuses another configuration before copying anything.
         self.loss.load_state_dict(self._saved_loss_state(state, path))
         model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema_model is not None:
             self.ema_model.load_state_dict(state["ema"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.iteration, self.nonfinite_skipped = state["iteration"], state["nonfinite_skipped"]
         self._data_state = state["data"]
         self._resumed_from = path.resolve()
+        self._claimed = None  # another run's state now: out_dir is checked again
+
+
+def _check_scheduler(scheduler, optimizer):
+    """The scheduler, if it is one Trainer can step once per iteration on this optimizer."""
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler, got "
+                        f"{type(scheduler).__name__}")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError("ReduceLROnPlateau steps on a metric, not once per iteration: step it "
+                         "yourself in a callback (callbacks=...) with the metric it needs")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler was built on another optimizer than the trainer's")
+    return scheduler
 
 
 def _check_same_model(saved: dict, current: dict, path: Path) -> None:

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ebm_fast import LangevinSampler, ReplayBuffer
 from ebm_fast.training import (ContrastiveDivergence, DivergenceMonitor, PersistentML, Trainer,
-                               TrainingWarning)
+                               TrainingWarning, checkpoints)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_run(out_dir=None, *, ema=0.9, n_classes=None, **trainer_kw):
-    """A small persistent-ML run: fast, and every piece of state a resume must restore."""
+def make_run(out_dir=None, *, ema=0.9, n_classes=None, schedule=None, **trainer_kw):
+    """A small persistent-ML run: fast, and every piece of state a resume must restore.
+    schedule: None or optimizer -> an lr scheduler for it."""
     torch.manual_seed(0)
     energy = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Dropout(0.1), nn.Linear(16, 1))
     sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1, n_steps=3,
@@ -31,6 +32,7 @@ def make_run(out_dir=None, *, ema=0.9, n_classes=None, **trainer_kw):
     optimizer = torch.optim.Adam(energy.parameters(), lr=1e-2, betas=(0.0, 0.999))
     trainer = Trainer(energy, PersistentML(sampler, buffer, alpha=0.1), optimizer, ema=ema,
                       grad_clip=5.0, out_dir=out_dir, progress=False, data_seed=3,
+                      scheduler=None if schedule is None else schedule(optimizer),
                       **{"log_every": 25, **trainer_kw})
     return trainer
 
@@ -234,3 +236,64 @@ def test_bad_arguments_are_refused_before_anything_is_lost(tmp_path):
         Trainer(frozen, run.loss, run.optimizer)
     with pytest.raises(ValueError, match="another energy"):
         Trainer(nn.Linear(2, 1), run.loss, run.optimizer)
+
+
+def test_fit_refuses_a_directory_holding_another_run_after_a_load_or_a_step(tmp_path):
+    make_run(tmp_path / "b", log_every=5).fit(data(), 10, batch_size=16)
+    make_run(tmp_path / "c", log_every=5).fit(data(), 10, batch_size=16)
+    c = {name: (tmp_path / "c" / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
+    loaded = make_run(tmp_path / "c")
+    loaded.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    stepped = make_run(tmp_path / "c")
+    stepped.step(data(16))
+    for run in (loaded, stepped):
+        with pytest.raises(FileExistsError, match="already holds a run"):
+            run.fit(data(), 20, batch_size=16)
+    assert c == {name: (tmp_path / "c" / name).read_bytes() for name in c}
+    # Its own directory, again and again: the run it started there.
+    own = make_run(tmp_path / "d")
+    own.step(data(16))
+    own.fit(data(), 5, batch_size=16).fit(data(), 10, batch_size=16)
+    assert checkpoints.load(tmp_path / "d" / "checkpoint.pt")["iteration"] == 10
+
+
+def decay(optimizer):
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)
+
+
+def test_scheduler_steps_every_iteration_and_resumes_bit_identically(tmp_path):
+    whole = make_run(schedule=decay).fit(data(), 60, batch_size=16)
+    assert whole.scheduler.last_epoch == 60
+    assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.99 ** 60)
+    make_run(tmp_path, schedule=decay, checkpoint_every=30).fit(data(), 30, batch_size=16)
+    resumed = make_run(tmp_path, schedule=decay)
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed.scheduler.last_epoch == 30
+    resumed.fit(data(), 60, batch_size=16)
+    assert_same(weights(whole), weights(resumed))
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    # A checkpoint with a scheduler and a trainer without one (or the other way) do not mix.
+    with pytest.raises(ValueError, match="scheduler"):
+        make_run().load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_scheduler_must_drive_the_trainers_optimizer():
+    run = make_run()
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer"):
+        Trainer(run.energy, run.loss, run.optimizer, scheduler=decay(other))
+    with pytest.raises(TypeError, match="scheduler"):
+        Trainer(run.energy, run.loss, run.optimizer, scheduler=0.99)
+    with pytest.raises(ValueError, match="ReduceLROnPlateau"):
+        Trainer(run.energy, run.loss, run.optimizer,
+                scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer))
+
+
+def test_step_callbacks_run_every_iteration_and_log_callbacks_on_log_iterations():
+    seen, logged = [], []
+    run = make_run(log_every=4, step_callbacks=(lambda t: seen.append(t.iteration),),
+                   callbacks=(lambda t, record: logged.append(record["iteration"]),))
+    run.fit(data(), 10, batch_size=16)
+    assert seen == list(range(1, 11)) and logged == [4, 8]
+    with pytest.raises(TypeError, match="step_callbacks"):
+        make_run(step_callbacks=(3,))
