@@ -11,7 +11,10 @@ import torch
 
 from ebm_fast.exact2d import BOX, grid
 
-__all__ = ["density_panel", "scatter_panel", "image_mosaic"]
+__all__ = ["density_panel", "scatter_panel", "image_mosaic", "MOSAIC_GAP"]
+
+#: the grey (0 black .. 1 white) between the tiles of an image mosaic
+MOSAIC_GAP = 0.5
 
 
 def _square(ax, box: float) -> None:
@@ -42,19 +45,25 @@ def scatter_panel(ax, points: torch.Tensor, box: float = BOX, title: str = "",
 
 
 def image_mosaic(ax, images: torch.Tensor, value_range, title: str = "",
-                 side: int | None = None) -> None:
+                 side: int | None = None, padding: int = 1) -> None:
     """The first side x side images of (N, C, H, W), C = 1 (grey) or 3 (RGB), as one mosaic;
     values clamped to value_range = (lo, hi), which maps to black..white; side=None: the
-    smallest square holding all N. Empty tiles are lo (black)."""
+    smallest square holding all N. Empty tiles are lo (black). The tiles are framed by
+    ``padding`` pixels of MOSAIC_GAP grey, around and between them as torchvision's make_grid
+    does: without a gap, rows of small digits run together into stripes."""
     lo, hi = value_range
     side = math.ceil(math.sqrt(images.shape[0])) if side is None else side
     channels, height, width = images.shape[1:]
     shown = images[:side * side].detach().float().cpu().clamp(lo, hi)
-    tiles = torch.full((side * side, channels, height, width), float(lo))
-    tiles[:len(shown)] = shown
-    mosaic = tiles.reshape(side, side, channels, height, width).permute(0, 3, 1, 4, 2).reshape(
-        side * height, side * width, channels)
-    ax.imshow(((mosaic - lo) / (hi - lo)).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    tiles = torch.zeros(side * side, channels, height, width)
+    tiles[:len(shown)] = (shown - lo) / (hi - lo)
+    mosaic = torch.full((side * (height + padding) + padding,
+                         side * (width + padding) + padding, channels), MOSAIC_GAP)
+    for index, tile in enumerate(tiles):
+        top, left = (padding + k * (size + padding)
+                     for k, size in zip(divmod(index, side), (height, width)))
+        mosaic[top:top + height, left:left + width] = tile.permute(1, 2, 0)
+    ax.imshow(mosaic.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
     # Ticks off rather than the whole axis: a caller's axis label stays visible.
     ax.set_xticks([])
     ax.set_yticks([])
