@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ebm_fast import validation
@@ -76,15 +74,7 @@ class MALASampler(Sampler):
         diagnostics.check(energy_x)
         diagnostics.measure(energy_x, grad_x)
         proposal = torch.empty_like(x)
-        # Both write in place: the proposal into `proposal`, the accepted states into x,
-        # grad_x and energy_x.
-        propose = functools.partial(update_kernel(x), out=proposal, x=x, grad=grad_x, seed=seed,
-                                    stream=STREAM_PROPOSAL, chain_offset=chain_offset,
-                                    grad_clip=None, grad_clip_mode="value", clamp_lo=None,
-                                    clamp_hi=None)
-        accept = functools.partial(accept_kernel(x), accepted=accepted, accept_prob=accept_prob,
-                                   x=x, y=proposal, grad_x=grad_x, energy_x=energy_x,
-                                   seed=seed, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)
+        propose, accept = update_kernel(x), accept_kernel(x)  # x, grad_x, energy_x: in place
         for first, n in blocks(n_steps):
             eps_rows = eps_values.block(first, n).unbind(0)
             temperatures = temperature_values.block(first, n).unbind(0)
@@ -92,10 +82,15 @@ class MALASampler(Sampler):
             for k, eps_row, temperature, step in zip(range(first, first + n), eps_rows,
                                                      temperatures, steps):
                 eps = eps_row * scale
-                propose(step_size=eps, noise_scale=(2 * eps * temperature).sqrt(), step=step)
+                propose(out=proposal, x=x, grad=grad_x, step_size=eps,
+                        noise_scale=(2 * eps * temperature).sqrt(), seed=seed, step=step,
+                        stream=STREAM_PROPOSAL, chain_offset=chain_offset, grad_clip=None,
+                        grad_clip_mode="value", clamp_lo=None, clamp_hi=None)
                 energy_y, grad_y = self._energy.value_and_grad(proposal, inputs.conditioning)
-                accept(grad_y=contiguous(grad_y), energy_y=energy_y, step_size=eps,
-                       temperature=temperature, step=step)
+                accept(accepted=accepted, accept_prob=accept_prob, x=x, y=proposal,
+                       grad_x=grad_x, grad_y=contiguous(grad_y), energy_x=energy_x,
+                       energy_y=energy_y, step_size=eps, temperature=temperature, seed=seed,
+                       step=step, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)
                 accepted_count += accepted
                 if k < n_adapt:
                     adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)
