@@ -6,10 +6,11 @@ energy's forward and backward passes use:
 * **bf16 autocast** where the device computes bf16 natively: a CUDA device of compute
   capability >= 8.0, or a CPU with avx512_bf16 or AMX. Elsewhere bf16 is emulated, 14-20x
   slower than float32 on an AVX2 CPU (benchmarks/RESULTS.md), so ``"auto"`` keeps float32 there.
-* **channels-last** for 4-D states with a convolutional energy: on a CPU, where oneDNN's
-  convolutions run NHWC natively; on CUDA only under bf16/fp16 autocast, where cuDNN's
-  tensor-core kernels are NHWC. The model must be converted too (``fast_energy``): converting
-  only x gained nothing (0.96-1.01x, issue 22).
+* **channels-last** for 4-D states with a convolutional energy (without InstanceNorm2d, whose
+  outputs are always contiguous): on a CPU, where oneDNN's convolutions run NHWC natively; on
+  CUDA only under bf16/fp16 autocast, where cuDNN's tensor-core kernels are NHWC. The model
+  must be converted too (``fast_energy``): converting only x gained nothing (0.96-1.01x,
+  issue 22).
 
 ``resolve_precision`` makes the choice, ``fast_energy`` applies it to a model (and falls back,
 with one warning, where the model refuses it), ``capability_line`` says what the machine has.
@@ -145,8 +146,8 @@ def resolve_precision(policy, device, state_dtype: torch.dtype, *, state_dim: in
         hardware check), or the samplers' autocast dtype (None: fp32, torch.bfloat16,
         torch.float16).
     state_dim, energy: the states' number of dimensions and the energy, for the layout: "auto"
-        picks channels-last for 4-D float32 states and an nn.Module energy with an nn.Conv2d,
-        on a CPU, or on CUDA under autocast. "channels_last" (4-D states only) and "contiguous"
+        picks channels-last for 4-D float32 states and an nn.Module energy with an nn.Conv2d
+        (and no InstanceNorm2d), on a CPU, or on CUDA under autocast. "channels_last" (4-D states only) and "contiguous"
         force it.
 
     Stated behaviours: a float64 (or bf16/fp16) state keeps its dtype in the passes (autocast
@@ -204,9 +205,13 @@ def _channels_last_helps(device, state_dtype, state_dim, energy, autocast) -> tu
         return False, "contiguous: states are not 4-D"
     if state_dtype != torch.float32:
         return False, f"contiguous: {_name(state_dtype)} state"
-    if not (isinstance(energy, torch.nn.Module)
-            and any(isinstance(m, torch.nn.Conv2d) for m in energy.modules())):
+    modules = list(energy.modules()) if isinstance(energy, torch.nn.Module) else []
+    if not any(isinstance(m, torch.nn.Conv2d) for m in modules):
         return False, "contiguous: no nn.Conv2d in the energy"
+    if any(isinstance(m, torch.nn.InstanceNorm2d) for m in modules):
+        # Its kernels return contiguous outputs whatever the input: the layout would flip
+        # around every one (ICD's energy measured 0.94-0.96x in channels-last on a CPU).
+        return False, "contiguous: the energy's InstanceNorm2d undoes channels-last"
     if device.type == "cpu":
         return True, "channels-last: 4-D states, conv energy, cpu"
     if device.type == "cuda" and autocast is not None:

@@ -161,6 +161,7 @@ def test_channels_last_for_4d_states_with_a_conv_energy_on_a_cpu(monkeypatch):
     assert not layout(state_dim=2)
     assert not layout(energy=mlp) and not layout(energy=lambda x: x.sum((1, 2, 3)))
     assert not layout(state_dtype=torch.float64)
+    assert not layout(energy=nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)))
     assert resolve_precision("fp32", "cpu", torch.float32, state_dim=4,
                              energy=conv).channels_last
     assert not resolve_precision("auto", "cpu", torch.float32, state_dim=4, energy=conv,
