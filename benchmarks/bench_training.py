@@ -158,13 +158,17 @@ class KernelCalls:
     def __call__(self, x_pos):
         lo, hi = self.case["box"]
         buffer, chains = self.buffer, self.chains
-        self.draw(chains, self.slots, buffer._storage, buffer._written, None, None,
-                  buffer._seed, buffer._draws, 0, BUFFER, REINIT, "uniform", lo, hi)
+        storage = dict(storage=buffer._storage, written=buffer._written, seed=buffer._seed,
+                       step=buffer._draws, chain_offset=0, slots_per_class=BUFFER, lo=lo, hi=hi)
+        self.draw(**storage, out=chains, slots=self.slots, y=None, init_values=None,
+                  reinit_prob=REINIT, init_kind="uniform")
         for counter in self.counters:
-            self.update(chains, chains, self.grad, self.step_size, self.noise_scale, self.seed,
-                        counter, 0, 0, math.inf, "value", lo, hi)
-        self.write(buffer._storage, buffer._written, buffer._count, chains, self.slots, None,
-                   buffer._seed, buffer._draws, 0, BUFFER, buffer.policy, lo, hi, False)
+            self.update(out=chains, x=chains, grad=self.grad, step_size=self.step_size,
+                        noise_scale=self.noise_scale, seed=self.seed, step=counter, stream=0,
+                        chain_offset=0, grad_clip=math.inf, grad_clip_mode="value",
+                        clamp_lo=lo, clamp_hi=hi)
+        self.write(**storage, count=buffer._count, x=chains, idx=self.slots, y=None,
+                   policy=buffer.policy, stochastic=False)
 
 
 def torchebm_step(energy, case, sample_shape):

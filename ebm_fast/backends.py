@@ -19,7 +19,9 @@ import torch
 
 from ebm_fast import validation
 
-BACKENDS = ("reference", "cpu", "triton")
+KERNEL_BACKENDS = ("reference", "cpu", "triton")
+# What use_backend and a sampler's backend= accept: "auto" leaves the choice to backend_for.
+BACKENDS = ("auto",) + KERNEL_BACKENDS
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ebm_fast_forced_backend", default=None
@@ -55,8 +57,8 @@ def _cpu_unavailable_reason() -> str | None:
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run here, or None when it can."""
-    if name not in BACKENDS:  # backend_for asks on every op: the rule only for a bad name
-        validation.choice(name, "backend", BACKENDS)
+    if name not in KERNEL_BACKENDS:  # backend_for asks on every op: the rule only for a bad name
+        validation.choice(name, "backend", KERNEL_BACKENDS)
     if name == "cpu":
         return _cpu_unavailable_reason()
     if name == "triton":
@@ -66,7 +68,7 @@ def unavailable_reason(name: str) -> str | None:
 
 def available_backends() -> list[str]:
     """The backends that loaded on this machine (the C++ one is built on first call)."""
-    return [name for name in BACKENDS if unavailable_reason(name) is None]
+    return [name for name in KERNEL_BACKENDS if unavailable_reason(name) is None]
 
 
 @contextlib.contextmanager
@@ -76,7 +78,7 @@ def use_backend(name: str):
     ``use_backend("auto")`` restores automatic choice. Raises ValueError for an unknown name and
     RuntimeError for a backend that cannot run here (TypeError for a name not a string).
     """
-    if validation.choice(name, "backend", BACKENDS + ("auto",)) != "auto":
+    if validation.choice(name, "backend", BACKENDS) != "auto":
         reason = unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} is not available: {reason}")

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from ebm_fast import validation
-from ebm_fast.noise import STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_REINIT_DECISION, philox_uniform
+from ebm_fast.noise import STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_REINIT_DECISION
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import OUTPUT_DTYPES, buffer_sample
+from ebm_fast.ops.philox import philox_uniform
 from ebm_fast.reference.buffer_push import POLICIES
 from ebm_fast.reference.buffer_sample import reinit_mask
 

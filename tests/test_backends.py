@@ -25,7 +25,7 @@ def test_use_backend_forces_and_restores():
 
 
 def test_unknown_backend_is_refused():
-    listed = r"backend must be one of \('reference', 'cpu', 'triton', 'auto'\), got 'cuda-magic'"
+    listed = r"backend must be one of \('auto', 'reference', 'cpu', 'triton'\), got 'cuda-magic'"
     with pytest.raises(ValueError, match=listed):
         with ebm_fast.use_backend("cuda-magic"):
             pass

@@ -10,9 +10,10 @@ from scipy import stats
 
 import ebm_fast
 from ebm_fast import ReplayBuffer, use_backend
-from ebm_fast.noise import STREAM_BUFFER_REINIT_VALUES, philox_uniform_ref
+from ebm_fast.noise import STREAM_BUFFER_REINIT_VALUES
 from ebm_fast.reference.buffer_push import quantize
 from ebm_fast.reference.buffer_sample import uint8_scales
+from ebm_fast.reference.philox import philox_uniform_ref
 
 P_MIN = 1e-3  # fixed seeds: these tests are deterministic; a real bias gives p far below this
 
@@ -119,7 +120,8 @@ def test_reservoir_inclusion_probability_is_capacity_over_count():
 
 @pytest.mark.parametrize("seen", [2**31 - 2, 2**31, 2**32 + 7, 2**40 + 1, 2**46 - 6])
 def test_reservoir_slot_is_r_times_t_plus_1_over_2_32_in_exact_integers(seen):
-    from ebm_fast.noise import MASK32, STREAM_BUFFER_RESERVOIR, philox_bits_ref
+    from ebm_fast.noise import MASK32, STREAM_BUFFER_RESERVOIR
+    from ebm_fast.reference.philox import philox_bits_ref
     from ebm_fast.reference.buffer_push import push_targets
 
     slots = seen // 2  # a full reservoir: each draw j in [0, t] lands (j < slots) or is dropped

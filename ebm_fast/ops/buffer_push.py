@@ -19,18 +19,20 @@ from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.buffer_push import POLICIES
 
 
-def push(storage: torch.Tensor, written: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
-         idx: torch.Tensor | None, y: torch.Tensor | None, seed: torch.Tensor, step: torch.Tensor,
-         chain_offset: int, slots_per_class: int, policy: str, lo: float, hi: float,
-         stochastic: bool) -> None:
+def buffer_push_impl(storage: torch.Tensor, written: torch.Tensor, count: torch.Tensor,
+                     x: torch.Tensor, idx: torch.Tensor | None, y: torch.Tensor | None,
+                     seed: torch.Tensor, step: torch.Tensor, chain_offset: int,
+                     slots_per_class: int, policy: str, lo: float, hi: float,
+                     stochastic: bool) -> None:
     """Store x into storage in place, arguments as :func:`buffer_push` normalises them."""
     if x.shape[0]:
         kernel_for("buffer_push", storage)(
-            storage, written, count, x, idx, y, seed, step, chain_offset, slots_per_class,
-            policy, lo, hi, stochastic)
+            storage=storage, written=written, count=count, x=x, idx=idx, y=y, seed=seed,
+            step=step, chain_offset=chain_offset, slots_per_class=slots_per_class,
+            policy=policy, lo=lo, hi=hi, stochastic=stochastic)
 
 
-_buffer_push_op = torch.library.custom_op("ebm_fast::buffer_push", push,
+_buffer_push_op = torch.library.custom_op("ebm_fast::buffer_push", buffer_push_impl,
                                           mutates_args=("storage", "written", "count"))
 
 
@@ -67,7 +69,8 @@ def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots
         raise ValueError("y is required to append to a storage holding several classes")
     validation.same_device(storage.device, "storage", written=written, count=count, x=x, idx=idx,
                            y=y)
-    run_op(_buffer_push_op, push, storage, written, count, x.contiguous(),
-            None if idx is None else idx.contiguous(),
-            None if y is None or idx is not None else y.contiguous(), seed, step,
-            int(chain_offset), int(slots_per_class), policy, float(lo), float(hi), bool(stochastic))
+    run_op(_buffer_push_op, buffer_push_impl, storage=storage, written=written, count=count,
+           x=x.contiguous(), idx=None if idx is None else idx.contiguous(),
+           y=None if y is None or idx is not None else y.contiguous(), seed=seed, step=step,
+           chain_offset=int(chain_offset), slots_per_class=int(slots_per_class), policy=policy,
+           lo=float(lo), hi=float(hi), stochastic=bool(stochastic))

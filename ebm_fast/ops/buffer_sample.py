@@ -21,21 +21,25 @@ OUTPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
-def sample(storage: torch.Tensor, written: torch.Tensor, y: torch.Tensor | None,
-           init_values: torch.Tensor | None, batch: int, dtype: torch.dtype, seed: torch.Tensor,
-           step: torch.Tensor, chain_offset: int, slots_per_class: int, reinit_prob: float,
-           init_kind: str, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+def buffer_sample_impl(storage: torch.Tensor, written: torch.Tensor, y: torch.Tensor | None,
+                       init_values: torch.Tensor | None, batch: int, dtype: torch.dtype,
+                       seed: torch.Tensor, step: torch.Tensor, chain_offset: int,
+                       slots_per_class: int, reinit_prob: float, init_kind: str, lo: float,
+                       hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, slots) as new tensors, arguments as :func:`buffer_sample` normalises them."""
     out = torch.empty((batch, storage.shape[1]), dtype=dtype, device=storage.device)
     slots = torch.empty((batch,), dtype=torch.int64, device=storage.device)
     if batch:
         kernel_for("buffer_sample", storage)(
-            out, slots, storage, written, y, init_values, seed, step, chain_offset,
-            slots_per_class, reinit_prob, init_kind, lo, hi)
+            out=out, slots=slots, storage=storage, written=written, y=y,
+            init_values=init_values, seed=seed, step=step, chain_offset=chain_offset,
+            slots_per_class=slots_per_class, reinit_prob=reinit_prob, init_kind=init_kind,
+            lo=lo, hi=hi)
     return out, slots
 
 
-_buffer_sample_op = torch.library.custom_op("ebm_fast::buffer_sample", sample, mutates_args=())
+_buffer_sample_op = torch.library.custom_op("ebm_fast::buffer_sample", buffer_sample_impl,
+                                            mutates_args=())
 
 
 @_buffer_sample_op.register_fake
@@ -80,7 +84,9 @@ def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
     if init_values is not None:
         init_values = init_values.to(dtype).contiguous()
     # The kernels index y, like every tensor they read, as a contiguous array.
-    return run_op(_buffer_sample_op, sample, storage.contiguous(), written.contiguous(),
-                   None if y is None else y.contiguous(), init_values, int(batch), dtype, seed,
-                   step, int(chain_offset), int(slots_per_class), float(reinit_prob), init_kind,
-                   float(lo), float(hi))
+    return run_op(_buffer_sample_op, buffer_sample_impl, storage=storage.contiguous(),
+                  written=written.contiguous(), y=None if y is None else y.contiguous(),
+                  init_values=init_values, batch=int(batch), dtype=dtype, seed=seed, step=step,
+                  chain_offset=int(chain_offset), slots_per_class=int(slots_per_class),
+                  reinit_prob=float(reinit_prob), init_kind=init_kind, lo=float(lo),
+                  hi=float(hi))

@@ -1,12 +1,15 @@
 """Op ``ebm_fast::langevin_update``: x <- clamp(x - step_size * clip(grad) + noise_scale * xi).
 
 Two registered ops: ``ebm_fast::langevin_update`` (functional, differentiable in x and grad:
-:func:`new_update`) and ``ebm_fast::langevin_update_out`` (writes into ``out``, ``out=x`` being
-the allocation-free hot path: :func:`write_update`). The public :func:`langevin_update` validates
-and normalises the arguments; the route to the kernel is ops/_dispatch.py's.
+:func:`langevin_update_impl`) and ``ebm_fast::langevin_update_out`` (writes into ``out``,
+``out=x`` being the allocation-free hot path: :func:`langevin_update_out_impl`). The public
+:func:`langevin_update` validates and normalises the arguments; the route to the kernel is
+ops/_dispatch.py's.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -15,38 +18,46 @@ from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.langevin_update import chain_norms, per_chain, pre_clamp_update
 
 
-def write_update(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
-                 noise_scale: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
-                 chain_offset: int, grad_clip: float | None, grad_clip_mode: str,
-                 clamp_lo: float | None, clamp_hi: float | None) -> None:
+def langevin_update_out_impl(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
+                             step_size: torch.Tensor, noise_scale: torch.Tensor,
+                             seed: torch.Tensor, step: torch.Tensor, stream: int,
+                             chain_offset: int, grad_clip: float | None, grad_clip_mode: str,
+                             clamp_lo: float | None, clamp_hi: float | None) -> None:
     """Write the update of x into out, arguments as :func:`langevin_update` normalises them. The
     kernels take contiguous tensors: a non-contiguous out is written through a contiguous copy."""
     if not x.numel():
         return
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     kernel_for("langevin_update", x)(
-        target, x.contiguous(), grad.contiguous(), step_size.contiguous(),
-        noise_scale.contiguous(), seed, step, stream, chain_offset, grad_clip, grad_clip_mode,
-        clamp_lo, clamp_hi)
+        out=target, x=x.contiguous(), grad=grad.contiguous(), step_size=step_size.contiguous(),
+        noise_scale=noise_scale.contiguous(), seed=seed, step=step, stream=stream,
+        chain_offset=chain_offset, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
+        clamp_lo=clamp_lo, clamp_hi=clamp_hi)
     if target is not out:
         out.copy_(target)
 
 
-def new_update(x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
-               noise_scale: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
-               chain_offset: int, grad_clip: float | None, grad_clip_mode: str,
-               clamp_lo: float | None, clamp_hi: float | None) -> torch.Tensor:
+def langevin_update_impl(x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
+                         noise_scale: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                         stream: int, chain_offset: int, grad_clip: float | None,
+                         grad_clip_mode: str, clamp_lo: float | None,
+                         clamp_hi: float | None) -> torch.Tensor:
     """The update of x as a new tensor."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    write_update(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
-                 grad_clip, grad_clip_mode, clamp_lo, clamp_hi)
+    langevin_update_out_impl(
+        out=out, x=x, grad=grad, step_size=step_size, noise_scale=noise_scale, seed=seed,
+        step=step, stream=stream, chain_offset=chain_offset, grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo, clamp_hi=clamp_hi)
     return out
 
 
-_langevin_update_op = torch.library.custom_op("ebm_fast::langevin_update", new_update,
-                                              mutates_args=())
-_langevin_update_out_op = torch.library.custom_op("ebm_fast::langevin_update_out", write_update,
-                                                  mutates_args=("out",))
+_langevin_update_op = torch.library.custom_op("ebm_fast::langevin_update",
+                                              langevin_update_impl, mutates_args=())
+_langevin_update_out_op = torch.library.custom_op("ebm_fast::langevin_update_out",
+                                                  langevin_update_out_impl, mutates_args=("out",))
+_PARAMETERS = tuple(inspect.signature(langevin_update_impl).parameters)
+_DIFFERENTIABLE = ("x", "grad")  # the op's other inputs get no gradient
+_SAVED = _DIFFERENTIABLE + ("step_size", "noise_scale", "seed", "step")
 
 
 @_langevin_update_op.register_fake
@@ -62,9 +73,9 @@ def _(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, gr
 
 
 def _setup_context(ctx, inputs, output):
-    x, grad, step_size, noise_scale, seed, step, *options = inputs
-    ctx.save_for_backward(x, grad, step_size, noise_scale, seed, step)
-    ctx.options = options
+    arguments = dict(zip(_PARAMETERS, inputs))
+    ctx.save_for_backward(*(arguments.pop(name) for name in _SAVED))
+    ctx.options = arguments  # stream, chain_offset, grad_clip, grad_clip_mode, clamp_lo, clamp_hi
 
 
 def _backward(ctx, grad_output):
@@ -75,12 +86,16 @@ def _backward(ctx, grad_output):
     hot forward pass memory traffic.
     """
     x, grad, step_size, noise_scale, seed, step = ctx.saved_tensors
-    stream, chain_offset, grad_clip, grad_clip_mode, clamp_lo, clamp_hi = ctx.options
+    options = ctx.options
+    grad_clip, grad_clip_mode = options["grad_clip"], options["grad_clip_mode"]
+    clamp_lo, clamp_hi = options["clamp_lo"], options["clamp_hi"]
     dtype = validation.compute_dtype(x.dtype)
     upstream = grad_output.to(dtype)
     if clamp_lo is not None or clamp_hi is not None:
-        pre = pre_clamp_update(x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
-                               grad_clip, grad_clip_mode)
+        pre = pre_clamp_update(x=x, grad=grad, step_size=step_size, noise_scale=noise_scale,
+                               seed=seed, step=step, stream=options["stream"],
+                               chain_offset=options["chain_offset"], grad_clip=grad_clip,
+                               grad_clip_mode=grad_clip_mode)
         inside = torch.ones_like(pre, dtype=torch.bool)
         if clamp_lo is not None:
             inside &= pre >= clamp_lo
@@ -98,7 +113,8 @@ def _backward(ctx, grad_output):
         d_grad = torch.where(norms > grad_clip, scaled, d_clipped)
     else:
         d_grad = d_clipped
-    return (upstream.to(x.dtype), d_grad.to(grad.dtype)) + (None,) * 10
+    return ((upstream.to(x.dtype), d_grad.to(grad.dtype))
+            + (None,) * (len(_PARAMETERS) - len(_DIFFERENTIABLE)))
 
 
 _langevin_update_op.register_autograd(_backward, setup_context=_setup_context)
@@ -138,17 +154,19 @@ def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, ch
     grad_clip_mode = validation.choice(grad_clip_mode, "grad_clip_mode", validation.GRAD_CLIP_MODES)
     grad_clip, clamp_lo, clamp_hi = validation.update_limits(
         validation.grad_clip(grad_clip), *validation.clamp_bounds(clamp), x.dtype)
-    args = (step_size_t, noise_scale_t, validation.counter(seed, "seed", 64),
-            validation.counter(step, "step", 32), stream, chain_offset, grad_clip,
-            grad_clip_mode, clamp_lo, clamp_hi)
+    arguments = dict(x=x, grad=grad, step_size=step_size_t, noise_scale=noise_scale_t,
+                     seed=validation.counter(seed, "seed", 64),
+                     step=validation.counter(step, "step", 32), stream=stream,
+                     chain_offset=chain_offset, grad_clip=grad_clip,
+                     grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo, clamp_hi=clamp_hi)
     differentiable = torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad)
     if out is None:
-        if differentiable:
-            return _langevin_update_op(x, grad, *args)  # the registered op carries the autograd formula
-        return run_op(_langevin_update_op, new_update, x, grad, *args)
+        if differentiable:  # the registered op carries the autograd formula
+            return _langevin_update_op(**arguments)
+        return run_op(_langevin_update_op, langevin_update_impl, **arguments)
     validation.same_layout(x, out, "out")
     validation.no_partial_overlap(out, "out", x=x, grad=grad)
     if differentiable:
         raise RuntimeError("langevin_update(out=...) is not differentiable; call it without out")
-    run_op(_langevin_update_out_op, write_update, out, x, grad, *args)
+    run_op(_langevin_update_out_op, langevin_update_out_impl, out=out, **arguments)
     return out

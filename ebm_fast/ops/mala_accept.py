@@ -22,45 +22,37 @@ from ebm_fast import validation
 from ebm_fast.ops._dispatch import kernel_for, run_op
 
 
-def write_decisions(accepted: torch.Tensor, accept_prob: torch.Tensor, x: torch.Tensor,
-                    y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
-                    energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
-                    temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
-                    chain_offset: int) -> None:
-    """Write the decisions into ``accepted``/``accept_prob`` and move the accepted chains in
-    place, arguments as :func:`mala_accept` normalises them. The kernels write contiguous rows:
-    a non-contiguous mutated input goes through a contiguous copy."""
-    if not x.shape[0]:
-        return
-    mutated = (x, grad_x, energy_x)
-    work = [t if t.is_contiguous() else t.contiguous() for t in mutated]
-    kernel_for("mala_accept", x)(
-        accepted, accept_prob, work[0], y.contiguous(), work[1], grad_y.contiguous(), work[2],
-        energy_y.contiguous(), step_size.contiguous(), temperature.contiguous(), seed, step,
-        stream, chain_offset)
-    for target, written in zip(mutated, work):
-        if written is not target:
-            target.copy_(written)
-
-
 def _new_outputs(x: torch.Tensor, energy_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chains = x.shape[0]
     return (torch.empty(chains, dtype=torch.bool, device=x.device),
             torch.empty(chains, dtype=energy_x.dtype, device=x.device))
 
 
-def decide(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
-           energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
-           temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
-           chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accepted, accept_prob) as new tensors; accepted chains moved in place."""
+def mala_accept_impl(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor,
+                     grad_y: torch.Tensor, energy_x: torch.Tensor, energy_y: torch.Tensor,
+                     step_size: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                     step: torch.Tensor, stream: int,
+                     chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted, accept_prob) as new tensors, accepted chains moved in place, arguments as
+    :func:`mala_accept` normalises them. The kernels write contiguous rows: a non-contiguous
+    mutated input goes through a contiguous copy."""
     accepted, accept_prob = _new_outputs(x, energy_x)
-    write_decisions(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                    temperature, seed, step, stream, chain_offset)
+    if not x.shape[0]:
+        return accepted, accept_prob
+    mutated = {"x": x, "grad_x": grad_x, "energy_x": energy_x}
+    work = {name: t if t.is_contiguous() else t.contiguous() for name, t in mutated.items()}
+    kernel_for("mala_accept", x)(
+        accepted=accepted, accept_prob=accept_prob, **work, y=y.contiguous(),
+        grad_y=grad_y.contiguous(), energy_y=energy_y.contiguous(),
+        step_size=step_size.contiguous(), temperature=temperature.contiguous(), seed=seed,
+        step=step, stream=stream, chain_offset=chain_offset)
+    for name, target in mutated.items():
+        if work[name] is not target:
+            target.copy_(work[name])
     return accepted, accept_prob
 
 
-_mala_accept_op = torch.library.custom_op("ebm_fast::mala_accept", decide,
+_mala_accept_op = torch.library.custom_op("ebm_fast::mala_accept", mala_accept_impl,
                                           mutates_args=("x", "grad_x", "energy_x"))
 
 
@@ -119,7 +111,9 @@ def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
     temperature_t = validation.chain_param(temperature, "temperature", x, allow_zero=False).detach()
     stream = validation.integer(stream, "stream", low=0, high=1 << 32)
     chain_offset = validation.chain_offset(chain_offset, (x.shape[0],))  # one draw per chain
-    tensors = (t.detach() for t in (x, y, grad_x, grad_y, energy_x, energy_y))
-    return run_op(_mala_accept_op, decide, *tensors, step_size_t, temperature_t,
-                  validation.counter(seed, "seed", 64), validation.counter(step, "step", 32),
-                  stream, chain_offset)
+    return run_op(_mala_accept_op, mala_accept_impl, x=x.detach(), y=y.detach(),
+                  grad_x=grad_x.detach(), grad_y=grad_y.detach(), energy_x=energy_x.detach(),
+                  energy_y=energy_y.detach(), step_size=step_size_t, temperature=temperature_t,
+                  seed=validation.counter(seed, "seed", 64),
+                  step=validation.counter(step, "step", 32), stream=stream,
+                  chain_offset=chain_offset)

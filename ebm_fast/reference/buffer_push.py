@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.noise import (MASK32, STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_RESERVOIR,
-                            philox_bits_ref, philox_uniform_ref)
+from ebm_fast.noise import MASK32, STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_RESERVOIR
 from ebm_fast.reference.buffer_sample import UINT8_LEVELS, float32, uint8_scales
+from ebm_fast.reference.philox import philox_bits_ref, philox_uniform_ref
 
 POLICIES = ("fifo", "reservoir")
 

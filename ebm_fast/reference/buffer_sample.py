@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.noise import (
-    MASK32, STREAM_BUFFER_REINIT_DECISION, STREAM_BUFFER_REINIT_VALUES, STREAM_BUFFER_SLOT,
-    philox_bits_ref, philox_normal_ref, philox_uniform_ref)
+    MASK32, STREAM_BUFFER_REINIT_DECISION, STREAM_BUFFER_REINIT_VALUES, STREAM_BUFFER_SLOT)
+from ebm_fast.reference.philox import philox_bits_ref, philox_normal_ref, philox_uniform_ref
 
 INIT_KINDS = ("uniform", "gaussian", "values")
 UINT8_LEVELS = 255
@@ -87,10 +87,10 @@ def buffer_sample_ref(storage, written, y, init_values, batch, dtype, seed, step
     return torch.where(reinit[:, None], fresh, stored), slots
 
 
-def buffer_sample_out(out, slots_out, storage, written, y, init_values, seed, step, chain_offset,
+def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, chain_offset,
                       slots_per_class, reinit_prob, init_kind, lo, hi):
-    x, slots = buffer_sample_ref(storage, written, y, init_values, out.shape[0], out.dtype, seed,
+    x, drawn = buffer_sample_ref(storage, written, y, init_values, out.shape[0], out.dtype, seed,
                                  step, chain_offset, slots_per_class, reinit_prob, init_kind, lo,
                                  hi)
     out.copy_(x)
-    slots_out.copy_(slots)
+    slots.copy_(drawn)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.noise import philox_normal_ref
+from ebm_fast.reference.philox import philox_normal_ref
 from ebm_fast.validation import compute_dtype
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.noise import philox_uniform_ref
 from ebm_fast.reference.langevin_update import per_chain
+from ebm_fast.reference.philox import philox_uniform_ref
 from ebm_fast.validation import compute_dtype
 
 

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
     reason=f"triton backend unavailable: {unavailable_reason('triton')}")
 
 import ebm_fast  # noqa: E402
-from ebm_fast import noise, reference  # noqa: E402
-from ebm_fast.kernels import triton as triton_kernels  # noqa: E402
+from ebm_fast.ops._dispatch import kernels  # noqa: E402
+from ebm_fast.reference.philox import philox_bits_ref, philox_uniform_ref  # noqa: E402
 from tests.helpers import counter, kernel_device  # noqa: E402
 from tests.ops.test_mala_accept import _check_backend_against_reference  # noqa: E402
 from tests.kernels.triton.test_langevin_update import _assert_update_close, _run_update, _update_inputs  # noqa: E402
@@ -70,9 +70,9 @@ def test_kernel_update_at_scale_matches_reference(dtype, grad_clip, grad_clip_mo
 def test_kernel_philox_at_scale_is_bit_exact(distribution):
     dtype = torch.int32 if distribution == "bits" else torch.float32
     out = torch.empty(UPDATE_SHAPE, dtype=dtype, device=DEVICE)
-    triton_kernels.KERNELS["philox"](out, counter(SEED, DEVICE), counter(STEP, DEVICE), 5,
-                                     CHAIN_OFFSET, distribution)
-    draw = noise.philox_bits_ref if distribution == "bits" else noise.philox_uniform_ref
+    kernels("triton")["philox"](out=out, seed=counter(SEED, DEVICE), step=counter(STEP, DEVICE),
+                                stream=5, chain_offset=CHAIN_OFFSET, distribution=distribution)
+    draw = philox_bits_ref if distribution == "bits" else philox_uniform_ref
     want = draw(UPDATE_SHAPE, seed=SEED, step=STEP, stream=5, chain_offset=CHAIN_OFFSET,
                 device=DEVICE)
     assert torch.equal(out, want.to(dtype) if distribution == "bits" else want)
@@ -97,16 +97,16 @@ def _buffer_cycle(sample, push, state, appended, y, policy, stochastic):
     the final storage, written flags and counts."""
     storage, written, count = state
     slots_per_class = storage.shape[0] // N_CLASSES
-    seed = counter(SEED, DEVICE)
-    layout = (CHAIN_OFFSET, slots_per_class)
-    push(storage, written, count, appended, None, y, seed, counter(0, DEVICE), *layout, policy,
-         -1.0, 1.0, stochastic)
+    shared = dict(storage=storage, written=written, seed=counter(SEED, DEVICE),
+                  chain_offset=CHAIN_OFFSET, slots_per_class=slots_per_class, lo=-1.0, hi=1.0)
+    push(**shared, count=count, x=appended, idx=None, y=y, step=counter(0, DEVICE),
+         policy=policy, stochastic=stochastic)
     out = torch.empty_like(appended)
     slots = torch.empty(appended.shape[0], dtype=torch.int64, device=DEVICE)
-    sample(out, slots, storage, written, y, None, seed, counter(1, DEVICE), *layout, 0.05,
-           "uniform", -1.0, 1.0)
-    push(storage, written, count, out * 0.9, slots, None, seed, counter(2, DEVICE), *layout,
-         policy, -1.0, 1.0, stochastic)
+    sample(**shared, out=out, slots=slots, y=y, init_values=None, step=counter(1, DEVICE),
+           reinit_prob=0.05, init_kind="uniform")
+    push(**shared, count=count, x=out * 0.9, idx=slots, y=None, step=counter(2, DEVICE),
+         policy=policy, stochastic=stochastic)
     return out, slots, storage, written, count
 
 
@@ -123,11 +123,11 @@ def test_kernel_buffer_cycle_at_scale_matches_reference(storage_dtype, policy, c
     appended = (torch.rand(BUFFER_BATCH, features, generator=gen) * 2.2 - 1.1).to(DEVICE)
     y = torch.randint(0, N_CLASSES, (BUFFER_BATCH,), generator=gen).to(DEVICE)
     stochastic = storage_dtype == torch.uint8
-    got = _buffer_cycle(triton_kernels.KERNELS["buffer_sample"],
-                        triton_kernels.KERNELS["buffer_push"],
+    got = _buffer_cycle(kernels("triton")["buffer_sample"], kernels("triton")["buffer_push"],
                         [t.clone() for t in state], appended, y, policy, stochastic)
-    want = _buffer_cycle(reference.KERNELS["buffer_sample"], reference.KERNELS["buffer_push"],
-                         state, appended, y, policy, stochastic)
+    want = _buffer_cycle(kernels("reference")["buffer_sample"],
+                         kernels("reference")["buffer_push"], state, appended, y, policy,
+                         stochastic)
     for name, a, b in zip(("batch", "slots", "storage", "written", "count"), got, want):
         assert torch.equal(a, b), name
 

@@ -16,8 +16,8 @@ import ebm_fast
 from ebm_fast import use_backend
 from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.langevin_update import _langevin_update_op
-from ebm_fast.noise import philox_normal_ref
 from ebm_fast.reference.langevin_update import langevin_update_ref, per_chain
+from ebm_fast.reference.philox import philox_normal_ref
 from ebm_fast.validation import compute_dtype
 from tests.helpers import assert_within_eager_error, kernel_backends, kernel_device
 

@@ -7,8 +7,8 @@ import torch
 
 import ebm_fast
 from ebm_fast import use_backend
-from ebm_fast.noise import philox_normal_ref
 from ebm_fast.ops.langevin_update import _langevin_update_op, _langevin_update_out_op
+from ebm_fast.reference.philox import philox_normal_ref
 
 
 def _inputs(shape=(4, 3, 5), dtype=torch.float64, seed=0):

@@ -17,7 +17,7 @@ from ebm_fast.datasets import ring_log_density, ring_of_gaussians
 from ebm_fast.exact2d import exact_kl, exact_ml_gradient, grid
 from ebm_fast.experiments.models import make_energy
 from ebm_fast.experiments.study.config import StudyConfig
-from ebm_fast.noise import philox_uniform
+from ebm_fast.ops.philox import philox_uniform
 from ebm_fast.samplers import LangevinSampler
 from ebm_fast.training import (ContrastiveDivergence, KLPersistentML, PersistentCD, PersistentML,
                                ShortRunML)

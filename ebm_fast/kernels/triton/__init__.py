@@ -1,19 +1,7 @@
-"""The Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). Importing this package
+"""The Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). Importing any of them
 imports triton.
 
-KERNELS maps each op to its entry point (the convention of ebm_fast/ops/_dispatch.py).
+One module per op (ops/_dispatch.OPS), each with its ``<op>_out`` entry point (the convention of
+ebm_fast/ops/_dispatch.py); ``_noise_spec.py`` holds the noise spec as @triton.jit helpers and
+``_launch.py`` how launchers pass scalars and lay tiles.
 """
-
-from ebm_fast.kernels.triton.buffer_push import buffer_push_out
-from ebm_fast.kernels.triton.buffer_sample import buffer_sample_out
-from ebm_fast.kernels.triton.langevin_update import langevin_update_out
-from ebm_fast.kernels.triton.mala_accept import mala_accept_out
-from ebm_fast.kernels.triton.philox import philox_out
-
-KERNELS = {
-    "buffer_push": buffer_push_out,
-    "buffer_sample": buffer_sample_out,
-    "langevin_update": langevin_update_out,
-    "mala_accept": mala_accept_out,
-    "philox": philox_out,
-}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ebm_fast.kernels.triton._noise import counter_args, read_scalar, spec_uniform
+from ebm_fast.kernels.triton._launch import counter_args, read_scalar
+from ebm_fast.kernels.triton._noise_spec import spec_uniform
 from ebm_fast.kernels.triton.langevin_update import round_to
 from ebm_fast.noise import STREAM_BUFFER_QUANTIZE
 from ebm_fast.reference.buffer_push import push_targets

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ebm_fast.kernels.triton._noise import counter_args, read_scalar, spec_uniform
+from ebm_fast.kernels.triton._launch import counter_args, read_scalar
+from ebm_fast.kernels.triton._noise_spec import spec_uniform
 from ebm_fast.kernels.triton.langevin_update import (
     SUPPORTED_DTYPES, chain_param_arg, read_chain_param)
 

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ebm_fast.kernels.triton._noise import (
-    counter_args, read_scalar, spec_normal_tile, spec_uniform_tile, spec_words_tile, tile_grid,
-    tile_offsets)
+from ebm_fast.kernels.triton._launch import counter_args, read_scalar, tile_grid, tile_offsets
+from ebm_fast.kernels.triton._noise_spec import (
+    spec_normal_tile, spec_uniform_tile, spec_words_tile)
 
 GROUPS = 512
 NUM_WARPS = 4

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
 import triton  # noqa: E402
 
 from ebm_fast.kernels.triton import mala_accept as triton_mala  # noqa: E402
-from ebm_fast.noise import philox_uniform_ref  # noqa: E402
 from ebm_fast.reference.mala_accept import mala_accept_ref  # noqa: E402
+from ebm_fast.reference.philox import philox_uniform_ref  # noqa: E402
 from tests.helpers import compile_for_sm90, counter, kernel_device  # noqa: E402
 
 DEVICE = kernel_device("triton")

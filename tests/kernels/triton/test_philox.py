@@ -1,7 +1,7 @@
-"""ebm_fast/kernels/triton/_noise.py and philox.py: the @triton.jit noise-spec helpers, how scalars
-reach the kernels, the tiled philox_out kernel across program tiles, and its PTX for sm_90.
-Runs under TRITON_INTERPRET=1 on the CPU or on a GPU. Backend-parametrised comparisons of the
-public draws live in tests/kernels/test_noise.py."""
+"""ebm_fast/kernels/triton/philox.py, _noise_spec.py and _launch.py: the @triton.jit noise-spec
+helpers, how scalars reach the kernels, the tiled philox_out kernel across program tiles, and its
+PTX for sm_90. Runs under TRITON_INTERPRET=1 on the CPU or on a GPU. Backend-parametrised
+comparisons of the public draws live in tests/kernels/test_philox.py."""
 
 import math
 
@@ -19,10 +19,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import ebm_fast  # noqa: E402
-from ebm_fast import noise  # noqa: E402
 from ebm_fast.kernels.triton import philox as triton_philox  # noqa: E402
-from ebm_fast.kernels.triton._noise import (  # noqa: E402
-    read_scalar, scalar_arg, spec_normal, spec_uniform, spec_words)
+from ebm_fast.kernels.triton._launch import read_scalar, scalar_arg  # noqa: E402
+from ebm_fast.kernels.triton._noise_spec import spec_normal, spec_uniform, spec_words  # noqa: E402
+from ebm_fast.ops.philox import philox_normal  # noqa: E402
+from ebm_fast.reference import philox as ref  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
 
@@ -71,13 +72,13 @@ def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_
     _spec_helpers_kernel[(1,)](words, uniform, normal, n.to(index_dtype).to(DEVICE), seed_arg,
                                step_arg, stream, n.numel(), IS_POINTER=is_pointer, BLOCK=32)
 
-    blocks = noise.philox_blocks_ref(n, seed, step, stream)
+    blocks = ref.philox_blocks_ref(n, seed, step, stream)
     expected_words = torch.stack(blocks).gather(0, (n % 4)[None])[0]
     assert torch.equal(_as_uint32(words.cpu()), expected_words)
-    assert torch.equal(uniform.cpu(), noise.uniform_from_bits(expected_words))
+    assert torch.equal(uniform.cpu(), ref.uniform_from_bits(expected_words))
     pair = (n % 4) // 2
-    u_a = noise.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair)[None])[0]).double()
-    u_b = noise.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair + 1)[None])[0]).double()
+    u_a = ref.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair)[None])[0]).double()
+    u_b = ref.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair + 1)[None])[0]).double()
     rho = torch.sqrt(-2 * torch.log(u_a.clamp(min=1e-7)))
     exact = torch.where(n % 2 == 0, rho * torch.cos(2 * math.pi * u_b),
                         rho * torch.sin(2 * math.pi * u_b))
@@ -85,12 +86,12 @@ def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_
 
 
 def _assert_philox_out_matches_reference(out, seed, step, stream, chain_offset, distribution):
-    draw = {"bits": noise.philox_bits_ref, "uniform": noise.philox_uniform_ref,
-            "normal": noise.philox_normal_ref}[distribution]
+    draw = {"bits": ref.philox_bits_ref, "uniform": ref.philox_uniform_ref,
+            "normal": ref.philox_normal_ref}[distribution]
     want = draw(out.shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset)
     if distribution == "normal":
-        exact = noise.philox_normal_ref(out.shape, seed=seed, step=step, stream=stream,
-                                        chain_offset=chain_offset, dtype=torch.float64)
+        exact = ref.philox_normal_ref(out.shape, seed=seed, step=step, stream=stream,
+                                      chain_offset=chain_offset, dtype=torch.float64)
         assert_within_eager_error(out, want, exact, atol=1e-6)
     else:
         assert torch.equal(out.cpu(), want)
@@ -134,11 +135,11 @@ def test_public_draws_dispatch_to_triton_and_split_into_chunks():
     seed/step given as 0-dim tensors."""
     seed, step = torch.tensor(-5, device=DEVICE), torch.tensor(11, device=DEVICE)
     with ebm_fast.use_backend("triton"):
-        whole = noise.philox_normal((5, 7), seed=seed, step=step, device=DEVICE)
-        head = noise.philox_normal((2, 7), seed=seed, step=step, device=DEVICE)
-        tail = noise.philox_normal((3, 7), seed=seed, step=step, chain_offset=2, device=DEVICE)
+        whole = philox_normal((5, 7), seed=seed, step=step, device=DEVICE)
+        head = philox_normal((2, 7), seed=seed, step=step, device=DEVICE)
+        tail = philox_normal((3, 7), seed=seed, step=step, chain_offset=2, device=DEVICE)
     assert torch.equal(torch.cat([head, tail]), whole)
-    want = noise.philox_normal_ref((5, 7), seed=2**64 - 5, step=11)
+    want = ref.philox_normal_ref((5, 7), seed=2**64 - 5, step=11)
     torch.testing.assert_close(whole.cpu(), want, rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""The noise spec (ebm_fast/noise.py) as @triton.jit helpers, and how launchers pass scalars.
+"""The noise spec (ebm_fast/noise.py) as @triton.jit helpers.
 
 Element n draws from the Philox block g = n // 4 with counter (g lo, g hi, step, stream) and key
 (seed lo, seed hi) (``tl.philox`` splits the 64-bit seed that way), and takes word out[n % 4].
@@ -7,47 +7,14 @@ Element n draws from the Philox block g = n // 4 with counter (g lo, g hi, step,
   of indices n (per-chain draws: n = chain index). They run Philox once per element.
 * ``spec_words_tile`` / ``spec_uniform_tile`` / ``spec_normal_tile``: the bulk path. Given a block
   of group indices g they return a (groups, 4) tile for the elements n = 4 g + r, running Philox
-  (and Box-Muller) once per group of four; ``tile_offsets`` lays such tiles over a flat tensor.
-
-Scalars (seed, step, 0-dim parameters) reach a kernel through :func:`scalar_arg`: a tensor on the
-CPU is read on the host (free, no device sync) and passed by value; a tensor on the kernel's
-device is passed by pointer and loaded inside the kernel (``read_scalar``), so counters that live
-on the GPU (CUDA graphs) are never read by the host.
+  (and Box-Muller) once per group of four; ``_launch.tile_offsets`` lays such tiles over a flat
+  tensor.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-
-def scalar_arg(value: torch.Tensor, device: torch.device, name: str):
-    """(kernel argument, is_pointer) for a 0-dim tensor used by a kernel running on ``device``."""
-    if value.device == device:
-        return value, True
-    if value.device.type == "cpu":
-        return value.item(), False
-    raise ValueError(f"{name} is on {value.device} but the kernel runs on {device}")
-
-
-def counter_args(seed: torch.Tensor, step: torch.Tensor, device: torch.device):
-    """(seed argument, step argument, {SEED_IS_POINTER, STEP_IS_POINTER} constexprs) for a kernel
-    running on ``device`` that reads both with :func:`read_scalar`."""
-    seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
-    step_arg, step_is_pointer = scalar_arg(step, device, "step")
-    return seed_arg, step_arg, dict(SEED_IS_POINTER=seed_is_pointer,
-                                    STEP_IS_POINTER=step_is_pointer)
-
-
-@triton.jit
-def read_scalar(arg, IS_POINTER: tl.constexpr):
-    """The value of a scalar passed by :func:`scalar_arg`."""
-    if IS_POINTER:
-        value = tl.load(arg)
-    else:
-        value = arg
-    return value
 
 
 @triton.jit
@@ -118,22 +85,3 @@ def spec_normal_tile(seed, step, stream, g):
     z0, z1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
     z2, z3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
     return _as_tile(z0, z1, z2, z3)
-
-
-@triton.jit
-def tile_offsets(first_group, GROUPS: tl.constexpr, SHIFT: tl.constexpr):
-    """This program's tile over a flat tensor whose element 0 has global index n0.
-
-    The launcher passes first_group = n0 // 4 and SHIFT = n0 % 4 (see :func:`tile_grid`).
-    Returns the group indices g (GROUPS,) and the flat positions n - n0 (GROUPS, 4) of the
-    elements n = 4 g + r; positions outside [0, numel) must be masked by the caller.
-    """
-    local = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
-    flat = local[:, None] * 4 + tl.arange(0, 4)[None, :] - SHIFT
-    return first_group + local, flat
-
-
-def tile_grid(numel: int, n0: int, groups: int):
-    """(first_group, SHIFT, grid) for :func:`tile_offsets` over numel elements starting at n0."""
-    shift = n0 % 4
-    return n0 // 4, shift, (triton.cdiv(triton.cdiv(numel + shift, 4), groups),)
