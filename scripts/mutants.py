@@ -48,6 +48,8 @@ class Mutant:
 TRITON = "ebm_fast/kernels/triton/"
 TRAINER = "ebm_fast/training/trainer.py"
 TRAINER_DEFS = "tests/training/test_trainer_definitions.py"
+STUDY = "ebm_fast/experiments/study/"
+STUDY_ERRORS = "tests/experiments/test_study_errors.py"
 MUTANTS = [
     # -- kernel index arithmetic
     Mutant("triton_update_drops_the_tiles_chain_base", TRITON + "langevin_update.py",
@@ -238,6 +240,37 @@ MUTANTS = [
            "if self.position + self.batch_size > self.size:",
            "if self.position + self.batch_size >= self.size:",
            ("tests/training/test_data.py",)),
+    # -- the study's standard errors (tests/experiments/test_study_errors.py)
+    Mutant("study_mean_se_divides_by_n", STUDY + "common.py",
+           "float(t.std() / math.sqrt(len(t)))", "float(t.std() / len(t))",
+           (STUDY_ERRORS + "::test_mean_se_by_hand",)),
+    Mutant("study_mean_se_uses_the_population_std", STUDY + "common.py",
+           "float(t.std() / math.sqrt(len(t)))", "float(t.std(correction=0) / math.sqrt(len(t)))",
+           (STUDY_ERRORS + "::test_mean_se_by_hand",)),
+    Mutant("study_curves_se_uses_the_population_std", STUDY + "e3_training.py",
+           "(values.std(0) / math.sqrt(len(runs)))",
+           "(values.std(0, correction=0) / math.sqrt(len(runs)))",
+           (STUDY_ERRORS + "::test_e3_curves_and_finals_are_mean_and_se_over_the_seeds",)),
+    Mutant("study_curves_se_is_the_standard_deviation", STUDY + "e3_training.py",
+           "(values.std(0) / math.sqrt(len(runs)))", "values.std(0)",
+           (STUDY_ERRORS + "::test_e3_curves_and_finals_are_mean_and_se_over_the_seeds",)),
+    Mutant("study_difference_to_exact_ml_unpaired", STUDY + "e3_training.py",
+           "for run, ref in zip(runs, exact))", "for run, ref in zip(runs, exact[::-1]))",
+           (STUDY_ERRORS + "::test_e3_curves_and_finals_are_mean_and_se_over_the_seeds",)),
+    Mutant("study_e2_se_is_the_subsets_spread", STUDY + "e2_cd_objective.py",
+           "se = float(parts.std()) / subsets ** 0.5", "se = float(parts.std())",
+           (STUDY_ERRORS + "::test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m",)),
+    Mutant("study_e2_se_divides_by_m", STUDY + "e2_cd_objective.py",
+           "se = float(parts.std()) / subsets ** 0.5", "se = float(parts.std()) / subsets",
+           (STUDY_ERRORS + "::test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m",)),
+    Mutant("study_e1_bootstrap_se_over_sqrt_resamples", STUDY + "e1_gradients.py",
+           '"bias_se": float(bias[1:].std()) / scale,',
+           '"bias_se": float(bias[1:].std()) / scale / BOOTSTRAP ** 0.5,',
+           (STUDY_ERRORS + "::test_e1_bootstrap_errors_approach_the_gaussian_closed_forms",)),
+    Mutant("study_e1_variance_se_scaled_once", STUDY + "e1_gradients.py",
+           '"variance_se": float(variance[1:].std()) / scale ** 2',
+           '"variance_se": float(variance[1:].std()) / scale',
+           (STUDY_ERRORS + "::test_e1_bootstrap_errors_approach_the_gaussian_closed_forms",)),
 ]
 
 

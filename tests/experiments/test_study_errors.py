@@ -1,0 +1,160 @@
+"""The study's standard errors held to their definitions, computed by hand beside it.
+
+* Over seeds (E3's curves and finals, E4, E5): the standard error of a mean of n values is the
+  sample standard deviation (n - 1 in the denominator) over sqrt(n); E3's difference to exact ML
+  is paired by seed, its SE that of the per-seed differences.
+* E2: the SE of a histogram estimate over n chains from m disjoint subsets of them: the sample
+  standard deviation of the m subset estimates over sqrt(m).
+* E1: bootstrap standard errors, which for Gaussian gradient errors approach the closed forms
+  sigma / sqrt(R) (bias) and sqrt(2 P / R) sigma^2 (variance).
+
+E3 and E5 are fed training records through the context's documented cache (``ctx.runs``), so
+no training runs; the values are arbitrary numbers whose statistics the test computes with
+Python's ``statistics`` module.
+"""
+
+import dataclasses
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from ebm_fast.experiments.models import make_energy
+from ebm_fast.experiments.study import common, e1_gradients, e2_cd_objective, e3_training
+from ebm_fast.experiments.study import e5_temperature
+from ebm_fast.experiments.study.config import FULL
+
+TINY = dataclasses.replace(
+    FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
+    checkpoints=(0, 1, 2), e2_chains=400, e2_steps=(0, 1), e2_subsets=5, e2_buffer_calls=0,
+    bins=8, seeds=4, iterations=2, train_batch=8, train_steps=1, eval_points=1,
+    temperatures=(0.5, 1.0))
+
+
+class Progress:
+    def update(self, n):
+        pass
+
+
+def se(values):
+    values = list(values)
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def assert_mean_se(got, values):
+    values = list(values)
+    assert got["n"] == len(values)
+    assert got["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12, abs=1e-15)
+    assert got["se"] == pytest.approx(se(values), rel=1e-12)
+
+
+def test_mean_se_by_hand():
+    # [1, 2, 4, 7]: mean 3.5, squared deviations 6.25 + 2.25 + 0.25 + 12.25 = 21,
+    # sample variance 21 / 3 = 7, SE sqrt(7) / sqrt(4).
+    assert common.mean_se([1.0, 2.0, 4.0, 7.0]) == pytest.approx(
+        {"mean": 3.5, "se": math.sqrt(7) / 2, "n": 4})
+    # Two values a, b: SE = |a - b| / 2.
+    assert common.mean_se([0.0, 1.0])["se"] == pytest.approx(0.5)
+
+
+def fake_record(rng, points):
+    return {"iterations": list(range(points)),
+            "kl": [rng.uniform(0, 2) for _ in range(points)],
+            "nll": [rng.uniform(2, 4) for _ in range(points)],
+            "gap": [rng.uniform(0, 1) for _ in range(points)],
+            "nonfinite_skipped": 0}
+
+
+def test_e3_curves_and_finals_are_mean_and_se_over_the_seeds():
+    ctx = common.Context(TINY, seed=0)
+    rng = random.Random(1)
+    points = 3
+    for method in e3_training.METHODS:
+        for seed_index in range(TINY.seeds):
+            ctx.runs[(method, 1.0, seed_index)] = fake_record(rng, points)
+    result, _ = e3_training.run(ctx, Progress())
+    for method in e3_training.METHODS:
+        runs = [ctx.runs[(method, 1.0, s)] for s in range(TINY.seeds)]
+        exact = [ctx.runs[("exact_ml", 1.0, s)] for s in range(TINY.seeds)]
+        row = result[method]
+        for key in ("kl", "nll", "gap"):
+            for t in range(points):
+                values = [run[key][t] for run in runs]
+                assert row[key]["mean"][t] == pytest.approx(statistics.fmean(values), rel=1e-12)
+                assert row[key]["se"][t] == pytest.approx(se(values), rel=1e-12)
+        assert_mean_se(row["final_kl"], [run["kl"][-1] for run in runs])
+        assert_mean_se(row["final_nll"], [run["nll"][-1] for run in runs])
+        assert_mean_se(row["final_kl_minus_exact_ml"],
+                       [run["kl"][-1] - ref["kl"][-1] for run, ref in zip(runs, exact)])
+
+
+def test_e5_kl_is_mean_and_se_over_the_seeds():
+    ctx = common.Context(TINY, seed=0)
+    energies = {}
+    for i, temperature in enumerate(TINY.temperatures):
+        for seed_index in range(TINY.seeds):
+            energy = make_energy(100 * i + seed_index, TINY.hidden)
+            energies[(temperature, seed_index)] = energy
+            ctx.runs[("persistent_ml", temperature, seed_index)] = {"energy": energy}
+    result, _ = e5_temperature.run(ctx, Progress())
+    for temperature in TINY.temperatures:
+        models = [energies[(temperature, s)] for s in range(TINY.seeds)]
+        row = result["trained"][str(temperature)]
+        assert_mean_se(row["kl_data_model"], [ctx.exact_kl_to_model(e) for e in models])
+        assert_mean_se(row["kl_data_tempered"],
+                       [ctx.exact_kl_to_model(e, temperature) for e in models])
+
+
+def test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m(monkeypatch):
+    """histogram_kl replaced by a recording statistic (the mean first coordinate): the study
+    must estimate on all chains, on m disjoint subsets covering them, and report
+    stdev(subset estimates) / sqrt(m)."""
+    calls = []
+
+    def statistic(x, log_probs, box, bins):
+        value = float(x[:, 0].double().mean()) + float(x[:, 1].double().mean()) ** 2
+        calls.append((x.detach().clone(), value))
+        return value
+
+    monkeypatch.setattr(e2_cd_objective, "histogram_kl", statistic)
+    ctx = common.Context(TINY, seed=0)
+    result, _ = e2_cd_objective.run(ctx, Progress())
+    n, m = TINY.e2_chains, TINY.e2_subsets
+    groups = iter(calls)
+    checked = 0
+    for model in common.MODEL_NAMES:
+        for start in e2_cd_objective.STARTS:
+            for k in TINY.e2_steps:
+                full, full_value = next(groups)
+                parts = [next(groups) for _ in range(m)]
+                assert full.shape[0] == n
+                # Disjoint subsets that together are the chains.
+                assert sum(p.shape[0] for p, _ in parts) == n
+                assert torch.equal(torch.sort(torch.cat([p for p, _ in parts])[:, 0]).values,
+                                   torch.sort(full[:, 0]).values)
+                row = result[model][start][str(k)]
+                assert row["kl_chains"] == full_value
+                expected = statistics.stdev(v for _, v in parts) / math.sqrt(m)
+                assert row["kl_chains_se"] == pytest.approx(expected, rel=1e-9)
+                assert row["objective_se"] == pytest.approx(expected, rel=1e-9)
+                checked += 1
+    assert checked == len(common.MODEL_NAMES) * len(e2_cd_objective.STARTS) * len(TINY.e2_steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_e1_bootstrap_errors_approach_the_gaussian_closed_forms(seed):
+    """Rows c + N(0, sigma^2 I_P), |c| = 1 >> sigma / sqrt(R): the bias estimate is about |c|
+    with SE sigma / sqrt(R) (the mean's spread along c); the variance estimate is the mean of
+    sigma^2 chi^2_P over R rows, SE sqrt(2 P / R) sigma^2. Both scaled by 1 / scale and
+    1 / scale^2. The bootstrap's own noise (400 resamples) and the finite R keep them within
+    about 10 %."""
+    g = torch.Generator().manual_seed(seed)
+    replicas, dims, sigma, scale = 400, 50, 0.5, 2.0
+    noise = sigma * torch.randn(replicas, dims, generator=g, dtype=torch.float64)
+    noise[:, 0] += 1.0
+    row = e1_gradients.summarise(noise, scale, g)
+    assert row["bias_se"] == pytest.approx(sigma / math.sqrt(replicas) / scale, rel=0.2)
+    assert row["variance_se"] == pytest.approx(
+        math.sqrt(2 * dims / replicas) * sigma ** 2 / scale ** 2, rel=0.2)
