@@ -1,9 +1,10 @@
 """Sampler throughput (chain-steps per second) against the loops users write today, in one run.
 
 Cases (issue 5): MLP 2-128-128-1 (B=8192, K=50), MLP 784-256-256-1 (B=256, K=40), a small conv
-net on 3x32x32 (B=32, K=10); wrn (issue 17, not run by default): a WRN-10-2 as JEM builds it
-(no normalisation, leaky ReLU) on 3x32x32 (B=16, K=5). Methods, each a whole K-step chain from
-the same x0:
+net on 3x32x32 (B=32, K=10). Not run by default, on 3x32x32: wrn (issue 17), JEM's WRN-10-2
+(B=16, K=5); the nets of published EBM code (issue 22, ebm_fast.experiments.nets): igebm,
+IGEBM's ResNet-32 (B=8, K=3); jem_wrn, JEM's WRN-16-4 (B=8, K=5); icd, ICD's conv energy (B=8,
+K=5). Methods, each a whole K-step chain from the same x0:
 
   floor            K bare energy forward+backward passes w.r.t. x (parameters frozen), no update
   eager_loop       detach, requires_grad, autograd.grad, x - eps g + sigma randn, clamp
@@ -11,6 +12,9 @@ the same x0:
   graphed_loop     (CUDA) the whole K-step plain loop captured by hand in one CUDA graph and
                    replayed: the best a user can do without ebm_fast
   sampler          ebm_fast.LangevinSampler (same update, fused kernel; CUDA graph on CUDA)
+  sampler_auto     the sampler under the precision policy "auto" (ebm_fast.precision): bf16
+                   passes where the device has native bf16, a channels-last model and x0 where
+                   that helps; the choice and its reason are printed with the case
   sampler_compile  ebm_fast.LangevinSampler(compile=True)
   ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
   sampler_bf16     (--autocast bf16; sampler_fp16 for fp16) the sampler with the energy's passes
@@ -18,7 +22,8 @@ the same x0:
   *_channels_last  (--channels-last, image cases) the sampler (and its autocast variant) on a
                    channels-last copy of the model and x0
 
-"vs sampler" is the speed-up over the float32 sampler (the gain of autocast / channels-last).
+"vs sampler" is the speed-up over the float32 sampler (the gain of auto, autocast,
+channels-last). The machine's capability line (what the policy reads) is printed first.
 
 Reports the median seconds of a K-step run (methods interleaved round by round),
 chain-steps/s, speed-up over eager_loop and time over floor, and the same two ratios from each
@@ -50,15 +55,11 @@ import torch
 import ebm_fast
 from ebm_fast.allocator import retain_freed_cpu_memory
 from ebm_fast.backends import backend_for
+from ebm_fast.experiments.nets import NETS, JEMWideResNet
+from ebm_fast.precision import capability_line, fast_energy, resolve_precision
 
 STEP_SIZE, NOISE_SCALE, CLAMP = 0.01, 0.005, (-1.0, 1.0)
 RESULTS = Path(__file__).resolve().parent / "results" / "sampler.json"
-
-
-def mlp(d_in: int, hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.SiLU(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
-                               torch.nn.Linear(hidden, 1))
 
 
 def conv_net() -> torch.nn.Module:
@@ -69,43 +70,17 @@ def conv_net() -> torch.nn.Module:
         torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 1))
 
 
-class WideBlock(torch.nn.Module):
-    """A pre-activation wide residual block without normalisation (JEM's WRN, norm=None)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, 1)
-        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.shortcut = (torch.nn.Identity() if stride == 1 and c_in == c_out
-                         else torch.nn.Conv2d(c_in, c_out, 1, stride))
-        self.act = torch.nn.LeakyReLU(0.2)
-
-    def forward(self, x):
-        h = self.conv1(self.act(x))
-        return self.conv2(self.act(h)) + self.shortcut(x)
-
-
-def wide_resnet(depth: int = 10, widen: int = 2) -> torch.nn.Module:
-    """WRN-depth-widen on 3x32x32 with one energy output ((depth - 4) / 6 blocks per group)."""
-    blocks = (depth - 4) // 6
-    widths = [16, 16 * widen, 32 * widen, 64 * widen]
-    layers = [torch.nn.Conv2d(3, widths[0], 3, 1, 1)]
-    for group, stride in zip(range(3), (1, 2, 2)):
-        for block in range(blocks):
-            layers.append(WideBlock(widths[group] if block == 0 else widths[group + 1],
-                                    widths[group + 1], stride if block == 0 else 1))
-    layers += [torch.nn.LeakyReLU(0.2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-               torch.nn.Linear(widths[3], 1)]
-    return torch.nn.Sequential(*layers)
-
-
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 CASES = {
-    "mlp2": dict(make=lambda: mlp(2, 128), shape=(2,), chains=8192, steps=50),
-    "mlp784": dict(make=lambda: mlp(784, 256), shape=(784,), chains=256, steps=40),
+    "mlp2": dict(make=NETS["mlp2"][0], shape=(2,), chains=8192, steps=50),
+    "mlp784": dict(make=NETS["mlp784"][0], shape=(784,), chains=256, steps=40),
     "conv": dict(make=conv_net, shape=(3, 32, 32), chains=32, steps=10),
-    "wrn": dict(make=wide_resnet, shape=(3, 32, 32), chains=16, steps=5),
+    "wrn": dict(make=lambda: JEMWideResNet(depth=10, widen=2), shape=(3, 32, 32), chains=16,
+                steps=5),
+    "igebm": dict(make=NETS["igebm"][0], shape=NETS["igebm"][1], chains=8, steps=3),
+    "jem_wrn": dict(make=NETS["jem_wrn"][0], shape=NETS["jem_wrn"][1], chains=8, steps=5),
+    "icd": dict(make=NETS["icd"][0], shape=NETS["icd"][1], chains=8, steps=5),
 }
 DEFAULT_CASES = ("mlp2", "mlp784", "conv")
 
@@ -202,12 +177,23 @@ def channels_last_fn(model, x0, steps, **options):
                       x0.contiguous(memory_format=torch.channels_last), steps, **options)
 
 
-def methods(model, x0, steps, compile_too: bool, autocast: str | None = None,
+def under_auto(model, x0):
+    """(a copy of the model, x0, the choice) under precision "auto": the choice the samplers
+    will apply themselves, applied here (autocast=, the model and x0 in its layout)."""
+    choice = resolve_precision("auto", x0.device, x0.dtype, state_dim=x0.dim(), energy=model)
+    model, choice = fast_energy(copy.deepcopy(model), choice, x0[:2])
+    return model, x0.contiguous(memory_format=choice.memory_format), choice
+
+
+def methods(model, x0, steps, compile_too: bool, auto, autocast: str | None = None,
             channels_last: bool = False) -> dict:
+    auto_model, auto_x0, choice = auto
     found = {
         "floor": lambda: floor_fn(model, x0, steps),
         "eager_loop": lambda: loop_fn(loop_step(model), x0, steps),
         "sampler": lambda: sampler_fn(model, x0, steps),
+        "sampler_auto": lambda: sampler_fn(auto_model, auto_x0, steps,
+                                           autocast=choice.autocast_dtype),
     }
     if autocast is not None:
         found[f"sampler_{autocast}"] = lambda: sampler_fn(model, x0, steps,
@@ -240,8 +226,9 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    auto = under_auto(model, x0)
     runners, skipped = {}, {}
-    for method, make in methods(model, x0, steps, compile_too, autocast,
+    for method, make in methods(model, x0, steps, compile_too, auto, autocast,
                                 channels_last).items():
         try:
             run = make()
@@ -274,11 +261,13 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
         row["speedup_vs_sampler"] = rows["sampler"]["seconds"] / row["seconds"]
         row["min_speedup_vs_sampler"] = rows["sampler"]["min_seconds"] / row["min_seconds"]
     return {"case": name, "chains": case["chains"], "steps": steps,
-            "shape": list(case["shape"]), "methods": rows, "skipped": skipped}
+            "shape": list(case["shape"]), "auto": auto[2].to_dict(),
+            "methods": rows, "skipped": skipped}
 
 
 def print_case(case: dict) -> None:
     print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
+    print(f"  auto: {case['auto']['reason']}")
     print(f"  {'method':27s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
           f"{'/ floor':>8s} {'vs sampler':>11s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} "
           f"{'/ floor':>8s} {'vs sampler':>11s}")
@@ -339,9 +328,11 @@ def main(argv=None) -> int:
         "update_backend": backend_for(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "reps": reps, "malloc": malloc,
         "autocast": args.autocast, "channels_last": args.channels_last,
+        "capability": capability_line(device),
         "load_average_before": load_before, "cases": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(report["capability"])
     for name in names:
         case = dict(CASES[name])
         case.update({key: getattr(args, key) for key in ("chains", "steps")
