@@ -16,6 +16,7 @@ import torch
 
 from ebm_fast import validation
 from ebm_fast.backends import BACKENDS, use_backend
+from ebm_fast.precision import PrecisionChoice, resolve_precision
 from ebm_fast.samplers.cuda_graph import CudaGraphChain, graph_key
 from ebm_fast.samplers.energy import (EnergyFunction, eval_mode, frozen_parameters, module_of,
                                       parameters_of)
@@ -25,6 +26,7 @@ from ebm_fast.samplers.schedules import StepValues
 
 CUDA_GRAPH_MODES = ("auto", True, False)
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+AUTOCAST_AUTO = "auto"  # bf16 where the chains' device computes it natively, else none
 # The noise spec's step counter has 32 bits: step 2**32 would draw step 0's noise again.
 STEP_LIMIT = 1 << 32
 
@@ -43,8 +45,11 @@ class Sampler(abc.ABC):
         it, False never uses it. A failed capture falls back to eager with one warning.
     check_finite: raise NonFiniteChainError when chains reach non-finite energies or states.
     chunk_size: run at most this many chains at a time (same results as unchunked).
-    autocast: None, torch.bfloat16 or torch.float16: the energy runs under torch.autocast; the
-        chain state and the update stay in x0's dtype.
+    autocast: None, torch.bfloat16, torch.float16 or "auto": the energy's passes run under
+        torch.autocast; the chain state and the update stay in x0's dtype. "auto" picks bf16
+        where the chains' device computes it natively (CUDA compute capability >= 8.0, a CPU
+        with avx512_bf16 or AMX) and none elsewhere (ebm_fast.precision; sample info reports
+        the choice). Default None: the passes as the energy is written, on any hardware.
     negate: the callable returns -E (a model's f(x) as in JEM, where E(x) = -f(x)).
     eval_mode: put the energy (an nn.Module, or the Module of a bound method) and its
         submodules in eval mode for each sample() call, each restored to its own mode
@@ -73,10 +78,11 @@ class Sampler(abc.ABC):
         self.chunk_size = None if chunk_size is None else validation.integer(
             chunk_size, "chunk_size", low=1)
         self.chain_offset = validation.integer(chain_offset, "chain_offset", low=0)
-        self.autocast = None if autocast is None else validation.dtype(
-            autocast, "autocast", AUTOCAST_DTYPES)
+        self.autocast = autocast if autocast is None or autocast == AUTOCAST_AUTO else \
+            validation.dtype(autocast, "autocast", AUTOCAST_DTYPES)
+        self._precision = None  # (chains' device, dtype and dims, the PrecisionChoice)
         self.eval_mode = bool(eval_mode)
-        self._energy = EnergyFunction(energy, compile=compile, autocast=self.autocast,
+        self._energy = EnergyFunction(energy, compile=compile, autocast=None,
                                       negate=bool(negate), owner=type(self).__name__,
                                       mlp_gradient=bool(mlp_gradient))
         # The step counter twice: read by the kernels on the chains' device, and kept on the
@@ -124,7 +130,23 @@ class Sampler(abc.ABC):
         """The (B,) energies E(x) as this sampler sees the energy (output checked, negated,
         under its autocast, in x's compute dtype), differentiable in x and in the energy's
         parameters: the one pass every loss takes. The module runs in its own mode."""
+        self._use_precision(x)
         return self._energy.energies(x, Conditioning(y, energy_kwargs))
+
+    def precision(self, x: torch.Tensor) -> PrecisionChoice:
+        """What the energy's passes run in for chains like x, and why: the autocast option,
+        "auto" resolved for x's device and dtype. Kept while they do not change."""
+        key = (x.device, x.dtype, x.dim())
+        if self._precision is None or self._precision[0] != key:
+            # The layout is the model's (ebm_fast.precision.fast_energy converts it).
+            self._precision = (key, resolve_precision(self.autocast, x.device, x.dtype,
+                                                      state_dim=x.dim(), layout="contiguous"))
+        return self._precision[1]
+
+    def _use_precision(self, x: torch.Tensor) -> PrecisionChoice:
+        choice = self.precision(x)
+        self._energy.autocast = choice.autocast_dtype
+        return choice
 
     def backend_context(self):
         """The block in which ops run on this sampler's backend: its forced one, or, for
@@ -191,9 +213,10 @@ class Sampler(abc.ABC):
         # Grad mode on for the chains' input gradients (a caller may sample under no_grad).
         with self.backend_context(), frozen_parameters(params), torch.enable_grad(), \
                 eval_mode(module_of(self.energy) if self.eval_mode else None):
+            precision = self._use_precision(x)
             if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
-                return (x, self._info_without_steps(x, conditioning, start)) if return_info \
-                    else x
+                return (x, self._info_without_steps(x, conditioning, start, precision)) \
+                    if return_info else x
             self._energy.start_call(x, conditioning)
             # The counter and seed live on the chains' device: kernels and CUDA graphs read
             # them there.
@@ -221,17 +244,19 @@ class Sampler(abc.ABC):
             displacement=torch.linalg.vector_norm(
                 (x - x0.detach()).reshape(x.shape[0], -1).float(), dim=1),
             time_s=time.perf_counter() - start,
-            accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"))
+            accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"),
+            precision=precision)
         return x, info
 
-    def _info_without_steps(self, x: torch.Tensor, conditioning, start: float) -> SampleInfo:
+    def _info_without_steps(self, x: torch.Tensor, conditioning, start: float,
+                            precision: PrecisionChoice) -> SampleInfo:
         """A zero-step call's SampleInfo: x0's energies, no displacement, a NaN mean_grad_norm
         (no gradient was evaluated), no accept_rate or step_size."""
         energy = self._energy.value(x, conditioning)
         return SampleInfo(initial_energy=energy, final_energy=energy,
                           mean_grad_norm=torch.full((x.shape[0],), float("nan"), device=x.device),
                           displacement=torch.zeros(x.shape[0], device=x.device),
-                          time_s=time.perf_counter() - start)
+                          time_s=time.perf_counter() - start, precision=precision)
 
     @abc.abstractmethod
     def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:

@@ -133,9 +133,9 @@ class EnergyFunction:
                  mlp_gradient: bool = True):
         self.energy, self.autocast, self.negate, self.owner = energy, autocast, negate, owner
         self._compiled = torch.compile(energy) if compile else None
-        # The direct route computes the plain energy's passes: not for a compiled, autocast or
-        # negated one.
-        direct = mlp_gradient and not (compile or autocast is not None or negate)
+        # The direct route computes the plain energy's passes (under the sampler's autocast
+        # too): not for a compiled or negated one.
+        direct = mlp_gradient and not (compile or negate)
         self._mlp = MLPGradient.of(energy) if direct else None
         self._direct = False  # this call's route (start_call)
 
@@ -179,7 +179,7 @@ class EnergyFunction:
         (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
         on: Sampler.sample turns it on once for the call (per step it costs microseconds)."""
         if self._direct:
-            return self._mlp(x)
+            return self._mlp(x, self.autocast)
         x_var = x.detach().requires_grad_(True)
         value = self._forward(x_var, conditioning, compiled=True)
         # An output that needs no gradient, or one only through other tensors (no path from

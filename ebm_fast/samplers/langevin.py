@@ -114,6 +114,7 @@ class LangevinSampler(Sampler):
         x_n = x[:n].detach()
         x_var = x_n.clone().requires_grad_(True)
         conditioning = Conditioning(y, energy_kwargs).for_chains(0, n)
+        self._use_precision(x)
         with torch.enable_grad(), self.backend_context(), \
                 eval_mode(module_of(self.energy) if self.eval_mode else None):
             energy = self._energy.energies(x_var, conditioning)

@@ -18,6 +18,8 @@ calls under an enclosing torch.autocast (autograd follows its casts).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -105,26 +107,40 @@ class MLPGradient:
                 return False
         return x.dim() == 2 or type(self.modules[0]) is nn.Flatten
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energy (B, 1), dE/dx shaped like x) at x; builds no graph."""
+    def __call__(self, x: torch.Tensor,
+                 autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy (B, 1), dE/dx shaped like x) at x; builds no graph. autocast: the forward
+        runs under torch.autocast(autocast) and the backward follows its casts as autograd
+        does (each layer's backward in the dtype its forward ran in, its input gradient cast
+        back to its input's dtype), so the bits are autograd-under-autocast's."""
         h = x.flatten(1) if type(self.modules[0]) is nn.Flatten else x
-        linears = []  # (layer, its input)
+        linears = []  # (layer, its input, its output's dtype)
         activations = []  # (activation, its input z, its output a)
-        for module in self.modules:
-            if type(module) is nn.Linear:
-                linears.append((module, h))
-                h = module.forward(h)
-            elif type(module) is not nn.Flatten:
-                z, h = h, module.forward(h)
-                activations.append((module, z, h))
+        with contextlib.nullcontext() if autocast is None else torch.autocast(
+                x.device.type, dtype=autocast, cache_enabled=False):
+            for module in self.modules:
+                if type(module) is nn.Linear:
+                    layer_input, h = h, module.forward(h)
+                    linears.append((module, layer_input, h.dtype))
+                elif type(module) is not nn.Flatten:
+                    z, h = h, module.forward(h)
+                    activations.append((module, z, h))
         # d(sum E)/dE = ones, then back through each layer (the activations sit between them).
         grad = torch.ones_like(h)
         for i in range(len(linears) - 1, -1, -1):
             if i < len(linears) - 1:
                 module, z, a = activations[i]
-                grad = ACTIVATION_BACKWARD[type(module)](grad, module, z, a)
-            layer, layer_input = linears[i]
-            grad = _linear_input_grad(grad, layer.weight, layer_input)
+                if autocast is None:
+                    grad = ACTIVATION_BACKWARD[type(module)](grad, module, z, a)
+                else:  # autocast may have run the activation on z cast to a's dtype
+                    grad = ACTIVATION_BACKWARD[type(module)](grad.to(a.dtype), module,
+                                                             z.to(a.dtype), a).to(z.dtype)
+            layer, layer_input, dtype = linears[i]
+            if autocast is None:
+                grad = _linear_input_grad(grad, layer.weight, layer_input)
+            else:  # autocast ran the layer on its input and weight cast to dtype
+                grad = _linear_input_grad(grad.to(dtype), layer.weight.to(dtype),
+                                          layer_input.to(dtype)).to(layer_input.dtype)
         return h, grad.view(x.shape)
 
 

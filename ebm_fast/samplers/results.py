@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+from ebm_fast.precision import PrecisionChoice
+
 
 class NonFiniteChainError(FloatingPointError):
     """Chains reached a non-finite energy or state (raised when check_finite is on)."""
@@ -22,6 +24,7 @@ class SampleInfo:
     time_s: wall-clock seconds of the call (the device is synchronised to measure it).
     MALA only: accept_rate (fraction of accepted proposals) and step_size (per chain, after any
     adaptation; pass it back as ``sample(..., step_size=info.step_size)`` to keep it).
+    precision: what the energy's passes ran in, and why (``autocast="auto"`` resolved).
     """
 
     initial_energy: torch.Tensor
@@ -31,3 +34,4 @@ class SampleInfo:
     time_s: float
     accept_rate: torch.Tensor | None = None
     step_size: torch.Tensor | None = None
+    precision: PrecisionChoice | None = None

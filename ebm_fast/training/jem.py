@@ -204,7 +204,7 @@ class JEM(PersistentML):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """classifier(x) under the sampler's autocast, in x's compute dtype (see autocast_pass):
         the loss's energies and cross-entropy are computed from float32 logits."""
-        return autocast_pass(self.classifier, x, self.sampler.autocast)
+        return autocast_pass(self.classifier, x, self.sampler.precision(x).autocast_dtype)
 
 
 def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,

@@ -167,3 +167,24 @@ def test_train_command_takes_autocast_and_saves_it(tmp_path):
                      "--n-data", "200", "--hidden", "8", "--buffer-size", "64"]) == 0
     assert json.loads((out / "config.json").read_text())["autocast"] == "bf16"
     assert cli.main(["train", "--resume", str(out), "--iterations", "3"]) == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_auto_picks_bf16_only_where_native_and_reports_it(monkeypatch, native):
+    """autocast="auto": the passes run in bf16 on a CPU with bf16 units (the chains' samples
+    are then those of autocast=torch.bfloat16), in float32 elsewhere (those of autocast=None);
+    sample info names the choice and why."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    energy = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+    x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    auto = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1, autocast="auto")
+    samples, info = auto.sample(x0, return_info=True)
+    explicit = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1,
+                               autocast=torch.bfloat16 if native else None)
+    assert torch.equal(samples, explicit.sample(x0))
+    assert info.precision.autocast_dtype == (torch.bfloat16 if native else None)
+    assert ("avx512_bf16" in info.precision.reason) == native
+    # The loss's passes follow the same choice.
+    assert auto.energies(x0).dtype == torch.float32
+    torch.testing.assert_close(auto.energies(x0), explicit.energies(x0), rtol=0, atol=0)

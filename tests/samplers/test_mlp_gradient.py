@@ -60,6 +60,28 @@ def test_direct_route_gives_autograds_bits(activation, hidden, d, batch, image, 
     assert torch.equal(grad, want_grad)
 
 
+@given(activation=st.sampled_from(ACTIVATIONS),
+       hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
+       d=st.integers(1, 30), batch=st.integers(1, 17), image=st.booleans(),
+       autocast=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+@example(activation=ACTIVATIONS[0], hidden=[12], d=1, batch=1, image=False,
+         autocast=torch.bfloat16, seed=0)
+def test_direct_route_under_autocast_gives_autograds_bits(activation, hidden, d, batch, image,
+                                                          autocast, seed):
+    """float32 chains, the passes under autocast: the route follows autocast's casts."""
+    shape = (batch, 1, d, 2) if image else (batch, d)
+    energy = mlp([2 * d if image else d, *hidden, 1], activation, flatten=image, seed=seed)
+    x = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    value, grad = MLPGradient.of(energy)(x, autocast)
+    x_var = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast, cache_enabled=False):
+        want_value = energy(x_var)
+    (want_grad,) = torch.autograd.grad(want_value.sum(), x_var)
+    assert value.dtype == want_value.dtype and grad.dtype == torch.float32
+    assert torch.equal(value, want_value.detach())
+    assert torch.equal(grad, want_grad)
+
+
 @pytest.mark.parametrize("sampler_cls", [LangevinSampler, MALASampler])
 def test_samplers_give_the_autograd_routes_samples(sampler_cls):
     energy = mlp([6, 32, 32, 1], nn.SiLU, flatten=True)
@@ -181,9 +203,16 @@ def test_an_edited_sequential_is_followed():
     assert torch.equal(sampler.sample(x), reference.sample(x))
 
 
-@pytest.mark.parametrize("option", [dict(negate=True), dict(autocast=torch.bfloat16),
-                                    dict(compile=True)])
-def test_negated_autocast_or_compiled_energies_use_autograd(option):
+def test_the_samplers_autocast_takes_the_direct_route_with_autograds_samples():
+    energy = mlp([6, 32, 32, 1], nn.SiLU, flatten=True)
+    x0 = torch.rand(20, 2, 3) * 2 - 1
+    runs = [LangevinSampler(energy, step_size=0.01, n_steps=7, seed=5, autocast=torch.bfloat16,
+                            mlp_gradient=direct).sample(x0) for direct in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("option", [dict(negate=True), dict(compile=True)])
+def test_negated_or_compiled_energies_use_autograd(option):
     sampler = LangevinSampler(mlp([3, 8, 1], nn.SiLU), step_size=0.01, **option)
     assert sampler._energy._mlp is None
 
