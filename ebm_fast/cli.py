@@ -16,7 +16,7 @@ COMMANDS = {
     "info": "ebm_fast.commands.info",
     "bench": "ebm_fast.commands.bench",
     "train": "ebm_fast.commands.train",
-    "check-gpu": "ebm_fast.gpu_check",
+    "check-gpu": "ebm_fast.commands.gpu_check",
 }
 
 

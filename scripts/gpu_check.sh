@@ -9,4 +9,4 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m ebm_fast.gpu_check "$@"
+exec "$PYTHON" -m ebm_fast.commands.gpu_check "$@"

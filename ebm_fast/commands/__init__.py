@@ -1,1 +1,1 @@
-"""The maintenance subcommands of ``ebm-fast`` (build, info, bench); see ebm_fast/cli.py."""
+"""The subcommands of ``ebm-fast`` (build, info, bench, train, check-gpu); see ebm_fast/cli.py."""

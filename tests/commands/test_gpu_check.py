@@ -1,6 +1,7 @@
-"""The GPU check (ebm_fast/gpu_check.py, scripts/gpu_check.sh): its dry run walks every step on
-the CPU and leaves the files, table and JSON fields a GPU run leaves; a hung step is killed and
-the steps after it still run; the targets are judged from the benchmarks' own figures."""
+"""The GPU check (ebm_fast/commands/gpu_check.py, scripts/gpu_check.sh): its dry run walks every
+step on the CPU and leaves the files, table and JSON fields a GPU run leaves; a hung step is
+killed and the steps after it still run; the targets are judged from the benchmarks' own
+figures."""
 
 import json
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ebm_fast import gpu_check
+from ebm_fast.commands import gpu_check
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ["info", "kernels", "suite", "graphs_syncs", "bench_update", "bench_buffer",

@@ -37,7 +37,7 @@ from typing import Callable
 
 from ebm_fast import validation
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOG_NAME, SUMMARY_NAME = "steps.log", "summary.json"
 VERSIONS_MARK = "gpu-check versions:"
 DEFAULT_BUDGET_S = 470.0  # the 8 minutes, less the driver's own start-up
@@ -245,7 +245,7 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
         workers = [] if importlib.util.find_spec("xdist") is None else ["-n", "8"]
         suite = ["tests", "--ignore=tests/gpu/test_gpu.py", "--ignore=tests/commands/test_gpu_check.py",
                  *workers]
-    info = [python + ["-c", "import sys; from ebm_fast.gpu_check import report_versions; "
+    info = [python + ["-c", "import sys; from ebm_fast.commands.gpu_check import report_versions; "
                             f"sys.exit(report_versions(require_cuda={not dry_run}))"]]
     if not dry_run:
         info.append(["nvidia-smi"])
@@ -418,7 +418,7 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    command_line = argparse.ArgumentParser(prog="python -m ebm_fast.gpu_check",
+    command_line = argparse.ArgumentParser(prog="python -m ebm_fast.commands.gpu_check",
                                            description=__doc__.splitlines()[0])
     add_arguments(command_line)
     sys.exit(main(command_line.parse_args()))
