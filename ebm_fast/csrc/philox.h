@@ -1,5 +1,5 @@
-// The noise spec (DESIGN.md, ebm_fast/noise.py) in C++: Philox4x32-10 as Triton's tl.philox,
-// Triton's uint -> uniform float map, and Box-Muller as Triton's randn4x.
+// The noise spec (docs/design.md, ebm_fast/noise.py) in C++: Philox4x32-10 as Triton's
+// tl.philox, Triton's uint -> uniform float map, and Box-Muller as Triton's randn4x.
 // Scalar forms here serve per-chain draws; bulk per-element noise uses the vectorised forms
 // (philox_*_bulk below): AVX-512 or AVX2 intrinsics with polynomial log/sincos where the
 // compiler targets them, else a portable per-block loop of the scalar forms.
