@@ -138,12 +138,15 @@ class EnergyFunction:
         direct = mlp_gradient and not (compile or negate)
         self._mlp = MLPGradient.of(energy) if direct else None
         self._direct = False  # this call's route (start_call)
+        self._checked = False  # this call's output checked (its shape is fixed for the call)
+        self._ones = None  # d(sum E)/dE for the autograd route, kept while its layout holds
 
     def start_call(self, x: torch.Tensor, conditioning: Conditioning) -> None:
         """Choose the route of this sample() call's input gradients: MLPGradient where it
         covers the energy, else autograd. Once per call: the check walks the layers (tens of
         microseconds), and nothing it reads changes while the chains run."""
         self._direct = self._mlp is not None and self._mlp.covers(x, conditioning)
+        self._checked = False
 
     def _call(self, x: torch.Tensor, conditioning: Conditioning, compiled: bool):
         if compiled and self._compiled is not None:
@@ -157,12 +160,16 @@ class EnergyFunction:
         return conditioning.call(self.energy, x)
 
     def _forward(self, x: torch.Tensor, conditioning: Conditioning, *,
-                 compiled: bool = False) -> torch.Tensor:
+                 compiled: bool = False, check: bool = True) -> torch.Tensor:
         """The energy at x as returned, checked, negated when the callable returns -E, its
         passes under the autocast dtype."""
-        with autocast_context(x.device.type, self.autocast):
+        if self.autocast is None:  # no context at all: microseconds per step on a CPU
             value = self._call(x, conditioning, compiled)
-        _check_energy_output(value, x.shape[0])
+        else:
+            with autocast_context(x.device.type, self.autocast):
+                value = self._call(x, conditioning, compiled)
+        if check:
+            _check_energy_output(value, x.shape[0])
         return -value if self.negate else value
 
     def energies(self, x: torch.Tensor,
@@ -181,15 +188,25 @@ class EnergyFunction:
         if self._direct:
             return self._mlp(x, self.autocast)
         x_var = x.detach().requires_grad_(True)
-        value = self._forward(x_var, conditioning, compiled=True)
+        value = self._forward(x_var, conditioning, compiled=True, check=not self._checked)
+        self._checked = True
         # An output that needs no gradient, or one only through other tensors (no path from
         # x: grad is None), has no gradient in x to follow.
-        (grad,) = torch.autograd.grad(value.sum(), x_var, allow_unused=True) \
+        (grad,) = torch.autograd.grad(value, x_var, self._ones_like(value), allow_unused=True) \
             if value.requires_grad else (None,)
         if grad is None:
             raise ValueError("energy(x) does not depend on x through differentiable "
                              "operations: there is no gradient to follow")
         return value, grad
+
+    def _ones_like(self, value: torch.Tensor) -> torch.Tensor:
+        """d(sum E)/dE, the gradient autograd gives value.sum()'s backward, made once per
+        layout: the sum and the ones are two op calls per step saved."""
+        ones = self._ones
+        if ones is None or ones.shape != value.shape or ones.dtype != value.dtype \
+                or ones.device != value.device:
+            self._ones = ones = torch.ones_like(value, memory_format=torch.contiguous_format)
+        return ones
 
     def value_and_grad(self, x: torch.Tensor,
                        conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
