@@ -11,6 +11,7 @@ two_moons          two interleaved half circles plus Gaussian noise        no
 pinwheel           5 Gaussian arms twisted with the radius (FFJORD)        no
 swiss_roll         a 2-D swiss roll plus Gaussian noise                    no
 rings              3 concentric rings, folded-Gaussian radii               yes
+two_spirals        2 interleaved spiral arms of 64 Gaussians (std 0.2)     yes
 =================  =====================================================  =================
 
 Each generator takes ``(n, generator)`` and draws from that torch.Generator only. Images:
@@ -31,7 +32,8 @@ from ebm_fast import validation
 
 __all__ = ["Toy2D", "TOY_2D", "IMAGES", "ring_of_gaussians", "ring_log_density", "checkerboard",
            "checkerboard_log_density", "two_moons", "pinwheel", "swiss_roll", "rings",
-           "rings_log_density", "digits", "mnist5k"]
+           "rings_log_density", "two_spirals", "two_spirals_log_density", "digits",
+           "mnist5k"]
 
 
 def _count(n) -> int:
@@ -131,6 +133,39 @@ def rings_log_density(x: torch.Tensor, radii=RING_RADII, std: float = 0.1) -> to
     return torch.logsumexp(folded, 1) - math.log(len(radii)) - torch.log(2 * math.pi * rho[:, 0])
 
 
+def spiral_centres(centres: int = 64, turns: float = 1.5, radius: float = 3.0,
+                   dtype=torch.float32, device=None) -> torch.Tensor:
+    """(2 * centres, 2) Gaussian centres of :func:`two_spirals`: on each of two arms (one the
+    other turned by pi) of the Archimedean spiral r = radius * t / (2 pi turns), t in
+    [0, 2 pi turns], at t_j = 2 pi turns * sqrt((j + 0.5) / centres), about evenly spaced in arc
+    length (which grows as t^2)."""
+    centres = validation.integer(centres, "centres", low=1)
+    end = 2 * math.pi * turns
+    t = end * torch.sqrt((torch.arange(centres, dtype=dtype, device=device) + 0.5) / centres)
+    arm = (radius * t / end)[:, None] * torch.stack([-t.cos(), t.sin()], dim=1)
+    return torch.cat([arm, -arm])
+
+
+def two_spirals(n: int, generator: torch.Generator, centres: int = 64, turns: float = 1.5,
+                radius: float = 3.0, std: float = 0.2) -> torch.Tensor:
+    """n points (n, 2) from an equal mixture of isotropic Gaussians (standard deviation ``std``)
+    centred along two interleaved spiral arms (:func:`spiral_centres`): a smooth two-spirals
+    density whose log density is exact (:func:`two_spirals_log_density`). With the defaults the
+    arms' passes are 1.0 apart (5 std) and neighbouring centres ~0.23."""
+    points = spiral_centres(centres, turns, radius)
+    pick = torch.randint(points.shape[0], (_count(n),), generator=generator)
+    return points[pick] + std * torch.randn(n, 2, generator=generator)
+
+
+def two_spirals_log_density(x: torch.Tensor, centres: int = 64, turns: float = 1.5,
+                            radius: float = 3.0, std: float = 0.2) -> torch.Tensor:
+    """log p(x) of :func:`two_spirals` with the same parameters, (N,) for x (N, 2)."""
+    points = spiral_centres(centres, turns, radius, dtype=x.dtype, device=x.device)
+    squared = ((x[:, None, :] - points[None]) ** 2).sum(-1)
+    return (torch.logsumexp(-squared / (2 * std ** 2), dim=1) - math.log(points.shape[0])
+            - math.log(2 * math.pi * std ** 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class Toy2D:
     """A 2-D data set: sample(n, generator) -> (n, 2); log_density(x) -> (N,) exact log p where
@@ -145,7 +180,8 @@ TOY_2D = {"ring": Toy2D(ring_of_gaussians, ring_log_density),
           "two_moons": Toy2D(two_moons, None),
           "pinwheel": Toy2D(pinwheel, None),
           "swiss_roll": Toy2D(swiss_roll, None),
-          "rings": Toy2D(rings, rings_log_density)}
+          "rings": Toy2D(rings, rings_log_density),
+          "two_spirals": Toy2D(two_spirals, two_spirals_log_density)}
 
 
 def _scaled(pixels: torch.Tensor, top: float, value_range) -> torch.Tensor:

@@ -47,6 +47,21 @@ def test_2d_generators_are_deterministic_and_inside_the_box(name):
         sample(0, torch.Generator())
 
 
+def test_two_spirals_log_density_is_its_mixture_summed_term_by_term():
+    """log p(x) = log of the mean over the 128 centres of N(x; c, std^2 I), summed in plain
+    Python at a few points (one on the innermost centre, one between the arms, one far out)."""
+    centres = datasets.spiral_centres(dtype=torch.float64)
+    assert centres.shape == (128, 2)
+    torch.testing.assert_close(centres[64:], -centres[:64])  # the second arm: the first turned
+    assert float(centres.norm(dim=1).max()) < 3.0
+    std = 0.2
+    x = torch.tensor([centres[0].tolist(), [1.5, -0.5], [3.9, 3.9]], dtype=torch.float64)
+    for point, got in zip(x.tolist(), datasets.two_spirals_log_density(x).tolist()):
+        total = sum(math.exp(-((point[0] - cx) ** 2 + (point[1] - cy) ** 2) / (2 * std ** 2))
+                    / (2 * math.pi * std ** 2) for cx, cy in centres.tolist()) / 128
+        assert got == pytest.approx(math.log(total), rel=1e-9)
+
+
 def test_digits_are_bundled_and_scaled():
     pytest.importorskip("sklearn")
     x, y = datasets.digits()
