@@ -50,8 +50,10 @@ def langevin_update_ref(x, grad, step_size, noise_scale, seed, step, stream=0, c
                         noise_dtype=None) -> torch.Tensor:
     """The whole update, returned in x's dtype. noise_dtype=torch.float64 with float64 inputs
     gives the "exact" value kernel tolerances are measured from."""
-    new = pre_clamp_update(x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
-                           grad_clip, grad_clip_mode, noise_dtype)
+    new = pre_clamp_update(x=x, grad=grad, step_size=step_size, noise_scale=noise_scale,
+                           seed=seed, step=step, stream=stream, chain_offset=chain_offset,
+                           grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
+                           noise_dtype=noise_dtype)
     if clamp_lo is not None or clamp_hi is not None:
         new = new.clamp(clamp_lo, clamp_hi)
     return new.to(x.dtype)
@@ -59,5 +61,7 @@ def langevin_update_ref(x, grad, step_size, noise_scale, seed, step, stream=0, c
 
 def langevin_update_out(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset,
                         grad_clip, grad_clip_mode, clamp_lo, clamp_hi):
-    out.copy_(langevin_update_ref(x, grad, step_size, noise_scale, seed, step, stream,
-                                  chain_offset, grad_clip, grad_clip_mode, clamp_lo, clamp_hi))
+    out.copy_(langevin_update_ref(
+        x=x, grad=grad, step_size=step_size, noise_scale=noise_scale, seed=seed, step=step,
+        stream=stream, chain_offset=chain_offset, grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo, clamp_hi=clamp_hi))
