@@ -49,6 +49,10 @@ TRITON = "ebm_fast/kernels/triton/"
 TRAINER = "ebm_fast/training/trainer.py"
 TRAINER_DEFS = "tests/training/test_trainer_definitions.py"
 STUDY = "ebm_fast/experiments/study/"
+LOSSES = "ebm_fast/training/losses.py"
+LOSS_DEFS = "tests/training/test_loss_definitions.py"
+MLP_ROUTE = "ebm_fast/samplers/mlp_gradient.py"
+MLP_FALLBACK = "tests/samplers/test_mlp_gradient_fallback.py"
 STUDY_ERRORS = "tests/experiments/test_study_errors.py"
 MUTANTS = [
     # -- kernel index arithmetic
@@ -271,6 +275,82 @@ MUTANTS = [
            '"variance_se": float(variance[1:].std()) / scale ** 2',
            '"variance_se": float(variance[1:].std()) / scale',
            (STUDY_ERRORS + "::test_e1_bootstrap_errors_approach_the_gaussian_closed_forms",)),
+    # -- KLPersistentML's whole loss call (tests/training/test_loss_definitions.py)
+    Mutant("kl_term_weight_ignored", LOSSES,
+           "extra = self.kl_weight * kl", "extra = kl", (LOSS_DEFS,)),
+    Mutant("kl_term_sign_flipped", LOSSES,
+           "extra = self.kl_weight * kl", "extra = -self.kl_weight * kl", (LOSS_DEFS,)),
+    Mutant("entropy_term_sign_flipped", LOSSES,
+           "extra = extra - self.entropy_weight * entropy",
+           "extra = extra + self.entropy_weight * entropy", (LOSS_DEFS,)),
+    Mutant("entropy_term_weighted_by_the_kl_weight", LOSSES,
+           "extra = extra - self.entropy_weight * entropy",
+           "extra = extra - self.kl_weight * entropy", (LOSS_DEFS,)),
+    Mutant("entropy_is_the_log_of_the_mean_distance", LOSSES,
+           "nearest_distances(x_kl, reference).log().mean()",
+           "nearest_distances(x_kl, reference).mean().log()", (LOSS_DEFS,)),
+    Mutant("kl_energy_not_frozen", LOSSES,
+           "        with frozen_parameters(self.parameters):\n"
+           "            return self.energies(x_kl).mean(), x_kl\n",
+           "        return self.energies(x_kl).mean(), x_kl\n", (LOSS_DEFS,)),
+    Mutant("kl_sample_detached_from_the_parameters", LOSSES,
+           "differentiable_step(x_prev, step, chains=self.kl_chains)",
+           "differentiable_step(x_prev, step, chains=self.kl_chains).detach()", (LOSS_DEFS,)),
+    Mutant("kl_step_on_every_chain", LOSSES,
+           "differentiable_step(x_prev, step, chains=self.kl_chains)",
+           "differentiable_step(x_prev, step, chains=None)", (LOSS_DEFS,)),
+    # which chains the entropy term may use as neighbours
+    Mutant("entropy_references_drawn_after_the_push", LOSSES,
+           "        reference = self._entropy_reference()\n"
+           "        k = self.sampler.n_steps\n"
+           "        x_prev = x0 if k == 1 else self._run(x0, stats, k - 1)\n"
+           "        last_step = self.sampler.step  # the noise counter of the chains' last step\n"
+           "        x = self.sampler.sample(x_prev, 1)\n"
+           "        self.push_chains(x, slots, y)\n",
+           "        k = self.sampler.n_steps\n"
+           "        x_prev = x0 if k == 1 else self._run(x0, stats, k - 1)\n"
+           "        last_step = self.sampler.step  # the noise counter of the chains' last step\n"
+           "        x = self.sampler.sample(x_prev, 1)\n"
+           "        self.push_chains(x, slots, y)\n"
+           "        reference = self._entropy_reference()  # as ICD does\n", (LOSS_DEFS,)),
+    Mutant("entropy_neighbours_include_the_chains", LOSSES,
+           "nearest_distances(x_kl, reference)",
+           "nearest_distances(x_kl, torch.cat([reference.to(x_kl.dtype), x_kl.detach()]))",
+           (LOSS_DEFS,)),
+    Mutant("entropy_neighbours_are_the_batchs_own_draws", LOSSES,
+           "self._kl_inputs = (x_prev, last_step, reference)",
+           "self._kl_inputs = (x_prev, last_step, None if reference is None else x0)",
+           (LOSS_DEFS,)),
+    Mutant("entropy_starts_at_the_threshold", LOSSES,
+           "self.buffer.n_written > self.ENTROPY_MIN_FILLED",
+           "self.buffer.n_written >= self.ENTROPY_MIN_FILLED",
+           (LOSS_DEFS + "::test_below_the_fill_threshold_there_is_no_entropy_term",)),
+    # the step counter of the differentiated last step
+    Mutant("kl_last_step_counter_read_after_the_step", LOSSES,
+           "        last_step = self.sampler.step  # the noise counter of the chains' last step\n"
+           "        x = self.sampler.sample(x_prev, 1)\n",
+           "        x = self.sampler.sample(x_prev, 1)\n"
+           "        last_step = self.sampler.step\n", (LOSS_DEFS,)),
+    Mutant("kl_last_step_counter_one_early", LOSSES,
+           "last_step = self.sampler.step  #", "last_step = self.sampler.step - 1  #",
+           (LOSS_DEFS,)),
+    Mutant("kl_last_step_counter_of_this_call_only", LOSSES,
+           "last_step = self.sampler.step  #", "last_step = k - 1  #", (LOSS_DEFS,)),
+    # -- the MLP route falls back to autograd for an altered layer
+    #    (tests/samplers/test_mlp_gradient_fallback.py)
+    Mutant("mlp_route_ignores_forward_pre_hooks", MLP_ROUTE,
+           "return bool(module._forward_hooks or module._forward_pre_hooks or",
+           "return bool(module._forward_hooks or", (MLP_FALLBACK,)),
+    Mutant("mlp_route_ignores_a_replaced_forward", MLP_ROUTE,
+           '                or module._backward_pre_hooks or "forward" in module.__dict__)',
+           "                or module._backward_pre_hooks)", (MLP_FALLBACK,)),
+    Mutant("mlp_route_ignores_the_sequentials_own_hooks", MLP_ROUTE,
+           "not self._layout_supported(self.modules) \\\n"
+           "                or _altered(self.sequential):",
+           "not self._layout_supported(self.modules):", (MLP_FALLBACK,)),
+    Mutant("mlp_route_ignores_global_pre_hooks", MLP_ROUTE,
+           '_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", ',
+           '_GLOBAL_HOOKS = ("_global_forward_hooks", ', (MLP_FALLBACK,)),
 ]
 
 

@@ -93,7 +93,9 @@ def test_fit_reads_each_epoch_in_a_new_order():
     trainer = Trainer(energy, loss, torch.optim.SGD(energy.parameters(), lr=0.0),
                       progress=False, log_every=1000, data_seed=7)
     trainer.fit(numbered(n), EPOCHS * n // batch, batch_size=batch)
-    orders = [sum(loss.seen[i:i + n // batch], []) for i in range(0, len(loss.seen), n // batch)]
+    per_epoch = n // batch
+    orders = [[i for b in loss.seen[e:e + per_epoch] for i in b]
+              for e in range(0, len(loss.seen), per_epoch)]
     assert len(orders) == EPOCHS
     check_epochs(orders, n, batch)
     assert all(sorted(order) == list(range(n)) for order in orders)
