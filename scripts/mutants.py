@@ -53,6 +53,7 @@ LOSSES = "ebm_fast/training/losses.py"
 LOSS_DEFS = "tests/training/test_loss_definitions.py"
 MLP_ROUTE = "ebm_fast/samplers/mlp_gradient.py"
 MLP_FALLBACK = "tests/samplers/test_mlp_gradient_fallback.py"
+HELD_OUT = "tests/training/test_held_out.py"
 STUDY_ERRORS = "tests/experiments/test_study_errors.py"
 MUTANTS = [
     # -- kernel index arithmetic
@@ -180,7 +181,8 @@ MUTANTS = [
     # -- the Trainer's update rules (tests/training/test_trainer_definitions.py)
     Mutant("trainer_ema_weights_the_new_weights_by_the_decay", TRAINER,
            "get_ema_multi_avg_fn(self.ema_decay)", "get_ema_multi_avg_fn(1 - self.ema_decay)",
-           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each_step",)),
+           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each"
+            "_step",)),
     Mutant("trainer_ema_updates_before_the_optimizer_step", TRAINER,
            "            self.optimizer.step()\n"
            "            if self.ema_model is not None:\n"
@@ -188,7 +190,8 @@ MUTANTS = [
            "            if self.ema_model is not None:\n"
            "                self.ema_model.update_parameters(self.energy)\n"
            "            self.optimizer.step()\n",
-           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each_step",)),
+           (TRAINER_DEFS + "::test_ema_is_the_exponential_average_of_the_weights_after_each"
+            "_step",)),
     Mutant("trainer_ema_updates_on_skipped_steps", TRAINER,
            "        if finite:\n"
            "            self.optimizer.step()\n"
@@ -351,6 +354,21 @@ MUTANTS = [
     Mutant("mlp_route_ignores_global_pre_hooks", MLP_ROUTE,
            '_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", ',
            '_GLOBAL_HOOKS = ("_global_forward_hooks", ', (MLP_FALLBACK,)),
+    # -- held-out points overlapping training points (tests/training/test_held_out.py)
+    Mutant("datasets_ring_restarts_the_callers_generator", "ebm_fast/datasets.py",
+           "    angle = 2 * math.pi * torch.randint(modes, (_count(n),), generator=generator)",
+           "    generator = torch.Generator().manual_seed(generator.initial_seed())  # a copy\n"
+           "    angle = 2 * math.pi * torch.randint(modes, (_count(n),), generator=generator)",
+           (HELD_OUT,)),
+    Mutant("datasets_rings_restarts_the_callers_generator", "ebm_fast/datasets.py",
+           "    radii_t = torch.tensor(radii, dtype=torch.float32)\n",
+           "    generator = torch.Generator().manual_seed(generator.initial_seed())  # a copy\n"
+           "    radii_t = torch.tensor(radii, dtype=torch.float32)\n",
+           (HELD_OUT,)),
+    Mutant("study_heldout_drawn_from_a_restarted_generator", STUDY + "common.py",
+           "(config.heldout_size, generator)",
+           "(config.heldout_size, torch.Generator().manual_seed(self.seed_for(\"data\")))",
+           (HELD_OUT,)),
 ]
 
 

@@ -22,8 +22,13 @@ import pytest
 import torch
 
 from ebm_fast.experiments.models import make_energy
-from ebm_fast.experiments.study import common, e1_gradients, e2_cd_objective, e3_training
-from ebm_fast.experiments.study import e5_temperature
+from ebm_fast.experiments.study import (
+    common,
+    e1_gradients,
+    e2_cd_objective,
+    e3_training,
+    e5_temperature,
+)
 from ebm_fast.experiments.study.config import FULL
 
 TINY = dataclasses.replace(
