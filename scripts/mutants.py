@@ -96,8 +96,8 @@ MUTANTS = [
            "static_cast<uint32_t>(block >> 32), s.step,", "0u, s.step,",
            ("tests/kernels/cpp/test_parallel_paths.py::test_each_philox_path_matches_the_spec",)),
     Mutant("mala_accepts_on_the_proposal_stream", "ebm_fast/samplers/mala.py",
-           "seed, step, STREAM_MALA_ACCEPT, chain_offset)",
-           "seed, step, STREAM_PROPOSAL, chain_offset)",
+           "step=step, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)",
+           "step=step, stream=STREAM_PROPOSAL, chain_offset=chain_offset)",
            ("tests/samplers/test_mala_spec.py",)),
     # -- step counters across calls
     Mutant("sampler_reuses_the_last_step_of_a_call", "ebm_fast/samplers/base.py",
