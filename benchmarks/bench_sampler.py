@@ -28,7 +28,8 @@ channels-last). The machine's capability line (what the policy reads) is printed
 Reports the median seconds of a K-step run (methods interleaved round by round),
 chain-steps/s, speed-up over eager_loop and time over floor, and the same two ratios from each
 method's fastest round (on a shared VM the median moves with neighbours' load; the minimum is
-the least disturbed run).
+the least disturbed run), and the speed-up over the sampler in process CPU time (median; the
+clock a loaded machine stretches least, for CPU runs with --threads 1).
 Writes benchmarks/results/sampler.json, rewritten after each case (a run cut short keeps the
 finished cases).  Usage:
     python benchmarks/bench_sampler.py [--quick] [--rounds N] [--cases mlp2,mlp784,conv]
@@ -242,17 +243,20 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
             continue
         runners[method] = run
     times = {method: [] for method in runners}
+    cpu_times = {method: [] for method in runners}
     for _ in range(reps):
         for method, run in runners.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             sync()
             times[method].append(time.perf_counter() - start)
+            cpu_times[method].append(time.process_time() - cpu_start)
     rows = {}
     for method, samples in times.items():
         seconds = statistics.median(samples)
         rows[method] = {"seconds": seconds, "min_seconds": min(samples),
-                        "chain_steps_per_s": case["chains"] * steps / seconds}
+                        "chain_steps_per_s": case["chains"] * steps / seconds,
+                        "cpu_seconds": statistics.median(cpu_times[method])}
     for row in rows.values():
         row["speedup_vs_eager_loop"] = rows["eager_loop"]["seconds"] / row["seconds"]
         row["time_over_floor"] = row["seconds"] / rows["floor"]["seconds"]
@@ -260,6 +264,7 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
         row["min_time_over_floor"] = row["min_seconds"] / rows["floor"]["min_seconds"]
         row["speedup_vs_sampler"] = rows["sampler"]["seconds"] / row["seconds"]
         row["min_speedup_vs_sampler"] = rows["sampler"]["min_seconds"] / row["min_seconds"]
+        row["cpu_speedup_vs_sampler"] = rows["sampler"]["cpu_seconds"] / row["cpu_seconds"]
     return {"case": name, "chains": case["chains"], "steps": steps,
             "shape": list(case["shape"]), "auto": auto[2].to_dict(),
             "methods": rows, "skipped": skipped}
@@ -270,13 +275,13 @@ def print_case(case: dict) -> None:
     print(f"  auto: {case['auto']['reason']}")
     print(f"  {'method':27s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
           f"{'/ floor':>8s} {'vs sampler':>11s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} "
-          f"{'/ floor':>8s} {'vs sampler':>11s}")
+          f"{'/ floor':>8s} {'vs sampler':>11s} | CPU time: vs sampler")
     for method, row in case["methods"].items():
         print(f"  {method:27s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
               f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x "
               f"{row['speedup_vs_sampler']:10.2f}x | {'':16s}{row['min_seconds'] * 1e3:8.2f} "
               f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x "
-              f"{row['min_speedup_vs_sampler']:10.2f}x")
+              f"{row['min_speedup_vs_sampler']:10.2f}x | {row['cpu_speedup_vs_sampler']:9.2f}x")
     for method, reason in case["skipped"].items():
         print(f"  {method:27s} skipped: {reason}")
     sys.stdout.flush()

@@ -26,6 +26,8 @@ def test_auto_is_timed_beside_fp32_and_its_choice_recorded(tmp_path):
     methods = case["methods"]
     assert methods["sampler_auto"]["speedup_vs_sampler"] == pytest.approx(
         methods["sampler"]["seconds"] / methods["sampler_auto"]["seconds"])
+    assert methods["sampler_auto"]["cpu_speedup_vs_sampler"] == pytest.approx(
+        methods["sampler"]["cpu_seconds"] / methods["sampler_auto"]["cpu_seconds"])
 
 
 @pytest.mark.parametrize("case", ["conv", "mlp784"])
