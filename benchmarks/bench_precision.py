@@ -32,8 +32,8 @@ import torch
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, datasets, validation
 from ebm_fast.exact2d import BOX, exact_kl, exact_ml_gradient, exact_samples, grid
-from ebm_fast.training import Trainer
 from ebm_fast.experiments.models import build_energy
+from ebm_fast.training import Trainer
 from ebm_fast.training.losses import PersistentML
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"

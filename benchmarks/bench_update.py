@@ -11,7 +11,8 @@ Per size, in one run with interleaved repeats (median of the repeats):
   (clone pays page faults on a fresh buffer at large sizes; the in-place op never does).
 
 Ratios: op/clone and op/copy (the floor is 1.5 for a memory-bound update), eager/op and
-compiled/op (speed-up of the op). On CUDA also the op's GB/s at 12 bytes per element and its fraction of the copy's.
+compiled/op (speed-up of the op). On CUDA also the op's GB/s at 12 bytes per element and its
+fraction of the copy's.
 
 Usage: python benchmarks/bench_update.py [--quick] [--sizes 64K 1M ...] [--repeats N]
 [--device cpu|cuda] [--threads N] [--no-compile] [--json PATH] (or ``ebm-fast bench update ...``).

@@ -11,7 +11,7 @@ draw counter is the spec's ``step`` and is advanced by every ``sample`` and ``pu
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -131,7 +131,7 @@ class ReplayBuffer:
 
     @classmethod
     def from_tensor(cls, samples: torch.Tensor, y=None, *, capacity: int | None = None,
-                    n_classes: int | None = None, **kwargs) -> "ReplayBuffer":
+                    n_classes: int | None = None, **kwargs) -> ReplayBuffer:
         """A buffer holding the rows of ``samples`` (n, *sample_shape), e.g. the tensor buffer
         of a JEM or IGEBM checkpoint. The rows are appended in order (one ``push``), so they
         count as written and ``sample`` returns them.
@@ -207,7 +207,7 @@ class ReplayBuffer:
         filled = "?" if self.device.type == "meta" else self.n_written
         return f"ReplayBuffer({self.extra_repr()}, filled={filled}/{self.capacity})"
 
-    def to(self, device) -> "ReplayBuffer":
+    def to(self, device) -> ReplayBuffer:
         """Move storage and counters to ``device`` (in place; returns self)."""
         device = torch.device(device)
         for name in ("_seed", "_storage", "_written", "_count", "_draws"):

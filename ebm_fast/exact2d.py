@@ -17,7 +17,7 @@ and the draws meaningless, so every tool raises ValueError instead of returning 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

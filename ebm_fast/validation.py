@@ -19,7 +19,7 @@ import argparse
 import math
 import numbers
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

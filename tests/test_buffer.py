@@ -121,8 +121,8 @@ def test_reservoir_inclusion_probability_is_capacity_over_count():
 @pytest.mark.parametrize("seen", [2**31 - 2, 2**31, 2**32 + 7, 2**40 + 1, 2**46 - 6])
 def test_reservoir_slot_is_r_times_t_plus_1_over_2_32_in_exact_integers(seen):
     from ebm_fast.noise import MASK32, STREAM_BUFFER_RESERVOIR
-    from ebm_fast.reference.philox import philox_bits_ref
     from ebm_fast.reference.buffer_push import push_targets
+    from ebm_fast.reference.philox import philox_bits_ref
 
     slots = seen // 2  # a full reservoir: each draw j in [0, t] lands (j < slots) or is dropped
     targets, _ = push_targets(5, None, None, torch.tensor([seen]), slots, "reservoir", 3, 9, 0,

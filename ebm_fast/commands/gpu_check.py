@@ -32,8 +32,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ebm_fast import validation
 
@@ -156,6 +156,12 @@ def evaluate_buffer(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     return f"{'; '.join(parts)} the floor; target {target_text(row)}", [row]
 
 
+def _speedup(methods: dict, sampler: float | None, baseline: str) -> float | None:
+    """How many times faster the sampler ran than ``baseline`` (None when either is missing)."""
+    seconds = methods.get(baseline, {}).get("seconds")
+    return seconds / sampler if sampler and seconds else None
+
+
 def evaluate_sampler(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     report = _read_json(out_dir / "sampler.json")
     cases = {case["case"]: case["methods"] for case in (report or {}).get("cases", [])}
@@ -163,12 +169,8 @@ def evaluate_sampler(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     for name in ("mlp2", "mlp784", "conv"):
         methods = cases.get(name, {})
         sampler = methods.get("sampler", {}).get("seconds")
-
-        def speedup(baseline):
-            seconds = methods.get(baseline, {}).get("seconds")
-            return seconds / sampler if sampler and seconds else None
-
-        over_eager, over_graph = speedup("eager_loop"), speedup("graphed_loop")
+        over_eager = _speedup(methods, sampler, "eager_loop")
+        over_graph = _speedup(methods, sampler, "graphed_loop")
         eager_need, graph_need = ((SAMPLER_CONV_TARGET, SAMPLER_CONV_TARGET) if name == "conv"
                                   else (SAMPLER_EAGER_TARGET, SAMPLER_GRAPH_TARGET))
         targets += [target(f"sampler {name}: >= {eager_need:g}x the eager loop", over_eager,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +41,7 @@ def _cpp_entry(op: str) -> Callable:
     return namespace[f"{op}_out"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(backend: str) -> dict[str, Callable]:
     """``backend``'s table: each op of :data:`OPS` -> its ``<op>_out``. Raises if the C++
     extension is unavailable (backend "cpu") or triton is not importable ("triton")."""

@@ -122,7 +122,7 @@ _langevin_update_op.register_autograd(_backward, setup_context=_setup_context)
 
 def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, chain_offset=0,
                     grad_clip=None, grad_clip_mode="value", clamp=None, out=None):
-    """One Langevin step for a batch of chains: clamp(x - step_size * clip(grad) + noise_scale * xi).
+    """One Langevin step per chain: clamp(x - step_size * clip(grad) + noise_scale * xi).
 
     Args:
         x, grad: tensors of the same shape (chains, ...) and dtype (float32, bfloat16, float16;

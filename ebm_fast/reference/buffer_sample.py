@@ -19,7 +19,11 @@ from __future__ import annotations
 import torch
 
 from ebm_fast.noise import (
-    MASK32, STREAM_BUFFER_REINIT_DECISION, STREAM_BUFFER_REINIT_VALUES, STREAM_BUFFER_SLOT)
+    MASK32,
+    STREAM_BUFFER_REINIT_DECISION,
+    STREAM_BUFFER_REINIT_VALUES,
+    STREAM_BUFFER_SLOT,
+)
 from ebm_fast.reference.philox import philox_bits_ref, philox_normal_ref, philox_uniform_ref
 
 INIT_KINDS = ("uniform", "gaussian", "values")

@@ -11,8 +11,18 @@ import math
 
 import torch
 
-from ebm_fast.noise import (BOX_MULLER_MIN_U, MASK32, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A,
-                            PHILOX_ROUND_B, PHILOX_ROUNDS, TWO_PI, UNIFORM_SCALE)
+from ebm_fast.noise import (
+    BOX_MULLER_MIN_U,
+    MASK32,
+    PHILOX_KEY_A,
+    PHILOX_KEY_B,
+    PHILOX_ROUND_A,
+    PHILOX_ROUND_B,
+    PHILOX_ROUNDS,
+    TWO_PI,
+    UNIFORM_SCALE,
+)
+
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit words of the 64-bit product a * b, for a < 2**32 and b holding uint32."""

@@ -18,8 +18,13 @@ from ebm_fast import validation
 from ebm_fast.backends import BACKENDS, use_backend
 from ebm_fast.precision import PrecisionChoice, resolve_precision
 from ebm_fast.samplers.cuda_graph import CudaGraphChain, graph_key
-from ebm_fast.samplers.energy import (EnergyFunction, eval_mode, frozen_parameters, module_of,
-                                      parameters_of)
+from ebm_fast.samplers.energy import (
+    EnergyFunction,
+    eval_mode,
+    frozen_parameters,
+    module_of,
+    parameters_of,
+)
 from ebm_fast.samplers.inputs import ChainInputs, Conditioning
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
 from ebm_fast.samplers.schedules import StepValues

@@ -7,7 +7,7 @@ in is part of its key, so a call that differs there gets a capture of its own.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,6 +21,7 @@ from ebm_fast.samplers.inputs import NO_CONDITIONING, Conditioning
 from ebm_fast.samplers.kernels import contiguous
 from ebm_fast.samplers.mlp_gradient import MLPGradient
 from ebm_fast.validation import compute_dtype
+
 
 def module_of(energy) -> torch.nn.Module | None:
     """The Module an energy is, or the Module owning a bound method, else None."""

@@ -9,7 +9,7 @@ structure (key), since it bakes in shapes, dtypes and non-tensor arguments.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,9 @@ class Conditioning:
         return self
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
-        apply = lambda v: fn(v) if isinstance(v, torch.Tensor) else v
+        def apply(v):
+            return fn(v) if isinstance(v, torch.Tensor) else v
+
         return Conditioning(apply(self.y), {name: apply(v) for name, v in self.kwargs.items()})
 
     def static_copy(self) -> Conditioning:

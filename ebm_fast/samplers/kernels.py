@@ -8,7 +8,7 @@ the same parameter names.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +28,6 @@ def update_kernel(x: torch.Tensor) -> Callable:
 
 
 def accept_kernel(x: torch.Tensor) -> Callable:
-    """mala_accept_out(accepted, accept_prob, x, y (the proposal), grad_x, grad_y, energy_x, energy_y,
-    step_size, temperature, seed, step, stream, chain_offset) for chains like x."""
+    """mala_accept_out(accepted, accept_prob, x, y (the proposal), grad_x, grad_y, energy_x,
+    energy_y, step_size, temperature, seed, step, stream, chain_offset) for chains like x."""
     return kernel_for("mala_accept", x)

@@ -8,9 +8,9 @@ from ebm_fast import validation
 from ebm_fast.noise import STREAM_PROPOSAL
 from ebm_fast.ops import langevin_update
 from ebm_fast.samplers.base import Sampler
+from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.energy import eval_mode, module_of
 from ebm_fast.samplers.inputs import Conditioning
-from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.kernels import contiguous, update_kernel
 from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
 

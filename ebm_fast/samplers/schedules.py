@@ -8,7 +8,7 @@ grow with n_steps: a schedule is evaluated on the host one block at a time, a co
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

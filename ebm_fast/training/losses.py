@@ -11,7 +11,8 @@ regulariser's. Sampling runs with the parameters frozen (the samplers switch req
 so only the returned loss carries gradients to them. The loss's own energy passes (positives,
 negatives, the KL step) are the sampler's (``sampler.energies``: the one energy path, with its
 negate, autocast and output check), their energies in float32 (the compute dtype of the batch)
-before any mean is taken. ``est.last`` holds the iteration's statistics (:class:`LossStats`). The estimators differ in where the chains start:
+before any mean is taken. ``est.last`` holds the iteration's statistics (:class:`LossStats`).
+The estimators differ in where the chains start:
 
 * :class:`ContrastiveDivergence` (CD-k, Hinton 2002): at the positive batch, k steps. Not the ML
   gradient in general; CD-0's gradient is exactly 0.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

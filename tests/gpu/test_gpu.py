@@ -28,8 +28,12 @@ import ebm_fast  # noqa: E402
 from ebm_fast.ops._dispatch import kernels  # noqa: E402
 from ebm_fast.reference.philox import philox_bits_ref, philox_uniform_ref  # noqa: E402
 from tests.helpers import counter, kernel_device  # noqa: E402
+from tests.kernels.triton.test_langevin_update import (  # noqa: E402
+    _assert_update_close,
+    _run_update,
+    _update_inputs,
+)
 from tests.ops.test_mala_accept import _check_backend_against_reference  # noqa: E402
-from tests.kernels.triton.test_langevin_update import _assert_update_close, _run_update, _update_inputs  # noqa: E402
 
 DEVICE = kernel_device("triton")
 ON_GPU = DEVICE.type == "cuda"

@@ -3,8 +3,7 @@ reinit decisions, same values, same stored bytes; and opcheck of both ops on eve
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ebm_fast import use_backend
 from ebm_fast.backends import unavailable_reason

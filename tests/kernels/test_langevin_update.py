@@ -1,6 +1,6 @@
-"""Every kernel backend's langevin_update against the reference (ebm_fast/reference/langevin_update.py),
-through the public ebm_fast.langevin_update: shapes, layouts, per-chain parameters, every option,
-dtypes, counters.
+"""Every kernel backend's langevin_update against the reference
+(ebm_fast/reference/langevin_update.py), through the public ebm_fast.langevin_update: shapes,
+layouts, per-chain parameters, every option, dtypes, counters.
 
 Tolerance (flash-attention's rule): float32/float64 results are within 2x the eager reference's own
 error against the float64 evaluation (float64 inputs, float64 noise), plus one ulp of the result

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, strategies as st
 
 from ebm_fast import use_backend
+from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.philox import philox_bits, philox_normal, philox_uniform
 from ebm_fast.reference import philox as ref
-from ebm_fast.backends import unavailable_reason
 from tests.helpers import assert_within_eager_error, kernel_backends, kernel_device
 
 DRAWS = {"bits": (philox_bits, ref.philox_bits_ref),

@@ -1,5 +1,6 @@
 """The langevin_update op: reference semantics from first principles, validation, registration
-(opcheck, autograd, torch.compile). Backends against the reference: tests/kernels/test_langevin_update.py."""
+(opcheck, autograd, torch.compile). Backends against the reference:
+tests/kernels/test_langevin_update.py."""
 
 import numpy as np
 import pytest

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import ebm_fast
 from ebm_fast import use_backend
 from ebm_fast.noise import STREAM_MALA_ACCEPT
 from ebm_fast.ops.mala_accept import _mala_accept_op, mala_accept
-from ebm_fast.validation import compute_dtype
 from ebm_fast.reference.mala_accept import mala_accept_ref
 from ebm_fast.reference.philox import philox_normal_ref, philox_uniform_ref
+from ebm_fast.validation import compute_dtype
 from tests.helpers import kernel_backends, kernel_device
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

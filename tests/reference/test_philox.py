@@ -117,7 +117,8 @@ def test_different_counters_are_decorrelated(change):
 
 
 def test_neighbouring_elements_are_decorrelated():
-    """Elements sharing a Philox block (and the two members of a Box-Muller pair) are independent."""
+    """Elements sharing a Philox block (and the two members of a Box-Muller pair) are
+    independent."""
     z = ref.philox_normal_ref((1, 400_000), seed=8, step=0).double().reshape(-1, 4).numpy()
     corr = np.corrcoef(z.T)
     off_diagonal = corr[~np.eye(4, dtype=bool)]

@@ -87,7 +87,10 @@ def test_graph_replays_read_each_calls_y_and_kwargs_from_their_static_copies(sam
 
 def test_seed_none_draws_from_torchs_global_generator():
     x0 = x_init()
-    run = lambda: LangevinSampler(class_energy, step_size=0.05, n_steps=3).sample(x0, y=LABELS)
+
+    def run():
+        return LangevinSampler(class_energy, step_size=0.05, n_steps=3).sample(x0, y=LABELS)
+
     torch.manual_seed(5)
     first, second = run(), run()
     torch.manual_seed(5)
@@ -98,7 +101,10 @@ def test_seed_none_draws_from_torchs_global_generator():
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
 def test_negate_samples_the_energy_minus_f(sampler_cls):
     x0 = x_init()
-    logits = lambda x: -class_energy(x, LABELS)  # f(x) = -E(x), as JEM's classifier logits
+
+    def logits(x):  # f(x) = -E(x), as JEM's classifier logits
+        return -class_energy(x, LABELS)
+
     by_energy, info = sampler_cls(lambda x: class_energy(x, LABELS), step_size=0.05, n_steps=4,
                                   seed=1).sample(x0, return_info=True)
     by_f, info_f = sampler_cls(logits, step_size=0.05, n_steps=4, seed=1,

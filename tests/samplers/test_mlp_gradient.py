@@ -4,8 +4,7 @@ for everything it does not cover."""
 
 import pytest
 import torch
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 from torch import nn
 
 from ebm_fast import LangevinSampler, MALASampler

@@ -10,9 +10,8 @@ import torch
 
 import ebm_fast
 from ebm_fast import LangevinSampler, MALASampler
-from ebm_fast.samplers import base as sampler_base
 from ebm_fast.reference.langevin_update import langevin_update_ref
-from ebm_fast.samplers import NonFiniteChainError, SampleInfo, linear_schedule
+from ebm_fast.samplers import NonFiniteChainError, SampleInfo, base as sampler_base, linear_schedule
 from tests.helpers import kernel_backends, kernel_device
 
 SAMPLERS = [pytest.param(LangevinSampler, id="langevin"), pytest.param(MALASampler, id="mala")]
@@ -120,7 +119,10 @@ def test_a_strided_per_chain_step_size_gives_the_contiguous_result(sampler_cls):
     x0 = x_init((6, 3))
     strided = torch.linspace(0.05, 0.3, 12)[::2]
     assert not strided.is_contiguous()
-    run = lambda eps: sampler_cls(quadratic, step_size=eps, n_steps=4, seed=2).sample(x0)
+
+    def run(eps):
+        return sampler_cls(quadratic, step_size=eps, n_steps=4, seed=2).sample(x0)
+
     assert torch.equal(run(strided), run(strided.contiguous()))
 
 

@@ -59,7 +59,8 @@ def spec_normal(seed, step, stream, n):
 
 @triton.jit
 def _as_tile(v0, v1, v2, v3):
-    """(groups,) values of the four members of each group -> (groups, 4) tile, member r in column r."""
+    """(groups,) values of the four members of each group -> (groups, 4) tile, member r in
+    column r."""
     r = tl.arange(0, 4)[None, :]
     return select4(v0[:, None], v1[:, None], v2[:, None], v3[:, None], r)
 

@@ -16,9 +16,12 @@ import triton.language as tl
 from ebm_fast.kernels.triton._launch import counter_args, read_scalar
 from ebm_fast.kernels.triton._noise_spec import spec_normal, spec_uniform, spec_words
 from ebm_fast.kernels.triton.langevin_update import round_to
-from ebm_fast.reference.buffer_sample import uint8_scales
 from ebm_fast.noise import (
-    STREAM_BUFFER_REINIT_DECISION, STREAM_BUFFER_REINIT_VALUES, STREAM_BUFFER_SLOT)
+    STREAM_BUFFER_REINIT_DECISION,
+    STREAM_BUFFER_REINIT_VALUES,
+    STREAM_BUFFER_SLOT,
+)
+from ebm_fast.reference.buffer_sample import uint8_scales
 
 CHAINS = 4
 BLOCK = 1024

@@ -18,7 +18,12 @@ import triton
 import triton.language as tl
 
 from ebm_fast.kernels.triton._launch import (
-    counter_args, read_scalar, scalar_arg, tile_grid, tile_offsets)
+    counter_args,
+    read_scalar,
+    scalar_arg,
+    tile_grid,
+    tile_offsets,
+)
 from ebm_fast.kernels.triton._noise_spec import spec_normal_tile
 
 GROUPS = 512  # 2048 elements per program

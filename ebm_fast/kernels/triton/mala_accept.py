@@ -17,7 +17,10 @@ import triton.language as tl
 from ebm_fast.kernels.triton._launch import counter_args, read_scalar
 from ebm_fast.kernels.triton._noise_spec import spec_uniform
 from ebm_fast.kernels.triton.langevin_update import (
-    SUPPORTED_DTYPES, chain_param_arg, read_chain_param)
+    SUPPORTED_DTYPES,
+    chain_param_arg,
+    read_chain_param,
+)
 
 TILE_ELEMENTS = 2048  # CHAINS * BLOCK per program
 MAX_BLOCK = 1024

@@ -12,8 +12,7 @@ import triton
 import triton.language as tl
 
 from ebm_fast.kernels.triton._launch import counter_args, read_scalar, tile_grid, tile_offsets
-from ebm_fast.kernels.triton._noise_spec import (
-    spec_normal_tile, spec_uniform_tile, spec_words_tile)
+from ebm_fast.kernels.triton._noise_spec import spec_normal_tile, spec_uniform_tile, spec_words_tile
 
 GROUPS = 512
 NUM_WARPS = 4

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from ebm_fast import use_backend
-from ebm_fast.reference import philox as ref
 from ebm_fast._cpp import CSRC
 from ebm_fast.backends import unavailable_reason
 from ebm_fast.ops.buffer_push import buffer_push
 from ebm_fast.ops.buffer_sample import buffer_sample
 from ebm_fast.ops.mala_accept import mala_accept
+from ebm_fast.reference import philox as ref
 from tests.helpers import assert_within_eager_error, counter
 
 # The grains in csrc: buffer kernels split the batch into runs of at least 16384 / features

@@ -12,8 +12,10 @@ from ebm_fast.backends import unavailable_reason
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
                                 reason=f"triton backend unavailable: {unavailable_reason('triton')}")
 
-from ebm_fast.kernels.triton import buffer_push as triton_push  # noqa: E402
-from ebm_fast.kernels.triton import buffer_sample as triton_sample  # noqa: E402
+from ebm_fast.kernels.triton import (  # noqa: E402
+    buffer_push as triton_push,
+    buffer_sample as triton_sample,
+)
 from ebm_fast.reference.buffer_push import buffer_push_out as push_ref  # noqa: E402
 from ebm_fast.reference.buffer_sample import buffer_sample_out as sample_ref  # noqa: E402
 from tests.helpers import counter, kernel_device  # noqa: E402

@@ -6,21 +6,24 @@ or on a GPU. Backend-parametrised comparisons live in tests/kernels/test_langevi
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from ebm_fast.backends import unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
                                 reason=f"triton backend unavailable: {unavailable_reason('triton')}")
 
-import triton  # noqa: E402
 
 import ebm_fast  # noqa: E402
 from ebm_fast.kernels.triton import langevin_update as triton_langevin  # noqa: E402
 from ebm_fast.reference.langevin_update import langevin_update_ref  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
+    assert_within_eager_error,
+    compile_for_sm90,
+    counter,
+    examples,
+    kernel_device,
+)
 
 DEVICE = kernel_device("triton")
 SEEDS = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63, 2**64 - 1, 2**32 - 1]))

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from ebm_fast.backends import unavailable_reason
 
@@ -25,7 +24,12 @@ from ebm_fast.kernels.triton._noise_spec import spec_normal, spec_uniform, spec_
 from ebm_fast.ops.philox import philox_normal  # noqa: E402
 from ebm_fast.reference import philox as ref  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    assert_within_eager_error, compile_for_sm90, counter, examples, kernel_device)
+    assert_within_eager_error,
+    compile_for_sm90,
+    counter,
+    examples,
+    kernel_device,
+)
 
 DEVICE = kernel_device("triton")
 SEEDS = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63, 2**64 - 1, 2**32 - 1]))
