@@ -11,9 +11,11 @@ draw counter is the spec's ``step`` and is advanced by every ``sample`` and ``pu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
 
 import torch
+from torch.types import Device
 
 from ebm_fast import validation
 from ebm_fast.noise import STREAM_BUFFER_QUANTIZE, STREAM_BUFFER_REINIT_DECISION
@@ -35,6 +37,8 @@ DRAW_LIMIT = 1 << 32
 # (ebm_fast/reference/buffer_push.py).
 RESERVOIR_COUNT_LIMIT = 1 << 46
 STATE_VERSION = 2
+# (message with a {} for the count, mask of the bad entries): one host read checks them all.
+ValueChecks = list[tuple[str, torch.Tensor]]
 
 __all__ = ["ReplayBuffer", "STREAM_BUFFER_QUANTIZE"]
 
@@ -80,11 +84,13 @@ class ReplayBuffer:
     ``len(buffer)`` (also ``n_written``) counts written slots, not ``capacity``.
     """
 
-    def __init__(self, capacity: int, sample_shape, *, device=None, dtype=torch.float32,
-                 storage: str = "float32", init: str | Callable = "uniform",
-                 init_range=(-1.0, 1.0), reinit_prob: float = 0.05, n_classes: int | None = None,
-                 policy: str = "fifo", seed: int | None = None, rank: int = 0,
-                 stochastic_rounding: bool = False, check_values: bool = True):
+    def __init__(self, capacity: int, sample_shape: int | Sequence[int], *,
+                 device: Device = None, dtype: torch.dtype = torch.float32,
+                 storage: str = "float32", init: str | Callable[..., torch.Tensor] = "uniform",
+                 init_range: tuple[float, float] = (-1.0, 1.0), reinit_prob: float = 0.05,
+                 n_classes: int | None = None, policy: str = "fifo", seed: int | None = None,
+                 rank: int = 0, stochastic_rounding: bool = False,
+                 check_values: bool = True) -> None:
         capacity = validation.integer(capacity, "capacity", low=1)
         if isinstance(sample_shape, (tuple, list, torch.Size)):
             sample_shape = tuple(validation.integer(size, f"sample_shape[{i}]", low=1)
@@ -130,8 +136,9 @@ class ReplayBuffer:
         self._draws = torch.zeros((), dtype=torch.int64, device=device)
 
     @classmethod
-    def from_tensor(cls, samples: torch.Tensor, y=None, *, capacity: int | None = None,
-                    n_classes: int | None = None, **kwargs) -> ReplayBuffer:
+    def from_tensor(cls, samples: torch.Tensor, y: torch.Tensor | None = None, *,
+                    capacity: int | None = None, n_classes: int | None = None,
+                    **kwargs: Any) -> ReplayBuffer:
         """A buffer holding the rows of ``samples`` (n, *sample_shape), e.g. the tensor buffer
         of a JEM or IGEBM checkpoint. The rows are appended in order (one ``push``), so they
         count as written and ``sample`` returns them.
@@ -207,7 +214,7 @@ class ReplayBuffer:
         filled = "?" if self.device.type == "meta" else self.n_written
         return f"ReplayBuffer({self.extra_repr()}, filled={filled}/{self.capacity})"
 
-    def to(self, device) -> ReplayBuffer:
+    def to(self, device: torch.device | str | int) -> ReplayBuffer:
         """Move storage and counters to ``device`` (in place; returns self)."""
         device = torch.device(device)
         for name in ("_seed", "_storage", "_written", "_count", "_draws"):
@@ -215,7 +222,8 @@ class ReplayBuffer:
         return self
 
     # -- validation -------------------------------------------------------------------------
-    def _labels(self, labels, batch: int, name: str, upper: int, checks: list) -> torch.Tensor:
+    def _labels(self, labels: object, batch: int, name: str, upper: int,
+                checks: ValueChecks) -> torch.Tensor:
         """labels as int64 (batch,); their range check [0, upper) is added to ``checks``."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
@@ -230,7 +238,7 @@ class ReplayBuffer:
                            (labels < 0) | (labels >= upper)))
         return labels.to(torch.int64)
 
-    def _classes(self, y, batch: int, checks: list):
+    def _classes(self, y: object, batch: int, checks: ValueChecks) -> torch.Tensor | None:
         """y as int64 (range-checked), or None; refused on a buffer without classes."""
         if y is None:
             return None
@@ -238,7 +246,7 @@ class ReplayBuffer:
             raise ValueError("y was given but the buffer has no classes (n_classes=None)")
         return self._labels(y, batch, "y", self.n_classes, checks)
 
-    def _check_values(self, checks, x=None) -> None:
+    def _check_values(self, checks: ValueChecks, x: torch.Tensor | None = None) -> None:
         """One host read for every value check of a call (skipped when check_values=False).
 
         ``checks`` holds (message with a {} for the count, mask of bad entries) pairs. Pushed
@@ -279,7 +287,23 @@ class ReplayBuffer:
         return reinit_mask(u, self._reinit_threshold, self._written, slots)
 
     # -- hot path ---------------------------------------------------------------------------
-    def sample(self, batch_size: int, y=None, *, return_reinit: bool = False):
+    @overload
+    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
+               return_reinit: Literal[False] = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
+               return_reinit: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ...
+
+    @overload
+    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
+               return_reinit: bool) -> (tuple[torch.Tensor, torch.Tensor]
+                                        | tuple[torch.Tensor, torch.Tensor, torch.Tensor]): ...
+
+    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
+               return_reinit: bool = False) -> (tuple[torch.Tensor, torch.Tensor]
+                                                | tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         """Draw ``batch_size`` chains: returns (x (batch_size, *sample_shape) in ``dtype``,
         slot indices (batch_size,) int64), both on the buffer's device; with
         ``return_reinit=True`` also a bool (batch_size,) mask of the chains replaced by fresh
@@ -293,7 +317,7 @@ class ReplayBuffer:
         batch_size = validation.integer(batch_size, "batch_size", low=1)
         return_reinit = validation.choice(return_reinit, "return_reinit", FLAGS)
         self._check_batch_indices(batch_size)
-        checks = []
+        checks: ValueChecks = []
         y = self._classes(y, batch_size, checks)
         self._check_values(checks)
         # Without y every slot is one class's: a uniform draw over the whole buffer.
@@ -315,9 +339,10 @@ class ReplayBuffer:
         reinit = self._reinit_decisions(slots) if return_reinit else None
         self._draws.add_(1)
         x = x.reshape(batch_size, *self.sample_shape)
-        return (x, slots, reinit) if return_reinit else (x, slots)
+        return (x, slots) if reinit is None else (x, slots, reinit)
 
-    def push(self, x: torch.Tensor, idx=None, y=None) -> None:
+    def push(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+             y: torch.Tensor | None = None) -> None:
         """Store a batch x (batch, *sample_shape).
 
         With ``idx`` (the slots ``sample`` returned) each chain is written back to its slot (a
@@ -337,7 +362,7 @@ class ReplayBuffer:
         if batch == 0:
             raise ValueError("x holds no chains (batch size 0)")
         self._check_batch_indices(batch)
-        checks = []
+        checks: ValueChecks = []
         y = self._classes(y, batch, checks)
         if idx is not None:
             idx = self._labels(idx, batch, "idx", self.capacity, checks)
@@ -359,7 +384,7 @@ class ReplayBuffer:
         self._draws.add_(1)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _config(self) -> dict:
+    def _config(self) -> dict[str, Any]:
         """Everything that decides what the buffer draws and stores, besides its tensors."""
         return {"version": STATE_VERSION, "capacity": self.capacity,
                 "sample_shape": list(self.sample_shape), "storage": self.storage,
@@ -368,14 +393,14 @@ class ReplayBuffer:
                 "n_classes": self.n_classes, "policy": self.policy, "rank": self.rank,
                 "stochastic_rounding": self.stochastic_rounding}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume draws bit-identically (loadable with weights_only=True)."""
         return {"config": self._config(), "seed": self._seed.detach().clone(),
                 "storage": self._storage.detach().clone(),
                 "written": self._written.detach().clone(),
                 "count": self._count.detach().clone(), "draws": self._draws.detach().clone()}
 
-    def _check_state_values(self, state: dict) -> None:
+    def _check_state_values(self, state: dict[str, Any]) -> None:
         """Refuse counters no sequence of pushes and draws could have produced."""
         written, count, draws = (state[name].cpu() for name in ("written", "count", "draws"))
         if not ((written == 0) | (written == 1)).all():
@@ -393,7 +418,7 @@ class ReplayBuffer:
             raise ValueError("state_dict['written'] leaves slots unwritten that state_dict"
                              "['count'] says were appended to")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict. Refuses (ValueError, naming each difference) one saved by a
         differently configured buffer, and counters no buffer could have reached."""
         if not isinstance(state, dict):

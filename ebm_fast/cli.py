@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        summary = module.__doc__.strip().splitlines()[0]
+        summary = (module.__doc__ or name).strip().splitlines()[0]
         command = subparsers.add_parser(name, help=summary, description=module.__doc__,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)

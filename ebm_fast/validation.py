@@ -310,6 +310,7 @@ def argparse_type(check: Callable, name: str = "value", **rules) -> Callable[[st
     Example: ``parser.add_argument("--step-size", type=argparse_type(real, low=0, low_open=True))``.
     """
     def parse(text: str):
+        parsed: int | float | str
         for read in (int, float):
             try:
                 parsed = read(text)

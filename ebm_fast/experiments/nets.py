@@ -86,7 +86,7 @@ class JEMWideResNet(nn.Module):
             raise ValueError(f"depth must be 6n + 4 with n >= 1, got {depth}")
         per_group = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        layers = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
         for group, stride in enumerate((1, 2, 2)):
             for block in range(per_group):
                 layers.append(WideBlock(widths[group + (block > 0)], widths[group + 1],
@@ -120,7 +120,7 @@ class ICDBlock(nn.Module):
 
     def __init__(self, filters: int, downsample: bool, rescale: bool = True):
         super().__init__()
-        layers = []
+        layers: list[nn.Module] = []
         for _ in range(2):
             norm = (nn.InstanceNorm2d(filters, affine=True) if filters <= 128
                     else nn.GroupNorm(32, filters))

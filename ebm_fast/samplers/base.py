@@ -10,7 +10,8 @@ import functools
 import numbers
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypedDict, overload
 
 import torch
 
@@ -27,13 +28,30 @@ from ebm_fast.samplers.energy import (
 )
 from ebm_fast.samplers.inputs import ChainInputs, Conditioning
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
-from ebm_fast.samplers.schedules import StepValues
+from ebm_fast.samplers.schedules import StepParameter, StepValues
 
 CUDA_GRAPH_MODES = ("auto", True, False)
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 AUTOCAST_AUTO = "auto"  # bf16 where the chains' device computes it natively, else none
 # The noise spec's step counter has 32 bits: step 2**32 would draw step 0's noise again.
 STEP_LIMIT = 1 << 32
+
+
+class SamplerOptions(TypedDict, total=False):
+    """The keyword options every sampler takes (see :class:`Sampler`), for type checkers."""
+
+    n_steps: int
+    seed: int | None
+    chain_offset: int
+    backend: str
+    compile: bool
+    cuda_graph: bool | str
+    check_finite: bool
+    chunk_size: int | None
+    autocast: torch.dtype | str | None
+    negate: bool
+    eval_mode: bool
+    mlp_gradient: bool
 
 
 class Sampler(abc.ABC):
@@ -66,11 +84,12 @@ class Sampler(abc.ABC):
         always autograd. Energies it does not cover use autograd either way.
     """
 
-    def __init__(self, energy, *, n_steps: int = 60, seed: int | None = None,
-                 chain_offset: int = 0, backend: str = "auto", compile: bool = False,
-                 cuda_graph="auto", check_finite: bool = True, chunk_size: int | None = None,
-                 autocast=None, negate: bool = False, eval_mode: bool = False,
-                 mlp_gradient: bool = True):
+    def __init__(self, energy: Callable[..., torch.Tensor], *, n_steps: int = 60,
+                 seed: int | None = None, chain_offset: int = 0, backend: str = "auto",
+                 compile: bool = False, cuda_graph: bool | str = "auto",
+                 check_finite: bool = True, chunk_size: int | None = None,
+                 autocast: torch.dtype | str | None = None, negate: bool = False,
+                 eval_mode: bool = False, mlp_gradient: bool = True) -> None:
         if not callable(energy):
             raise TypeError(f"energy must be callable (x -> (B,) energies), got "
                             f"{type(energy).__name__}")
@@ -85,7 +104,9 @@ class Sampler(abc.ABC):
         self.chain_offset = validation.integer(chain_offset, "chain_offset", low=0)
         self.autocast = autocast if autocast is None or autocast == AUTOCAST_AUTO else \
             validation.dtype(autocast, "autocast", AUTOCAST_DTYPES)
-        self._precision = None  # (chains' device, dtype and dims, the PrecisionChoice)
+        # (chains' device, dtype and dims, the PrecisionChoice)
+        self._precision: tuple[tuple[torch.device, torch.dtype, int], PrecisionChoice] | None = \
+            None
         self.eval_mode = bool(eval_mode)
         self._energy = EnergyFunction(energy, compile=compile, autocast=None,
                                       negate=bool(negate), owner=type(self).__name__,
@@ -94,10 +115,10 @@ class Sampler(abc.ABC):
         # host for the checks (reading the device copy would synchronise).
         self._step = torch.zeros((), dtype=torch.int64)
         self._steps_taken = 0
-        self._graphs: dict = {}
-        self._graph_pool = None
+        self._graphs: dict[tuple, CudaGraphChain] = {}
+        self._graph_pool: object = None  # torch.cuda.graph_pool_handle(), made at first capture
         self._graph_failed = False
-        self._number_tables = None  # (key, tables) of _call_tables
+        self._number_tables: tuple[tuple, tuple[StepValues, ...]] | None = None  # _call_tables
 
     # -- state ------------------------------------------------------------------------------
 
@@ -106,12 +127,12 @@ class Sampler(abc.ABC):
         """How many updates the sampler has drawn noise for: the next one uses this step."""
         return self._steps_taken
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """The step counter and seed (loadable with torch.load(weights_only=True))."""
         return {"step": torch.tensor(self._steps_taken, dtype=torch.int64),
                 "seed": self._seed.cpu().clone()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue from a state_dict(): the same seed, the next step where that one stopped.
         Counters follow the noise spec's rule (ints or 0-dim integer tensors; a step in
         [0, 2**32), a seed in [0, 2**64))."""
@@ -131,7 +152,7 @@ class Sampler(abc.ABC):
 
     # -- the energy and the backend, as losses use them -----------------------------------
 
-    def energies(self, x: torch.Tensor, y=None, **energy_kwargs) -> torch.Tensor:
+    def energies(self, x: torch.Tensor, y: object = None, **energy_kwargs: Any) -> torch.Tensor:
         """The (B,) energies E(x) as this sampler sees the energy (output checked, negated,
         under its autocast, in x's compute dtype), differentiable in x and in the energy's
         parameters: the one pass every loss takes. The module runs in its own mode."""
@@ -190,8 +211,26 @@ class Sampler(abc.ABC):
 
     # -- the call ---------------------------------------------------------------------------
 
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *, step_size=None,
-               return_info: bool = False, y=None, **energy_kwargs):
+    @overload
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
+               step_size: StepParameter | None = None, return_info: Literal[False] = False,
+               y: object = None, **energy_kwargs: Any) -> torch.Tensor: ...
+
+    @overload
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
+               step_size: StepParameter | None = None, return_info: Literal[True],
+               y: object = None, **energy_kwargs: Any) -> tuple[torch.Tensor, SampleInfo]: ...
+
+    @overload
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
+               step_size: StepParameter | None = None, return_info: bool,
+               y: object = None,
+               **energy_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]: ...
+
+    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
+               step_size: StepParameter | None = None, return_info: bool = False,
+               y: object = None,
+               **energy_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
         """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
         return_info=True (Langevin: one extra energy evaluation for the final energies; MALA:
         acceptance rates and adapted step sizes included).

@@ -42,7 +42,7 @@ def trainable_parameters(energy) -> list[torch.Tensor]:
     if not isinstance(energy, torch.nn.Module):
         raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
                         f"{type(energy).__name__}")
-    params = [p for p in energy.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in energy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
                          "take a gradient with respect to")
@@ -130,23 +130,26 @@ class EnergyFunction:
     energy's input gradient without autograd where MLPGradient covers it (same bits).
     """
 
-    def __init__(self, energy, *, compile: bool, autocast, negate: bool, owner: str,
-                 mlp_gradient: bool = True):
+    def __init__(self, energy: Callable, *, compile: bool, autocast: torch.dtype | None,
+                 negate: bool, owner: str, mlp_gradient: bool = True) -> None:
         self.energy, self.autocast, self.negate, self.owner = energy, autocast, negate, owner
         self._compiled = torch.compile(energy) if compile else None
         # The direct route computes the plain energy's passes (under the sampler's autocast
         # too): not for a compiled or negated one.
         direct = mlp_gradient and not (compile or negate)
         self._mlp = MLPGradient.of(energy) if direct else None
-        self._direct = False  # this call's route (start_call)
+        # This call's route (start_call): the MLP's direct gradient, or None for autograd.
+        self._direct: MLPGradient | None = None
         self._checked = False  # this call's output checked (its shape is fixed for the call)
-        self._ones = None  # d(sum E)/dE for the autograd route, kept while its layout holds
+        # d(sum E)/dE for the autograd route, kept while its layout holds.
+        self._ones: torch.Tensor | None = None
 
     def start_call(self, x: torch.Tensor, conditioning: Conditioning) -> None:
         """Choose the route of this sample() call's input gradients: MLPGradient where it
         covers the energy, else autograd. Once per call: the check walks the layers (tens of
         microseconds), and nothing it reads changes while the chains run."""
-        self._direct = self._mlp is not None and self._mlp.covers(x, conditioning)
+        mlp = self._mlp
+        self._direct = mlp if mlp is not None and mlp.covers(x, conditioning) else None
         self._checked = False
 
     def _call(self, x: torch.Tensor, conditioning: Conditioning, compiled: bool):
@@ -186,8 +189,9 @@ class EnergyFunction:
         no graph through parameters. As few op calls as the loop a user writes: the (B, 1) ->
         (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
         on: Sampler.sample turns it on once for the call (per step it costs microseconds)."""
-        if self._direct:
-            return self._mlp(x, self.autocast)
+        direct = self._direct
+        if direct is not None:
+            return direct(x, self.autocast)
         x_var = x.detach().requires_grad_(True)
         value = self._forward(x_var, conditioning, compiled=True, check=not self._checked)
         self._checked = True

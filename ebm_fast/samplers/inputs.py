@@ -101,7 +101,7 @@ class ChainInputs:
 
     def static_copy(self) -> ChainInputs:
         return ChainInputs(self.x.clone(), self.counter.clone(), self.seed.clone(),
-                           tuple(dataclasses.replace(t, values=t.values.clone())
+                           tuple(dataclasses.replace(t, values=t.table.clone())
                                  for t in self.tables),
                            self.conditioning.static_copy())
 
@@ -111,11 +111,11 @@ class ChainInputs:
         self.counter.copy_(other.counter)
         self.seed.copy_(other.seed)
         for static, table in zip(self.tables, other.tables):
-            static.values.copy_(table.values)
+            static.table.copy_(table.table)
         self.conditioning.copy_(other.conditioning)
 
     def key(self) -> tuple:
         """The structure a capture bakes in (tabulated inputs only)."""
         return (_tensor_key(self.x),
-                tuple((t.per_step, *_tensor_key(t.values)) for t in self.tables),
+                tuple((t.per_step, *_tensor_key(t.table)) for t in self.tables),
                 self.conditioning.key())

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from ebm_fast import validation
 from ebm_fast.noise import STREAM_PROPOSAL
 from ebm_fast.ops import langevin_update
-from ebm_fast.samplers.base import Sampler
+from ebm_fast.samplers.base import Sampler, SamplerOptions
 from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.energy import eval_mode, module_of
 from ebm_fast.samplers.inputs import Conditioning
 from ebm_fast.samplers.kernels import contiguous, update_kernel
-from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
+from ebm_fast.samplers.schedules import (
+    StepParameter,
+    blocks,
+    check_step_value,
+    step_counters,
+    step_values,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 
 class LangevinSampler(Sampler):
@@ -36,8 +48,12 @@ class LangevinSampler(Sampler):
             chunk_size, autocast, negate, eval_mode, mlp_gradient).
     """
 
-    def __init__(self, energy, *, step_size, noise_scale=None, temperature=None, grad_clip=None,
-                 grad_clip_mode="value", clamp=None, **options):
+    def __init__(self, energy: Callable[..., torch.Tensor], *, step_size: StepParameter,
+                 noise_scale: StepParameter | None = None,
+                 temperature: StepParameter | None = None, grad_clip: float | None = None,
+                 grad_clip_mode: str = "value",
+                 clamp: tuple[float | None, float | None] | None = None,
+                 **options: Unpack[SamplerOptions]) -> None:
         super().__init__(energy, **options)
         if noise_scale is not None and temperature is not None:
             raise ValueError("give noise_scale (decoupled sigma) or temperature "
@@ -99,7 +115,7 @@ class LangevinSampler(Sampler):
         return diagnostics.finish(x, final_energy)
 
     def differentiable_step(self, x: torch.Tensor, step: int, *, chains: int | None = None,
-                            y=None, **energy_kwargs) -> torch.Tensor:
+                            y: object = None, **energy_kwargs: Any) -> torch.Tensor:
         """The update a one-step sample() takes from x when the step counter is at ``step``,
         on the first ``chains`` chains (all when None), differentiable in the energy's
         parameters: the energy gradient stays in the graph (create_graph) and the update runs

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
 from ebm_fast import validation
 from ebm_fast.noise import STREAM_MALA_ACCEPT, STREAM_PROPOSAL
 from ebm_fast.samplers.adaptation import adapt_step_scale
-from ebm_fast.samplers.base import Sampler
+from ebm_fast.samplers.base import Sampler, SamplerOptions
 from ebm_fast.samplers.diagnostics import ChainDiagnostics
 from ebm_fast.samplers.kernels import accept_kernel, contiguous, update_kernel
-from ebm_fast.samplers.schedules import blocks, check_step_value, step_counters, step_values
+from ebm_fast.samplers.schedules import (
+    StepParameter,
+    blocks,
+    check_step_value,
+    step_counters,
+    step_values,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 
 class MALASampler(Sampler):
@@ -32,8 +44,11 @@ class MALASampler(Sampler):
     **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`.
     """
 
-    def __init__(self, energy, *, step_size, temperature=1.0, adapt=False, target_accept=0.574,
-                 adapt_steps=None, adapt_rate=0.05, clamp=None, grad_clip=None, **options):
+    def __init__(self, energy: Callable[..., torch.Tensor], *, step_size: StepParameter,
+                 temperature: StepParameter = 1.0, adapt: bool = False,
+                 target_accept: float = 0.574, adapt_steps: int | None = None,
+                 adapt_rate: float = 0.05, clamp: None = None, grad_clip: None = None,
+                 **options: Unpack[SamplerOptions]) -> None:
         super().__init__(energy, **options)
         if clamp is not None or grad_clip is not None:
             raise ValueError("MALASampler takes no clamp or grad_clip: they change the proposal "

@@ -16,6 +16,11 @@ from ebm_fast import validation
 
 __all__ = ["linear_schedule", "geometric_schedule"]
 
+# What step_size / noise_scale / temperature take: a number, a per-chain tensor (B,), or a
+# schedule f(k, n_steps) -> the value at step k of a call.
+Schedule = Callable[[int, int], float | torch.Tensor]
+StepParameter = float | torch.Tensor | Schedule
+
 # Steps per block: per-block work (a schedule's host evaluation and copy, the blocks' views and
 # noise counters) costs a few op calls, spread over this many steps.
 BLOCK_STEPS = 32
@@ -103,20 +108,28 @@ class StepValues:
     values: with per_step False, the value of every step (0-dim, or per chain (B,)); with
     per_step True, a table whose row k is step k's value ((K,) or (K, B)): the form a CUDA graph
     takes as input. evaluate: instead of values, (first, n) -> the block's rows, evaluating a
-    schedule on the host.
+    schedule on the host. Exactly one of values and evaluate is given.
     """
 
     values: torch.Tensor | None
     per_step: bool = False
     evaluate: Callable[[int, int], torch.Tensor] | None = None
 
+    @property
+    def table(self) -> torch.Tensor:
+        """values, for one that holds them (a schedule evaluated on the host has none)."""
+        if self.values is None:
+            raise ValueError("these step values are evaluated on the host: tabulate them first")
+        return self.values
+
     def block(self, first: int, n: int) -> torch.Tensor:
         """The values of steps first .. first + n - 1: (n,) or (n, B)."""
         if self.evaluate is not None:
             return self.evaluate(first, n)
+        values = self.table
         if self.per_step:
-            return self.values[first:first + n]
-        return self.values.expand(n, *self.values.shape)
+            return values[first:first + n]
+        return values.expand(n, *values.shape)
 
     def for_chains(self, lo: int, hi: int) -> StepValues:
         """The values of chains lo:hi only (a chunk)."""
@@ -124,9 +137,10 @@ class StepValues:
             evaluate = self.evaluate
             return StepValues(None, evaluate=lambda first, n: _chains_of(evaluate(first, n),
                                                                           lo, hi))
+        values = self.table
         chain_axis = 1 if self.per_step else 0
-        if self.values.dim() == chain_axis + 1:
-            return dataclasses.replace(self, values=self.values.narrow(chain_axis, lo, hi - lo))
+        if values.dim() == chain_axis + 1:
+            return dataclasses.replace(self, values=values.narrow(chain_axis, lo, hi - lo))
         return self
 
     def tabulated(self, n_steps: int) -> StepValues:

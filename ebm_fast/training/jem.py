@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ebm_fast import validation
+from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.samplers.energy import autocast_pass, parameters_of
-from ebm_fast.training.losses import LossStats, PersistentML, _check_batch
+from ebm_fast.training.losses import AnySampler, LossStats, PersistentML, Stats, _check_batch
 
 __all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error",
            "classifier_metrics"]
 
 
-def _check_labels(y, batch: int, device: torch.device, name: str = "y") -> None:
+def _check_labels(y: object, batch: int, device: torch.device, name: str = "y") -> None:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be an int64 tensor of class labels, got "
                         f"{type(y).__name__}")
@@ -44,7 +46,8 @@ def _check_labels(y, batch: int, device: torch.device, name: str = "y") -> None:
     validation.same_device(device, "x", **{name: y})
 
 
-def _check_logits(logits, batch: int | None = None, name: str = "classifier(x)") -> None:
+def _check_logits(logits: object, batch: int | None = None,
+                  name: str = "classifier(x)") -> None:
     """logits must be a floating (batch, n_classes) tensor (any batch when None)."""
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor of logits, got "
@@ -72,7 +75,7 @@ class LogitsEnergy(torch.nn.Module):
     and a Trainer trains them. Samplers pass y per call: ``sampler.sample(x0, y=y)``.
     """
 
-    def __init__(self, classifier: torch.nn.Module):
+    def __init__(self, classifier: torch.nn.Module) -> None:
         super().__init__()
         if not isinstance(classifier, torch.nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module returning logits, got "
@@ -124,14 +127,15 @@ class JEM(PersistentML):
 
     energy_takes_y = True  # the p(x, y) chains sample E(x, y) = -f(x)[y]
 
-    def __init__(self, classifier, sampler, buffer, p_x_weight: float = 1.0,
-                 p_y_given_x_weight: float = 1.0, p_x_y_weight: float = 0.0):
+    def __init__(self, classifier: Callable[[torch.Tensor], torch.Tensor], sampler: AnySampler,
+                 buffer: ReplayBuffer, p_x_weight: float = 1.0, p_y_given_x_weight: float = 1.0,
+                 p_x_y_weight: float = 0.0) -> None:
         super().__init__(sampler, buffer)
         if not callable(classifier):
             raise TypeError(f"classifier must be a callable x -> logits (an nn.Module), got "
                             f"{type(classifier).__name__}")
         own = {id(p) for p in parameters_of(classifier)}
-        if not own or own != {id(p) for p in self.energy.parameters()}:
+        if not own or own != {id(p) for p in parameters_of(self.energy)}:
             raise ValueError("sampler must sample the classifier's energy (build it on "
                              "ebm_fast.training.LogitsEnergy(classifier)): its energy holds "
                              "other parameters than the classifier's")
@@ -163,7 +167,8 @@ class JEM(PersistentML):
             raise ValueError("y was given but this JEM uses no labels (p_y_given_x_weight and "
                              "p_x_y_weight are 0)")
         start = time.perf_counter()
-        stats, tracked = {}, True
+        stats: Stats = {}
+        tracked = True
         if self.p_x_weight:
             stats["negatives"] = self.negatives(x_pos, None, stats)
             tracked = False  # one set of chain statistics: the p(x) chains'
@@ -173,7 +178,7 @@ class JEM(PersistentML):
 
         logits_pos = self.logits(x_pos)
         _check_logits(logits_pos, x_pos.shape[0])
-        loss = 0.0
+        loss: torch.Tensor | float = 0.0
         if self.p_x_weight:
             e_pos = logits_energy(logits_pos)
             e_neg = logits_energy(self.logits(stats["negatives"]))
@@ -199,6 +204,7 @@ class JEM(PersistentML):
                              energy_pos=stats["conditional_energy_pos"],
                              energy_neg=stats["conditional_energy_neg"])
         self.last = JEMStats(sampler_seconds=sampler_seconds, **stats)
+        assert isinstance(loss, torch.Tensor)  # a sampled term is on (checked in __init__)
         return loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,7 +232,7 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def classifier_metrics(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                       n_bins: int = 15, batch_size: int = 1000) -> dict:
+                       n_bins: int = 15, batch_size: int = 1000) -> dict[str, float]:
     """{"accuracy", "ece"} of the classifier on (x, y) as floats, evaluated in eval mode (its
     mode restored afterwards) in batches of batch_size."""
     if not isinstance(classifier, torch.nn.Module):

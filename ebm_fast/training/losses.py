@@ -33,6 +33,7 @@ import abc
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -43,6 +44,11 @@ from ebm_fast.samplers.energy import frozen_parameters, trainable_parameters
 
 __all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
            "ShortRunML", "KLPersistentML", "nearest_distances"]
+
+# The samplers a loss drives.
+AnySampler = LangevinSampler | MALASampler
+# An iteration's statistics as a loss gathers them: keyword arguments of LossStats.
+Stats = dict[str, torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -72,7 +78,7 @@ class LossStats:
     entropy: torch.Tensor | None = None
 
 
-def _check_batch(x, name: str) -> None:
+def _check_batch(x: object, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
@@ -93,7 +99,7 @@ class EBMLoss(abc.ABC):
     #: whether the loss takes class labels y (a per-class buffer)
     conditional = False
 
-    def __init__(self, sampler, alpha):
+    def __init__(self, sampler: AnySampler, alpha: float) -> None:
         if not isinstance(sampler, (LangevinSampler, MALASampler)):
             raise TypeError(f"sampler must be an ebm_fast.LangevinSampler or MALASampler, got "
                             f"{type(sampler).__name__}")
@@ -112,9 +118,9 @@ class EBMLoss(abc.ABC):
                              "per-class replay buffer uses them)")
         if y is None and self.conditional:
             raise ValueError(f"y (the class of each positive sample) is required: the buffer of "
-                             f"{type(self).__name__} has n_classes={self.buffer.n_classes}")
+                             f"{type(self).__name__} is per-class (n_classes is set)")
         start = time.perf_counter()
-        stats = {}
+        stats: Stats = {}
         x_neg = self.negatives(x_pos, y, stats).detach()
         sampler_seconds = time.perf_counter() - start
         e_pos = self.energies(x_pos)
@@ -132,7 +138,8 @@ class EBMLoss(abc.ABC):
         return loss
 
     @abc.abstractmethod
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: dict) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         """The negatives for the positive batch x_pos (no graph); statistics go into ``stats``
         (keys of LossStats)."""
 
@@ -140,11 +147,11 @@ class EBMLoss(abc.ABC):
         """The (B,) energies at x as the sampler sees the energy (``sampler.energies``)."""
         return self.sampler.energies(x)
 
-    def extra_terms(self, stats: dict) -> torch.Tensor | None:
+    def extra_terms(self, stats: Stats) -> torch.Tensor | None:
         """Terms added to the loss beyond the ML surrogate and the regulariser (None: none)."""
         return None
 
-    def _run(self, x0: torch.Tensor, stats: dict, n_steps: int | None = None,
+    def _run(self, x0: torch.Tensor, stats: Stats, n_steps: int | None = None,
              y: torch.Tensor | None = None) -> torch.Tensor:
         """The sampler's chains from x0 (y passed to a conditional energy), recording chain
         statistics when tracking."""
@@ -156,11 +163,11 @@ class EBMLoss(abc.ABC):
         return x
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What a resumed loss needs to continue the same run (loadable with weights_only)."""
         return {"sampler": self.sampler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = set(self.state_dict()) - set(state)
@@ -174,11 +181,12 @@ class ContrastiveDivergence(EBMLoss):
     """CD-k (Hinton 2002): k sampler steps from the positive batch itself; k = 0 uses the
     positives as negatives (gradient exactly 0: the two energies are evaluated separately)."""
 
-    def __init__(self, sampler, k: int, alpha: float = 0.0):
+    def __init__(self, sampler: AnySampler, k: int, alpha: float = 0.0) -> None:
         super().__init__(sampler, alpha)
         self.k = validation.integer(k, "k", low=0)
 
-    def negatives(self, x_pos, y, stats):
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         if self.k == 0:
             return x_pos.detach()
         return self._run(x_pos, stats, self.k)
@@ -189,8 +197,8 @@ class PersistentCD(EBMLoss):
     iteration left it and never restarted. The chains start at the first positive batch, or at
     ``init(batch_size)`` when given. The batch size cannot change between calls."""
 
-    def __init__(self, sampler, alpha: float = 0.0, *,
-                 init: Callable[[int], torch.Tensor] | None = None):
+    def __init__(self, sampler: AnySampler, alpha: float = 0.0, *,
+                 init: Callable[[int], torch.Tensor] | None = None) -> None:
         super().__init__(sampler, alpha)
         if init is not None and not callable(init):
             raise TypeError(f"init must be None or a callable batch_size -> initial states, got "
@@ -198,7 +206,8 @@ class PersistentCD(EBMLoss):
         self.init = init
         self.chains: torch.Tensor | None = None
 
-    def negatives(self, x_pos, y, stats):
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         if self.chains is None:
             self.chains = (x_pos.detach().clone() if self.init is None
                            else _initial_states(self.init, x_pos))
@@ -209,10 +218,10 @@ class PersistentCD(EBMLoss):
         self.chains = self._run(self.chains, stats)
         return self.chains
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "chains": self.chains}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         chains = state.get("chains") if isinstance(state, dict) else None
         if chains is not None and not isinstance(chains, torch.Tensor):
             raise ValueError(f"state_dict['chains'] must be None or a tensor, got "
@@ -237,14 +246,16 @@ class ShortRunML(EBMLoss):
     iteration, run the sampler's n_steps. Its randomness is init's (save the generator it uses
     with the run; the Trainer saves torch's global generator)."""
 
-    def __init__(self, sampler, init: Callable[[int], torch.Tensor], alpha: float = 0.0):
+    def __init__(self, sampler: AnySampler, init: Callable[[int], torch.Tensor],
+                 alpha: float = 0.0) -> None:
         super().__init__(sampler, alpha)
         if not callable(init):
             raise TypeError(f"init must be a callable batch_size -> initial states, got "
                             f"{type(init).__name__}")
         self.init = init
 
-    def negatives(self, x_pos, y, stats):
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         return self._run(_initial_states(self.init, x_pos), stats)
 
 
@@ -264,8 +275,8 @@ class PersistentML(EBMLoss):
     # here y only picks the buffer's class.
     energy_takes_y = False
 
-    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
-                 push: str | None = None):
+    def __init__(self, sampler: AnySampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
+                 push: str | None = None) -> None:
         super().__init__(sampler, alpha)
         if not isinstance(buffer, ReplayBuffer):
             raise TypeError(f"buffer must be an ebm_fast.ReplayBuffer, got "
@@ -280,7 +291,8 @@ class PersistentML(EBMLoss):
                              'buffer\'s policy="reservoir"; use push="append" (ICD) or a fifo '
                              'buffer')
 
-    def draw(self, x_pos: torch.Tensor, y, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+             stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial states and slots for the positive batch from the buffer (with track_chains,
         the fraction re-initialised goes into stats)."""
         if tuple(x_pos.shape[1:]) != self.buffer.sample_shape:
@@ -292,23 +304,24 @@ class PersistentML(EBMLoss):
         stats["reinit_fraction"] = reinit.float().mean()
         return x0, slots
 
-    def negatives(self, x_pos, y, stats):
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         x0, slots = self.draw(x_pos, y, stats)
         x = self._run(x0, stats, y=y if self.energy_takes_y else None)
         self.push_chains(x, slots, y)
         return x
 
-    def push_chains(self, x: torch.Tensor, slots: torch.Tensor, y) -> None:
+    def push_chains(self, x: torch.Tensor, slots: torch.Tensor, y: torch.Tensor | None) -> None:
         """The chains back into the buffer: to their slots, or appended (see ``push``)."""
         if self.push == "slots":
             self.buffer.push(x, slots)
         else:
             self.buffer.push(x, y=y)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "buffer": self.buffer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         # The buffer first: it refuses a differently configured state before copying anything.
         if isinstance(state, dict) and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
@@ -349,10 +362,13 @@ class KLPersistentML(PersistentML):
     #: the entropy term starts once the buffer holds more written samples than this
     ENTROPY_MIN_FILLED = 1000
 
-    def __init__(self, sampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
+    sampler: LangevinSampler  # its differentiable_step is the KL term's last step
+
+    def __init__(self, sampler: LangevinSampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
                  kl_weight: float = 1.0, entropy_weight: float = 0.3, kl_chains: int = 128,
-                 entropy_samples: int = 100, augment: Callable | None = None,
-                 push: str | None = None):
+                 entropy_samples: int = 100,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 push: str | None = None) -> None:
         if not isinstance(sampler, LangevinSampler):
             raise TypeError(f"KLPersistentML needs an ebm_fast.LangevinSampler (its last step is "
                             f"differentiated through langevin_update), got "
@@ -374,8 +390,12 @@ class KLPersistentML(PersistentML):
                             f"{type(augment).__name__}")
         self.augment = augment
         self._filled = False  # the buffer held > ENTROPY_MIN_FILLED samples (stays true)
+        # This iteration's (x_prev, last step's noise counter, entropy reference), from
+        # negatives to extra_terms.
+        self._kl_inputs: tuple[torch.Tensor, int, torch.Tensor | None]
 
-    def negatives(self, x_pos, y, stats):
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+                  stats: Stats) -> torch.Tensor:
         x0, slots = self.draw(x_pos, y, stats)
         if self.augment is not None:
             augmented = self.augment(x0)
@@ -415,7 +435,7 @@ class KLPersistentML(PersistentML):
         with frozen_parameters(self.parameters):
             return self.energies(x_kl).mean(), x_kl
 
-    def extra_terms(self, stats: dict) -> torch.Tensor:
+    def extra_terms(self, stats: Stats) -> torch.Tensor:
         x_prev, step, reference = self._kl_inputs
         del self._kl_inputs  # the graph it belongs to ends with this iteration
         kl, x_kl = self.kl_term(x_prev, step)

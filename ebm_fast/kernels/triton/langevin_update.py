@@ -183,8 +183,10 @@ def langevin_update_out(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
     per_chain = math.prod(x.shape[1:])
     device = x.device
     clip_mode = CLIP_MODES[None if grad_clip is None else grad_clip_mode]
-    # The clip-scale pointer is read only in norm mode; grad stands in otherwise.
-    clip_scales = _norm_clip_scales(grad, grad_clip) if clip_mode == 2 else grad
+    # The clip-scale pointer is read only in norm mode (2: grad_clip given); grad stands in
+    # otherwise.
+    clip_scales = (_norm_clip_scales(grad, grad_clip) if clip_mode == 2 and grad_clip is not None
+                   else grad)
     first_group, shift, grid = tile_grid(numel, chain_offset * per_chain, GROUPS)
     seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     step_size_arg, step_size_mode = chain_param_arg(step_size, device, "step_size")
