@@ -8,6 +8,7 @@ states, the iteration), so loading it never unpickles code.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -43,11 +44,20 @@ def atomic_write_text(text: str, path) -> None:
 
 
 def load(path, map_location=None) -> dict:
-    """A checkpoint dict, loaded with weights_only=True (no code is unpickled)."""
+    """A checkpoint dict, loaded with weights_only=True (no code is unpickled). A missing file
+    is a FileNotFoundError, an unreadable one (truncated, damaged, holding code) a ValueError,
+    each naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    # What torch.load raises on a cut or damaged file: an empty one, a zip without its
+    # directory, a cut record, a pickle holding code.
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or damaged?): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
     return state

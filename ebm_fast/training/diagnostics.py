@@ -6,6 +6,12 @@
   energies are running away from each other;
 * the chains' mean input-gradient norm grows past ``growth`` times its first logged value: the
   energy is getting steep where the chains are and Langevin steps become unstable;
+* the energies' level, |mean E+|, grows past ``growth`` times its size at the run's first
+  iteration (:meth:`start`; the first logged record's when not given; at least 1): nothing holds
+  the level (alpha = 0, a JEM classifier's logits), the model grows overconfident as it drifts,
+  and its negatives may be noise it cannot tell from data. Measured on issue 23's JEM run on the
+  MLP energy (E+ -2.9 at the start, -270 at the first log): this is the one check that fires
+  there, since sparse logs see the gap and the chain gradients grow little between them;
 * E- stays more than ``margin`` below E+ for ``patience`` logs in a row: the sampler keeps
   finding states the model rates likelier than the data (spurious modes, or chains collapsing);
 * steps were skipped for a non-finite loss or gradient.
@@ -34,9 +40,16 @@ class DivergenceMonitor:
         self.patience = validation.integer(patience, "patience", low=1)
         self.first_gap: float | None = None
         self.first_chain_grad: float | None = None
+        self.start_level: float | None = None
         self.below_streak = 0
         self.skipped = 0
         self.active: set[str] = set()
+
+    def start(self, energy_pos: float) -> None:
+        """The mean E+ of the run's first iteration: the baseline of the level check (kept if
+        one is set already, e.g. by a resumed run)."""
+        if self.start_level is None and math.isfinite(energy_pos):
+            self.start_level = float(energy_pos)
 
     def update(self, record: dict) -> list[str]:
         """Check one logged record (keys as the Trainer's metrics.jsonl); returns the warnings
@@ -52,6 +65,19 @@ class DivergenceMonitor:
                     f"the energy gap |E+ - E-| = {abs(gap):.3g} grew past {limit:.3g} ({self.growth:g}"
                     f"x its first logged size): raise alpha (the energy-magnitude penalty), lower "
                     f"the learning rate, or clip the parameter gradients (grad_clip)")
+        level = record["energy_pos"]
+        if math.isfinite(level):
+            self.start(level)
+            limit = self.growth * max(abs(self.start_level), 1.0)
+            if abs(level) > limit:
+                found["energy_level"] = (
+                    f"the energies' level drifted: mean E+ = {level:.3g}, past {limit:.3g} "
+                    f"({self.growth:g}x its size at the start, {self.start_level:.3g}); nothing "
+                    f"holds it (alpha = 0, or a JEM classifier's logits), so the model grows "
+                    f"overconfident and its negatives may be noise it cannot tell from data (look "
+                    f"at the samples): raise alpha where the loss has one, lower the learning "
+                    f"rate, or use sampler settings made for this data (ebm-fast train's defaults "
+                    f"follow the data set)")
         chain_grad = record.get("chain_grad_norm")
         if chain_grad is not None and math.isfinite(chain_grad):
             if self.first_chain_grad is None:
@@ -84,3 +110,14 @@ class DivergenceMonitor:
             warnings.warn(f"iteration {record['iteration']}: {message}", TrainingWarning,
                           stacklevel=3)
         return issued
+
+    def state_dict(self) -> dict:
+        """The baselines, streaks and active warnings (plain values: a checkpoint resumes them)."""
+        return {"first_gap": self.first_gap, "first_chain_grad": self.first_chain_grad,
+                "start_level": self.start_level, "below_streak": self.below_streak,
+                "skipped": self.skipped, "active": sorted(self.active)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_gap, self.first_chain_grad = state["first_gap"], state["first_chain_grad"]
+        self.start_level, self.below_streak = state["start_level"], state["below_streak"]
+        self.skipped, self.active = state["skipped"], set(state["active"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +38,10 @@ from ebm_fast.buffer import ReplayBuffer
 
 __all__ = ["Rank", "init", "world", "wrap", "unwrap", "local_batch", "GlobalInit",
            "shard_buffer", "prepare_loss", "all_reduce_mean", "barrier", "shard_path",
-           "reshard_buffer_state", "reshard_loss_state"]
+           "remove_stale_shards", "reshard_buffer_state", "reshard_loss_state"]
+
+# A shard file, or the temporary file of its write (checkpoints.atomic_save's name for it).
+_SHARD_FILE = re.compile(r"\.?iteration-\d+-rank-(\d+)-of-\d+\.pt(\..+\.tmp)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,27 @@ def shard_path(checkpoint: Path, iteration: int, rank: int, world_size: int) -> 
     the shards of the last complete checkpoint survive a crash while the next one is written."""
     return (Path(checkpoint).parent / f"{Path(checkpoint).stem}.shards"
             / f"iteration-{iteration}-rank-{rank}-of-{world_size}.pt")
+
+
+def remove_stale_shards(checkpoint: Path, rank: int, world_size: int,
+                        keep: Path | None = None) -> None:
+    """Remove the shard files of ``checkpoint`` that its newest version does not use: this
+    rank's other ones (older checkpoints, temporary files of writes a crash cut short, which
+    atomic_save cannot remove when the process is killed), and on rank 0 those of ranks this
+    world no longer has (a run resumed on fewer processes; all of them in one process, whose
+    checkpoint holds the loss state itself, and then the emptied folder). Every file has one
+    remover, so the ranks never race."""
+    folder = shard_path(checkpoint, 0, 0, 1).parent
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _SHARD_FILE.fullmatch(path.name)
+        owner = None if match is None else int(match[1])
+        if path != keep and owner is not None and (owner == rank or
+                                                   (rank == 0 and owner >= world_size)):
+            path.unlink(missing_ok=True)
+    if world_size == 1 and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _class_blocks(tensor: torch.Tensor, n_ranks: int, n_classes: int) -> torch.Tensor:

@@ -46,7 +46,9 @@ class Trainer:
         checkpoint_every: write a checkpoint every this many iterations (and at the end of fit);
             None: only at the end.
         log_every: every this many iterations a metrics record (metrics.jsonl, ``history``) and
-            the divergence checks; those iterations also collect the chains' diagnostics.
+            the divergence checks; those iterations also collect the chains' diagnostics. The
+            first iteration also reads its mean E+, the monitor's baseline of the energies'
+            level.
         progress: a tqdm progress bar (shown only when stderr is a terminal).
         on_nonfinite: "skip" (a non-finite loss, gradient or chain skips the step, counted in
             ``nonfinite_skipped`` and warned about) or "raise" (FloatingPointError /
@@ -202,6 +204,9 @@ class Trainer:
         window["seconds"] += time.perf_counter() - start
         if self.loss.last is not None and loss is not None:
             window["sampler_seconds"] += self.loss.last.sampler_seconds
+            if self.iteration == 1:  # the monitor's baseline: the energies' level at the start
+                self.monitor.start(distributed.all_reduce_mean(
+                    self.loss.last.energy_pos.detach().float()).item())
         if log:
             self._log(loss, norm if loss is not None else None)
         for callback in self.step_callbacks:
@@ -274,6 +279,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "loss": self.loss.state_dict(),
+                "monitor": self.monitor.state_dict(),
                 "data": None if self._batches is None else self._batches.state_dict(),
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all()
@@ -298,14 +304,10 @@ class Trainer:
             if self.rank == 0:
                 checkpoints.atomic_save(state, path)
             distributed.barrier()
-            # Older shards, and the temporary files of writes a crash cut short (atomic_save
-            # cannot remove them when the process is killed).
-            for pattern in (f"*-rank-{self.rank}-of-*.pt", f"*-rank-{self.rank}-of-*.pt.*.tmp"):
-                for old in shard.parent.glob(pattern):
-                    if old != shard:
-                        old.unlink()
         else:
+            shard = None
             checkpoints.atomic_save(state, path)
+        distributed.remove_stale_shards(path, self.rank, self.world_size, keep=shard)
         return path
 
     def _saved_loss_state(self, state: dict, path: Path) -> dict:
@@ -346,6 +348,8 @@ class Trainer:
             self.ema_model.load_state_dict(state["ema"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -5,6 +5,7 @@ ranks (bit-identical) and on 1 rank (re-sharded buffer), and a torchrun job with
 mid-run resumed to the uninterrupted run's end."""
 
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -148,6 +149,36 @@ def test_checkpoint_resumed_on_one_rank_reassembles_the_buffer(two_ranks):
     assert trainer.iteration == 3
     trainer.fit(data(), 5, GLOBAL_BATCH)  # continues (other slot draws, same sampler noise)
     assert trainer.iteration == 5 and all(p.isfinite().all() for p in trainer.parameters)
+
+
+def test_resuming_on_one_process_leaves_no_shard_files_behind(two_ranks, tmp_path):
+    tmp, _ = two_ranks
+    run_dir = shutil.copytree(tmp / "for_one_rank", tmp_path / "run")
+    trainer = make_trainer("persistent", out_dir=run_dir)
+    trainer.load_checkpoint(run_dir / "checkpoint.pt")
+    trainer.fit(data(), 5, GLOBAL_BATCH)
+    # The loss state is in checkpoint.pt now: the 2-process shards are stale.
+    assert "loss_shards" not in checkpoints.load(run_dir / "checkpoint.pt")
+    assert not (run_dir / "checkpoint.shards").exists()
+
+
+def test_stale_shards_are_removed_by_one_rank_each(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    folder = distributed.shard_path(checkpoint, 0, 0, 1).parent
+    folder.mkdir()
+    names = [f"iteration-{i}-rank-{r}-of-{w}.pt" for i, r, w in
+             [(6, 0, 2), (6, 1, 2), (4, 0, 2), (4, 1, 2), (2, 0, 3), (2, 1, 3), (2, 2, 3)]]
+    names += [".iteration-8-rank-1-of-2.pt.k1ll3d.tmp", "notes.txt"]
+    for name in names:
+        (folder / name).write_text("")
+    # Resumed on 2 processes from the 3-process checkpoint, now at iteration 6.
+    for rank in range(2):
+        distributed.remove_stale_shards(checkpoint, rank, 2,
+                                        keep=distributed.shard_path(checkpoint, 6, rank, 2))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "iteration-6-rank-0-of-2.pt", "iteration-6-rank-1-of-2.pt", "notes.txt"]
+    distributed.remove_stale_shards(checkpoint, 0, 1)  # then on one process
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 def test_reshard_buffer_splits_each_class_between_ranks():

@@ -297,3 +297,31 @@ def test_step_callbacks_run_every_iteration_and_log_callbacks_on_log_iterations(
     assert seen == list(range(1, 11)) and logged == [4, 8]
     with pytest.raises(TypeError, match="step_callbacks"):
         make_run(step_callbacks=(3,))
+
+
+def test_monitor_warns_when_the_energies_drift_from_their_level_at_the_start():
+    """issue 23's JEM run on the MLP: E+ -2.9 at the start, -270 and -346 at the two logs
+    (log_every 100), gap and chain gradients growing little between the logs."""
+    monitor = DivergenceMonitor()
+    monitor.start(-2.9)
+    record = {"iteration": 100, "energy_pos": -270.0, "energy_neg": -245.0,
+              "energy_gap": -25.0, "chain_grad_norm": 40.0, "nonfinite_skipped": 0}
+    with pytest.warns(TrainingWarning, match="level"):
+        issued = monitor.update(record)
+    assert len(issued) == 1 and "-2.9" in issued[0]
+    # Healthy runs stay within 10x of their start (the conv JEM: -3.5 -> -5.1; the ring ~0).
+    monitor = DivergenceMonitor()
+    monitor.start(-0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.update({**record, "energy_pos": -5.1, "energy_neg": -5.4, "energy_gap": 0.3})
+
+
+def test_trainer_starts_the_monitor_at_its_first_iteration_and_resumes_it(tmp_path):
+    run = make_run(tmp_path, log_every=100)
+    run.fit(data(), 3, batch_size=16)
+    start = run.monitor.start_level
+    assert start is not None and start == run.monitor.state_dict()["start_level"]
+    resumed = make_run(tmp_path, log_every=100)
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed.monitor.state_dict() == run.monitor.state_dict()
