@@ -322,20 +322,19 @@ class ReplayBuffer:
         self._check_values(checks)
         # Without y every slot is one class's: a uniform draw over the whole buffer.
         slots_per_class = self.capacity if y is None else self.slots_per_class
-        init_values = None
-        if callable(self.init):
+        init_values, init_kind = None, self.init
+        if callable(init_kind):
             shape = (batch_size, *self.sample_shape)
-            init_values = self.init(shape, device=self.device, dtype=self.dtype)
+            init_values = init_kind(shape, device=self.device, dtype=self.dtype)
             if not isinstance(init_values, torch.Tensor) or init_values.shape != shape:
                 raise ValueError(f"init must return a tensor of shape {shape}, got "
                                  f"{getattr(init_values, 'shape', type(init_values).__name__)}")
-            init_values = init_values.reshape(batch_size, self._features)
+            init_values, init_kind = init_values.reshape(batch_size, self._features), "values"
         x, slots = buffer_sample(
             self._storage, self._written, batch_size, dtype=self.dtype, seed=self._seed,
             step=self._draws, chain_offset=self._chain_offset, slots_per_class=slots_per_class,
-            reinit_prob=self.reinit_prob,
-            init_kind="values" if init_values is not None else self.init,
-            lo=self.init_range[0], hi=self.init_range[1], y=y, init_values=init_values)
+            reinit_prob=self.reinit_prob, init_kind=init_kind, lo=self.init_range[0],
+            hi=self.init_range[1], y=y, init_values=init_values)
         reinit = self._reinit_decisions(slots) if return_reinit else None
         self._draws.add_(1)
         x = x.reshape(batch_size, *self.sample_shape)

@@ -30,10 +30,12 @@ __all__ = ["BOX", "grid", "log_partition", "exact_expectation", "exact_nll", "ex
            "exact_ml_gradient", "exact_samples"]
 
 BOX = 4.0  # default half-width of the box [-BOX, BOX]^2 (the 2-D data sets lie well inside)
+# A 2-D energy: (N, 2) points -> (N,) or (N, 1) energies (an nn.Module or any callable).
+Energy2D = Callable[[torch.Tensor], torch.Tensor]
 
 
-def grid(box: float = BOX, cells: int = 200, *, dtype=torch.float32,
-         device=None) -> tuple[torch.Tensor, float]:
+def grid(box: float = BOX, cells: int = 200, *, dtype: torch.dtype = torch.float32,
+         device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
     """(cell centres (cells**2, 2), cell area) of the box [-box, box]^2 cut into cells x cells."""
     box = validation.real(box, "box", low=0.0, low_open=True)
     cells = validation.integer(cells, "cells", low=2)
@@ -43,7 +45,8 @@ def grid(box: float = BOX, cells: int = 200, *, dtype=torch.float32,
     return points, width * width
 
 
-def _grid_energies(energy, box, cells) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _grid_energies(energy: Energy2D, box: float,
+                   cells: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(grid points, E at each, cell area); the grid takes the energy's parameter dtype/device."""
     param = next(iter(energy.parameters()), None) if isinstance(energy, nn.Module) else None
     points, area = grid(box, cells, dtype=torch.float32 if param is None else param.dtype,
@@ -64,7 +67,7 @@ def _grid_energies(energy, box, cells) -> tuple[torch.Tensor, torch.Tensor, floa
     return points, values, area
 
 
-def log_partition(energy, box: float = BOX, cells: int = 200) -> torch.Tensor:
+def log_partition(energy: Energy2D, box: float = BOX, cells: int = 200) -> torch.Tensor:
     """log Z = log sum_cells exp(-E) * area, as a 0-dim tensor (differentiable in the energy's
     parameters: its gradient is -E_p[grad E])."""
     _, values, area = _grid_energies(energy, box, cells)
@@ -72,8 +75,8 @@ def log_partition(energy, box: float = BOX, cells: int = 200) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exact_expectation(energy, f: Callable[[torch.Tensor], torch.Tensor], box: float = BOX,
-                      cells: int = 200) -> torch.Tensor:
+def exact_expectation(energy: Energy2D, f: Callable[[torch.Tensor], torch.Tensor],
+                      box: float = BOX, cells: int = 200) -> torch.Tensor:
     """E_p[f(x)] with weights softmax(-E) over the grid cells; f maps (N, 2) points to (N, ...)."""
     points, energies, _ = _grid_energies(energy, box, cells)
     weights = torch.softmax(-energies, 0)
@@ -85,14 +88,15 @@ def exact_expectation(energy, f: Callable[[torch.Tensor], torch.Tensor], box: fl
 
 
 @torch.no_grad()
-def exact_nll(energy, data: torch.Tensor, box: float = BOX, cells: int = 300) -> float:
+def exact_nll(energy: Energy2D, data: torch.Tensor, box: float = BOX,
+              cells: int = 300) -> float:
     """Mean -log p(data) with p = exp(-E) / Z, Z summed on the grid."""
     return float(energy(data).mean() + log_partition(energy, box, cells))
 
 
 @torch.no_grad()
-def exact_kl(log_density, energy, box: float = BOX, cells: int = 200, *,
-             temperature: float = 1.0) -> float:
+def exact_kl(log_density: Callable[[torch.Tensor], torch.Tensor], energy: Energy2D,
+             box: float = BOX, cells: int = 200, *, temperature: float = 1.0) -> float:
     """KL(p_data || p_model) on the grid, p_model proportional to exp(-E / temperature).
 
     Both are normalised over the same grid cells (each cell weighs its centre's density), so
@@ -130,7 +134,7 @@ def exact_ml_gradient(energy: nn.Module, data: torch.Tensor, box: float = BOX,
 
 
 @torch.no_grad()
-def exact_samples(energy, n: int, *, seed: int, step: int, box: float = BOX,
+def exact_samples(energy: Energy2D, n: int, *, seed: int, step: int, box: float = BOX,
                   cells: int = 200) -> torch.Tensor:
     """n independent draws of grid cell centres with probabilities softmax(-E) (inverse CDF of
     noise-spec uniforms at (seed, step)): the negatives an ideal sampler would give."""

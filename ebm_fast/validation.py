@@ -27,6 +27,11 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GRAD_CLIP_MODES = ("value", "norm")
 
+# The public functions' argument types, as type checkers see them (the rules below check values).
+ChainParameter = float | torch.Tensor  # a number, or one value per chain (chains,) (0-dim too)
+Counter = int | torch.Tensor  # a seed or a step: an int, or a 0-dim integer tensor
+Bounds = tuple[float | None, float | None]  # a clamp's (lo, hi); None or +-inf: unbounded
+
 # Global element indices n of the noise spec (ebm_fast/noise.py) stay below this: int64
 # arithmetic in the reference and the kernels never overflows.
 MAX_ELEMENT_INDEX = 1 << 62

@@ -42,8 +42,10 @@ def _(storage, written, count, x, idx, y, seed, step, chain_offset, slots_per_cl
     return None
 
 
-def buffer_push(storage, written, count, x, *, seed, step, chain_offset=0, slots_per_class,
-                policy, lo, hi, stochastic=False, idx=None, y=None):
+def buffer_push(storage: torch.Tensor, written: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
+                *, seed: torch.Tensor, step: torch.Tensor, chain_offset: int = 0,
+                slots_per_class: int, policy: str, lo: float, hi: float, stochastic: bool = False,
+                idx: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
     """Store x (batch, D) into a (capacity, D) storage, in place.
 
     count: int64 (capacity // slots_per_class,) chains ever appended per class (FIFO head =

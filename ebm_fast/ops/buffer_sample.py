@@ -49,8 +49,11 @@ def _(storage, written, y, init_values, batch, dtype, seed, step, chain_offset, 
             storage.new_empty((batch,), dtype=torch.int64))
 
 
-def buffer_sample(storage, written, batch, *, dtype, seed, step, chain_offset=0,
-                  slots_per_class, reinit_prob, init_kind, lo, hi, y=None, init_values=None):
+def buffer_sample(storage: torch.Tensor, written: torch.Tensor, batch: int, *, dtype: torch.dtype,
+                  seed: torch.Tensor, step: torch.Tensor, chain_offset: int = 0,
+                  slots_per_class: int, reinit_prob: float, init_kind: str, lo: float, hi: float,
+                  y: torch.Tensor | None = None, init_values: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``batch`` chains from a (capacity, D) storage; returns (x (batch, D), slots (batch,)).
 
     storage: float32 / bfloat16 / uint8 (codes over [lo, hi]); written: uint8 (capacity,) flags.

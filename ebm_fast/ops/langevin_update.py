@@ -120,8 +120,12 @@ def _backward(ctx, grad_output):
 _langevin_update_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def langevin_update(x, grad, step_size, noise_scale, *, seed, step, stream=0, chain_offset=0,
-                    grad_clip=None, grad_clip_mode="value", clamp=None, out=None):
+def langevin_update(x: torch.Tensor, grad: torch.Tensor, step_size: validation.ChainParameter,
+                    noise_scale: validation.ChainParameter, *, seed: validation.Counter,
+                    step: validation.Counter, stream: int = 0, chain_offset: int = 0,
+                    grad_clip: float | None = None, grad_clip_mode: str = "value",
+                    clamp: validation.Bounds | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """One Langevin step per chain: clamp(x - step_size * clip(grad) + noise_scale * xi).
 
     Args:

@@ -62,7 +62,7 @@ def _(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, st
     return _new_outputs(x, energy_x)
 
 
-def _check_energy(energy, name: str, x: torch.Tensor) -> None:
+def _check_energy(energy: object, name: str, x: torch.Tensor) -> None:
     if not isinstance(energy, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(energy).__name__}")
     if tuple(energy.shape) != (x.shape[0],):
@@ -75,8 +75,11 @@ def _check_energy(energy, name: str, x: torch.Tensor) -> None:
                         f"dtype {x.dtype}, got {energy.dtype}")
 
 
-def mala_accept(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, *, seed, step,
-                stream=1, chain_offset=0):
+def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
+                energy_x: torch.Tensor, energy_y: torch.Tensor,
+                step_size: validation.ChainParameter, temperature: validation.ChainParameter, *,
+                seed: validation.Counter, step: validation.Counter, stream: int = 1,
+                chain_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Metropolis-adjusted Langevin accept/reject for a batch of chains, fused and in place.
 
     The proposal y = x - step_size * grad_x + sqrt(2 step_size temperature) xi targets the density

@@ -7,6 +7,8 @@ the op and routes it to the backend serving ``device``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ebm_fast import validation
@@ -33,7 +35,9 @@ def _(shape, seed, step, stream, chain_offset, distribution, device):
     return torch.empty(shape, dtype=DISTRIBUTION_DTYPES[distribution], device=device)
 
 
-def philox(shape, *, seed, step, stream=0, chain_offset=0, distribution="normal", device=None):
+def philox(shape: int | Sequence[int], *, seed: validation.Counter, step: validation.Counter,
+           stream: int = 0, chain_offset: int = 0, distribution: str = "normal",
+           device: torch.device | str | int | None = None) -> torch.Tensor:
     """Draw a (chains, ...) tensor per the noise spec on the backend serving ``device``.
 
     shape: an int or a sequence of ints >= 0 (Python or numpy ints; 2.5 is refused, not
@@ -53,7 +57,9 @@ def philox(shape, *, seed, step, stream=0, chain_offset=0, distribution="normal"
                   chain_offset=chain_offset, distribution=distribution, device=device)
 
 
-def philox_normal(shape, *, seed, step, stream=0, chain_offset=0, device=None) -> torch.Tensor:
+def philox_normal(shape: int | Sequence[int], *, seed: validation.Counter,
+                  step: validation.Counter, stream: int = 0, chain_offset: int = 0,
+                  device: torch.device | str | int | None = None) -> torch.Tensor:
     """Standard normals (float32) per the noise spec; shape[0] is the chain axis.
 
     seed (64-bit) and step (32-bit) are ints or 0-dim integer tensors on the target device.
@@ -62,13 +68,17 @@ def philox_normal(shape, *, seed, step, stream=0, chain_offset=0, device=None) -
                   distribution="normal", device=device)
 
 
-def philox_uniform(shape, *, seed, step, stream=0, chain_offset=0, device=None) -> torch.Tensor:
+def philox_uniform(shape: int | Sequence[int], *, seed: validation.Counter,
+                   step: validation.Counter, stream: int = 0, chain_offset: int = 0,
+                   device: torch.device | str | int | None = None) -> torch.Tensor:
     """Uniforms in [0, 1) (float32) per the noise spec; arguments as :func:`philox_normal`."""
     return philox(shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset,
                   distribution="uniform", device=device)
 
 
-def philox_bits(shape, *, seed, step, stream=0, chain_offset=0, device=None) -> torch.Tensor:
+def philox_bits(shape: int | Sequence[int], *, seed: validation.Counter,
+                step: validation.Counter, stream: int = 0, chain_offset: int = 0,
+                device: torch.device | str | int | None = None) -> torch.Tensor:
     """The raw Philox word of each element (int32 bitcast of uint32); bit-exact on every backend."""
     return philox(shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset,
                   distribution="bits", device=device)

@@ -104,8 +104,10 @@ class EBMLoss(abc.ABC):
             raise TypeError(f"sampler must be an ebm_fast.LangevinSampler or MALASampler, got "
                             f"{type(sampler).__name__}")
         self.sampler = sampler
-        self.energy = sampler.energy
-        self.parameters = trainable_parameters(self.energy)
+        energy = sampler.energy
+        self.parameters = trainable_parameters(energy)  # refuses anything but an nn.Module
+        assert isinstance(energy, torch.nn.Module)
+        self.energy = energy
         self.alpha = validation.real(alpha, "alpha", low=0.0)
         self.track_chains = False
         self.last: LossStats | None = None
