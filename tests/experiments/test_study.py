@@ -120,6 +120,24 @@ def test_cli_writes_results_figures_and_report(tmp_path, monkeypatch, capsys):
     assert "report.md" in capsys.readouterr().out
 
 
+def test_out_holding_a_study_is_refused_or_replaced_whole_with_overwrite(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setattr(study, "QUICK", TINY)
+    out = tmp_path / "study"
+    out.mkdir()
+    for name, text in (("results.json", "{}"), ("report.md", "old"), ("e1_ring.png", "old"),
+                       ("notes.txt", "not the study's")):
+        (out / name).write_text(text)
+    argv = ["study", "--quick", "--out", str(out), "--only", "E5"]
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}" and (out / "e1_ring.png").exists()
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert set(json.loads((out / "results.json").read_text())) == {"E5", "setup"}
+    assert sorted(p.name for p in out.iterdir()) == ["e5.png", "notes.txt", "report.md",
+                                                     "results.json"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--only", "E1,E9"], "argument --only: only must name experiments among E1, E2, E3, E4, E5"),
     (["--seed", "-1"], "argument --seed: value must be >= 0"),

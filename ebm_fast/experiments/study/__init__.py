@@ -11,8 +11,9 @@ Divergence versus Maximum Likelihood":
   E4 the short-run fixed point (Nijkamp et al. 2019)
   E5 temperature T = sigma^2 / (2 eps) of decoupled Langevin
 
-It writes DIR/results.json, one PNG figure per experiment and DIR/report.md. Deterministic given
---seed. The full run's report is docs/study/report.md.
+It writes DIR/results.json, one PNG figure per experiment and DIR/report.md; a DIR holding an
+earlier study is refused unless --overwrite, which replaces that study whole (its figures too).
+Deterministic given --seed. The full run's report is docs/study/report.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -116,6 +118,9 @@ def add_arguments(parser) -> None:
                         help="fewer repetitions, same structure (under 5 minutes on 2 cores)")
     parser.add_argument("--out", type=_output_dir, default=Path("study"),
                         help="directory for results.json, report.md and the figures")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the study already in --out: its results.json, report.md "
+                             "and figures (e*.png) are removed as the new ones are written")
     parser.add_argument("--only", type=_only, default=None, metavar="E1,E3",
                         help="comma-separated experiments to run (default: all)")
     parser.add_argument("--seed", type=options.seed, default=0)
@@ -123,7 +128,19 @@ def add_arguments(parser) -> None:
                         help="torch intra-op threads (default 1: the study's batches are small)")
 
 
+def _earlier_study(out: Path) -> list[Path]:
+    """The files of a study already in out: results.json, report.md and its figures."""
+    return [path for path in (out / "results.json", out / "report.md") if path.exists()] + \
+        sorted(out.glob("e[0-9]*.png"))
+
+
 def main(args) -> int:
+    earlier = _earlier_study(args.out)
+    if earlier and not args.overwrite:  # checked before any work, like the other options
+        print(f"ebm-fast study: error: --out {args.out} holds an earlier study "
+              f"({', '.join(path.name for path in earlier)}): choose another --out, or pass "
+              "--overwrite to replace it whole", file=sys.stderr)
+        return 2
     config = QUICK if args.quick else FULL
     start, cpu_start = time.perf_counter(), time.process_time()
     results = run_study(config, seed=args.seed, only=args.only, threads=args.threads)
@@ -133,6 +150,8 @@ def main(args) -> int:
          "--threads", str(args.threads)])
     results["setup"]["total_seconds"] = time.perf_counter() - start
     results["setup"]["total_cpu_seconds"] = time.process_time() - cpu_start
+    for path in _earlier_study(args.out):  # no figure of the earlier study outlives it
+        path.unlink()
     written = report.write(results, args.out, quick=args.quick)
     print(f"study: {', '.join(str(path) for path in written)} "
           f"({results['setup']['total_seconds']:.0f} s)")
