@@ -19,6 +19,7 @@ with one warning, where the model refuses it), ``capability_line`` says what the
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import sys
 import warnings
@@ -304,15 +305,16 @@ def _without(choice: PrecisionChoice, energy, error: RuntimeError, *, layout: bo
 
 
 _warned: set[str] = set()
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _warn_once(message: str) -> None:
-    """One warning per message and process, attributed to the caller's line outside this
-    module."""
+    """One warning per message and process, attributed to the first caller outside ebm_fast
+    (the user's line, also when a sampler resolved the policy)."""
     if message in _warned:
         return
     _warned.add(message)
     frame, level = sys._getframe(), 1
-    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(f"ebm_fast: {message}", RuntimeWarning, stacklevel=level)

@@ -200,6 +200,19 @@ def test_a_damaged_record_is_refused_naming_the_field(change, message):
 
 # Bad input: each with its stated behaviour.
 
+def test_the_warning_names_the_users_line_also_through_a_sampler(monkeypatch):
+    from ebm_fast import LangevinSampler
+
+    mock_cpu(monkeypatch)
+    sampler = LangevinSampler(lambda x: x.square().sum(1), autocast=torch.bfloat16,
+                              step_size=0.1, n_steps=1)
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        sampler.sample(torch.zeros(2, 2))
+    (warning,) = [w for w in found if "precision 'bf16'" in str(w.message)]
+    assert warning.filename == __file__
+
+
 def test_a_float64_state_keeps_float64_passes(monkeypatch):
     mock_cpu(monkeypatch, avx512_bf16=True)
     choice, messages = caught(lambda: resolve_precision("auto", "cpu", torch.float64))
