@@ -22,12 +22,9 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-try:
+if sys.platform != "win32":  # Windows has no flock: torch's own lock file alone guards a build
     import fcntl
-except ImportError:  # Windows: no flock; torch's own lock file alone guards the build
-    fcntl = None
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 EXTENSION_NAME = "ebm_fast_cpu"
@@ -101,7 +98,7 @@ def _build_lock(directory: Path):
     process that holds it and finds torch's lock file (``lock``) knows that file's owner is gone,
     and removes it instead of waiting on it forever. Waiting for a live builder is announced and
     ends after BUILD_WAIT_S with BuildWaitTimeout."""
-    if fcntl is None:
+    if sys.platform == "win32":
         yield
         return
     path = directory / "ebm_fast.lock"
@@ -148,7 +145,7 @@ def _try_flock(handle) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[bool, str | None]:
     if os.environ.get("EBM_FAST_DISABLE_CPP") == "1":
         return False, "disabled by EBM_FAST_DISABLE_CPP=1"

@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import warnings
+from typing import Any, cast
 
 import torch
 
@@ -83,7 +84,7 @@ class PrecisionChoice:
                    data["reason"])
 
 
-def _name(dtype: torch.dtype) -> str:
+def _name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -148,8 +149,8 @@ def resolve_precision(policy, device, state_dtype: torch.dtype, *, state_dim: in
         torch.float16).
     state_dim, energy: the states' number of dimensions and the energy, for the layout: "auto"
         picks channels-last for 4-D float32 states and an nn.Module energy with an nn.Conv2d
-        (and no InstanceNorm2d), on a CPU, or on CUDA under autocast. "channels_last" (4-D states only) and "contiguous"
-        force it.
+        (and no InstanceNorm2d), on a CPU, or on CUDA under autocast. "channels_last" (4-D
+        states only) and "contiguous" force it.
 
     Stated behaviours: a float64 (or bf16/fp16) state keeps its dtype in the passes (autocast
     casts only float32); asked explicitly for bf16, it warns once. Explicit "bf16" where bf16 is
@@ -233,9 +234,9 @@ def fast_energy(energy, choice: PrecisionChoice, example: torch.Tensor | None = 
     if not isinstance(choice, PrecisionChoice):
         raise TypeError(f"choice must be a PrecisionChoice (resolve_precision), got "
                         f"{type(choice).__name__}")
-    if choice.channels_last and isinstance(energy, torch.nn.Module):
+    if choice.channels_last:
         try:
-            energy.to(memory_format=torch.channels_last)
+            _layout(energy, choice)
         except RuntimeError as exc:  # the conversion itself refuses (a 5-D weight)
             choice = _without(choice, energy, exc, layout=True)
     if example is not None and _trial(energy, choice, example) is not None:
@@ -266,8 +267,10 @@ def _fall_back(energy, choice: PrecisionChoice, example: torch.Tensor) -> Precis
 
 
 def _layout(energy, choice: PrecisionChoice) -> None:
+    """Module.to(memory_format=...): every 4-D and 5-D parameter and buffer in that layout."""
     if isinstance(energy, torch.nn.Module):
-        energy.to(memory_format=choice.memory_format)
+        # Any: torch's type stubs leave out the memory_format keyword Module.to takes.
+        cast(Any, energy).to(memory_format=choice.memory_format)
 
 
 def _trial(energy, choice: PrecisionChoice, example: torch.Tensor) -> RuntimeError | None:
