@@ -65,10 +65,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sampler.json"
 
 def conv_net() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.SiLU(),
-        torch.nn.Conv2d(32, 64, 4, stride=2, padding=1), torch.nn.SiLU(),
-        torch.nn.Conv2d(64, 64, 4, stride=2, padding=1), torch.nn.SiLU(),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 1))
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.Conv2d(32, 64, 4, stride=2, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.Conv2d(64, 64, 4, stride=2, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 8 * 8, 1),
+    )
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,8 +82,9 @@ CASES = {
     "mlp2": dict(make=NETS["mlp2"][0], shape=(2,), chains=8192, steps=50),
     "mlp784": dict(make=NETS["mlp784"][0], shape=(784,), chains=256, steps=40),
     "conv": dict(make=conv_net, shape=(3, 32, 32), chains=32, steps=10),
-    "wrn": dict(make=lambda: JEMWideResNet(depth=10, widen=2), shape=(3, 32, 32), chains=16,
-                steps=5),
+    "wrn": dict(
+        make=lambda: JEMWideResNet(depth=10, widen=2), shape=(3, 32, 32), chains=16, steps=5
+    ),
     "igebm": dict(make=NETS["igebm"][0], shape=NETS["igebm"][1], chains=8, steps=3),
     "jem_wrn": dict(make=NETS["jem_wrn"][0], shape=NETS["jem_wrn"][1], chains=8, steps=5),
     "icd": dict(make=NETS["icd"][0], shape=NETS["icd"][1], chains=8, steps=5),
@@ -100,6 +106,7 @@ def floor_fn(model, x0, steps):
             for p in params:
                 p.requires_grad_(True)
         return x0
+
     return run
 
 
@@ -108,6 +115,7 @@ def loop_step(model):
         x = x.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(model(x).sum(), x)
         return (x - STEP_SIZE * grad + NOISE_SCALE * torch.randn_like(x)).clamp(*CLAMP).detach()
+
     return step
 
 
@@ -117,6 +125,7 @@ def loop_fn(step, x0, steps):
         for _ in range(steps):
             x = step(x)
         return x
+
     return run
 
 
@@ -137,14 +146,16 @@ def graphed_loop_fn(step, x0, steps):
         static_x.copy_(x0)
         graph.replay()
         return static_out
+
     return run
 
 
 def ebmkit_fn(model, x0, steps):
     from ebm.samplers.langevin import LangevinDynamics
 
-    sampler = LangevinDynamics(step_size=STEP_SIZE, steps=steps, noise_scale=NOISE_SCALE,
-                               clamp=CLAMP)
+    sampler = LangevinDynamics(
+        step_size=STEP_SIZE, steps=steps, noise_scale=NOISE_SCALE, clamp=CLAMP
+    )
     return lambda: sampler.sample(lambda x: model(x).reshape(-1), x0)
 
 
@@ -160,22 +171,32 @@ def torchebm_fn(model, x0, steps):
         def forward(self, x):
             return self.net(x).reshape(-1)
 
-    sampler = LangevinDynamics(model=Energy(model), step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
-                               clamp=CLAMP, device=x0.device)
+    sampler = LangevinDynamics(
+        model=Energy(model),
+        step_size=STEP_SIZE,
+        noise_scale=NOISE_SCALE,
+        clamp=CLAMP,
+        device=x0.device,
+    )
     return lambda: sampler.sample(x=x0, n_steps=steps)
 
 
 def sampler_fn(model, x0, steps, **options):
-    sampler = ebm_fast.LangevinSampler(model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE,
-                                       clamp=CLAMP, n_steps=steps, **options)
+    sampler = ebm_fast.LangevinSampler(
+        model, step_size=STEP_SIZE, noise_scale=NOISE_SCALE, clamp=CLAMP, n_steps=steps, **options
+    )
     return lambda: sampler.sample(x0)
 
 
 def channels_last_fn(model, x0, steps, **options):
     """The sampler on a channels-last copy of the model and x0 (the shared model keeps its
     layout for the other methods)."""
-    return sampler_fn(copy.deepcopy(model).to(memory_format=torch.channels_last),
-                      x0.contiguous(memory_format=torch.channels_last), steps, **options)
+    return sampler_fn(
+        copy.deepcopy(model).to(memory_format=torch.channels_last),
+        x0.contiguous(memory_format=torch.channels_last),
+        steps,
+        **options,
+    )
 
 
 def under_auto(model, x0):
@@ -186,24 +207,34 @@ def under_auto(model, x0):
     return model, x0.contiguous(memory_format=choice.memory_format), choice
 
 
-def methods(model, x0, steps, compile_too: bool, auto, autocast: str | None = None,
-            channels_last: bool = False) -> dict:
+def methods(
+    model,
+    x0,
+    steps,
+    compile_too: bool,
+    auto,
+    autocast: str | None = None,
+    channels_last: bool = False,
+) -> dict:
     auto_model, auto_x0, choice = auto
     found = {
         "floor": lambda: floor_fn(model, x0, steps),
         "eager_loop": lambda: loop_fn(loop_step(model), x0, steps),
         "sampler": lambda: sampler_fn(model, x0, steps),
-        "sampler_auto": lambda: sampler_fn(auto_model, auto_x0, steps,
-                                           autocast=choice.autocast_dtype),
+        "sampler_auto": lambda: sampler_fn(
+            auto_model, auto_x0, steps, autocast=choice.autocast_dtype
+        ),
     }
     if autocast is not None:
-        found[f"sampler_{autocast}"] = lambda: sampler_fn(model, x0, steps,
-                                                          autocast=AUTOCAST[autocast])
+        found[f"sampler_{autocast}"] = lambda: sampler_fn(
+            model, x0, steps, autocast=AUTOCAST[autocast]
+        )
     if channels_last and x0.dim() == 4:
         found["sampler_channels_last"] = lambda: channels_last_fn(model, x0, steps)
         if autocast is not None:
             found[f"sampler_{autocast}_channels_last"] = lambda: channels_last_fn(
-                model, x0, steps, autocast=AUTOCAST[autocast])
+                model, x0, steps, autocast=AUTOCAST[autocast]
+            )
     if x0.device.type == "cuda":
         found["graphed_loop"] = lambda: graphed_loop_fn(loop_step(model), x0, steps)
     if compile_too:
@@ -214,8 +245,15 @@ def methods(model, x0, steps, compile_too: bool, auto, autocast: str | None = No
     return found
 
 
-def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
-               autocast: str | None = None, channels_last: bool = False) -> dict:
+def bench_case(
+    name: str,
+    case: dict,
+    device,
+    reps: int,
+    compile_too: bool,
+    autocast: str | None = None,
+    channels_last: bool = False,
+) -> dict:
     """Every method once for warm-up (compilation, capture, caches), then `reps` rounds in which
     every method runs once in turn, so load changes on a shared machine hit all methods alike."""
     torch.manual_seed(0)
@@ -229,8 +267,9 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
 
     auto = under_auto(model, x0)
     runners, skipped = {}, {}
-    for method, make in methods(model, x0, steps, compile_too, auto, autocast,
-                                channels_last).items():
+    for method, make in methods(
+        model, x0, steps, compile_too, auto, autocast, channels_last
+    ).items():
         try:
             run = make()
             run()
@@ -254,9 +293,12 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
     rows = {}
     for method, samples in times.items():
         seconds = statistics.median(samples)
-        rows[method] = {"seconds": seconds, "min_seconds": min(samples),
-                        "chain_steps_per_s": case["chains"] * steps / seconds,
-                        "cpu_seconds": statistics.median(cpu_times[method])}
+        rows[method] = {
+            "seconds": seconds,
+            "min_seconds": min(samples),
+            "chain_steps_per_s": case["chains"] * steps / seconds,
+            "cpu_seconds": statistics.median(cpu_times[method]),
+        }
     for row in rows.values():
         row["speedup_vs_eager_loop"] = rows["eager_loop"]["seconds"] / row["seconds"]
         row["time_over_floor"] = row["seconds"] / rows["floor"]["seconds"]
@@ -265,23 +307,33 @@ def bench_case(name: str, case: dict, device, reps: int, compile_too: bool,
         row["speedup_vs_sampler"] = rows["sampler"]["seconds"] / row["seconds"]
         row["min_speedup_vs_sampler"] = rows["sampler"]["min_seconds"] / row["min_seconds"]
         row["cpu_speedup_vs_sampler"] = rows["sampler"]["cpu_seconds"] / row["cpu_seconds"]
-    return {"case": name, "chains": case["chains"], "steps": steps,
-            "shape": list(case["shape"]), "auto": auto[2].to_dict(),
-            "methods": rows, "skipped": skipped}
+    return {
+        "case": name,
+        "chains": case["chains"],
+        "steps": steps,
+        "shape": list(case["shape"]),
+        "auto": auto[2].to_dict(),
+        "methods": rows,
+        "skipped": skipped,
+    }
 
 
 def print_case(case: dict) -> None:
     print(f"\n{case['case']}: B={case['chains']} K={case['steps']} shape={case['shape']}")
     print(f"  auto: {case['auto']['reason']}")
-    print(f"  {'method':27s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
-          f"{'/ floor':>8s} {'vs sampler':>11s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} "
-          f"{'/ floor':>8s} {'vs sampler':>11s} | CPU time: vs sampler")
+    print(
+        f"  {'method':27s} {'ms/run':>10s} {'chain-steps/s':>14s} {'vs eager':>9s} "
+        f"{'/ floor':>8s} {'vs sampler':>11s} | fastest rounds: {'ms':>8s} {'vs eager':>9s} "
+        f"{'/ floor':>8s} {'vs sampler':>11s} | CPU time: vs sampler"
+    )
     for method, row in case["methods"].items():
-        print(f"  {method:27s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
-              f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x "
-              f"{row['speedup_vs_sampler']:10.2f}x | {'':16s}{row['min_seconds'] * 1e3:8.2f} "
-              f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x "
-              f"{row['min_speedup_vs_sampler']:10.2f}x | {row['cpu_speedup_vs_sampler']:9.2f}x")
+        print(
+            f"  {method:27s} {row['seconds'] * 1e3:10.2f} {row['chain_steps_per_s']:14.0f} "
+            f"{row['speedup_vs_eager_loop']:8.2f}x {row['time_over_floor']:7.2f}x "
+            f"{row['speedup_vs_sampler']:10.2f}x | {'':16s}{row['min_seconds'] * 1e3:8.2f} "
+            f"{row['min_speedup_vs_eager_loop']:8.2f}x {row['min_time_over_floor']:7.2f}x "
+            f"{row['min_speedup_vs_sampler']:10.2f}x | {row['cpu_speedup_vs_sampler']:9.2f}x"
+        )
     for method, reason in case["skipped"].items():
         print(f"  {method:27s} skipped: {reason}")
     sys.stdout.flush()
@@ -290,26 +342,51 @@ def print_case(case: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 timed rounds")
-    parser.add_argument("--rounds", type=int, default=11,
-                        help="timed rounds, every method once per round (default 11)")
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help=f"comma-separated, of {','.join(CASES)}")
-    parser.add_argument("--autocast", choices=tuple(AUTOCAST),
-                        help="also time the sampler with the energy's passes in this precision")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="also time the sampler on channels-last copies (image cases)")
-    parser.add_argument("--chains", type=int, default=None,
-                        help="chains B for every case instead of the case's own (smoke runs)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps K for every case instead of the case's own (smoke runs)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=11,
+        help="timed rounds, every method once per round (default 11)",
+    )
+    parser.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of {','.join(CASES)}"
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=tuple(AUTOCAST),
+        help="also time the sampler with the energy's passes in this precision",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also time the sampler on channels-last copies (image cases)",
+    )
+    parser.add_argument(
+        "--chains",
+        type=int,
+        default=None,
+        help="chains B for every case instead of the case's own (smoke runs)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps K for every case instead of the case's own (smoke runs)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (1 avoids OpenMP spin-waits on a loaded "
-                             "machine)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (by default freed memory is kept "
-                             "for reuse, for every method alike: see ebm_fast.allocator)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (1 avoids OpenMP spin-waits on a loaded machine)",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator as it is (by default freed memory is kept "
+        "for reuse, for every method alike: see ebm_fast.allocator)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     malloc = "default" if args.default_malloc or not retain_freed_cpu_memory() else "retain"
@@ -327,28 +404,45 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     results = []
     report = {
-        "benchmark": "sampler", "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "benchmark": "sampler",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "update_backend": backend_for(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "reps": reps, "malloc": malloc,
-        "autocast": args.autocast, "channels_last": args.channels_last,
+        "update_backend": backend_for(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "malloc": malloc,
+        "autocast": args.autocast,
+        "channels_last": args.channels_last,
         "capability": capability_line(device),
-        "load_average_before": load_before, "cases": results,
+        "load_average_before": load_before,
+        "cases": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(report["capability"])
     for name in names:
         case = dict(CASES[name])
-        case.update({key: getattr(args, key) for key in ("chains", "steps")
-                     if getattr(args, key) is not None})
-        results.append(bench_case(name, case, device, reps, not args.no_compile,
-                                  args.autocast, args.channels_last))
+        case.update(
+            {
+                key: getattr(args, key)
+                for key in ("chains", "steps")
+                if getattr(args, key) is not None
+            }
+        )
+        results.append(
+            bench_case(
+                name, case, device, reps, not args.no_compile, args.autocast, args.channels_last
+            )
+        )
         report["load_average_after"] = os.getloadavg()
         args.out.write_text(json.dumps(report, indent=2))
         print_case(results[-1])
-    print(f"\nmalloc: {malloc}; load average before/after: {load_before} / "
-          f"{report['load_average_after']}; wrote {args.out}")
+    print(
+        f"\nmalloc: {malloc}; load average before/after: {load_before} / "
+        f"{report['load_average_after']}; wrote {args.out}"
+    )
     return 0
 
 

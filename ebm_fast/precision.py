@@ -32,13 +32,19 @@ from ebm_fast import validation
 POLICIES = ("auto", "fp32", "bf16", "fp16")
 LAYOUTS = ("auto", "channels_last", "contiguous")
 # A policy given as torch's autocast dtype (the samplers' autocast= before this policy).
-_DTYPE_POLICIES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16",
-                   torch.float16: "fp16"}
+_DTYPE_POLICIES = {
+    None: "fp32",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
 _AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch's CPU queries, by the names its versions gave them (2.5+ first, then 2.3-2.4), and the
 # /proc/cpuinfo flag read where this torch has none of them.
-_CPU_QUERIES = {"avx512_bf16": (("_is_avx512_bf16_supported",), "avx512_bf16"),
-                "AMX": (("_is_amx_tile_supported", "_is_cpu_support_amx_tile"), "amx_bf16")}
+_CPU_QUERIES = {
+    "avx512_bf16": (("_is_avx512_bf16_supported",), "avx512_bf16"),
+    "AMX": (("_is_amx_tile_supported", "_is_cpu_support_amx_tile"), "amx_bf16"),
+}
 EMULATED_BF16 = "bf16 would be emulated and 14-20x slower"
 
 
@@ -60,28 +66,44 @@ class PrecisionChoice:
     def to_dict(self) -> dict:
         """Plain values (JSON, checkpoints); ``from_dict`` reads them back."""
         dtype = self.autocast_dtype
-        return {"policy": self.policy, "autocast": None if dtype is None else _name(dtype),
-                "channels_last": self.channels_last, "reason": self.reason}
+        return {
+            "policy": self.policy,
+            "autocast": None if dtype is None else _name(dtype),
+            "channels_last": self.channels_last,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> PrecisionChoice:
         """The choice ``to_dict`` wrote; ValueError naming the field that is not one."""
-        if not isinstance(data, dict) or set(data) != {"policy", "autocast", "channels_last",
-                                                       "reason"}:
-            raise ValueError(f"not a precision choice (want the keys policy, autocast, "
-                             f"channels_last, reason): {data!r}")
+        if not isinstance(data, dict) or set(data) != {
+            "policy",
+            "autocast",
+            "channels_last",
+            "reason",
+        }:
+            raise ValueError(
+                f"not a precision choice (want the keys policy, autocast, "
+                f"channels_last, reason): {data!r}"
+            )
         autocast = data["autocast"]
         if autocast is not None and autocast not in _AUTOCAST_NAMES:
-            raise ValueError(f"precision choice: autocast must be one of "
-                             f"{tuple(_AUTOCAST_NAMES)} or None, got {autocast!r}")
+            raise ValueError(
+                f"precision choice: autocast must be one of "
+                f"{tuple(_AUTOCAST_NAMES)} or None, got {autocast!r}"
+            )
         if type(data["channels_last"]) is not bool or not isinstance(data["reason"], str):
-            raise ValueError(f"precision choice: channels_last must be a bool and reason a "
-                             f"string, got {data['channels_last']!r} and {data['reason']!r}")
+            raise ValueError(
+                f"precision choice: channels_last must be a bool and reason a "
+                f"string, got {data['channels_last']!r} and {data['reason']!r}"
+            )
         if data["policy"] not in POLICIES:
-            raise ValueError(f"precision choice: policy must be one of {POLICIES}, got "
-                             f"{data['policy']!r}")
-        return cls(data["policy"], _AUTOCAST_NAMES.get(autocast), data["channels_last"],
-                   data["reason"])
+            raise ValueError(
+                f"precision choice: policy must be one of {POLICIES}, got {data['policy']!r}"
+            )
+        return cls(
+            data["policy"], _AUTOCAST_NAMES.get(autocast), data["channels_last"], data["reason"]
+        )
 
 
 def _name(dtype: torch.dtype | None) -> str:
@@ -111,8 +133,10 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         for feature in _CPU_QUERIES:
             if cpu_has(feature):
                 return True, f"cpu has {feature}"
-        return False, (f"cpu lacks native bf16 ({torch.backends.cpu.get_cpu_capability()} "
-                       f"only): {EMULATED_BF16}")
+        return False, (
+            f"cpu lacks native bf16 ({torch.backends.cpu.get_cpu_capability()} "
+            f"only): {EMULATED_BF16}"
+        )
     return False, f"no bf16 detection for {device.type} devices"
 
 
@@ -121,12 +145,17 @@ def capability_line(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return (f"cuda: {torch.cuda.get_device_name(device)}, capability {major}.{minor}, "
-                f"torch {torch.__version__}")
-    features = ", ".join(f"{feature} {'yes' if cpu_has(feature) else 'no'}"
-                         for feature in _CPU_QUERIES)
-    return (f"cpu: {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}; {features}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        return (
+            f"cuda: {torch.cuda.get_device_name(device)}, capability {major}.{minor}, "
+            f"torch {torch.__version__}"
+        )
+    features = ", ".join(
+        f"{feature} {'yes' if cpu_has(feature) else 'no'}" for feature in _CPU_QUERIES
+    )
+    return (
+        f"cpu: {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}; {features}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 def _cpu_name() -> str:
@@ -140,8 +169,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def resolve_precision(policy, device, state_dtype: torch.dtype, *, state_dim: int | None = None,
-                      energy=None, layout: str = "auto") -> PrecisionChoice:
+def resolve_precision(
+    policy,
+    device,
+    state_dtype: torch.dtype,
+    *,
+    state_dim: int | None = None,
+    energy=None,
+    layout: str = "auto",
+) -> PrecisionChoice:
     """The passes' precision and layout for chains of ``state_dtype`` on ``device``.
 
     policy: "auto" (bf16 where native, else fp32), "fp32", "bf16", "fp16" (float16 as asked, no
@@ -164,8 +200,7 @@ def resolve_precision(policy, device, state_dtype: torch.dtype, *, state_dim: in
     if layout == "channels_last" and state_dim != 4:
         raise ValueError(f"layout 'channels_last' needs 4-D states, got state_dim={state_dim}")
     if layout == "auto":
-        channels_last, why = _channels_last_helps(device, state_dtype, state_dim, energy,
-                                                  autocast)
+        channels_last, why = _channels_last_helps(device, state_dtype, state_dim, energy, autocast)
     else:
         channels_last, why = layout == "channels_last", f"{layout} as asked"
     return PrecisionChoice(policy, autocast, channels_last, f"{reason}; {why}")
@@ -177,8 +212,10 @@ def _policy_name(policy) -> str:
     if policy is None or isinstance(policy, torch.dtype):
         if policy in _DTYPE_POLICIES:
             return _DTYPE_POLICIES[policy]
-    raise TypeError(f"precision must be one of {POLICIES} or an autocast dtype (None, "
-                    f"torch.bfloat16, torch.float16), got {policy!r}")
+    raise TypeError(
+        f"precision must be one of {POLICIES} or an autocast dtype (None, "
+        f"torch.bfloat16, torch.float16), got {policy!r}"
+    )
 
 
 def _precision(policy: str, device: torch.device, state_dtype: torch.dtype):
@@ -186,8 +223,10 @@ def _precision(policy: str, device: torch.device, state_dtype: torch.dtype):
     if state_dtype != torch.float32:
         name = _name(state_dtype)
         if policy in ("bf16", "fp16"):
-            _warn_once(f"precision {policy!r} asked for {name} states: autocast casts only "
-                       f"float32, so the passes stay {name}")
+            _warn_once(
+                f"precision {policy!r} asked for {name} states: autocast casts only "
+                f"float32, so the passes stay {name}"
+            )
         return None, f"{name} state: passes stay {name}"
     if policy == "fp32":
         return None, "fp32 as asked"
@@ -196,8 +235,10 @@ def _precision(policy: str, device: torch.device, state_dtype: torch.dtype):
     native, why = native_bf16(device)
     if policy == "bf16":
         if not native:
-            _warn_once(f"precision 'bf16' on {device.type}: {why}; running bf16 as asked "
-                       f"(precision 'auto' picks fp32 here)")
+            _warn_once(
+                f"precision 'bf16' on {device.type}: {why}; running bf16 as asked "
+                f"(precision 'auto' picks fp32 here)"
+            )
         return torch.bfloat16, f"bf16 as asked ({why})"
     return (torch.bfloat16, f"bf16: {why}") if native else (None, f"fp32: {why}")
 
@@ -232,8 +273,9 @@ def fast_energy(energy, choice: PrecisionChoice, example: torch.Tensor | None = 
     caller's error, raised as it is.
     """
     if not isinstance(choice, PrecisionChoice):
-        raise TypeError(f"choice must be a PrecisionChoice (resolve_precision), got "
-                        f"{type(choice).__name__}")
+        raise TypeError(
+            f"choice must be a PrecisionChoice (resolve_precision), got {type(choice).__name__}"
+        )
     if choice.channels_last:
         try:
             _layout(energy, choice)
@@ -256,8 +298,9 @@ def _fall_back(energy, choice: PrecisionChoice, example: torch.Tensor) -> Precis
         if error is not None:
             choice = _without(choice, energy, error, layout=True)
     if choice.autocast_dtype is not None:
-        error = _trial(energy, dataclasses.replace(plain, autocast_dtype=choice.autocast_dtype),
-                       example)
+        error = _trial(
+            energy, dataclasses.replace(plain, autocast_dtype=choice.autocast_dtype), example
+        )
         if error is not None:
             choice = _without(choice, energy, error, autocast=True)
     error = _trial(energy, choice, example)
@@ -277,13 +320,20 @@ def _trial(energy, choice: PrecisionChoice, example: torch.Tensor) -> RuntimeErr
     """None when one forward pass of ``energy`` under ``choice`` runs, else its error. In eval
     mode and without a graph, so that the trial changes nothing (batch-norm statistics)."""
     _layout(energy, choice)
-    modes = ([(m, m.training) for m in energy.modules()]
-             if isinstance(energy, torch.nn.Module) else [])
+    modes = (
+        [(m, m.training) for m in energy.modules()] if isinstance(energy, torch.nn.Module) else []
+    )
     for module, _ in modes:
         module.training = False
     try:
-        with torch.no_grad(), torch.autocast(example.device.type, choice.autocast_dtype,
-                                             enabled=choice.autocast_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                example.device.type,
+                choice.autocast_dtype,
+                enabled=choice.autocast_dtype is not None,
+            ),
+        ):
             energy(example.contiguous(memory_format=choice.memory_format))
     except RuntimeError as exc:
         return exc
@@ -293,18 +343,29 @@ def _trial(energy, choice: PrecisionChoice, example: torch.Tensor) -> RuntimeErr
     return None
 
 
-def _without(choice: PrecisionChoice, energy, error: RuntimeError, *, layout: bool = False,
-             autocast: bool = False) -> PrecisionChoice:
+def _without(
+    choice: PrecisionChoice,
+    energy,
+    error: RuntimeError,
+    *,
+    layout: bool = False,
+    autocast: bool = False,
+) -> PrecisionChoice:
     """``choice`` without channels-last and/or autocast, with one warning naming why."""
     parts = (["channels-last"] if layout else []) + (
-        [f"{_name(choice.autocast_dtype)} autocast"] if autocast else [])
-    why = (f"{type(energy).__name__} refuses {' with '.join(parts)} "
-           f"({str(error).strip().splitlines()[0]})")
+        [f"{_name(choice.autocast_dtype)} autocast"] if autocast else []
+    )
+    why = (
+        f"{type(energy).__name__} refuses {' with '.join(parts)} "
+        f"({str(error).strip().splitlines()[0]})"
+    )
     _warn_once(f"{why}; its passes run without it")
     return dataclasses.replace(
-        choice, channels_last=choice.channels_last and not layout,
+        choice,
+        channels_last=choice.channels_last and not layout,
         autocast_dtype=None if autocast else choice.autocast_dtype,
-        reason=f"{choice.reason}; {why}")
+        reason=f"{choice.reason}; {why}",
+    )
 
 
 _warned: set[str] = set()

@@ -15,8 +15,9 @@ from ebm_fast import _cpp
 
 def run_python(code: str, extensions_dir, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -34,8 +35,9 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_the_kernels_load(cached_bu
     """torch's own lock file, as a build killed mid-way leaves it: torch alone would wait on it
     forever (the timeout fails the test on such code, in seconds instead of hanging)."""
     (cached_build / "lock").touch()
-    result = run_python("from ebm_fast import _cpp\nprint(_cpp.load_error())\n",
-                        cached_build.parent, timeout=60)
+    result = run_python(
+        "from ebm_fast import _cpp\nprint(_cpp.load_error())\n", cached_build.parent, timeout=60
+    )
     assert result.stdout.strip() == "None", result.stderr
     assert "interrupted build" in result.stderr
     assert not (cached_build / "lock").exists()
@@ -49,14 +51,16 @@ def test_waiting_on_a_live_build_ends_in_the_reference_kernels_with_one_warning(
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("pid 12345 on buildhost\n")
         held.flush()
-        code = ("import warnings, torch\n"
-                "from ebm_fast import _cpp, backends\n"
-                "_cpp.BUILD_WAIT_S, _cpp.QUIET_WAIT_S = 1.0, 0.2\n"
-                "with warnings.catch_warnings(record=True) as caught:\n"
-                "    warnings.simplefilter('always')\n"
-                "    for _ in range(3):\n"
-                "        print(backends.backend_for(torch.device('cpu')))\n"
-                "print(len(caught)); print(caught[0].message)\n")
+        code = (
+            "import warnings, torch\n"
+            "from ebm_fast import _cpp, backends\n"
+            "_cpp.BUILD_WAIT_S, _cpp.QUIET_WAIT_S = 1.0, 0.2\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for _ in range(3):\n"
+            "        print(backends.backend_for(torch.device('cpu')))\n"
+            "print(len(caught)); print(caught[0].message)\n"
+        )
         result = run_python(code, cached_build.parent, timeout=60)
     assert result.returncode == 0, result.stderr
     *backend, count, message = result.stdout.strip().splitlines()

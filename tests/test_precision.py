@@ -20,15 +20,15 @@ def fresh_warnings(monkeypatch):
 
 
 def mock_cpu(monkeypatch, *, avx512_bf16=False, amx=False, isa="AVX2"):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
-                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
 
 
 def conv_energy():
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 1)
+    )
 
 
 class ViewEnergy(nn.Module):
@@ -67,9 +67,15 @@ def caught(call):
 
 # Detection.
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [
-    (True, False, "cpu has avx512_bf16"), (False, True, "cpu has AMX"),
-    (True, True, "cpu has avx512_bf16")])
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [
+        (True, False, "cpu has avx512_bf16"),
+        (False, True, "cpu has AMX"),
+        (True, True, "cpu has avx512_bf16"),
+    ],
+)
 def test_a_cpu_with_bf16_units_gets_bf16_passes(monkeypatch, avx512_bf16, amx, expected):
     mock_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx, isa="AVX512")
     choice = resolve_precision("auto", "cpu", torch.float32)
@@ -87,8 +93,7 @@ def test_a_cpu_without_bf16_units_stays_fp32_and_says_why(monkeypatch):
 def test_a_torch_without_the_queries_reads_the_cpu_flags(monkeypatch):
     from ebm_fast import _cpp
 
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported",
-                 "_is_cpu_support_amx_tile"):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_cpu_support_amx_tile"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
     monkeypatch.setattr(_cpp, "_cpu_features", lambda: "avx2 avx512f fma")
     assert precision.native_bf16(torch.device("cpu"))[0] is False
@@ -103,8 +108,9 @@ def test_the_older_amx_query_name_is_read(monkeypatch):
     assert precision.cpu_has("AMX")
 
 
-@pytest.mark.parametrize("capability, autocast", [((8, 0), torch.bfloat16),
-                                                  ((9, 0), torch.bfloat16), ((7, 5), None)])
+@pytest.mark.parametrize(
+    "capability, autocast", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), None)]
+)
 def test_cuda_gets_bf16_from_compute_capability_8_0(monkeypatch, capability, autocast):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     choice = resolve_precision("auto", "cuda", torch.float32)
@@ -121,14 +127,18 @@ def test_the_capability_line_names_what_the_policy_reads(monkeypatch):
 
 # The choice's rules.
 
+
 def test_explicit_policies_and_the_samplers_autocast_dtypes(monkeypatch):
     mock_cpu(monkeypatch, avx512_bf16=True)
-    for policy, name, autocast in [("fp32", "fp32", None), (None, "fp32", None),
-                                   (torch.float32, "fp32", None),
-                                   ("bf16", "bf16", torch.bfloat16),
-                                   (torch.bfloat16, "bf16", torch.bfloat16),
-                                   ("fp16", "fp16", torch.float16),
-                                   (torch.float16, "fp16", torch.float16)]:
+    for policy, name, autocast in [
+        ("fp32", "fp32", None),
+        (None, "fp32", None),
+        (torch.float32, "fp32", None),
+        ("bf16", "bf16", torch.bfloat16),
+        (torch.bfloat16, "bf16", torch.bfloat16),
+        ("fp16", "fp16", torch.float16),
+        (torch.float16, "fp16", torch.float16),
+    ]:
         choice = resolve_precision(policy, "cpu", torch.float32)
         assert (choice.policy, choice.autocast_dtype) == (name, autocast), policy
 
@@ -153,8 +163,12 @@ def test_channels_last_for_4d_states_with_a_conv_energy_on_a_cpu(monkeypatch):
     conv, mlp = conv_energy(), nn.Sequential(nn.Flatten(), nn.Linear(192, 1))
 
     def layout(**options):
-        options = {"state_dim": 4, "energy": conv, "device": "cpu",
-                   "state_dtype": torch.float32} | options
+        options = {
+            "state_dim": 4,
+            "energy": conv,
+            "device": "cpu",
+            "state_dtype": torch.float32,
+        } | options
         return resolve_precision("auto", **options).channels_last
 
     assert layout()
@@ -162,36 +176,42 @@ def test_channels_last_for_4d_states_with_a_conv_energy_on_a_cpu(monkeypatch):
     assert not layout(energy=mlp) and not layout(energy=lambda x: x.sum((1, 2, 3)))
     assert not layout(state_dtype=torch.float64)
     assert not layout(energy=nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)))
-    assert resolve_precision("fp32", "cpu", torch.float32, state_dim=4,
-                             energy=conv).channels_last
-    assert not resolve_precision("auto", "cpu", torch.float32, state_dim=4, energy=conv,
-                                 layout="contiguous").channels_last
-    assert resolve_precision("auto", "cpu", torch.float32, state_dim=4, energy=mlp,
-                             layout="channels_last").channels_last
+    assert resolve_precision("fp32", "cpu", torch.float32, state_dim=4, energy=conv).channels_last
+    assert not resolve_precision(
+        "auto", "cpu", torch.float32, state_dim=4, energy=conv, layout="contiguous"
+    ).channels_last
+    assert resolve_precision(
+        "auto", "cpu", torch.float32, state_dim=4, energy=mlp, layout="channels_last"
+    ).channels_last
 
 
 def test_channels_last_on_cuda_only_under_autocast(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert resolve_precision("auto", "cuda", torch.float32, state_dim=4,
-                             energy=conv_energy()).channels_last
-    assert not resolve_precision("fp32", "cuda", torch.float32, state_dim=4,
-                                 energy=conv_energy()).channels_last
+    assert resolve_precision(
+        "auto", "cuda", torch.float32, state_dim=4, energy=conv_energy()
+    ).channels_last
+    assert not resolve_precision(
+        "fp32", "cuda", torch.float32, state_dim=4, energy=conv_energy()
+    ).channels_last
 
 
 def test_the_choice_is_recorded_and_read_back_exactly(monkeypatch):
     mock_cpu(monkeypatch, avx512_bf16=True)
     for policy in ("auto", "fp32", "fp16"):
-        choice = resolve_precision(policy, "cpu", torch.float32, state_dim=4,
-                                   energy=conv_energy())
+        choice = resolve_precision(policy, "cpu", torch.float32, state_dim=4, energy=conv_energy())
         record = json.loads(json.dumps(choice.to_dict()))
         assert PrecisionChoice.from_dict(record) == choice
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"autocast": "int8"}, "autocast must be one of"),
-    ({"policy": "fast"}, "policy must be one of"),
-    ({"channels_last": "yes"}, "channels_last must be a bool"),
-    ({"extra": 1}, "not a precision choice")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"autocast": "int8"}, "autocast must be one of"),
+        ({"policy": "fast"}, "policy must be one of"),
+        ({"channels_last": "yes"}, "channels_last must be a bool"),
+        ({"extra": 1}, "not a precision choice"),
+    ],
+)
 def test_a_damaged_record_is_refused_naming_the_field(change, message):
     record = resolve_precision("fp32", "cpu", torch.float32).to_dict() | change
     with pytest.raises(ValueError, match=message):
@@ -200,12 +220,14 @@ def test_a_damaged_record_is_refused_naming_the_field(change, message):
 
 # Bad input: each with its stated behaviour.
 
+
 def test_the_warning_names_the_users_line_also_through_a_sampler(monkeypatch):
     from ebm_fast import LangevinSampler
 
     mock_cpu(monkeypatch)
-    sampler = LangevinSampler(lambda x: x.square().sum(1), autocast=torch.bfloat16,
-                              step_size=0.1, n_steps=1)
+    sampler = LangevinSampler(
+        lambda x: x.square().sum(1), autocast=torch.bfloat16, step_size=0.1, n_steps=1
+    )
     with warnings.catch_warnings(record=True) as found:
         warnings.simplefilter("always")
         sampler.sample(torch.zeros(2, 2))
@@ -224,7 +246,8 @@ def test_a_float64_state_keeps_float64_passes(monkeypatch):
         assert choice.autocast_dtype is None
     assert precision._warned == {
         "precision 'bf16' asked for float64 states: autocast casts only float32, so the "
-        "passes stay float64"}
+        "passes stay float64"
+    }
 
 
 def test_explicit_bf16_on_an_emulating_cpu_runs_bf16_with_one_warning(monkeypatch):
@@ -245,14 +268,12 @@ def test_fast_energy_converts_the_model_and_keeps_its_energies(monkeypatch):
     (converted, kept), messages = caught(lambda: fast_energy(energy, choice, x[:2]))
     assert converted is energy and kept == choice and messages == []
     assert energy[0].weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(energy(x.contiguous(memory_format=kept.memory_format)),
-                               expected)
+    torch.testing.assert_close(energy(x.contiguous(memory_format=kept.memory_format)), expected)
 
 
 def test_the_trial_pass_changes_no_batch_norm_statistics(monkeypatch):
     mock_cpu(monkeypatch)
-    energy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
-                           nn.LazyLinear(1))
+    energy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(1))
     energy(torch.randn(4, 3, 8, 8))  # materialises the lazy layer, moves the statistics once
     before = energy[1].running_mean.clone()
     choice = resolve_precision("auto", "cpu", torch.float32, state_dim=4, energy=energy)
@@ -260,10 +281,12 @@ def test_the_trial_pass_changes_no_batch_norm_statistics(monkeypatch):
     assert torch.equal(energy[1].running_mean, before) and energy.training
 
 
-@pytest.mark.parametrize("model", [ViewEnergy, lambda: nn.Sequential(
-    nn.Conv2d(3, 4, 3), nn.Conv3d(1, 1, 1))], ids=["view of a conv output", "a 5-D weight"])
-def test_a_model_that_refuses_channels_last_keeps_its_layout_with_one_warning(monkeypatch,
-                                                                              model):
+@pytest.mark.parametrize(
+    "model",
+    [ViewEnergy, lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv3d(1, 1, 1))],
+    ids=["view of a conv output", "a 5-D weight"],
+)
+def test_a_model_that_refuses_channels_last_keeps_its_layout_with_one_warning(monkeypatch, model):
     mock_cpu(monkeypatch)
     energy = model()
     choice = resolve_precision("auto", "cpu", torch.float32, state_dim=4, energy=energy)

@@ -18,12 +18,14 @@ def main(args) -> int:
     for name in KERNEL_BACKENDS:
         reason = unavailable_reason(name)
         print(f"  {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
-    devices = [torch.device("cpu")] + [torch.device("cuda", i)
-                                       for i in range(torch.cuda.device_count())]
+    devices = [torch.device("cpu")] + [
+        torch.device("cuda", i) for i in range(torch.cuda.device_count())
+    ]
     for device in devices:
         print(capability_line(device))
         # The layout part of the choice needs an energy: a conv one on 4-D states shows it.
-        choice = resolve_precision("auto", device, torch.float32, state_dim=4,
-                                   energy=torch.nn.Conv2d(1, 1, 1))
+        choice = resolve_precision(
+            "auto", device, torch.float32, state_dim=4, energy=torch.nn.Conv2d(1, 1, 1)
+        )
         print(f"  precision auto, float32 chains, conv energy on images: {choice.reason}")
     return 0

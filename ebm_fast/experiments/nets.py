@@ -47,9 +47,13 @@ class IGEBMResNet(nn.Module):
         f = filters
         self.stem = nn.Sequential(nn.Conv2d(3, f, 3, padding=1), nn.LeakyReLU(0.2))
         self.blocks = nn.Sequential(
-            IGEBMBlock(f, f, True), IGEBMBlock(f, f, False), IGEBMBlock(f, 2 * f, True),
-            IGEBMBlock(2 * f, 2 * f, False), IGEBMBlock(2 * f, 2 * f, True),
-            IGEBMBlock(2 * f, 2 * f, False))
+            IGEBMBlock(f, f, True),
+            IGEBMBlock(f, f, False),
+            IGEBMBlock(f, 2 * f, True),
+            IGEBMBlock(2 * f, 2 * f, False),
+            IGEBMBlock(2 * f, 2 * f, True),
+            IGEBMBlock(2 * f, 2 * f, False),
+        )
         self.read_out = nn.Linear(2 * f, 1)
 
     def forward(self, x):
@@ -66,8 +70,11 @@ class WideBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=stride, padding=1)
-        self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out
-                         else nn.Conv2d(c_in, c_out, 1, stride=stride))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Conv2d(c_in, c_out, 1, stride=stride)
+        )
 
     def forward(self, x):
         return self.conv2(self.act(self.conv1(self.act(x)))) + self.shortcut(x)
@@ -89,8 +96,11 @@ class JEMWideResNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
         for group, stride in enumerate((1, 2, 2)):
             for block in range(per_group):
-                layers.append(WideBlock(widths[group + (block > 0)], widths[group + 1],
-                                        stride if block == 0 else 1))
+                layers.append(
+                    WideBlock(
+                        widths[group + (block > 0)], widths[group + 1], stride if block == 0 else 1
+                    )
+                )
         layers.append(nn.LeakyReLU(0.2))
         self.features = nn.Sequential(*layers)
         self.classify = nn.Linear(widths[3], classes)
@@ -122,12 +132,18 @@ class ICDBlock(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for _ in range(2):
-            norm = (nn.InstanceNorm2d(filters, affine=True) if filters <= 128
-                    else nn.GroupNorm(32, filters))
+            norm = (
+                nn.InstanceNorm2d(filters, affine=True)
+                if filters <= 128
+                else nn.GroupNorm(32, filters)
+            )
             layers += [StandardizedConv2d(filters, filters, 3, padding=1), norm, nn.SiLU()]
         if downsample:
-            layers += [nn.Conv2d(filters, 2 * filters if rescale else filters, 3, padding=1),
-                       nn.AvgPool2d(3, stride=2, padding=1), nn.SiLU()]
+            layers += [
+                nn.Conv2d(filters, 2 * filters if rescale else filters, 3, padding=1),
+                nn.AvgPool2d(3, stride=2, padding=1),
+                nn.SiLU(),
+            ]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -164,11 +180,17 @@ class ICDConvEnergy(nn.Module):
         f = filters
         self.stem = nn.Sequential(nn.Conv2d(3, f, 3, padding=1), nn.SiLU())
         self.blocks = nn.Sequential(
-            ICDBlock(f, False), ICDBlock(f, True, rescale=False),
-            ICDBlock(f, False), ICDBlock(f, True),
+            ICDBlock(f, False),
+            ICDBlock(f, True, rescale=False),
+            ICDBlock(f, False),
+            ICDBlock(f, True),
             SelfAttention(2 * f),
-            ICDBlock(2 * f, False), ICDBlock(2 * f, True),
-            ICDBlock(4 * f, False), ICDBlock(4 * f, True), nn.SiLU())
+            ICDBlock(2 * f, False),
+            ICDBlock(2 * f, True),
+            ICDBlock(4 * f, False),
+            ICDBlock(4 * f, True),
+            nn.SiLU(),
+        )
         self.read_out = nn.Linear(8 * f, 1)
 
     def forward(self, x):

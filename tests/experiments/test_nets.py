@@ -20,6 +20,7 @@ def test_each_net_gives_one_energy_per_state(name):
 
 def test_the_nets_have_their_papers_sizes():
     """Parameter counts follow from the described layouts (a changed layer changes them)."""
+
     def count(net):
         return sum(p.numel() for p in net.parameters())
 
@@ -37,8 +38,9 @@ def test_jem_energy_is_minus_logsumexp_of_its_logits():
         JEMWideResNet(depth=12)
 
 
-@pytest.mark.parametrize("name, channels_last", [("igebm", True), ("jem_wrn", True),
-                                                 ("icd", False)])
+@pytest.mark.parametrize(
+    "name, channels_last", [("igebm", True), ("jem_wrn", True), ("icd", False)]
+)
 def test_the_image_nets_take_the_layout_auto_picks_on_a_cpu(name, channels_last):
     """IGEBM's and JEM's nets run in channels-last; ICD's instance norms keep it contiguous."""
     make, shape = NETS[name]
