@@ -1,7 +1,9 @@
 """Sampler throughput (chain-steps per second) against the loops users write today, in one run.
 
 Cases (issue 5): MLP 2-128-128-1 (B=8192, K=50), MLP 784-256-256-1 (B=256, K=40), a small conv
-net on 3x32x32 (B=32, K=10). Not run by default, on 3x32x32: wrn (issue 17), JEM's WRN-10-2
+net on 3x32x32 (B=32, K=10); small energies where the per-step overhead is what counts (issue
+22): a parameter-free quadratic and an MLP 2-64-64-1, each at B=4 and B=256 (K=200). Not run by
+default, on 3x32x32: wrn (issue 17), JEM's WRN-10-2
 (B=16, K=5); the nets of published EBM code (issue 22, ebm_fast.experiments.nets): igebm,
 IGEBM's ResNet-32 (B=8, K=3); jem_wrn, JEM's WRN-16-4 (B=8, K=5); icd, ICD's conv energy (B=8,
 K=5). Methods, each a whole K-step chain from the same x0:
@@ -12,9 +14,9 @@ K=5). Methods, each a whole K-step chain from the same x0:
   graphed_loop     (CUDA) the whole K-step plain loop captured by hand in one CUDA graph and
                    replayed: the best a user can do without ebm_fast
   sampler          ebm_fast.LangevinSampler (same update, fused kernel; CUDA graph on CUDA)
-  sampler_auto     the sampler under the precision policy "auto" (ebm_fast.precision): bf16
-                   passes where the device has native bf16, a channels-last model and x0 where
-                   that helps; the choice and its reason are printed with the case
+  sampler_auto     LangevinSampler(autocast="auto") on the model as precision.fast_energy
+                   converts it (channels-last where that helps): bf16 passes where the device
+                   has native bf16; the choice and its reason are printed with the case
   sampler_compile  ebm_fast.LangevinSampler(compile=True)
   ebmkit, torchebm their Langevin samplers, when installed (benchmark-only; never a dependency)
   sampler_bf16     (--autocast bf16; sampler_fp16 for fp16) the sampler with the energy's passes
@@ -76,6 +78,24 @@ def conv_net() -> torch.nn.Module:
     )
 
 
+class Quadratic(torch.nn.Module):
+    """E(x) = |x|^2 / 2, no parameters: the tiny energy where the per-step overhead is all
+    there is (issue 22: the sampler must not be slower than the plain loop here either)."""
+
+    def forward(self, x):
+        return 0.5 * (x * x).sum(1)
+
+
+def mlp_64() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(2, 64),
+        torch.nn.SiLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.SiLU(),
+        torch.nn.Linear(64, 1),
+    )
+
+
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 CASES = {
@@ -88,8 +108,13 @@ CASES = {
     "igebm": dict(make=NETS["igebm"][0], shape=NETS["igebm"][1], chains=8, steps=3),
     "jem_wrn": dict(make=NETS["jem_wrn"][0], shape=NETS["jem_wrn"][1], chains=8, steps=5),
     "icd": dict(make=NETS["icd"][0], shape=NETS["icd"][1], chains=8, steps=5),
+    # Small energies and batches: the per-step overhead against the plain loop's.
+    "quad_b4": dict(make=Quadratic, shape=(2,), chains=4, steps=200),
+    "quad_b256": dict(make=Quadratic, shape=(2,), chains=256, steps=200),
+    "mlp64_b4": dict(make=mlp_64, shape=(2,), chains=4, steps=200),
+    "mlp64_b256": dict(make=mlp_64, shape=(2,), chains=256, steps=200),
 }
-DEFAULT_CASES = ("mlp2", "mlp784", "conv")
+DEFAULT_CASES = ("mlp2", "mlp784", "conv", "quad_b4", "quad_b256", "mlp64_b4", "mlp64_b256")
 
 
 def floor_fn(model, x0, steps):
@@ -200,11 +225,11 @@ def channels_last_fn(model, x0, steps, **options):
 
 
 def under_auto(model, x0):
-    """(a copy of the model, x0, the choice) under precision "auto": the choice the samplers
-    will apply themselves, applied here (autocast=, the model and x0 in its layout)."""
+    """(a copy of the model in the layout precision "auto" picks, the choice): the sampler
+    then runs with autocast="auto", which resolves the same dtype itself."""
     choice = resolve_precision("auto", x0.device, x0.dtype, state_dim=x0.dim(), energy=model)
     model, choice = fast_energy(copy.deepcopy(model), choice, x0[:2])
-    return model, x0.contiguous(memory_format=choice.memory_format), choice
+    return model, choice
 
 
 def methods(
@@ -216,14 +241,12 @@ def methods(
     autocast: str | None = None,
     channels_last: bool = False,
 ) -> dict:
-    auto_model, auto_x0, choice = auto
+    auto_model, _ = auto
     found = {
         "floor": lambda: floor_fn(model, x0, steps),
         "eager_loop": lambda: loop_fn(loop_step(model), x0, steps),
         "sampler": lambda: sampler_fn(model, x0, steps),
-        "sampler_auto": lambda: sampler_fn(
-            auto_model, auto_x0, steps, autocast=choice.autocast_dtype
-        ),
+        "sampler_auto": lambda: sampler_fn(auto_model, x0, steps, autocast="auto"),
     }
     if autocast is not None:
         found[f"sampler_{autocast}"] = lambda: sampler_fn(
@@ -312,7 +335,7 @@ def bench_case(
         "chains": case["chains"],
         "steps": steps,
         "shape": list(case["shape"]),
-        "auto": auto[2].to_dict(),
+        "auto": auto[1].to_dict(),
         "methods": rows,
         "skipped": skipped,
     }
