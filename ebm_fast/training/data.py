@@ -43,7 +43,8 @@ class _EpochBatches:
         if batch_size > self.size:
             raise ValueError(f"batch_size ({batch_size}) exceeds the number of samples in data "
                              f"({self.size})")
-        self.epoch, self.position, self._order = 0, 0, None
+        self.epoch, self.position = 0, 0
+        self._order: torch.Tensor | None = None  # this epoch's permutation, made at first use
 
     def _indices(self) -> torch.Tensor:
         if self.position + self.batch_size > self.size:

@@ -62,17 +62,20 @@ class DivergenceMonitor:
             limit = self.growth * max(self.first_gap, 1.0)
             if abs(gap) > limit:
                 found["energy_gap"] = (
-                    f"the energy gap |E+ - E-| = {abs(gap):.3g} grew past {limit:.3g} ({self.growth:g}"
-                    f"x its first logged size): raise alpha (the energy-magnitude penalty), lower "
-                    f"the learning rate, or clip the parameter gradients (grad_clip)")
+                    f"the energy gap |E+ - E-| = {abs(gap):.3g} grew past {limit:.3g} "
+                    f"({self.growth:g}x its first logged size): raise alpha (the energy-magnitude "
+                    f"penalty), lower the learning rate, or clip the parameter gradients "
+                    f"(grad_clip)")
         level = record["energy_pos"]
         if math.isfinite(level):
             self.start(level)
-            limit = self.growth * max(abs(self.start_level), 1.0)
+            start_level = self.start_level
+            assert start_level is not None  # start() keeps a finite level
+            limit = self.growth * max(abs(start_level), 1.0)
             if abs(level) > limit:
                 found["energy_level"] = (
                     f"the energies' level drifted: mean E+ = {level:.3g}, past {limit:.3g} "
-                    f"({self.growth:g}x its size at the start, {self.start_level:.3g}); nothing "
+                    f"({self.growth:g}x its size at the start, {start_level:.3g}); nothing "
                     f"holds it (alpha = 0, or a JEM classifier's logits), so the model grows "
                     f"overconfident and its negatives may be noise it cannot tell from data (look "
                     f"at the samples): raise alpha where the loss has one, lower the learning "

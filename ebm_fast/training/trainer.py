@@ -5,14 +5,17 @@ checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ebm_fast import validation
@@ -24,6 +27,9 @@ from ebm_fast.training.diagnostics import DivergenceMonitor
 from ebm_fast.training.losses import EBMLoss
 
 __all__ = ["Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
+
+# What fit() trains on: a tensor, an (x, y) pair of tensors, a Dataset or a DataLoader.
+TrainingData = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -74,13 +80,14 @@ class Trainer:
     """
 
     def __init__(self, energy: torch.nn.Module, loss: EBMLoss, optimizer: torch.optim.Optimizer,
-                 *, ema: float | None = None, grad_clip: float | None = None, out_dir=None,
+                 *, ema: float | None = None, grad_clip: float | None = None,
+                 out_dir: str | Path | None = None,
                  checkpoint_every: int | None = None, log_every: int = 100,
                  progress: bool = True, on_nonfinite: str = "skip", data_seed: int | None = None,
                  monitor: DivergenceMonitor | None = None,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 callbacks: tuple[Callable[["Trainer", dict], None], ...] = (),
-                 step_callbacks: tuple[Callable[["Trainer"], None], ...] = ()):
+                 callbacks: tuple[Callable[[Trainer, dict], None], ...] = (),
+                 step_callbacks: tuple[Callable[[Trainer], None], ...] = ()) -> None:
         self.parameters = trainable_parameters(energy)
         self.rank, self.world_size = distributed.world()
         if not isinstance(loss, EBMLoss):
@@ -126,7 +133,8 @@ class Trainer:
         self._window = {"iterations": 0, "seconds": 0.0, "sampler_seconds": 0.0}
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, data, iterations: int, batch_size: int | None = None) -> "Trainer":
+    def fit(self, data: TrainingData, iterations: int,
+            batch_size: int | None = None) -> Trainer:
         """Train until ``trainer.iteration == iterations`` (a total: a resumed trainer runs the
         rest). data: a tensor, an (x, y) pair of tensors, a Dataset (batches of batch_size in a
         new order each epoch) or a DataLoader (batch_size None). Returns the trainer."""
@@ -213,10 +221,10 @@ class Trainer:
             callback(self)
 
     # -- metrics ----------------------------------------------------------------------------
-    def _log(self, loss, grad_norm) -> None:
+    def _log(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
         stats = self.loss.last if loss is not None else None
-        values = {}
-        if stats is not None:
+        values: dict[str, torch.Tensor] = {}
+        if stats is not None and loss is not None and grad_norm is not None:  # a step was taken
             values = {"loss": loss.detach(), "energy_pos": stats.energy_pos,
                       "energy_neg": stats.energy_neg, "grad_norm": grad_norm.detach()}
             for key in ("chain_grad_norm", "chain_displacement", "reinit_fraction", "kl",
@@ -228,6 +236,7 @@ class Trainer:
             if values else {}
         window = self._window
         nan = float("nan")
+        record: dict[str, Any]
         record = {"iteration": self.iteration,
                   "loss": numbers.get("loss", nan),
                   "energy_pos": numbers.get("energy_pos", nan),
@@ -253,9 +262,10 @@ class Trainer:
         """Refuse to overwrite another run (whatever this trainer's iteration: after a load
         from elsewhere or a manual step too); a resumed run drops the metrics it logged after
         its checkpoint (they are logged again)."""
-        if self._claimed == self.out_dir:
+        out_dir = self.out_dir
+        if out_dir is None or self._claimed == out_dir:  # nothing to claim, or claimed
             return
-        checkpoint, metrics = self.out_dir / CHECKPOINT_NAME, self.out_dir / METRICS_NAME
+        checkpoint, metrics = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
         if self._resumed_from is not None and self._resumed_from == checkpoint.resolve():
             if metrics.exists() and self.rank == 0:
                 kept = [line for line in metrics.read_text().splitlines(keepends=True)
@@ -263,13 +273,13 @@ class Trainer:
                 checkpoints.atomic_write_text("".join(kept), metrics)
         elif checkpoint.exists() or metrics.exists():
             raise FileExistsError(
-                f"out_dir {self.out_dir} already holds a run ({CHECKPOINT_NAME} or "
+                f"out_dir {out_dir} already holds a run ({CHECKPOINT_NAME} or "
                 f"{METRICS_NAME}); resume it with trainer.load_checkpoint("
                 f"'{checkpoint}') or choose another out_dir")
-        self._claimed = self.out_dir
+        self._claimed = out_dir
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run bit-identically (weights_only loadable)."""
         return {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
                 "nonfinite_skipped": self.nonfinite_skipped,
@@ -285,7 +295,7 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all()
                         if torch.cuda.is_initialized() else None}}
 
-    def save_checkpoint(self, path=None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the checkpoint atomically (default out_dir/checkpoint.pt); returns its path."""
         if path is None:
             if self.out_dir is None:
@@ -319,7 +329,7 @@ class Trainer:
                              map_location="cpu") for rank in range(saved_ranks)]
         return distributed.reshard_loss_state(states, self.rank, self.world_size)
 
-    def load_checkpoint(self, path) -> None:
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Continue the run saved at path. Refuses (ValueError, nothing loaded) a checkpoint of
         another model, loss or configuration."""
         path = Path(path)
@@ -336,10 +346,11 @@ class Trainer:
             raise ValueError(f"{path} was saved {'without' if state['ema'] is None else 'with'} "
                              f"an EMA but this trainer has ema={self.ema_decay}")
         if (state.get("scheduler") is None) != (self.scheduler is None):
+            scheduler = type(self.scheduler).__name__ if self.scheduler else None
             raise ValueError(f"{path} was saved "
                              f"{'without' if state.get('scheduler') is None else 'with'} a "
                              f"learning-rate scheduler but this trainer has "
-                             f"scheduler={type(self.scheduler).__name__ if self.scheduler else None}")
+                             f"scheduler={scheduler}")
         # The loss first: its buffer refuses another configuration before copying anything.
         self.loss.load_state_dict(self._saved_loss_state(state, path))
         model.load_state_dict(state["model"])
