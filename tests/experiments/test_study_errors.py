@@ -32,10 +32,25 @@ from ebm_fast.experiments.study import (
 from ebm_fast.experiments.study.config import FULL
 
 TINY = dataclasses.replace(
-    FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
-    checkpoints=(0, 1, 2), e2_chains=400, e2_steps=(0, 1), e2_subsets=5, e2_buffer_calls=0,
-    bins=8, seeds=4, iterations=2, train_batch=8, train_steps=1, eval_points=1,
-    temperatures=(0.5, 1.0))
+    FULL,
+    hidden=8,
+    cells=24,
+    train_size=100,
+    heldout_size=100,
+    buffer_size=64,
+    checkpoints=(0, 1, 2),
+    e2_chains=400,
+    e2_steps=(0, 1),
+    e2_subsets=5,
+    e2_buffer_calls=0,
+    bins=8,
+    seeds=4,
+    iterations=2,
+    train_batch=8,
+    train_steps=1,
+    eval_points=1,
+    temperatures=(0.5, 1.0),
+)
 
 
 class Progress:
@@ -59,17 +74,20 @@ def test_mean_se_by_hand():
     # [1, 2, 4, 7]: mean 3.5, squared deviations 6.25 + 2.25 + 0.25 + 12.25 = 21,
     # sample variance 21 / 3 = 7, SE sqrt(7) / sqrt(4).
     assert common.mean_se([1.0, 2.0, 4.0, 7.0]) == pytest.approx(
-        {"mean": 3.5, "se": math.sqrt(7) / 2, "n": 4})
+        {"mean": 3.5, "se": math.sqrt(7) / 2, "n": 4}
+    )
     # Two values a, b: SE = |a - b| / 2.
     assert common.mean_se([0.0, 1.0])["se"] == pytest.approx(0.5)
 
 
 def fake_record(rng, points):
-    return {"iterations": list(range(points)),
-            "kl": [rng.uniform(0, 2) for _ in range(points)],
-            "nll": [rng.uniform(2, 4) for _ in range(points)],
-            "gap": [rng.uniform(0, 1) for _ in range(points)],
-            "nonfinite_skipped": 0}
+    return {
+        "iterations": list(range(points)),
+        "kl": [rng.uniform(0, 2) for _ in range(points)],
+        "nll": [rng.uniform(2, 4) for _ in range(points)],
+        "gap": [rng.uniform(0, 1) for _ in range(points)],
+        "nonfinite_skipped": 0,
+    }
 
 
 def test_e3_curves_and_finals_are_mean_and_se_over_the_seeds():
@@ -91,8 +109,10 @@ def test_e3_curves_and_finals_are_mean_and_se_over_the_seeds():
                 assert row[key]["se"][t] == pytest.approx(se(values), rel=1e-12)
         assert_mean_se(row["final_kl"], [run["kl"][-1] for run in runs])
         assert_mean_se(row["final_nll"], [run["nll"][-1] for run in runs])
-        assert_mean_se(row["final_kl_minus_exact_ml"],
-                       [run["kl"][-1] - ref["kl"][-1] for run, ref in zip(runs, exact)])
+        assert_mean_se(
+            row["final_kl_minus_exact_ml"],
+            [run["kl"][-1] - ref["kl"][-1] for run, ref in zip(runs, exact)],
+        )
 
 
 def test_e5_kl_is_mean_and_se_over_the_seeds():
@@ -108,8 +128,9 @@ def test_e5_kl_is_mean_and_se_over_the_seeds():
         models = [energies[(temperature, s)] for s in range(TINY.seeds)]
         row = result["trained"][str(temperature)]
         assert_mean_se(row["kl_data_model"], [ctx.exact_kl_to_model(e) for e in models])
-        assert_mean_se(row["kl_data_tempered"],
-                       [ctx.exact_kl_to_model(e, temperature) for e in models])
+        assert_mean_se(
+            row["kl_data_tempered"], [ctx.exact_kl_to_model(e, temperature) for e in models]
+        )
 
 
 def test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m(monkeypatch):
@@ -137,8 +158,10 @@ def test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m(monkeypatch):
                 assert full.shape[0] == n
                 # Disjoint subsets that together are the chains.
                 assert sum(p.shape[0] for p, _ in parts) == n
-                assert torch.equal(torch.sort(torch.cat([p for p, _ in parts])[:, 0]).values,
-                                   torch.sort(full[:, 0]).values)
+                assert torch.equal(
+                    torch.sort(torch.cat([p for p, _ in parts])[:, 0]).values,
+                    torch.sort(full[:, 0]).values,
+                )
                 row = result[model][start][str(k)]
                 assert row["kl_chains"] == full_value
                 expected = statistics.stdev(v for _, v in parts) / math.sqrt(m)
@@ -162,4 +185,5 @@ def test_e1_bootstrap_errors_approach_the_gaussian_closed_forms(seed):
     row = e1_gradients.summarise(noise, scale, g)
     assert row["bias_se"] == pytest.approx(sigma / math.sqrt(replicas) / scale, rel=0.2)
     assert row["variance_se"] == pytest.approx(
-        math.sqrt(2 * dims / replicas) * sigma ** 2 / scale ** 2, rel=0.2)
+        math.sqrt(2 * dims / replicas) * sigma**2 / scale**2, rel=0.2
+    )

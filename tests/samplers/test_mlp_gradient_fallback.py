@@ -17,8 +17,9 @@ EPS, STEPS = 0.05, 4
 
 def mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 1)).double()
+    return nn.Sequential(
+        nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
 
 
 def gradient_descent(energy, x):
@@ -57,13 +58,20 @@ def replaced_activation_forward(m):
 
 def global_pre_hook(m):
     handle = nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: (args[0] * 1.5,) if isinstance(module, nn.Linear) else None)
+        lambda module, args: (args[0] * 1.5,) if isinstance(module, nn.Linear) else None
+    )
     return handle
 
 
-ALTERATIONS = [pre_hook_on_a_linear, pre_hook_on_an_activation, pre_hook_on_the_sequential,
-               forward_hook_on_a_linear, replaced_linear_forward, replaced_activation_forward,
-               global_pre_hook]
+ALTERATIONS = [
+    pre_hook_on_a_linear,
+    pre_hook_on_an_activation,
+    pre_hook_on_the_sequential,
+    forward_hook_on_a_linear,
+    replaced_linear_forward,
+    replaced_activation_forward,
+    global_pre_hook,
+]
 
 
 @pytest.mark.parametrize("alter", ALTERATIONS, ids=lambda f: f.__name__)
@@ -87,5 +95,6 @@ def test_the_unaltered_energy_is_plain_gradient_descent():
     energy = mlp()
     x0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sampler = LangevinSampler(energy, step_size=EPS, noise_scale=0.0, n_steps=STEPS, seed=0)
-    torch.testing.assert_close(sampler.sample(x0), gradient_descent(energy, x0), rtol=1e-12,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        sampler.sample(x0), gradient_descent(energy, x0), rtol=1e-12, atol=1e-12
+    )

@@ -90,12 +90,20 @@ def test_fit_reads_each_epoch_in_a_new_order():
     n, batch = 8, 4
     energy = nn.Linear(1, 1)
     loss = Recording(LangevinSampler(energy, step_size=0.01, seed=0), k=0, alpha=0.1)
-    trainer = Trainer(energy, loss, torch.optim.SGD(energy.parameters(), lr=0.0),
-                      progress=False, log_every=1000, data_seed=7)
+    trainer = Trainer(
+        energy,
+        loss,
+        torch.optim.SGD(energy.parameters(), lr=0.0),
+        progress=False,
+        log_every=1000,
+        data_seed=7,
+    )
     trainer.fit(numbered(n), EPOCHS * n // batch, batch_size=batch)
     per_epoch = n // batch
-    orders = [[i for b in loss.seen[e:e + per_epoch] for i in b]
-              for e in range(0, len(loss.seen), per_epoch)]
+    orders = [
+        [i for b in loss.seen[e : e + per_epoch] for i in b]
+        for e in range(0, len(loss.seen), per_epoch)
+    ]
     assert len(orders) == EPOCHS
     check_epochs(orders, n, batch)
     assert all(sorted(order) == list(range(n)) for order in orders)

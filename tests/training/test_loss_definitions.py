@@ -37,8 +37,9 @@ KL_WEIGHT, ENTROPY_WEIGHT = 0.7, 0.45  # neither 1 nor each other: sign and weig
 
 def make_energy():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                         nn.Linear(16, 1)).to(DTYPE)
+    return nn.Sequential(
+        nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    ).to(DTYPE)
 
 
 def make_sampler(energy, k):
@@ -46,11 +47,12 @@ def make_sampler(energy, k):
 
 
 def make_buffer(capacity=1024, filled=1024):
-    buffer = ReplayBuffer(capacity, (2,), dtype=DTYPE, init_range=(-2, 2), reinit_prob=0.0,
-                          seed=12)
+    buffer = ReplayBuffer(capacity, (2,), dtype=DTYPE, init_range=(-2, 2), reinit_prob=0.0, seed=12)
     if filled:  # written slots: the entropy term starts above 1000 of them
-        buffer.push(3 * torch.rand(filled, 2, generator=torch.Generator().manual_seed(13),
-                                   dtype=DTYPE) - 1.5)
+        buffer.push(
+            3 * torch.rand(filled, 2, generator=torch.Generator().manual_seed(13), dtype=DTYPE)
+            - 1.5
+        )
     return buffer
 
 
@@ -100,8 +102,9 @@ def check_one_call(loss_fn, energy, sampler, buffer, k, x_pos, expect_entropy=Tr
     want = torch.autograd.grad(want_loss, params)
     torch.testing.assert_close(loss_fn.last.kl, want_kl.detach(), rtol=1e-10, atol=1e-12)
     if expect_entropy:
-        torch.testing.assert_close(loss_fn.last.entropy, want_entropy.detach(), rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            loss_fn.last.entropy, want_entropy.detach(), rtol=1e-10, atol=1e-12
+        )
     else:
         assert loss_fn.last.entropy is None
     torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-10, atol=1e-12)
@@ -113,9 +116,14 @@ def check_one_call(loss_fn, energy, sampler, buffer, k, x_pos, expect_entropy=Tr
 def test_the_whole_loss_and_its_gradient_follow_the_definition(k):
     energy = make_energy()
     sampler, buffer = make_sampler(energy, k), make_buffer()
-    loss_fn = KLPersistentML(sampler, buffer, kl_weight=KL_WEIGHT,
-                             entropy_weight=ENTROPY_WEIGHT, kl_chains=KL_CHAINS,
-                             entropy_samples=REFERENCES)
+    loss_fn = KLPersistentML(
+        sampler,
+        buffer,
+        kl_weight=KL_WEIGHT,
+        entropy_weight=ENTROPY_WEIGHT,
+        kl_chains=KL_CHAINS,
+        entropy_samples=REFERENCES,
+    )
     x_pos = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(14), dtype=DTYPE)
     for _ in range(2):  # the second call's last step is at step counter 2K - 1, not K - 1
         check_one_call(loss_fn, energy, sampler, buffer, k, x_pos)
@@ -141,9 +149,14 @@ def test_below_the_fill_threshold_there_is_no_entropy_term():
     is the ML part plus the KL term."""
     energy = make_energy()
     sampler, buffer = make_sampler(energy, 2), make_buffer(capacity=1000, filled=1000)
-    loss_fn = KLPersistentML(sampler, buffer, kl_weight=KL_WEIGHT,
-                             entropy_weight=ENTROPY_WEIGHT, kl_chains=KL_CHAINS,
-                             entropy_samples=REFERENCES)
+    loss_fn = KLPersistentML(
+        sampler,
+        buffer,
+        kl_weight=KL_WEIGHT,
+        entropy_weight=ENTROPY_WEIGHT,
+        kl_chains=KL_CHAINS,
+        entropy_samples=REFERENCES,
+    )
     x_pos = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(15), dtype=DTYPE)
 
     twin_buffer = twin(buffer, lambda: make_buffer(capacity=1000, filled=0))

@@ -61,8 +61,11 @@ def test_ema_is_the_exponential_average_of_the_weights_after_each_step():
     for i in range(4):
         trainer.step(batch(seed=10 + i))
         theta = snapshot(energy)
-        expected = theta if expected is None else [
-            decay * e + (1 - decay) * t for e, t in zip(expected, theta)]
+        expected = (
+            theta
+            if expected is None
+            else [decay * e + (1 - decay) * t for e, t in zip(expected, theta)]
+        )
         for got, want in zip(trainer.ema_model.module.parameters(), expected):
             torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
     # The average differs from the weights (the test would pass trivially otherwise).
@@ -173,8 +176,7 @@ def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_whole_step(kind, grad
     for got, want in zip(trainer.ema_model.module.parameters(), ema):
         assert torch.equal(got.detach(), want)
     assert [float(s["step"]) for s in optimizer.state.values()] == adam_steps
-    assert all(p.grad is None or bool(torch.isfinite(p.grad).all())
-               for p in energy.parameters())
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in energy.parameters())
 
     trainer.on_nonfinite = "raise"
     with pytest.raises(FloatingPointError, match="not finite"):
