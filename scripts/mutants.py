@@ -365,6 +365,14 @@ MUTANTS = [
            "    generator = torch.Generator().manual_seed(generator.initial_seed())  # a copy\n"
            "    radii_t = torch.tensor(radii, dtype=torch.float32)\n",
            (HELD_OUT,)),
+    Mutant("train_command_heldout_from_a_restarted_generator", "ebm_fast/commands/train.py",
+           "toy.sample(HELD_OUT, generator)",
+           "toy.sample(HELD_OUT, torch.Generator().manual_seed(args.seed))",
+           (HELD_OUT + "::test_the_train_commands_held_out_points_are_not_training_points",)),
+    Mutant("train_command_jem_training_set_overlaps_the_test_set", "ebm_fast/commands/train.py",
+           "data = tuple(t[order[rows // 5", "data = tuple(t[order[rows // 6",
+           (HELD_OUT + "::test_the_train_commands_jem_test_set_and_training_set_partition_the"
+            "_images",)),
     Mutant("study_heldout_drawn_from_a_restarted_generator", STUDY + "common.py",
            "(config.heldout_size, generator)",
            "(config.heldout_size, torch.Generator().manual_seed(self.seed_for(\"data\")))",
