@@ -85,8 +85,14 @@ def make_cycles(capacity, device):
     cycles = {"floor (index_select + index_copy_)": floor}
     for storage in ("float32", "uint8"):
         for check in (False, True):
-            buffer = ReplayBuffer(capacity, SAMPLE_SHAPE, device=device, storage=storage,
-                                  reinit_prob=REINIT_PROB, check_values=check)
+            buffer = ReplayBuffer(
+                capacity,
+                SAMPLE_SHAPE,
+                device=device,
+                storage=storage,
+                reinit_prob=REINIT_PROB,
+                check_values=check,
+            )
             buffer.push(torch.rand(capacity, *SAMPLE_SHAPE, device=device) * 2 - 1)  # filled
 
             def cycle(buffer=buffer):
@@ -95,8 +101,10 @@ def make_cycles(capacity, device):
 
             name = f"ebm_fast {storage}" + (" + non-finite check" if check else "")
             cycles[name] = cycle
-    for name, cls in (("eager torch indexing + torch.rand reinit", EagerBuffer),
-                      ("list-of-tensors buffer (IGEBM)", ListBuffer)):
+    for name, cls in (
+        ("eager torch indexing + torch.rand reinit", EagerBuffer),
+        ("list-of-tensors buffer (IGEBM)", ListBuffer),
+    ):
         buffer = cls(capacity, device)
 
         def cycle(buffer=buffer):
@@ -130,12 +138,18 @@ def time_cycles(cycles, device, rounds, reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k slots only, few repetitions")
-    parser.add_argument("--capacities", type=int, nargs="+", default=None,
-                        help="buffer slots to time (default 10000 50000; quick 10000)")
+    parser.add_argument(
+        "--capacities",
+        type=int,
+        nargs="+",
+        default=None,
+        help="buffer slots to time (default 10000 50000; quick 10000)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -144,24 +158,37 @@ def main(argv=None):
     if min(capacities) < BATCH:
         parser.error(f"--capacities must be at least the batch, {BATCH}")
     rounds, reps = (5, 5) if args.quick else (15, 10)
-    report = {"device": str(device), "backend": backend_for(device), "batch": BATCH,
-              "sample_shape": list(SAMPLE_SHAPE), "reinit_prob": REINIT_PROB,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(),
-              "load_average": list(os.getloadavg()),
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "results": []}
+    report = {
+        "device": str(device),
+        "backend": backend_for(device),
+        "batch": BATCH,
+        "sample_shape": list(SAMPLE_SHAPE),
+        "reinit_prob": REINIT_PROB,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "load_average": list(os.getloadavg()),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "results": [],
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for capacity in capacities:
         times = time_cycles(make_cycles(capacity, device), device, rounds, reps)
         floor = times["floor (index_select + index_copy_)"]
-        print(f"\n{capacity} slots, batch {BATCH} of {SAMPLE_SHAPE}, {device} "
-              f"({report['backend']} backend)")
+        print(
+            f"\n{capacity} slots, batch {BATCH} of {SAMPLE_SHAPE}, {device} "
+            f"({report['backend']} backend)"
+        )
         for name, seconds in times.items():
             print(f"  {name:42s} {seconds * 1e3:8.3f} ms   {seconds / floor:6.2f}x floor")
-            report["results"].append({"capacity": capacity, "variant": name,
-                                      "ms_per_cycle": seconds * 1e3,
-                                      "ratio_to_floor": seconds / floor})
+            report["results"].append(
+                {
+                    "capacity": capacity,
+                    "variant": name,
+                    "ms_per_cycle": seconds * 1e3,
+                    "ratio_to_floor": seconds / floor,
+                }
+            )
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 

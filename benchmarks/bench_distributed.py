@@ -34,14 +34,21 @@ from ebm_fast import LangevinSampler
 from ebm_fast.training import PersistentML, Trainer, distributed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
-CASES = {"ring": dict(dim=2, hidden=128, batch=256, steps=20),
-         "mlp784": dict(dim=784, hidden=256, batch=128, steps=20)}
+CASES = {
+    "ring": dict(dim=2, hidden=128, batch=256, steps=20),
+    "mlp784": dict(dim=784, hidden=256, batch=128, steps=20),
+}
 WARMUP = 3
 
 
 def _mlp(dim: int, hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                         nn.Linear(hidden, 1))
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, 1),
+    )
 
 
 def _time_case(case: dict, iterations: int, device: torch.device) -> dict:
@@ -49,13 +56,20 @@ def _time_case(case: dict, iterations: int, device: torch.device) -> dict:
     on this rank (the group's, when one runs)."""
     torch.manual_seed(0)
     energy = distributed.wrap(_mlp(case["dim"], case["hidden"]).to(device))
-    sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1, n_steps=case["steps"],
-                              seed=1, check_finite=False)
-    buffer = distributed.shard_buffer(10240, (case["dim"],), device=device, seed=2,
-                                      check_values=False)
-    trainer = Trainer(energy, PersistentML(sampler, buffer, alpha=0.01),
-                      torch.optim.Adam(energy.parameters(), lr=1e-3), progress=False,
-                      data_seed=3, log_every=10 ** 9)
+    sampler = LangevinSampler(
+        energy, step_size=0.01, noise_scale=0.1, n_steps=case["steps"], seed=1, check_finite=False
+    )
+    buffer = distributed.shard_buffer(
+        10240, (case["dim"],), device=device, seed=2, check_values=False
+    )
+    trainer = Trainer(
+        energy,
+        PersistentML(sampler, buffer, alpha=0.01),
+        torch.optim.Adam(energy.parameters(), lr=1e-3),
+        progress=False,
+        data_seed=3,
+        log_every=10**9,
+    )
     rank, world_size = distributed.world()
     x = torch.randn(case["batch"], case["dim"], device=device)
     x_local, _ = distributed.local_batch(x, None, rank, world_size)
@@ -77,14 +91,22 @@ def _time_case(case: dict, iterations: int, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         reduce.append(time.perf_counter() - start)
-    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu),
-            "all_reduce": statistics.median(reduce[WARMUP:]) if reduce else 0.0,
-            "gradient_bytes": gradient.numel() * gradient.element_size()}
+    return {
+        "wall": statistics.median(wall),
+        "cpu": statistics.median(cpu),
+        "all_reduce": statistics.median(reduce[WARMUP:]) if reduce else 0.0,
+        "gradient_bytes": gradient.numel() * gradient.element_size(),
+    }
 
 
 def _rank_main(rank: int, world_size: int, port: int, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
     me = distributed.init("gloo" if args.device == "cpu" else "nccl")
     timings = {name: _time_case(CASES[name], args.iterations, me.device) for name in args.cases}
@@ -99,8 +121,9 @@ def _processes(world_size: int, args) -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/timings.pt"
-        mp.start_processes(_rank_main, args=(world_size, port, args, out), nprocs=world_size,
-                           start_method="spawn")
+        mp.start_processes(
+            _rank_main, args=(world_size, port, args, out), nprocs=world_size, start_method="spawn"
+        )
         return torch.load(out)
 
 
@@ -113,38 +136,60 @@ def _single(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--processes", type=int, default=None,
-                        help="processes (CPU: against 1 process with this many threads; "
-                             "default 2) or GPUs (default: all)")
-    parser.add_argument("--cases", default=",".join(CASES),
-                        type=lambda text: [c for c in text.split(",") if c in CASES] or
-                        parser.error(f"--cases: choose among {', '.join(CASES)}"))
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="processes (CPU: against 1 process with this many threads; "
+        "default 2) or GPUs (default: all)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        type=lambda text: (
+            [c for c in text.split(",") if c in CASES]
+            or parser.error(f"--cases: choose among {', '.join(CASES)}")
+        ),
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.processes is None:
         args.processes = torch.cuda.device_count() if args.device == "cuda" else 2
-    layouts = {f"1 process x {args.processes if args.device == 'cpu' else 1} "
-               f"{'threads' if args.device == 'cpu' else 'GPU'}": _single(args),
-               f"{args.processes} processes x 1 {'thread' if args.device == 'cpu' else 'GPU'}":
-               _processes(args.processes, args)}
-    report = {"machine": platform.processor() or platform.machine(), "device": args.device,
-              "torch": torch.__version__, "iterations": args.iterations, "cases": {}}
+    layouts = {
+        f"1 process x {args.processes if args.device == 'cpu' else 1} "
+        f"{'threads' if args.device == 'cpu' else 'GPU'}": _single(args),
+        f"{args.processes} processes x 1 {'thread' if args.device == 'cpu' else 'GPU'}": _processes(
+            args.processes, args
+        ),
+    }
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "iterations": args.iterations,
+        "cases": {},
+    }
     for name in args.cases:
         case = CASES[name]
         rows = {}
         for layout, timings in layouts.items():
             t = timings[name]
-            rows[layout] = {"seconds_per_iteration": t["wall"], "cpu_seconds": t["cpu"],
-                            "iterations_per_s": 1 / t["wall"],
-                            "chain_steps_per_s": case["batch"] * case["steps"] / t["wall"],
-                            "all_reduce_seconds": t["all_reduce"],
-                            "communication_fraction": t["all_reduce"] / t["wall"],
-                            "gradient_bytes": t["gradient_bytes"]}
-            print(f"{name:7s} {layout:24s} {1 / t['wall']:7.2f} it/s "
-                  f"{rows[layout]['chain_steps_per_s']:10.0f} chain-steps/s  "
-                  f"all-reduce {t['all_reduce'] * 1e3:6.2f} ms "
-                  f"({100 * rows[layout]['communication_fraction']:.1f}% of an iteration)")
+            rows[layout] = {
+                "seconds_per_iteration": t["wall"],
+                "cpu_seconds": t["cpu"],
+                "iterations_per_s": 1 / t["wall"],
+                "chain_steps_per_s": case["batch"] * case["steps"] / t["wall"],
+                "all_reduce_seconds": t["all_reduce"],
+                "communication_fraction": t["all_reduce"] / t["wall"],
+                "gradient_bytes": t["gradient_bytes"],
+            }
+            print(
+                f"{name:7s} {layout:24s} {1 / t['wall']:7.2f} it/s "
+                f"{rows[layout]['chain_steps_per_s']:10.0f} chain-steps/s  "
+                f"all-reduce {t['all_reduce'] * 1e3:6.2f} ms "
+                f"({100 * rows[layout]['communication_fraction']:.1f}% of an iteration)"
+            )
         report["cases"][name] = {**case, "layouts": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

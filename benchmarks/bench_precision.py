@@ -86,23 +86,30 @@ def sampling_study(energy, chains: int, steps: int, eps: float) -> dict:
     x0 = exact_samples(energy, chains, seed=11, step=0, cells=CELLS)
     floor = exact_samples(energy, chains, seed=12, step=0, cells=CELLS)
     rows = {"exact_draws": {"histogram_kl": histogram_kl(floor, exact)}}
-    for sampler_name, make in (("ula", lambda **o: LangevinSampler(energy, temperature=1.0, **o)),
-                               ("mala", lambda **o: MALASampler(energy, **o))):
+    for sampler_name, make in (
+        ("ula", lambda **o: LangevinSampler(energy, temperature=1.0, **o)),
+        ("mala", lambda **o: MALASampler(energy, **o)),
+    ):
         for precision, autocast in PRECISIONS.items():
             sampler = make(step_size=eps, n_steps=steps, seed=13, autocast=autocast)
             start = time.perf_counter()
             x, info = sampler.sample(x0, return_info=True)
-            row = {"histogram_kl": histogram_kl(x, exact),
-                   "seconds": time.perf_counter() - start}
+            row = {"histogram_kl": histogram_kl(x, exact), "seconds": time.perf_counter() - start}
             if sampler_name == "mala":
                 row["accept_rate"] = float(info.accept_rate.mean())
             rows[f"{sampler_name}_{precision}"] = row
-            print(f"  {sampler_name:5s} {precision:9s} KL(hist || exact) "
-                  f"{row['histogram_kl']:.5f}" + (f", acceptance {row['accept_rate']:.4f}"
-                                                   if "accept_rate" in row else "")
-                  + f" ({row['seconds']:.1f} s)", flush=True)
-    print(f"  exact draws        KL(hist || exact) {rows['exact_draws']['histogram_kl']:.5f} "
-          f"(the estimator's floor at {chains} samples)", flush=True)
+            print(
+                f"  {sampler_name:5s} {precision:9s} KL(hist || exact) "
+                f"{row['histogram_kl']:.5f}"
+                + (f", acceptance {row['accept_rate']:.4f}" if "accept_rate" in row else "")
+                + f" ({row['seconds']:.1f} s)",
+                flush=True,
+            )
+    print(
+        f"  exact draws        KL(hist || exact) {rows['exact_draws']['histogram_kl']:.5f} "
+        f"(the estimator's floor at {chains} samples)",
+        flush=True,
+    )
     return rows
 
 
@@ -113,13 +120,21 @@ def train_ring(seed: int, autocast, iterations: int) -> float:
     data = toy.sample(20000, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     energy = build_energy("mlp", (2,), 64)
-    sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1414, n_steps=20,
-                              clamp=(-BOX, BOX), seed=seed + 1, autocast=autocast)
+    sampler = LangevinSampler(
+        energy,
+        step_size=0.01,
+        noise_scale=0.1414,
+        n_steps=20,
+        clamp=(-BOX, BOX),
+        seed=seed + 1,
+        autocast=autocast,
+    )
     buffer = ReplayBuffer(10000, (2,), init_range=(-BOX, BOX), reinit_prob=0.05, seed=seed + 2)
     loss = PersistentML(sampler, buffer, alpha=0.01)
     optimizer = torch.optim.Adam(energy.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    Trainer(energy, loss, optimizer, progress=False, log_every=iterations,
-            data_seed=seed).fit(data, iterations, 128)
+    Trainer(energy, loss, optimizer, progress=False, log_every=iterations, data_seed=seed).fit(
+        data, iterations, 128
+    )
     return exact_kl(toy.log_density, energy)
 
 
@@ -130,11 +145,17 @@ def training_study(seeds: int, iterations: int) -> dict:
         kls = [train_ring(seed, autocast, iterations) for seed in range(seeds)]
         mean = statistics.fmean(kls)
         se = statistics.stdev(kls) / math.sqrt(seeds) if seeds > 1 else float("nan")
-        rows[precision] = {"exact_kl": kls, "mean": mean, "standard_error": se,
-                           "seconds": time.perf_counter() - start}
-        print(f"  {precision:9s} exact KL(data || model) {mean:.3f} +- {se:.3f} over {seeds} "
-              f"seeds ({', '.join(f'{k:.3f}' for k in kls)}; {rows[precision]['seconds']:.0f} s)",
-              flush=True)
+        rows[precision] = {
+            "exact_kl": kls,
+            "mean": mean,
+            "standard_error": se,
+            "seconds": time.perf_counter() - start,
+        }
+        print(
+            f"  {precision:9s} exact KL(data || model) {mean:.3f} +- {se:.3f} over {seeds} "
+            f"seeds ({', '.join(f'{k:.3f}' for k in kls)}; {rows[precision]['seconds']:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -143,23 +164,35 @@ def main(argv=None) -> int:
     parser.add_argument("--chains", type=count, default=100_000)
     parser.add_argument("--steps", type=count, default=300)
     parser.add_argument("--eps", type=positive_real, default=0.01)
-    parser.add_argument("--fit-iterations", type=count, default=300,
-                        help="exact-ML Adam steps for the sampling study's energy")
+    parser.add_argument(
+        "--fit-iterations",
+        type=count,
+        default=300,
+        help="exact-ML Adam steps for the sampling study's energy",
+    )
     parser.add_argument("--seeds", type=count, default=3)
-    parser.add_argument("--iterations", type=count, default=600,
-                        help="PersistentML iterations per training run")
+    parser.add_argument(
+        "--iterations", type=count, default=600, help="PersistentML iterations per training run"
+    )
     parser.add_argument("--threads", type=count, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    report = {"benchmark": "precision", "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "load_average_before": os.getloadavg()}
+    report = {
+        "benchmark": "precision",
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "load_average_before": os.getloadavg(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"sampling: exact-ML ring energy, {args.chains} chains from exact draws, "
-          f"K = {args.steps}, eps = {args.eps}", flush=True)
+    print(
+        f"sampling: exact-ML ring energy, {args.chains} chains from exact draws, "
+        f"K = {args.steps}, eps = {args.eps}",
+        flush=True,
+    )
     energy = fit_exact_ml(args.fit_iterations, seed=0)
     report["sampling"] = sampling_study(energy, args.chains, args.steps, args.eps)
     args.out.write_text(json.dumps(report, indent=2))
@@ -167,8 +200,10 @@ def main(argv=None) -> int:
     report["training"] = training_study(args.seeds, args.iterations)
     report["load_average_after"] = os.getloadavg()
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"load average before/after: {report['load_average_before']} / "
-          f"{report['load_average_after']}; wrote {args.out}")
+    print(
+        f"load average before/after: {report['load_average_before']} / "
+        f"{report['load_average_after']}; wrote {args.out}"
+    )
     return 0
 
 

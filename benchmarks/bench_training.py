@@ -66,14 +66,25 @@ ALPHA, LR, BUFFER, REINIT, STEP_SIZE = 0.01, 1e-3, 10000, 0.05, 0.01
 
 
 def mlp(d_in: int, hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.SiLU(),
-                         nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d_in, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, 1),
+    )
 
 
 def conv() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-                         nn.Flatten(), nn.Linear(64 * 4 * 4, 1))
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.SiLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 1),
+    )
 
 
 def ring_data():
@@ -81,24 +92,55 @@ def ring_data():
 
 
 CASES = {
-    "mnist784": dict(data=lambda: datasets.mnist5k()[0], energy=lambda: mlp(784, 256),
-                     batch=128, steps=40, noise=0.005, box=(-1.0, 1.0)),
-    "ring": dict(data=ring_data, energy=lambda: mlp(2, 128), batch=256, steps=20, noise=0.1414,
-                 box=(-4.0, 4.0)),
-    "conv": dict(data=lambda: datasets.digits()[0], energy=conv, batch=64, steps=20,
-                 noise=0.005, box=(-1.0, 1.0)),
+    "mnist784": dict(
+        data=lambda: datasets.mnist5k()[0],
+        energy=lambda: mlp(784, 256),
+        batch=128,
+        steps=40,
+        noise=0.005,
+        box=(-1.0, 1.0),
+    ),
+    "ring": dict(
+        data=ring_data,
+        energy=lambda: mlp(2, 128),
+        batch=256,
+        steps=20,
+        noise=0.1414,
+        box=(-4.0, 4.0),
+    ),
+    "conv": dict(
+        data=lambda: datasets.digits()[0],
+        energy=conv,
+        batch=64,
+        steps=20,
+        noise=0.005,
+        box=(-1.0, 1.0),
+    ),
 }
 
 
 def fast_trainer(energy, case, sample_shape) -> Trainer:
-    sampler = LangevinSampler(energy, step_size=STEP_SIZE, noise_scale=case["noise"],
-                              n_steps=case["steps"], clamp=case["box"], seed=1,
-                              check_finite=False)
-    buffer = ReplayBuffer(BUFFER, sample_shape, init_range=case["box"], reinit_prob=REINIT,
-                          seed=2, check_values=False)
+    sampler = LangevinSampler(
+        energy,
+        step_size=STEP_SIZE,
+        noise_scale=case["noise"],
+        n_steps=case["steps"],
+        clamp=case["box"],
+        seed=1,
+        check_finite=False,
+    )
+    buffer = ReplayBuffer(
+        BUFFER, sample_shape, init_range=case["box"], reinit_prob=REINIT, seed=2, check_values=False
+    )
     optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
-    return Trainer(energy, PersistentML(sampler, buffer, alpha=ALPHA), optimizer,
-                   progress=False, log_every=10 ** 9, data_seed=3)
+    return Trainer(
+        energy,
+        PersistentML(sampler, buffer, alpha=ALPHA),
+        optimizer,
+        progress=False,
+        log_every=10**9,
+        data_seed=3,
+    )
 
 
 class Passes:
@@ -139,8 +181,14 @@ class KernelCalls:
 
     def __init__(self, case, sample_shape):
         self.case = case
-        self.buffer = ReplayBuffer(BUFFER, sample_shape, init_range=case["box"],
-                                   reinit_prob=REINIT, seed=2, check_values=False)
+        self.buffer = ReplayBuffer(
+            BUFFER,
+            sample_shape,
+            init_range=case["box"],
+            reinit_prob=REINIT,
+            seed=2,
+            check_values=False,
+        )
         lo, hi = case["box"]
         # Every slot written, as in a running training: draws copy rows, few re-initialise.
         self.buffer.push(lo + (hi - lo) * torch.rand(BUFFER, *sample_shape))
@@ -159,17 +207,50 @@ class KernelCalls:
     def __call__(self, x_pos):
         lo, hi = self.case["box"]
         buffer, chains = self.buffer, self.chains
-        storage = dict(storage=buffer._storage, written=buffer._written, seed=buffer._seed,
-                       step=buffer._draws, chain_offset=0, slots_per_class=BUFFER, lo=lo, hi=hi)
-        self.draw(**storage, out=chains, slots=self.slots, y=None, init_values=None,
-                  reinit_prob=REINIT, init_kind="uniform")
+        storage = dict(
+            storage=buffer._storage,
+            written=buffer._written,
+            seed=buffer._seed,
+            step=buffer._draws,
+            chain_offset=0,
+            slots_per_class=BUFFER,
+            lo=lo,
+            hi=hi,
+        )
+        self.draw(
+            **storage,
+            out=chains,
+            slots=self.slots,
+            y=None,
+            init_values=None,
+            reinit_prob=REINIT,
+            init_kind="uniform",
+        )
         for counter in self.counters:
-            self.update(out=chains, x=chains, grad=self.grad, step_size=self.step_size,
-                        noise_scale=self.noise_scale, seed=self.seed, step=counter, stream=0,
-                        chain_offset=0, grad_clip=math.inf, grad_clip_mode="value",
-                        clamp_lo=lo, clamp_hi=hi)
-        self.write(**storage, count=buffer._count, x=chains, idx=self.slots, y=None,
-                   policy=buffer.policy, stochastic=False)
+            self.update(
+                out=chains,
+                x=chains,
+                grad=self.grad,
+                step_size=self.step_size,
+                noise_scale=self.noise_scale,
+                seed=self.seed,
+                step=counter,
+                stream=0,
+                chain_offset=0,
+                grad_clip=math.inf,
+                grad_clip_mode="value",
+                clamp_lo=lo,
+                clamp_hi=hi,
+            )
+        self.write(
+            **storage,
+            count=buffer._count,
+            x=chains,
+            idx=self.slots,
+            y=None,
+            policy=buffer.policy,
+            stochastic=False,
+        )
 
 
 def torchebm_step(energy, case, sample_shape):
@@ -185,11 +266,18 @@ def torchebm_step(energy, case, sample_shape):
 
     model = Wrapped()
     model.net = energy
-    sampler = LangevinDynamics(model=model, step_size=STEP_SIZE, noise_scale=case["noise"],
-                               clamp=case["box"])
-    loss_fn = ContrastiveDivergence(model=model, sampler=sampler, k_steps=case["steps"],
-                                    persistent=True, buffer_size=BUFFER, new_sample_ratio=REINIT,
-                                    energy_reg_weight=ALPHA)
+    sampler = LangevinDynamics(
+        model=model, step_size=STEP_SIZE, noise_scale=case["noise"], clamp=case["box"]
+    )
+    loss_fn = ContrastiveDivergence(
+        model=model,
+        sampler=sampler,
+        k_steps=case["steps"],
+        persistent=True,
+        buffer_size=BUFFER,
+        new_sample_ratio=REINIT,
+        energy_reg_weight=ALPHA,
+    )
     optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
 
     def step(x_pos):
@@ -197,6 +285,7 @@ def torchebm_step(energy, case, sample_shape):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -208,10 +297,15 @@ def ebmkit_step(energy, case, sample_shape):
     from ebm.samplers.langevin import LangevinDynamics
 
     lo, hi = case["box"]
-    buffer = EbmkitBuffer(BUFFER, sample_shape, reinit_prob=REINIT,
-                          init_fn=lambda shape: lo + (hi - lo) * torch.rand(shape))
-    sampler = LangevinDynamics(step_size=STEP_SIZE, steps=case["steps"],
-                               noise_scale=case["noise"], clamp=case["box"])
+    buffer = EbmkitBuffer(
+        BUFFER,
+        sample_shape,
+        reinit_prob=REINIT,
+        init_fn=lambda shape: lo + (hi - lo) * torch.rand(shape),
+    )
+    sampler = LangevinDynamics(
+        step_size=STEP_SIZE, steps=case["steps"], noise_scale=case["noise"], clamp=case["box"]
+    )
     loss_fn = ContrastiveDivergence(sampler, buffer=buffer, energy_reg=ALPHA)
     optimizer = torch.optim.Adam(energy.parameters(), lr=LR, betas=(0.0, 0.999))
 
@@ -220,6 +314,7 @@ def ebmkit_step(energy, case, sample_shape):
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -235,16 +330,27 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     for energy in energies.values():
         energy.load_state_dict(init.state_dict())
     trainer = fast_trainer(energies["ebm_fast"], case, sample_shape)
-    plain = PlainLoop(energies["plain"], sample_shape, steps=case["steps"], step_size=STEP_SIZE,
-                      noise_scale=case["noise"], clamp=case["box"], buffer_size=BUFFER,
-                      reinit_prob=REINIT, lr=LR, alpha=ALPHA)
+    plain = PlainLoop(
+        energies["plain"],
+        sample_shape,
+        steps=case["steps"],
+        step_size=STEP_SIZE,
+        noise_scale=case["noise"],
+        clamp=case["box"],
+        buffer_size=BUFFER,
+        reinit_prob=REINIT,
+        lr=LR,
+        alpha=ALPHA,
+    )
     passes = Passes(energies["passes"], case, sample_shape)
     # In this order: the optimizer steps on the gradients the passes just left.
-    runs = {"plain": plain,
-            "ebm_fast": lambda x: trainer.step(x),
-            "passes": passes,
-            "optimizer": passes.step_optimizer,
-            "kernels": KernelCalls(case, sample_shape)}
+    runs = {
+        "plain": plain,
+        "ebm_fast": lambda x: trainer.step(x),
+        "passes": passes,
+        "optimizer": passes.step_optimizer,
+        "kernels": KernelCalls(case, sample_shape),
+    }
     if MLPGradient.of(energies["passes"]) is not None:  # ebm_fast's passes take that route
         runs["direct_passes"] = Passes(energies["passes"], case, sample_shape, direct=True)
     for peer, make_step in PEERS.items():  # benchmark-only; never a dependency
@@ -264,23 +370,29 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
             if it >= warmup:
                 times["wall"][kind].append(time.perf_counter() - wall)
                 times["cpu"][kind].append(time.process_time() - cpu)
-    result = {"case": name, "batch": case["batch"], "steps": case["steps"],
-              "iterations": iterations}
+    result = {
+        "case": name,
+        "batch": case["batch"],
+        "steps": case["steps"],
+        "iterations": iterations,
+    }
     for clock, by_kind in times.items():
         median = {kind: statistics.median(t) for kind, t in by_kind.items()}
         library_passes = median.get("direct_passes", median["passes"])
         result[clock] = {
-            "median_s": median, "min_s": {kind: min(t) for kind, t in by_kind.items()},
+            "median_s": median,
+            "min_s": {kind: min(t) for kind, t in by_kind.items()},
             "iterations_per_s": {kind: 1 / t for kind, t in median.items()},
             "speedup": median["plain"] / median["ebm_fast"],
             "ceiling": median["plain"] / (median["passes"] + median["optimizer"]),
             "direct_route_speedup": median["passes"] / library_passes,
             "overhead_us": 1e6 * (median["ebm_fast"] - library_passes - median["optimizer"]),
-            "plain_overhead_us": 1e6 * (median["plain"] - median["passes"]
-                                        - median["optimizer"]),
+            "plain_overhead_us": 1e6 * (median["plain"] - median["passes"] - median["optimizer"]),
             "floor_us": 1e6 * median["kernels"],
-            "speedup_vs_peers": {peer: median[peer] / median["ebm_fast"]
-                                 for peer in PEERS if peer in median}}
+            "speedup_vs_peers": {
+                peer: median[peer] / median["ebm_fast"] for peer in PEERS if peer in median
+            },
+        }
     return result
 
 
@@ -300,8 +412,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     iterations = 20 if args.quick else args.iterations
     malloc = "retain" if retain_freed_cpu_memory() else "default"
-    print(f"backends: {', '.join(ebm_fast.available_backends())}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, malloc {malloc}")
+    print(
+        f"backends: {', '.join(ebm_fast.available_backends())}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, malloc {malloc}"
+    )
     results = []
     for name in names:
         try:
@@ -312,21 +426,34 @@ def main(argv=None) -> int:
         results.append(result)
         for clock in ("wall", "cpu"):
             row = result[clock]
-            print(f"{name:9s} B={result['batch']:<4d} K={result['steps']:<3d} {clock:4s} it/s "
-                  f"plain {row['iterations_per_s']['plain']:7.1f}  ebm_fast "
-                  f"{row['iterations_per_s']['ebm_fast']:7.1f}  speed-up {row['speedup']:.2f}x "
-                  f"(ceiling {row['ceiling']:.2f}x; passes by the MLP route "
-                  f"{row['direct_route_speedup']:.2f}x)  overhead {row['overhead_us']:7.0f} us/it "
-                  f"(kernel calls {row['floor_us']:.0f}; plain loop "
-                  f"{row['plain_overhead_us']:.0f}; optimizer "
-                  f"{1e6 * row['median_s']['optimizer']:.0f})"
-                  + "".join(f"  vs {peer} {ratio:.2f}x"
-                            for peer, ratio in row["speedup_vs_peers"].items()), flush=True)
+            print(
+                f"{name:9s} B={result['batch']:<4d} K={result['steps']:<3d} {clock:4s} it/s "
+                f"plain {row['iterations_per_s']['plain']:7.1f}  ebm_fast "
+                f"{row['iterations_per_s']['ebm_fast']:7.1f}  speed-up {row['speedup']:.2f}x "
+                f"(ceiling {row['ceiling']:.2f}x; passes by the MLP route "
+                f"{row['direct_route_speedup']:.2f}x)  overhead {row['overhead_us']:7.0f} us/it "
+                f"(kernel calls {row['floor_us']:.0f}; plain loop "
+                f"{row['plain_overhead_us']:.0f}; optimizer "
+                f"{1e6 * row['median_s']['optimizer']:.0f})"
+                + "".join(
+                    f"  vs {peer} {ratio:.2f}x" for peer, ratio in row["speedup_vs_peers"].items()
+                ),
+                flush=True,
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc": malloc,
-            "machine": platform.machine(), "python": sys.version.split()[0],
-            "cases": results}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "malloc": malloc,
+                    "machine": platform.machine(),
+                    "python": sys.version.split()[0],
+                    "cases": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

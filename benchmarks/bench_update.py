@@ -58,18 +58,23 @@ def eager_update(x, g):
 
 def make_cases(numel: int, chains: int, device: torch.device, compiled_update):
     per_chain = max(1, numel // chains)
-    x = (torch.rand(chains, per_chain, device=device) * 2 - 1)
+    x = torch.rand(chains, per_chain, device=device) * 2 - 1
     g = torch.randn_like(x)
     counter = {"step": 0}
 
     def op():
         counter["step"] += 1
-        ebm_fast.langevin_update(x, g, STEP_SIZE, NOISE_SCALE, seed=1234, step=counter["step"],
-                                 clamp=CLAMP, out=x)
+        ebm_fast.langevin_update(
+            x, g, STEP_SIZE, NOISE_SCALE, seed=1234, step=counter["step"], clamp=CLAMP, out=x
+        )
 
     copy_target = torch.empty_like(x)
-    cases = {"op": op, "eager": lambda: eager_update(x, g), "clone": lambda: x.clone(),
-             "copy": lambda: copy_target.copy_(x)}
+    cases = {
+        "op": op,
+        "eager": lambda: eager_update(x, g),
+        "clone": lambda: x.clone(),
+        "copy": lambda: copy_target.copy_(x),
+    }
     if compiled_update is not None:
         cases["compiled"] = lambda: compiled_update(x, g)
     return x.numel(), cases
@@ -118,12 +123,18 @@ def bench_size(numel, chains, device, repeats, compiled_update) -> dict:
     fastest = {name: min(values) for name, values in samples.items()}
     result["ratios_of_min"] = {
         key: fastest[a] / fastest[b]
-        for key, (a, b) in {"op/clone": ("op", "clone"), "op/copy": ("op", "copy"),
-                            "eager/op": ("eager", "op"),
-                            "compiled/op": ("compiled", "op")}.items() if a in fastest}
+        for key, (a, b) in {
+            "op/clone": ("op", "clone"),
+            "op/copy": ("op", "copy"),
+            "eager/op": ("eager", "op"),
+            "compiled/op": ("compiled", "op"),
+        }.items()
+        if a in fastest
+    }
     if device.type == "cuda":
-        gbps = {name: BYTES_PER_ELEMENT[name] * numel / median[name] / 1e9
-                for name in BYTES_PER_ELEMENT}
+        gbps = {
+            name: BYTES_PER_ELEMENT[name] * numel / median[name] / 1e9 for name in BYTES_PER_ELEMENT
+        }
         result["gb_per_s"] = gbps
         copy_bandwidth = max(gbps["clone"], gbps["copy"])  # the better of the two yardsticks
         result["ratios"]["op bandwidth/copy bandwidth"] = gbps["op"] / copy_bandwidth
@@ -142,12 +153,12 @@ def format_table(results: list[dict], device: torch.device) -> str:
         row = [f"{r['numel']:,}"] + [f"{ms[n]:.3f}" if n in ms else "-" for n in names]
         row += [f"{ratios[k]:.2f}" if k in ratios else "-" for k in ratio_keys]
         if device.type == "cuda":
-            row += [f"{r['gb_per_s']['op']:.0f}",
-                    f"{ratios['op bandwidth/copy bandwidth']:.0%}"]
+            row += [f"{r['gb_per_s']['op']:.0f}", f"{ratios['op bandwidth/copy bandwidth']:.0%}"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |"
-             for row in rows]
+    lines = [
+        "| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |" for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -181,16 +192,25 @@ def _cpu_model() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=None,
-                        help=f"element counts, e.g. 64K 1M (default: {' '.join(DEFAULT_SIZES)})")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved timed samples per variant (default 11, quick 5)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        help=f"element counts, e.g. 64K 1M (default: {' '.join(DEFAULT_SIZES)})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved timed samples per variant (default 11, quick 5)",
+    )
     parser.add_argument("--chains", type=int, default=128, help="leading chain axis (default 128)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short run: sizes {' '.join(QUICK_SIZES)}, 5 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"short run: sizes {' '.join(QUICK_SIZES)}, 5 repeats"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"output (default {RESULTS})")
     args = parser.parse_args(argv)
 
@@ -202,25 +222,36 @@ def main(argv=None) -> int:
     compiled_update = None if args.no_compile else torch.compile(eager_update, dynamic=False)
 
     info = machine_info(device)
-    print(f"langevin_update benchmark on {info['processor']} ({device}, backend "
-          f"{info['backend']}, {info['torch_threads']} threads), {repeats} interleaved repeats",
-          flush=True)
+    print(
+        f"langevin_update benchmark on {info['processor']} ({device}, backend "
+        f"{info['backend']}, {info['torch_threads']} threads), {repeats} interleaved repeats",
+        flush=True,
+    )
     results = []
     report = {
         "benchmark": "update",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": info,
-        "settings": {"dtype": "float32", "step_size": STEP_SIZE, "noise_scale": NOISE_SCALE,
-                     "clamp": CLAMP, "repeats": repeats, "chains": args.chains},
+        "settings": {
+            "dtype": "float32",
+            "step_size": STEP_SIZE,
+            "noise_scale": NOISE_SCALE,
+            "clamp": CLAMP,
+            "repeats": repeats,
+            "chains": args.chains,
+        },
         "results": results,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for numel in sizes:
         results.append(bench_size(numel, args.chains, device, repeats, compiled_update))
         r = results[-1]
-        print(f"  {r['numel']:>11,} elements: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in r["ratios"].items()), flush=True)
+        print(
+            f"  {r['numel']:>11,} elements: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()),
+            flush=True,
+        )
         info["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print()

@@ -84,17 +84,30 @@ class ReplayBuffer:
     ``len(buffer)`` (also ``n_written``) counts written slots, not ``capacity``.
     """
 
-    def __init__(self, capacity: int, sample_shape: int | Sequence[int], *,
-                 device: Device = None, dtype: torch.dtype = torch.float32,
-                 storage: str = "float32", init: str | Callable[..., torch.Tensor] = "uniform",
-                 init_range: tuple[float, float] = (-1.0, 1.0), reinit_prob: float = 0.05,
-                 n_classes: int | None = None, policy: str = "fifo", seed: int | None = None,
-                 rank: int = 0, stochastic_rounding: bool = False,
-                 check_values: bool = True) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        sample_shape: int | Sequence[int],
+        *,
+        device: Device = None,
+        dtype: torch.dtype = torch.float32,
+        storage: str = "float32",
+        init: str | Callable[..., torch.Tensor] = "uniform",
+        init_range: tuple[float, float] = (-1.0, 1.0),
+        reinit_prob: float = 0.05,
+        n_classes: int | None = None,
+        policy: str = "fifo",
+        seed: int | None = None,
+        rank: int = 0,
+        stochastic_rounding: bool = False,
+        check_values: bool = True,
+    ) -> None:
         capacity = validation.integer(capacity, "capacity", low=1)
         if isinstance(sample_shape, (tuple, list, torch.Size)):
-            sample_shape = tuple(validation.integer(size, f"sample_shape[{i}]", low=1)
-                                 for i, size in enumerate(sample_shape))
+            sample_shape = tuple(
+                validation.integer(size, f"sample_shape[{i}]", low=1)
+                for i, size in enumerate(sample_shape)
+            )
         else:
             sample_shape = (validation.integer(sample_shape, "sample_shape", low=1),)
         if not isinstance(init_range, (tuple, list)):
@@ -108,8 +121,10 @@ class ReplayBuffer:
         if n_classes is not None:
             n_classes = validation.integer(n_classes, "n_classes", low=1)
             if capacity % n_classes:
-                raise ValueError(f"capacity ({capacity}) must be a multiple of n_classes "
-                                 f"({n_classes}): each class owns capacity // n_classes slots")
+                raise ValueError(
+                    f"capacity ({capacity}) must be a multiple of n_classes "
+                    f"({n_classes}): each class owns capacity // n_classes slots"
+                )
         self.capacity = capacity
         self.sample_shape = sample_shape
         self.dtype = validation.dtype(dtype, "dtype", OUTPUT_DTYPES)
@@ -122,23 +137,32 @@ class ReplayBuffer:
         self.n_classes = n_classes
         self.policy = validation.choice(policy, "policy", POLICIES)
         self.rank = validation.integer(rank, "rank", low=0)
-        self.stochastic_rounding = validation.choice(stochastic_rounding, "stochastic_rounding", FLAGS)
+        self.stochastic_rounding = validation.choice(
+            stochastic_rounding, "stochastic_rounding", FLAGS
+        )
         self.check_values = validation.choice(check_values, "check_values", FLAGS)
         self.slots_per_class = capacity // (n_classes or 1)
         self._features = math.prod(sample_shape)
         self._chain_offset = self.rank * RANK_CHAIN_STRIDE
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._seed = validation.counter(validation.seed_or_default(seed), "seed", 64).to(device)
-        self._storage = torch.zeros((capacity, self._features), dtype=STORAGES[self.storage],
-                                    device=device)
+        self._storage = torch.zeros(
+            (capacity, self._features), dtype=STORAGES[self.storage], device=device
+        )
         self._written = torch.zeros((capacity,), dtype=torch.uint8, device=device)
         self._count = torch.zeros((n_classes or 1,), dtype=torch.int64, device=device)
         self._draws = torch.zeros((), dtype=torch.int64, device=device)
 
     @classmethod
-    def from_tensor(cls, samples: torch.Tensor, y: torch.Tensor | None = None, *,
-                    capacity: int | None = None, n_classes: int | None = None,
-                    **kwargs: Any) -> ReplayBuffer:
+    def from_tensor(
+        cls,
+        samples: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        capacity: int | None = None,
+        n_classes: int | None = None,
+        **kwargs: Any,
+    ) -> ReplayBuffer:
         """A buffer holding the rows of ``samples`` (n, *sample_shape), e.g. the tensor buffer
         of a JEM or IGEBM checkpoint. The rows are appended in order (one ``push``), so they
         count as written and ``sample`` returns them.
@@ -158,19 +182,27 @@ class ReplayBuffer:
         if not samples.dtype.is_floating_point:
             raise TypeError(f"samples must be a floating tensor, got {samples.dtype}")
         if samples.dim() < 2 or samples.shape[0] == 0:
-            raise ValueError("samples must have shape (n, *sample_shape) with n >= 1, got "
-                             f"{tuple(samples.shape)}")
+            raise ValueError(
+                "samples must have shape (n, *sample_shape) with n >= 1, got "
+                f"{tuple(samples.shape)}"
+            )
         rows = samples.shape[0]
         if y is None and n_classes is not None:
             if rows % n_classes:
-                raise ValueError(f"without y, samples holds n_classes ({n_classes}) equal "
-                                 f"blocks of rows (JEM's layout), but it has {rows} rows")
+                raise ValueError(
+                    f"without y, samples holds n_classes ({n_classes}) equal "
+                    f"blocks of rows (JEM's layout), but it has {rows} rows"
+                )
             y = torch.arange(rows, device=samples.device) // (rows // n_classes)
         elif y is not None and n_classes is None:
             raise ValueError("y was given without n_classes: pass the number of classes")
         kwargs.setdefault("device", samples.device)
-        buffer = cls(rows if capacity is None else capacity, tuple(samples.shape[1:]),
-                     n_classes=n_classes, **kwargs)
+        buffer = cls(
+            rows if capacity is None else capacity,
+            tuple(samples.shape[1:]),
+            n_classes=n_classes,
+            **kwargs,
+        )
         buffer.push(samples, y=y)
         return buffer
 
@@ -200,14 +232,17 @@ class ReplayBuffer:
         return idx // self.slots_per_class
 
     def extra_repr(self) -> str:
-        init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__",
-                                                                    "callable")
+        init = (
+            self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "callable")
+        )
         classes = "" if self.n_classes is None else f", n_classes={self.n_classes}"
         rank = "" if self.rank == 0 else f", rank={self.rank}"
-        return (f"capacity={self.capacity}, sample_shape={self.sample_shape}, "
-                f"storage={self.storage}, dtype={str(self.dtype).replace('torch.', '')}, "
-                f"policy={self.policy}{classes}, init={init} {list(self.init_range)}, "
-                f"reinit_prob={self.reinit_prob}, device={self.device}{rank}")
+        return (
+            f"capacity={self.capacity}, sample_shape={self.sample_shape}, "
+            f"storage={self.storage}, dtype={str(self.dtype).replace('torch.', '')}, "
+            f"policy={self.policy}{classes}, init={init} {list(self.init_range)}, "
+            f"reinit_prob={self.reinit_prob}, device={self.device}{rank}"
+        )
 
     def __repr__(self) -> str:
         # A meta-device buffer has no values to count.
@@ -222,20 +257,24 @@ class ReplayBuffer:
         return self
 
     # -- validation -------------------------------------------------------------------------
-    def _labels(self, labels: object, batch: int, name: str, upper: int,
-                checks: ValueChecks) -> torch.Tensor:
+    def _labels(
+        self, labels: object, batch: int, name: str, upper: int, checks: ValueChecks
+    ) -> torch.Tensor:
         """labels as int64 (batch,); their range check [0, upper) is added to ``checks``."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex \
-                or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
         if labels.shape != (batch,):
             raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
         validation.same_device(self.device, "the buffer", **{name: labels})
         if self.check_values:
-            checks.append((f"{{}} entries of {name} are outside [0, {upper})",
-                           (labels < 0) | (labels >= upper)))
+            checks.append(
+                (
+                    f"{{}} entries of {name} are outside [0, {upper})",
+                    (labels < 0) | (labels >= upper),
+                )
+            )
         return labels.to(torch.int64)
 
     def _classes(self, y: object, batch: int, checks: ValueChecks) -> torch.Tensor | None:
@@ -269,41 +308,54 @@ class ReplayBuffer:
             stored = x.reshape(x.shape[0], -1).to(torch.float32)
             bad = int((~torch.isfinite(stored)).any(1).sum())
             if bad:
-                raise ValueError(f"push refused: {bad} of {x.shape[0]} chains hold non-finite "
-                                 "values (NaN, inf, or beyond float32's range); fix the sampler "
-                                 "or pass check_values=False")
+                raise ValueError(
+                    f"push refused: {bad} of {x.shape[0]} chains hold non-finite "
+                    "values (NaN, inf, or beyond float32's range); fix the sampler "
+                    "or pass check_values=False"
+                )
 
     def _check_batch_indices(self, batch: int) -> None:
-        validation.chain_offset(self._chain_offset, (batch, self._features),
-                                f"rank {self.rank}'s first chain index")
+        validation.chain_offset(
+            self._chain_offset, (batch, self._features), f"rank {self.rank}'s first chain index"
+        )
 
     def _reinit_decisions(self, slots: torch.Tensor) -> torch.Tensor:
         """Which chains of the draw at the current counter got init values: the kernels' rule
         (ebm_fast/reference/buffer_sample.py), its uniforms from the fast Philox op (the
         reference's pure-torch Philox costs milliseconds per batch)."""
-        u = philox_uniform(slots.shape, seed=self._seed, step=self._draws,
-                           stream=STREAM_BUFFER_REINIT_DECISION, chain_offset=self._chain_offset,
-                           device=self.device)
+        u = philox_uniform(
+            slots.shape,
+            seed=self._seed,
+            step=self._draws,
+            stream=STREAM_BUFFER_REINIT_DECISION,
+            chain_offset=self._chain_offset,
+            device=self.device,
+        )
         return reinit_mask(u, self._reinit_threshold, self._written, slots)
 
     # -- hot path ---------------------------------------------------------------------------
     @overload
-    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
-               return_reinit: Literal[False] = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def sample(
+        self,
+        batch_size: int,
+        y: torch.Tensor | None = None,
+        *,
+        return_reinit: Literal[False] = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @overload
-    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
-               return_reinit: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ...
+    def sample(
+        self, batch_size: int, y: torch.Tensor | None = None, *, return_reinit: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     @overload
-    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
-               return_reinit: bool) -> (tuple[torch.Tensor, torch.Tensor]
-                                        | tuple[torch.Tensor, torch.Tensor, torch.Tensor]): ...
+    def sample(
+        self, batch_size: int, y: torch.Tensor | None = None, *, return_reinit: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
-    def sample(self, batch_size: int, y: torch.Tensor | None = None, *,
-               return_reinit: bool = False) -> (tuple[torch.Tensor, torch.Tensor]
-                                                | tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    def sample(
+        self, batch_size: int, y: torch.Tensor | None = None, *, return_reinit: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` chains: returns (x (batch_size, *sample_shape) in ``dtype``,
         slot indices (batch_size,) int64), both on the buffer's device; with
         ``return_reinit=True`` also a bool (batch_size,) mask of the chains replaced by fresh
@@ -327,21 +379,35 @@ class ReplayBuffer:
             shape = (batch_size, *self.sample_shape)
             init_values = init_kind(shape, device=self.device, dtype=self.dtype)
             if not isinstance(init_values, torch.Tensor) or init_values.shape != shape:
-                raise ValueError(f"init must return a tensor of shape {shape}, got "
-                                 f"{getattr(init_values, 'shape', type(init_values).__name__)}")
+                raise ValueError(
+                    f"init must return a tensor of shape {shape}, got "
+                    f"{getattr(init_values, 'shape', type(init_values).__name__)}"
+                )
             init_values, init_kind = init_values.reshape(batch_size, self._features), "values"
         x, slots = buffer_sample(
-            self._storage, self._written, batch_size, dtype=self.dtype, seed=self._seed,
-            step=self._draws, chain_offset=self._chain_offset, slots_per_class=slots_per_class,
-            reinit_prob=self.reinit_prob, init_kind=init_kind, lo=self.init_range[0],
-            hi=self.init_range[1], y=y, init_values=init_values)
+            self._storage,
+            self._written,
+            batch_size,
+            dtype=self.dtype,
+            seed=self._seed,
+            step=self._draws,
+            chain_offset=self._chain_offset,
+            slots_per_class=slots_per_class,
+            reinit_prob=self.reinit_prob,
+            init_kind=init_kind,
+            lo=self.init_range[0],
+            hi=self.init_range[1],
+            y=y,
+            init_values=init_values,
+        )
         reinit = self._reinit_decisions(slots) if return_reinit else None
         self._draws.add_(1)
         x = x.reshape(batch_size, *self.sample_shape)
         return (x, slots) if reinit is None else (x, slots, reinit)
 
-    def push(self, x: torch.Tensor, idx: torch.Tensor | None = None,
-             y: torch.Tensor | None = None) -> None:
+    def push(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> None:
         """Store a batch x (batch, *sample_shape).
 
         With ``idx`` (the slots ``sample`` returned) each chain is written back to its slot (a
@@ -354,8 +420,9 @@ class ReplayBuffer:
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be a floating tensor, got {x.dtype}")
         if x.dim() != 1 + len(self.sample_shape) or tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"x must have shape (batch, *{self.sample_shape}), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, *{self.sample_shape}), got {tuple(x.shape)}"
+            )
         validation.same_device(self.device, "the buffer", x=x)
         batch = x.shape[0]
         if batch == 0:
@@ -366,38 +433,68 @@ class ReplayBuffer:
         if idx is not None:
             idx = self._labels(idx, batch, "idx", self.capacity, checks)
             if y is not None and self.check_values:
-                checks.append((f"{{}} entries of y are not the class of their slot (idx // "
-                               f"{self.slots_per_class})", self.classes_of(idx) != y))
+                checks.append(
+                    (
+                        f"{{}} entries of y are not the class of their slot (idx // "
+                        f"{self.slots_per_class})",
+                        self.classes_of(idx) != y,
+                    )
+                )
             y = None  # the slots fix the classes
         elif self.n_classes is not None and y is None:
-            raise ValueError("y (the class of each chain) is required to append: the buffer "
-                             f"has n_classes={self.n_classes}")
+            raise ValueError(
+                "y (the class of each chain) is required to append: the buffer "
+                f"has n_classes={self.n_classes}"
+            )
         if x.dtype not in OUTPUT_DTYPES:
             x = x.to(torch.float32)
         self._check_values(checks, x)
-        buffer_push(self._storage, self._written, self._count, x.reshape(batch, self._features),
-                    seed=self._seed, step=self._draws, chain_offset=self._chain_offset,
-                    slots_per_class=self.slots_per_class, policy=self.policy,
-                    lo=self.init_range[0], hi=self.init_range[1],
-                    stochastic=self.stochastic_rounding, idx=idx, y=y)
+        buffer_push(
+            self._storage,
+            self._written,
+            self._count,
+            x.reshape(batch, self._features),
+            seed=self._seed,
+            step=self._draws,
+            chain_offset=self._chain_offset,
+            slots_per_class=self.slots_per_class,
+            policy=self.policy,
+            lo=self.init_range[0],
+            hi=self.init_range[1],
+            stochastic=self.stochastic_rounding,
+            idx=idx,
+            y=y,
+        )
         self._draws.add_(1)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         """Everything that decides what the buffer draws and stores, besides its tensors."""
-        return {"version": STATE_VERSION, "capacity": self.capacity,
-                "sample_shape": list(self.sample_shape), "storage": self.storage,
-                "dtype": str(self.dtype), "init": _init_name(self.init),
-                "init_range": list(self.init_range), "reinit_prob": self.reinit_prob,
-                "n_classes": self.n_classes, "policy": self.policy, "rank": self.rank,
-                "stochastic_rounding": self.stochastic_rounding}
+        return {
+            "version": STATE_VERSION,
+            "capacity": self.capacity,
+            "sample_shape": list(self.sample_shape),
+            "storage": self.storage,
+            "dtype": str(self.dtype),
+            "init": _init_name(self.init),
+            "init_range": list(self.init_range),
+            "reinit_prob": self.reinit_prob,
+            "n_classes": self.n_classes,
+            "policy": self.policy,
+            "rank": self.rank,
+            "stochastic_rounding": self.stochastic_rounding,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume draws bit-identically (loadable with weights_only=True)."""
-        return {"config": self._config(), "seed": self._seed.detach().clone(),
-                "storage": self._storage.detach().clone(),
-                "written": self._written.detach().clone(),
-                "count": self._count.detach().clone(), "draws": self._draws.detach().clone()}
+        return {
+            "config": self._config(),
+            "seed": self._seed.detach().clone(),
+            "storage": self._storage.detach().clone(),
+            "written": self._written.detach().clone(),
+            "count": self._count.detach().clone(),
+            "draws": self._draws.detach().clone(),
+        }
 
     def _check_state_values(self, state: dict[str, Any]) -> None:
         """Refuse counters no sequence of pushes and draws could have produced."""
@@ -409,13 +506,17 @@ class ReplayBuffer:
         if (count < 0).any():
             raise ValueError(f"state_dict['count'] must be >= 0, got {count.tolist()}")
         if self.policy == "reservoir" and (count >= RESERVOIR_COUNT_LIMIT).any():
-            raise ValueError("state_dict['count'] must be below 2**46 for a reservoir (its slot "
-                             f"arithmetic is exact only there), got {count.tolist()}")
+            raise ValueError(
+                "state_dict['count'] must be below 2**46 for a reservoir (its slot "
+                f"arithmetic is exact only there), got {count.tolist()}"
+            )
         # Appends fill each class's first slots in order before anything wraps or is replaced.
         filled = torch.arange(self.slots_per_class)[None, :] < count[:, None]
         if (filled & (written.reshape(-1, self.slots_per_class) == 0)).any():
-            raise ValueError("state_dict['written'] leaves slots unwritten that state_dict"
-                             "['count'] says were appended to")
+            raise ValueError(
+                "state_dict['written'] leaves slots unwritten that state_dict"
+                "['count'] says were appended to"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict. Refuses (ValueError, naming each difference) one saved by a
@@ -428,21 +529,33 @@ class ReplayBuffer:
         config, expected = state["config"], self._config()
         if not isinstance(config, dict):
             raise ValueError("state_dict['config'] must be a dict")
-        mismatched = [f"{k}: saved {config.get(k)!r}, this buffer {v!r}"
-                      for k, v in expected.items() if config.get(k) != v]
+        mismatched = [
+            f"{k}: saved {config.get(k)!r}, this buffer {v!r}"
+            for k, v in expected.items()
+            if config.get(k) != v
+        ]
         if mismatched:
-            raise ValueError("state_dict comes from a differently configured ReplayBuffer: "
-                             + "; ".join(mismatched))
-        for name, current in (("seed", self._seed), ("storage", self._storage),
-                              ("written", self._written), ("count", self._count),
-                              ("draws", self._draws)):
+            raise ValueError(
+                "state_dict comes from a differently configured ReplayBuffer: "
+                + "; ".join(mismatched)
+            )
+        for name, current in (
+            ("seed", self._seed),
+            ("storage", self._storage),
+            ("written", self._written),
+            ("count", self._count),
+            ("draws", self._draws),
+        ):
             saved = state[name]
             if not isinstance(saved, torch.Tensor):
-                raise ValueError(f"state_dict[{name!r}] must be a tensor, got "
-                                 f"{type(saved).__name__}")
+                raise ValueError(
+                    f"state_dict[{name!r}] must be a tensor, got {type(saved).__name__}"
+                )
             if saved.shape != current.shape or saved.dtype != current.dtype:
-                raise ValueError(f"state_dict[{name!r}] has {tuple(saved.shape)} {saved.dtype}, "
-                                 f"expected {tuple(current.shape)} {current.dtype}")
+                raise ValueError(
+                    f"state_dict[{name!r}] has {tuple(saved.shape)} {saved.dtype}, "
+                    f"expected {tuple(current.shape)} {current.dtype}"
+                )
         self._check_state_values(state)
         for name in ("seed", "storage", "written", "count", "draws"):
             getattr(self, f"_{name}").copy_(state[name])

@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         summary = (module.__doc__ or name).strip().splitlines()[0]
-        command = subparsers.add_parser(name, help=summary, description=module.__doc__,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        command = subparsers.add_parser(
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(command)
     return parser
 

@@ -70,8 +70,16 @@ def integer(value, name: str, *, low: int | None = None, high: int | None = None
     return value
 
 
-def real(value, name: str, *, low: float | None = None, high: float | None = None,
-         low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
+def real(
+    value,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
     """``value`` as a float in [low, high] (a side open when ``*_open``; None: unbounded).
 
     Python and numpy ints and floats. NaN is refused; +-inf unless ``allow_inf``.
@@ -92,8 +100,9 @@ def real(value, name: str, *, low: float | None = None, high: float | None = Non
     too_low = low is not None and (converted <= low if low_open else converted < low)
     too_high = high is not None and (converted >= high if high_open else converted > high)
     if too_low or too_high:
-        raise ValueError(f"{name} must be {_range_text(low, high, low_open, high_open)}, "
-                         f"got {converted}")
+        raise ValueError(
+            f"{name} must be {_range_text(low, high, low_open, high_open)}, got {converted}"
+        )
     return converted
 
 
@@ -118,8 +127,10 @@ def clamp_bounds(clamp, name: str = "clamp") -> tuple[float | None, float | None
         raise TypeError(f"{name} must be None or a (lo, hi) pair, got {_shown(clamp)}")
     if len(clamp) != 2:
         raise ValueError(f"{name} must be a (lo, hi) pair, got {len(clamp)} entries: {clamp!r}")
-    lo, hi = (None if bound is None else real(bound, f"{name}[{i}]", allow_inf=True)
-              for i, bound in enumerate(clamp))
+    lo, hi = (
+        None if bound is None else real(bound, f"{name}[{i}]", allow_inf=True)
+        for i, bound in enumerate(clamp)
+    )
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{name} has lo > hi: {clamp!r}")
     return lo, hi
@@ -146,8 +157,12 @@ def _rounded_to(value: float, dtype: torch.dtype) -> float:
         return math.copysign(math.inf, value)
 
 
-def update_limits(grad_clip_value: float | None, clamp_lo: float | None, clamp_hi: float | None,
-                  dtype: torch.dtype) -> tuple[float | None, float | None, float | None]:
+def update_limits(
+    grad_clip_value: float | None,
+    clamp_lo: float | None,
+    clamp_hi: float | None,
+    dtype: torch.dtype,
+) -> tuple[float | None, float | None, float | None]:
     """The already-validated grad_clip and clamp bounds as the kernels apply them to states of
     ``dtype``: each rounded to the compute dtype, and a limit that no longer limits (a grad_clip
     or a bound beyond the dtype's range, rounded to +-inf) turned into None, so that every backend
@@ -159,8 +174,10 @@ def update_limits(grad_clip_value: float | None, clamp_lo: float | None, clamp_h
     compute = compute_dtype(dtype)
     if grad_clip_value is not None:
         if grad_clip_value < _SMALLEST_NORMAL[compute]:
-            raise ValueError(f"grad_clip must be at least {_SMALLEST_NORMAL[compute]} (the "
-                             f"smallest normal {compute}), got {grad_clip_value}")
+            raise ValueError(
+                f"grad_clip must be at least {_SMALLEST_NORMAL[compute]} (the "
+                f"smallest normal {compute}), got {grad_clip_value}"
+            )
         grad_clip_value = _rounded_to(grad_clip_value, compute)
         if math.isinf(grad_clip_value):
             grad_clip_value = None
@@ -199,10 +216,16 @@ def counter(value, name: str, bits: int) -> torch.Tensor:
     would synchronise with the device): the kernels use its low ``bits`` bits.
     """
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex \
-                or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got a tensor of "
-                            f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if (
+            value.dim() != 0
+            or value.dtype.is_floating_point
+            or value.dtype.is_complex
+            or value.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"{name} must be an int or a 0-dim integer tensor, got a tensor of "
+                f"shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         return value if value.dtype == torch.int64 else value.to(torch.int64)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got {_shown(value)}")
@@ -226,8 +249,9 @@ def chain_offset(value, shape, name: str = "chain_offset") -> int:
     every global element index (chain_offset + chain) * elements_per_chain + j below 2**62."""
     value = integer(value, name, low=0, high=MAX_ELEMENT_INDEX)
     if (value + shape[0]) * math.prod(shape[1:]) > MAX_ELEMENT_INDEX:
-        raise ValueError(f"{name} {value} with shape {tuple(shape)} gives global element "
-                         "indices beyond 2**62")
+        raise ValueError(
+            f"{name} {value} with shape {tuple(shape)} gives global element indices beyond 2**62"
+        )
     return value
 
 
@@ -276,8 +300,10 @@ def no_partial_overlap(written: torch.Tensor, written_name: str, **read) -> None
             continue
         end = start + _byte_extent(written) if end is None else end
         if other < end and start < other + _byte_extent(tensor):
-            raise ValueError(f"{written_name} partially overlaps {name} in memory: give a "
-                             f"separate tensor, or {name} itself to update in place")
+            raise ValueError(
+                f"{written_name} partially overlaps {name} in memory: give a "
+                f"separate tensor, or {name} itself to update in place"
+            )
 
 
 def chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch.Tensor:
@@ -295,15 +321,18 @@ def chain_param(value, name: str, x: torch.Tensor, *, allow_zero: bool) -> torch
         if value.dim() == 1 and value.shape[0] != x.shape[0]:
             raise ValueError(f"{name} has {value.shape[0]} entries but x has {x.shape[0]} chains")
         if value.dim() > 1:
-            raise ValueError(f"{name} must be a float, a 0-dim tensor or a per-chain tensor of "
-                             f"shape ({x.shape[0]},), got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a float, a 0-dim tensor or a per-chain tensor of "
+                f"shape ({x.shape[0]},), got shape {tuple(value.shape)}"
+            )
         if value.device != x.device and (value.dim() == 1 or value.device.type != "cpu"):
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
         return value.to(dtype_)
     number = _rounded_to(real(value, name, low=0.0, low_open=not allow_zero), dtype_)
     if math.isinf(number) or not (number > 0 or (allow_zero and number == 0)):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite in "
-                         f"{dtype_}, got {value}")
+        raise ValueError(
+            f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite in {dtype_}, got {value}"
+        )
     return torch.tensor(number, dtype=dtype_)
 
 
@@ -314,6 +343,7 @@ def argparse_type(check: Callable, name: str = "value", **rules) -> Callable[[st
 
     Example: ``parser.add_argument("--step-size", type=argparse_type(real, low=0, low_open=True))``.
     """
+
     def parse(text: str):
         parsed: int | float | str
         for read in (int, float):

@@ -17,11 +17,17 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 #   shrinking under the Triton interpreter takes minutes).
 # Properties slow under the Triton interpreter ask for fewer examples through
 # helpers.examples(n), which scales n by the profile's size relative to dev.
-_COMMON = dict(deadline=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 settings.register_profile("dev", max_examples=25, derandomize=True, **_COMMON)
 settings.register_profile("ci", max_examples=100, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, derandomize=False, **_COMMON)
-settings.register_profile("mutants", max_examples=25, derandomize=True,
-                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON)
+settings.register_profile(
+    "mutants",
+    max_examples=25,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    **_COMMON,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -25,8 +25,14 @@ def kernel_backends() -> list:
     return params
 
 
-def assert_within_eager_error(actual: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
-                              *, factor: float = 2.0, atol: float = 0.0) -> None:
+def assert_within_eager_error(
+    actual: torch.Tensor,
+    eager: torch.Tensor,
+    exact: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = 0.0,
+) -> None:
     """flash-attention's rule: max |kernel - exact| <= factor * max |eager - exact| + atol.
 
     ``exact`` is the reference evaluated in float64, ``eager`` the same expression evaluated the
@@ -36,14 +42,16 @@ def assert_within_eager_error(actual: torch.Tensor, eager: torch.Tensor, exact: 
     kernel_error = (actual.double().cpu() - exact).abs().max().item()
     eager_error = (eager.double().cpu() - exact).abs().max().item()
     assert kernel_error <= factor * eager_error + atol, (
-        f"kernel error {kernel_error:.3e} > {factor} x eager error {eager_error:.3e} + {atol:.1e}")
+        f"kernel error {kernel_error:.3e} > {factor} x eager error {eager_error:.3e} + {atol:.1e}"
+    )
 
 
 def counter(value: int, device=None) -> torch.Tensor:
     """A seed (< 2**64) or step as the ops pass it to kernels: a 0-dim int64 tensor holding its
     bits (seeds >= 2**63 as two's complement)."""
-    return torch.tensor(value - (1 << 64) if value >= 1 << 63 else value, dtype=torch.int64,
-                        device=device)
+    return torch.tensor(
+        value - (1 << 64) if value >= 1 << 63 else value, dtype=torch.int64, device=device
+    )
 
 
 # Lowers Triton kernels to PTX for an H100 (sm_90) without a GPU: the interpreter runs only the
@@ -91,9 +99,14 @@ def compile_for_sm90(script: str):
         pytest.skip("triton ships no ptxas here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default; silences 3.9's warning about it
-    done = subprocess.run([sys.executable, "-c", _SM90_PRELUDE + script], env=env,
-                          capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", _SM90_PRELUDE + script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

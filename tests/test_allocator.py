@@ -28,8 +28,9 @@ CHURN = textwrap.dedent("""
 
 
 def test_freed_blocks_are_reused_without_page_faults():
-    done = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", CHURN], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     default, applied, retained = done.stdout.split()
     if applied != "True":
@@ -39,9 +40,15 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert int(retained) < 100
 
 
-@pytest.mark.parametrize("kwargs,error", [
-    (dict(mmap_threshold=0), ValueError), (dict(trim_threshold=2**31), ValueError),
-    (dict(mmap_threshold=True), TypeError), (dict(trim_threshold=1.5), TypeError)])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(mmap_threshold=0), ValueError),
+        (dict(trim_threshold=2**31), ValueError),
+        (dict(mmap_threshold=True), TypeError),
+        (dict(trim_threshold=1.5), TypeError),
+    ],
+)
 def test_bad_thresholds_are_refused(kwargs, error):
     with pytest.raises(error, match="threshold"):
         retain_freed_cpu_memory(**kwargs)

@@ -56,8 +56,9 @@ def test_missing_cpp_backend_falls_back_with_one_warning():
         "print(ebm_fast.available_backends())\n"
     )
     env = dict(os.environ, EBM_FAST_DISABLE_CPP="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     count, message, backends = result.stdout.strip().splitlines()
     assert count == "1"
@@ -70,8 +71,9 @@ def test_cached_cpp_build_loads_quietly():
     if "cpu" not in ebm_fast.available_backends():  # builds it here if needed
         pytest.skip("cpu backend unavailable")
     code = "from ebm_fast import _cpp\nprint(_cpp.load_error())\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.stdout.strip() == "None", result.stderr
     assert "building" not in result.stderr
 

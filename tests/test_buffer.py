@@ -98,7 +98,7 @@ def test_reinit_fraction_matches_reinit_prob(reinit_prob):
     buffer.push(torch.zeros(64, 3))  # every slot written; init noise is in [1, 2)
     n = 20000
     x, _ = buffer.sample(n)
-    reinit = (x[:, 0] >= 1.0)
+    reinit = x[:, 0] >= 1.0
     assert torch.equal(reinit, (x >= 1.0).all(1))  # a chain is reinitialised whole
     result = stats.binomtest(int(reinit.sum()), n, reinit_prob)
     assert result.pvalue > P_MIN
@@ -125,8 +125,9 @@ def test_reservoir_slot_is_r_times_t_plus_1_over_2_32_in_exact_integers(seen):
     from ebm_fast.reference.philox import philox_bits_ref
 
     slots = seen // 2  # a full reservoir: each draw j in [0, t] lands (j < slots) or is dropped
-    targets, _ = push_targets(5, None, None, torch.tensor([seen]), slots, "reservoir", 3, 9, 0,
-                              "cpu")
+    targets, _ = push_targets(
+        5, None, None, torch.tensor([seen]), slots, "reservoir", 3, 9, 0, "cpu"
+    )
     r = philox_bits_ref((5,), seed=3, step=9, stream=STREAM_BUFFER_RESERVOIR).to(torch.int64)
     words = (r & MASK32).tolist()
     expected = [(word * (seen + rank + 1)) >> 32 for rank, word in enumerate(words)]  # exact
@@ -214,16 +215,25 @@ def test_ranks_draw_disjoint_noise():
     x0, i0 = r0.sample(64)
     x1, i1 = r1.sample(64)
     assert not torch.equal(i0, i1) and not torch.equal(x0, x1)
-    u = philox_uniform_ref((64, 4), seed=3, step=0, stream=STREAM_BUFFER_REINIT_VALUES,
-                           chain_offset=2**32)
+    u = philox_uniform_ref(
+        (64, 4), seed=3, step=0, stream=STREAM_BUFFER_REINIT_VALUES, chain_offset=2**32
+    )
     torch.testing.assert_close(x1.reshape(64, 4), -1 + 2 * u, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_state_dict_resumes_bit_identically(backend):
     def make():
-        return ReplayBuffer(12, (2, 3), storage="uint8", n_classes=3, policy="reservoir",
-                            seed=77, stochastic_rounding=True, reinit_prob=0.2)
+        return ReplayBuffer(
+            12,
+            (2, 3),
+            storage="uint8",
+            n_classes=3,
+            policy="reservoir",
+            seed=77,
+            stochastic_rounding=True,
+            reinit_prob=0.2,
+        )
 
     def cycle(buffer, t):
         y = torch.tensor([t % 3, (t + 1) % 3, 2, 0, 1])
@@ -244,8 +254,10 @@ def test_state_dict_resumes_bit_identically(backend):
         got = [cycle(b, t) for t in range(3, 6)]
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k])
-               for k in ("storage", "written", "count", "draws", "seed"))
+    assert all(
+        torch.equal(a.state_dict()[k], b.state_dict()[k])
+        for k in ("storage", "written", "count", "draws", "seed")
+    )
 
 
 def test_load_state_dict_refuses_a_mismatch():
@@ -335,16 +347,29 @@ def test_len_repr_and_to():
     buffer.push(torch.zeros(3, 3), y=torch.tensor([0, 0, 1]))
     assert len(buffer) == 3 and buffer.capacity == 10
     text = repr(buffer)
-    for part in ("capacity=10", "sample_shape=(3,)", "storage=uint8", "n_classes=2",
-                 "policy=fifo", "filled=3/10"):
+    for part in (
+        "capacity=10",
+        "sample_shape=(3,)",
+        "storage=uint8",
+        "n_classes=2",
+        "policy=fifo",
+        "filled=3/10",
+    ):
         assert part in text
     assert buffer.to("cpu") is buffer and buffer.device == torch.device("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sample_and_push_do_not_synchronise_on_cuda():
-    buffer = ReplayBuffer(1000, (3, 8, 8), device="cuda", n_classes=10, storage="uint8",
-                          policy="reservoir", check_values=False)
+    buffer = ReplayBuffer(
+        1000,
+        (3, 8, 8),
+        device="cuda",
+        n_classes=10,
+        storage="uint8",
+        policy="reservoir",
+        check_values=False,
+    )
     y = torch.randint(0, 10, (64,), device="cuda")
     buffer.sample(64, y=y)  # compile the kernels outside the checked region
     torch.cuda.synchronize()
@@ -359,8 +384,9 @@ def test_sample_and_push_do_not_synchronise_on_cuda():
 
 def test_compiles_with_fullgraph_and_matches_eager():
     def make():
-        return ReplayBuffer(16, (2, 3), storage="uint8", n_classes=2, policy="reservoir",
-                            seed=5, check_values=False)
+        return ReplayBuffer(
+            16, (2, 3), storage="uint8", n_classes=2, policy="reservoir", seed=5, check_values=False
+        )
 
     def cycle(buffer, y):
         x, idx = buffer.sample(4, y=y)
@@ -414,14 +440,17 @@ def _filled_state(**kwargs):
     return buffer.state_dict()
 
 
-@pytest.mark.parametrize("policy, field, value, match", [
-    ("fifo", "written", torch.full((8,), 7, dtype=torch.uint8), "0 and 1"),
-    ("fifo", "count", torch.tensor([-1]), "count.*>= 0"),
-    ("fifo", "count", torch.tensor([5]), "unwritten"),  # 5 appended, 3 slots written
-    ("reservoir", "count", torch.tensor([2**46]), "2\\*\\*46"),
-    ("fifo", "draws", torch.tensor(-1), "draws"),
-    ("fifo", "draws", torch.tensor(2**32), "draws"),
-])
+@pytest.mark.parametrize(
+    "policy, field, value, match",
+    [
+        ("fifo", "written", torch.full((8,), 7, dtype=torch.uint8), "0 and 1"),
+        ("fifo", "count", torch.tensor([-1]), "count.*>= 0"),
+        ("fifo", "count", torch.tensor([5]), "unwritten"),  # 5 appended, 3 slots written
+        ("reservoir", "count", torch.tensor([2**46]), "2\\*\\*46"),
+        ("fifo", "draws", torch.tensor(-1), "draws"),
+        ("fifo", "draws", torch.tensor(2**32), "draws"),
+    ],
+)
 def test_load_state_dict_refuses_counters_no_buffer_could_reach(policy, field, value, match):
     state = _filled_state(policy=policy)
     state[field] = value
@@ -444,10 +473,21 @@ def _ones(shape, *, device, dtype):
     return torch.ones(shape, device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("change", [
-    {"init": "gaussian"}, {"init": _ones}, {"reinit_prob": 0.1}, {"stochastic_rounding": True},
-    {"dtype": torch.float64}, {"storage": "bfloat16"}, {"policy": "reservoir"},
-    {"n_classes": 2}, {"init_range": (-2.0, 2.0)}, {"rank": 1}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"init": "gaussian"},
+        {"init": _ones},
+        {"reinit_prob": 0.1},
+        {"stochastic_rounding": True},
+        {"dtype": torch.float64},
+        {"storage": "bfloat16"},
+        {"policy": "reservoir"},
+        {"n_classes": 2},
+        {"init_range": (-2.0, 2.0)},
+        {"rank": 1},
+    ],
+)
 def test_load_state_dict_refuses_every_configuration_difference(change):
     state = _filled_state()
     name = next(iter(change))
@@ -556,9 +596,13 @@ def test_from_tensor_recipe_for_an_igebm_list_buffer_keeps_its_fifo_order():
 
     old = IGEBMBuffer(5)
     old.add(np.arange(7, dtype=np.float32)[:, None] / 10)  # 0.0 .. 0.6: 0.0, 0.1 replaced
-    rows = old._storage[old._next_idx:] + old._storage[:old._next_idx]  # the docs' recipe
-    buffer = ReplayBuffer.from_tensor(torch.from_numpy(np.stack(rows)).float(),
-                                      capacity=old._maxsize, init_range=(0.0, 1.0), seed=0)
+    rows = old._storage[old._next_idx :] + old._storage[: old._next_idx]  # the docs' recipe
+    buffer = ReplayBuffer.from_tensor(
+        torch.from_numpy(np.stack(rows)).float(),
+        capacity=old._maxsize,
+        init_range=(0.0, 1.0),
+        seed=0,
+    )
     old.add(np.array([[0.9]], dtype=np.float32))
     buffer.push(torch.tensor([[0.9]]))
     assert sorted(_stored(buffer)[:, 0].tolist()) == sorted(float(r[0]) for r in old._storage)

@@ -53,22 +53,25 @@ def test_grid_is_the_cell_centres():
 def test_log_partition_of_a_gaussian(s):
     model = Gaussian([0.3, -0.2], s)
     assert float(exact2d.log_partition(model, 4.0, 200).detach()) == pytest.approx(
-        math.log(2 * math.pi * s * s), abs=GRID_TOL)
+        math.log(2 * math.pi * s * s), abs=GRID_TOL
+    )
 
 
 def test_exact_expectation_of_a_gaussian():
     model = Gaussian([0.3, -0.2], 0.7)
     mean = exact2d.exact_expectation(model, lambda x: x, 4.0, 200)
     torch.testing.assert_close(mean, model.mu.detach(), atol=GRID_TOL, rtol=0)
-    second = exact2d.exact_expectation(model, lambda x: ((x - model.mu.detach()) ** 2).sum(1),
-                                       4.0, 200)
+    second = exact2d.exact_expectation(
+        model, lambda x: ((x - model.mu.detach()) ** 2).sum(1), 4.0, 200
+    )
     assert float(second) == pytest.approx(2 * 0.49, rel=GRID_TOL)
 
 
 def test_exact_ml_gradient_of_a_gaussian_matches_the_closed_form():
     model = Gaussian([0.3, -0.2], 0.7)
-    data = 0.5 * torch.randn(500, 2, generator=torch.Generator().manual_seed(0),
-                             dtype=torch.float64) + torch.tensor([1.0, -0.5], dtype=torch.float64)
+    data = 0.5 * torch.randn(
+        500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    ) + torch.tensor([1.0, -0.5], dtype=torch.float64)
     got = exact2d.exact_ml_gradient(model, data, 4.0, 200)
     for g, expected in zip(got, gaussian_ml_gradient(model, data)):
         torch.testing.assert_close(g, expected, atol=5 * GRID_TOL, rtol=GRID_TOL)
@@ -94,8 +97,9 @@ def test_grid_tools_reject_bad_input():
 
 def test_exact_ml_gradient_is_the_derivative_of_the_exact_nll():
     """Central differences of the grid NLL of a tiny float64 MLP, every parameter."""
-    energy = nn.Sequential(nn.Linear(2, 6), nn.SiLU(), nn.Linear(6, 6), nn.SiLU(),
-                           nn.Linear(6, 1)).double()
+    energy = nn.Sequential(
+        nn.Linear(2, 6), nn.SiLU(), nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 1)
+    ).double()
     data = ring_of_gaussians(64, torch.Generator().manual_seed(1)).double()
     box, cells, eps = 4.0, 30, 1e-6
     grads = exact2d.exact_ml_gradient(energy, data, box, cells)
@@ -132,20 +136,26 @@ def test_exact_samples_follow_a_mixture_with_an_empty_half():
 def test_grid_tools_refuse_a_non_finite_energy_naming_it(bad, where):
     """A NaN or infinite energy on the grid makes Z and the draws meaningless: before the check,
     exact_samples returned the box corner for every draw of an all-NaN energy."""
+
     def energy(p):
-        values = (p ** 2).sum(1)
+        values = (p**2).sum(1)
         if where == "everywhere":
             return torch.full_like(values, bad)
-        return torch.where((p[:, 0] - 1.4).abs().lt(0.1) & (p[:, 1] - 1.4).abs().lt(0.1),
-                           torch.full_like(values, bad), values)
+        return torch.where(
+            (p[:, 0] - 1.4).abs().lt(0.1) & (p[:, 1] - 1.4).abs().lt(0.1),
+            torch.full_like(values, bad),
+            values,
+        )
 
     count = 400 if where == "everywhere" else 1
     message = f"energy must be finite on the grid, got {bad} at .* at {count} of 400 points"
     with pytest.raises(ValueError, match=message):
         exact2d.exact_samples(energy, 10, seed=0, step=0, cells=20)
-    for tool in (exact2d.log_partition, lambda e, *grid: exact2d.exact_expectation(
-            e, lambda p: p, *grid), lambda e, *grid: exact2d.exact_nll(e, torch.zeros(3, 2),
-                                                                       *grid)):
+    for tool in (
+        exact2d.log_partition,
+        lambda e, *grid: exact2d.exact_expectation(e, lambda p: p, *grid),
+        lambda e, *grid: exact2d.exact_nll(e, torch.zeros(3, 2), *grid),
+    ):
         with pytest.raises(ValueError, match="energy must be finite on the grid"):
             tool(energy, 4.0, 20)
 
@@ -175,6 +185,7 @@ def test_log_partition_of_a_gaussian_mixture():
     """E = -log of the ring's normalised 8-component mixture density: log Z = 0 (the box
     holds all but ~1e-9 of the mass; the midpoint rule on a Gaussian converges faster than
     any power of the cell width)."""
+
     def energy(x):
         return -ring_log_density(x.double())
 
@@ -195,26 +206,30 @@ def test_exact_kl_of_two_gaussians_matches_the_closed_form(temperature):
     with s^2 = T s2^2."""
     m1, s1, m2, s2 = [0.5, 0.0], 0.6, [0.0, 0.2], 0.5
     s = math.sqrt(temperature) * s2
-    expected = 2 * math.log(s / s1) + (2 * s1 ** 2 + 0.29) / (2 * s * s) - 1
-    got = exact2d.exact_kl(gaussian_log_density(m1, s1), Gaussian(m2, s2), 4.0, 200,
-                           temperature=temperature)
+    expected = 2 * math.log(s / s1) + (2 * s1**2 + 0.29) / (2 * s * s) - 1
+    got = exact2d.exact_kl(
+        gaussian_log_density(m1, s1), Gaussian(m2, s2), 4.0, 200, temperature=temperature
+    )
     assert got == pytest.approx(expected, abs=GRID_TOL)
 
 
 def test_exact_kl_of_a_density_to_itself_is_zero():
     model = Gaussian([0.3, -0.2], 0.7)
     assert exact2d.exact_kl(gaussian_log_density([0.3, -0.2], 0.7), model) == pytest.approx(
-        0.0, abs=1e-12)
+        0.0, abs=1e-12
+    )
 
 
 def test_exact_kl_skips_cells_outside_the_data_support():
     """Data: N(0, I) cut to x > 0 (log density -inf elsewhere), model N(0, I): KL = log 2 (the
     cut falls on cell edges, so the grid halves the mass exactly)."""
+
     def half_normal(x):
-        return torch.where(x[:, 0] > 0, -(x ** 2).sum(1) / 2, -math.inf)
+        return torch.where(x[:, 0] > 0, -(x**2).sum(1) / 2, -math.inf)
 
     assert exact2d.exact_kl(half_normal, Gaussian([0.0, 0.0], 1.0), 5.0, 200) == pytest.approx(
-        math.log(2), abs=1e-9)
+        math.log(2), abs=1e-9
+    )
 
 
 def test_exact_kl_rejects_bad_input():

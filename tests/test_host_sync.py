@@ -16,15 +16,32 @@ import ebm_fast
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, linear_schedule
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None,
-                                reason=f"cpu backend unavailable: {unavailable_reason('cpu')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("cpu") is not None,
+    reason=f"cpu backend unavailable: {unavailable_reason('cpu')}",
+)
 
 HOST_READS = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
-    torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
-    torch.Tensor.nonzero, torch.nonzero, torch.Tensor.argwhere, torch.argwhere,
-    torch.Tensor.masked_select, torch.masked_select, torch.Tensor.unique, torch.unique,
-    torch.Tensor.any, torch.any, torch.Tensor.all, torch.all,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.argwhere,
+    torch.argwhere,
+    torch.Tensor.masked_select,
+    torch.masked_select,
+    torch.Tensor.unique,
+    torch.unique,
+    torch.Tensor.any,
+    torch.any,
+    torch.Tensor.all,
+    torch.all,
 }
 INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
@@ -52,8 +69,7 @@ class HostReads(TorchFunctionMode):
 
 def _has_bool_mask(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0
-               for i in items)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in items)
 
 
 def test_the_proxy_sees_each_kind_of_host_read():
@@ -70,15 +86,34 @@ def double_well(x):
 
 SAMPLER_CASES = {
     "langevin_per_chain_norm_clip": lambda: LangevinSampler(
-        double_well, step_size=torch.linspace(0.01, 0.05, 6), noise_scale=0.1, n_steps=40,
-        grad_clip=1.0, grad_clip_mode="norm", clamp=(-3.0, 3.0), seed=1, chunk_size=4,
-        check_finite=False),
+        double_well,
+        step_size=torch.linspace(0.01, 0.05, 6),
+        noise_scale=0.1,
+        n_steps=40,
+        grad_clip=1.0,
+        grad_clip_mode="norm",
+        clamp=(-3.0, 3.0),
+        seed=1,
+        chunk_size=4,
+        check_finite=False,
+    ),
     "langevin_schedule": lambda: LangevinSampler(
-        double_well, step_size=linear_schedule(0.05, 0.01), temperature=0.5, n_steps=40, seed=2,
-        check_finite=False),
+        double_well,
+        step_size=linear_schedule(0.05, 0.01),
+        temperature=0.5,
+        n_steps=40,
+        seed=2,
+        check_finite=False,
+    ),
     "mala_adaptive_per_chain_temperature": lambda: MALASampler(
-        double_well, step_size=0.05, temperature=torch.linspace(0.5, 2.0, 6), n_steps=40,
-        adapt=True, seed=3, check_finite=False),
+        double_well,
+        step_size=0.05,
+        temperature=torch.linspace(0.5, 2.0, 6),
+        n_steps=40,
+        adapt=True,
+        seed=3,
+        check_finite=False,
+    ),
 }
 
 
@@ -106,8 +141,16 @@ def test_the_non_finite_check_reads_the_host_once_per_call(sampler_cls):
 @pytest.mark.parametrize("storage", ["float32", "uint8"])
 @pytest.mark.parametrize("n_classes, policy", [(None, "fifo"), (3, "reservoir")])
 def test_buffer_sample_and_push_read_nothing_on_the_host(storage, n_classes, policy):
-    buffer = ReplayBuffer(30, (2, 3), storage=storage, n_classes=n_classes, policy=policy,
-                          seed=5, stochastic_rounding=storage == "uint8", check_values=False)
+    buffer = ReplayBuffer(
+        30,
+        (2, 3),
+        storage=storage,
+        n_classes=n_classes,
+        policy=policy,
+        seed=5,
+        stochastic_rounding=storage == "uint8",
+        check_values=False,
+    )
     y = torch.tensor([0, 2, 1, 2, 0]) if n_classes else None
     with HostReads() as mode:
         x, slots = buffer.sample(5, y=y)
@@ -122,9 +165,18 @@ def test_the_update_op_reads_nothing_on_the_host(grad_clip_mode):
     x = torch.randn(5, 7)
     grad = torch.randn(5, 7).t().contiguous().t()  # a non-contiguous input takes a copy
     with HostReads() as mode:
-        ebm_fast.langevin_update(x, grad, torch.linspace(0.1, 0.5, 5), 0.3,
-                                 seed=torch.tensor(3), step=torch.tensor(9), chain_offset=2,
-                                 grad_clip=1.0, grad_clip_mode=grad_clip_mode, clamp=(-1, 1),
-                                 out=x)
+        ebm_fast.langevin_update(
+            x,
+            grad,
+            torch.linspace(0.1, 0.5, 5),
+            0.3,
+            seed=torch.tensor(3),
+            step=torch.tensor(9),
+            chain_offset=2,
+            grad_clip=1.0,
+            grad_clip_mode=grad_clip_mode,
+            clamp=(-1, 1),
+            out=x,
+        )
         ebm_fast.langevin_update(x, grad, 0.2, 0.3, seed=7, step=1)
     assert mode.reads == []

@@ -48,8 +48,10 @@ def imports_of(name: str, path: Path, modules) -> set[str]:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
             # `from package import module` imports the module; `from module import name` not.
-            targets.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names)
+            targets.update(
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            )
     found = set()
     for target in targets:
         parts = target.split(".")
@@ -67,16 +69,23 @@ def import_graph() -> dict[str, set[str]]:
 
 def floor_of(name: str) -> int:
     """The index in FLOORS of the longest prefix naming ``name`` or a package above it."""
-    matches = [(len(prefix), floor) for floor, prefixes in enumerate(FLOORS)
-               for prefix in prefixes if name == prefix or name.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), floor)
+        for floor, prefixes in enumerate(FLOORS)
+        for prefix in prefixes
+        if name == prefix or name.startswith(prefix + ".")
+    ]
     assert matches, f"{name} is on no floor: add it to FLOORS and docs/design.md"
     return max(matches)[1]
 
 
 def test_no_module_imports_from_a_floor_above_its_own():
-    upward = [f"{name} (floor {floor_of(name)}) imports {target} (floor {floor_of(target)})"
-              for name, targets in import_graph().items() for target in sorted(targets)
-              if floor_of(target) < floor_of(name)]
+    upward = [
+        f"{name} (floor {floor_of(name)}) imports {target} (floor {floor_of(target)})"
+        for name, targets in import_graph().items()
+        for target in sorted(targets)
+        if floor_of(target) < floor_of(name)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -86,7 +95,7 @@ def test_the_imports_have_no_loop():
 
     def visit(name):  # depth-first; a module met again on the current path closes a loop
         if name in path:
-            raise AssertionError("import loop: " + " -> ".join(path[path.index(name):] + [name]))
+            raise AssertionError("import loop: " + " -> ".join(path[path.index(name) :] + [name]))
         if name in done:
             return
         path.append(name)

@@ -15,15 +15,16 @@ def test_integer_accepts_python_and_numpy_ints_in_a_half_open_range():
     assert v.integer(3, "n", low=0, high=4) == 3
     assert type(v.integer(np.int64(3), "n")) is int
     assert v.integer(np.uint8(7), "n", low=7) == 7
-    assert v.integer(-10**30, "n") == -10**30
+    assert v.integer(-(10**30), "n") == -(10**30)
     with pytest.raises(ValueError, match=r"n must be >= 0 and < 4, got 4"):
         v.integer(4, "n", low=0, high=4)
     with pytest.raises(ValueError, match=r"n must be >= 1, got 0"):
         v.integer(0, "n", low=1)
 
 
-@pytest.mark.parametrize("value", [True, np.bool_(True), 1.0, np.float64(2.0), "3", None,
-                                   torch.tensor(3)])
+@pytest.mark.parametrize(
+    "value", [True, np.bool_(True), 1.0, np.float64(2.0), "3", None, torch.tensor(3)]
+)
 def test_integer_refuses_other_types_naming_them(value):
     with pytest.raises(TypeError, match="count must be an int"):
         v.integer(value, "count")
@@ -126,10 +127,15 @@ def test_counter_one_rule_for_ints_numpy_ints_and_tensors():
     assert v.counter(np.uint32(2**32 - 1), "step", 32).item() == 2**32 - 1
     assert v.counter(2**64 - 1, "seed", 64).item() == -1  # the bits, two's complement
     assert v.counter(torch.tensor(3, dtype=torch.int32), "step", 32).dtype == torch.int64
-    for value, bits, error in [(2**32, 32, ValueError), (-1, 32, ValueError),
-                               (2**64, 64, ValueError), (True, 32, TypeError),
-                               (1.0, 32, TypeError), (torch.tensor([1]), 32, TypeError),
-                               (torch.tensor(1.0), 32, TypeError)]:
+    for value, bits, error in [
+        (2**32, 32, ValueError),
+        (-1, 32, ValueError),
+        (2**64, 64, ValueError),
+        (True, 32, TypeError),
+        (1.0, 32, TypeError),
+        (torch.tensor([1]), 32, TypeError),
+        (torch.tensor(1.0), 32, TypeError),
+    ]:
         with pytest.raises(error, match="step|seed"):
             v.counter(value, "step" if bits == 32 else "seed", bits)
 
@@ -180,8 +186,14 @@ def test_argparse_type_turns_refusals_into_usage_errors():
     assert step_size("0.5") == 0.5 and step_size("2") == 2.0
     seed = v.argparse_type(v.integer, name="--seed", low=0, high=2**64)
     assert seed("18446744073709551615") == 2**64 - 1
-    for parse, text in [(step_size, "-1"), (step_size, "nan"), (step_size, "abc"),
-                        (seed, "-1"), (seed, "1.5"), (seed, "99999999999999999999")]:
+    for parse, text in [
+        (step_size, "-1"),
+        (step_size, "nan"),
+        (step_size, "abc"),
+        (seed, "-1"),
+        (seed, "1.5"),
+        (seed, "99999999999999999999"),
+    ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
     parser = argparse.ArgumentParser(exit_on_error=False)

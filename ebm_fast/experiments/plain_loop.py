@@ -19,10 +19,21 @@ class PlainLoop:
     """IGEBM/JEM-style replay-buffer training of ``energy`` on samples of ``sample_shape``;
     ``loop(x_pos)`` runs one iteration on the positive batch and returns the negatives."""
 
-    def __init__(self, energy: nn.Module, sample_shape: tuple[int, ...], *, steps: int,
-                 step_size: float, noise_scale: float, clamp: tuple[float, float],
-                 buffer_size: int, reinit_prob: float, lr: float, alpha: float,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        energy: nn.Module,
+        sample_shape: tuple[int, ...],
+        *,
+        steps: int,
+        step_size: float,
+        noise_scale: float,
+        clamp: tuple[float, float],
+        buffer_size: int,
+        reinit_prob: float,
+        lr: float,
+        alpha: float,
+        device: torch.device | str = "cpu",
+    ):
         self.energy = energy
         self.steps, self.step_size, self.noise_scale = steps, step_size, noise_scale
         self.lo, self.hi = clamp
@@ -43,12 +54,12 @@ class PlainLoop:
             x = x.detach().requires_grad_(True)
             grad = torch.autograd.grad(self.energy(x).sum(), x)[0]
             x = (x - self.step_size * grad + self.noise_scale * torch.randn_like(x)).clamp(
-                self.lo, self.hi)
+                self.lo, self.hi
+            )
         x = x.detach()
         self.storage[idx] = x
         e_pos, e_neg = self.energy(x_pos), self.energy(x)
-        loss = e_pos.mean() - e_neg.mean() + self.alpha * ((e_pos ** 2).mean()
-                                                           + (e_neg ** 2).mean())
+        loss = e_pos.mean() - e_neg.mean() + self.alpha * ((e_pos**2).mean() + (e_neg**2).mean())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -18,57 +18,126 @@ from ebm_fast.ops._dispatch import kernel_for, run_op
 from ebm_fast.reference.langevin_update import chain_norms, per_chain, pre_clamp_update
 
 
-def langevin_update_out_impl(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
-                             step_size: torch.Tensor, noise_scale: torch.Tensor,
-                             seed: torch.Tensor, step: torch.Tensor, stream: int,
-                             chain_offset: int, grad_clip: float | None, grad_clip_mode: str,
-                             clamp_lo: float | None, clamp_hi: float | None) -> None:
+def langevin_update_out_impl(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: torch.Tensor,
+    noise_scale: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+    grad_clip: float | None,
+    grad_clip_mode: str,
+    clamp_lo: float | None,
+    clamp_hi: float | None,
+) -> None:
     """Write the update of x into out, arguments as :func:`langevin_update` normalises them. The
     kernels take contiguous tensors: a non-contiguous out is written through a contiguous copy."""
     if not x.numel():
         return
-    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
     kernel_for("langevin_update", x)(
-        out=target, x=x.contiguous(), grad=grad.contiguous(), step_size=step_size.contiguous(),
-        noise_scale=noise_scale.contiguous(), seed=seed, step=step, stream=stream,
-        chain_offset=chain_offset, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
-        clamp_lo=clamp_lo, clamp_hi=clamp_hi)
+        out=target,
+        x=x.contiguous(),
+        grad=grad.contiguous(),
+        step_size=step_size.contiguous(),
+        noise_scale=noise_scale.contiguous(),
+        seed=seed,
+        step=step,
+        stream=stream,
+        chain_offset=chain_offset,
+        grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=clamp_lo,
+        clamp_hi=clamp_hi,
+    )
     if target is not out:
         out.copy_(target)
 
 
-def langevin_update_impl(x: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor,
-                         noise_scale: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
-                         stream: int, chain_offset: int, grad_clip: float | None,
-                         grad_clip_mode: str, clamp_lo: float | None,
-                         clamp_hi: float | None) -> torch.Tensor:
+def langevin_update_impl(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: torch.Tensor,
+    noise_scale: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+    grad_clip: float | None,
+    grad_clip_mode: str,
+    clamp_lo: float | None,
+    clamp_hi: float | None,
+) -> torch.Tensor:
     """The update of x as a new tensor."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     langevin_update_out_impl(
-        out=out, x=x, grad=grad, step_size=step_size, noise_scale=noise_scale, seed=seed,
-        step=step, stream=stream, chain_offset=chain_offset, grad_clip=grad_clip,
-        grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo, clamp_hi=clamp_hi)
+        out=out,
+        x=x,
+        grad=grad,
+        step_size=step_size,
+        noise_scale=noise_scale,
+        seed=seed,
+        step=step,
+        stream=stream,
+        chain_offset=chain_offset,
+        grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=clamp_lo,
+        clamp_hi=clamp_hi,
+    )
     return out
 
 
-_langevin_update_op = torch.library.custom_op("ebm_fast::langevin_update",
-                                              langevin_update_impl, mutates_args=())
-_langevin_update_out_op = torch.library.custom_op("ebm_fast::langevin_update_out",
-                                                  langevin_update_out_impl, mutates_args=("out",))
+_langevin_update_op = torch.library.custom_op(
+    "ebm_fast::langevin_update", langevin_update_impl, mutates_args=()
+)
+_langevin_update_out_op = torch.library.custom_op(
+    "ebm_fast::langevin_update_out", langevin_update_out_impl, mutates_args=("out",)
+)
 _PARAMETERS = tuple(inspect.signature(langevin_update_impl).parameters)
 _DIFFERENTIABLE = ("x", "grad")  # the op's other inputs get no gradient
 _SAVED = _DIFFERENTIABLE + ("step_size", "noise_scale", "seed", "step")
 
 
 @_langevin_update_op.register_fake
-def _(x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
-      grad_clip_mode, clamp_lo, clamp_hi):
+def _(
+    x,
+    grad,
+    step_size,
+    noise_scale,
+    seed,
+    step,
+    stream,
+    chain_offset,
+    grad_clip,
+    grad_clip_mode,
+    clamp_lo,
+    clamp_hi,
+):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @_langevin_update_out_op.register_fake
-def _(out, x, grad, step_size, noise_scale, seed, step, stream, chain_offset, grad_clip,
-      grad_clip_mode, clamp_lo, clamp_hi):
+def _(
+    out,
+    x,
+    grad,
+    step_size,
+    noise_scale,
+    seed,
+    step,
+    stream,
+    chain_offset,
+    grad_clip,
+    grad_clip_mode,
+    clamp_lo,
+    clamp_hi,
+):
     return None
 
 
@@ -92,10 +161,18 @@ def _backward(ctx, grad_output):
     dtype = validation.compute_dtype(x.dtype)
     upstream = grad_output.to(dtype)
     if clamp_lo is not None or clamp_hi is not None:
-        pre = pre_clamp_update(x=x, grad=grad, step_size=step_size, noise_scale=noise_scale,
-                               seed=seed, step=step, stream=options["stream"],
-                               chain_offset=options["chain_offset"], grad_clip=grad_clip,
-                               grad_clip_mode=grad_clip_mode)
+        pre = pre_clamp_update(
+            x=x,
+            grad=grad,
+            step_size=step_size,
+            noise_scale=noise_scale,
+            seed=seed,
+            step=step,
+            stream=options["stream"],
+            chain_offset=options["chain_offset"],
+            grad_clip=grad_clip,
+            grad_clip_mode=grad_clip_mode,
+        )
         inside = torch.ones_like(pre, dtype=torch.bool)
         if clamp_lo is not None:
             inside &= pre >= clamp_lo
@@ -109,23 +186,35 @@ def _backward(ctx, grad_output):
     elif grad_clip is not None:  # norm: d(c g/|g|) = (c/|g|)(I - g g^T/|g|^2) where |g| > c
         norms = chain_norms(g)
         dot = (g * d_clipped).reshape(g.shape[0], -1).sum(1).reshape(norms.shape)
-        scaled = (grad_clip / norms.clamp(min=1e-30)) * (d_clipped - g * dot / norms.clamp(min=1e-30) ** 2)
+        scaled = (grad_clip / norms.clamp(min=1e-30)) * (
+            d_clipped - g * dot / norms.clamp(min=1e-30) ** 2
+        )
         d_grad = torch.where(norms > grad_clip, scaled, d_clipped)
     else:
         d_grad = d_clipped
-    return ((upstream.to(x.dtype), d_grad.to(grad.dtype))
-            + (None,) * (len(_PARAMETERS) - len(_DIFFERENTIABLE)))
+    return (upstream.to(x.dtype), d_grad.to(grad.dtype)) + (None,) * (
+        len(_PARAMETERS) - len(_DIFFERENTIABLE)
+    )
 
 
 _langevin_update_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def langevin_update(x: torch.Tensor, grad: torch.Tensor, step_size: validation.ChainParameter,
-                    noise_scale: validation.ChainParameter, *, seed: validation.Counter,
-                    step: validation.Counter, stream: int = 0, chain_offset: int = 0,
-                    grad_clip: float | None = None, grad_clip_mode: str = "value",
-                    clamp: validation.Bounds | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def langevin_update(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: validation.ChainParameter,
+    noise_scale: validation.ChainParameter,
+    *,
+    seed: validation.Counter,
+    step: validation.Counter,
+    stream: int = 0,
+    chain_offset: int = 0,
+    grad_clip: float | None = None,
+    grad_clip_mode: str = "value",
+    clamp: validation.Bounds | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One Langevin step per chain: clamp(x - step_size * clip(grad) + noise_scale * xi).
 
     Args:
@@ -157,12 +246,22 @@ def langevin_update(x: torch.Tensor, grad: torch.Tensor, step_size: validation.C
     chain_offset = validation.chain_offset(chain_offset, x.shape)
     grad_clip_mode = validation.choice(grad_clip_mode, "grad_clip_mode", validation.GRAD_CLIP_MODES)
     grad_clip, clamp_lo, clamp_hi = validation.update_limits(
-        validation.grad_clip(grad_clip), *validation.clamp_bounds(clamp), x.dtype)
-    arguments = dict(x=x, grad=grad, step_size=step_size_t, noise_scale=noise_scale_t,
-                     seed=validation.counter(seed, "seed", 64),
-                     step=validation.counter(step, "step", 32), stream=stream,
-                     chain_offset=chain_offset, grad_clip=grad_clip,
-                     grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo, clamp_hi=clamp_hi)
+        validation.grad_clip(grad_clip), *validation.clamp_bounds(clamp), x.dtype
+    )
+    arguments = dict(
+        x=x,
+        grad=grad,
+        step_size=step_size_t,
+        noise_scale=noise_scale_t,
+        seed=validation.counter(seed, "seed", 64),
+        step=validation.counter(step, "step", 32),
+        stream=stream,
+        chain_offset=chain_offset,
+        grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=clamp_lo,
+        clamp_hi=clamp_hi,
+    )
     differentiable = torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad)
     if out is None:
         if differentiable:  # the registered op carries the autograd formula

@@ -24,15 +24,26 @@ from ebm_fast.ops._dispatch import kernel_for, run_op
 
 def _new_outputs(x: torch.Tensor, energy_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chains = x.shape[0]
-    return (torch.empty(chains, dtype=torch.bool, device=x.device),
-            torch.empty(chains, dtype=energy_x.dtype, device=x.device))
+    return (
+        torch.empty(chains, dtype=torch.bool, device=x.device),
+        torch.empty(chains, dtype=energy_x.dtype, device=x.device),
+    )
 
 
-def mala_accept_impl(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor,
-                     grad_y: torch.Tensor, energy_x: torch.Tensor, energy_y: torch.Tensor,
-                     step_size: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
-                     step: torch.Tensor, stream: int,
-                     chain_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mala_accept_impl(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    energy_x: torch.Tensor,
+    energy_y: torch.Tensor,
+    step_size: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(accepted, accept_prob) as new tensors, accepted chains moved in place, arguments as
     :func:`mala_accept` normalises them. The kernels write contiguous rows: a non-contiguous
     mutated input goes through a contiguous copy."""
@@ -42,23 +53,45 @@ def mala_accept_impl(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor,
     mutated = {"x": x, "grad_x": grad_x, "energy_x": energy_x}
     work = {name: t if t.is_contiguous() else t.contiguous() for name, t in mutated.items()}
     kernel_for("mala_accept", x)(
-        accepted=accepted, accept_prob=accept_prob, **work, y=y.contiguous(),
-        grad_y=grad_y.contiguous(), energy_y=energy_y.contiguous(),
-        step_size=step_size.contiguous(), temperature=temperature.contiguous(), seed=seed,
-        step=step, stream=stream, chain_offset=chain_offset)
+        accepted=accepted,
+        accept_prob=accept_prob,
+        **work,
+        y=y.contiguous(),
+        grad_y=grad_y.contiguous(),
+        energy_y=energy_y.contiguous(),
+        step_size=step_size.contiguous(),
+        temperature=temperature.contiguous(),
+        seed=seed,
+        step=step,
+        stream=stream,
+        chain_offset=chain_offset,
+    )
     for name, target in mutated.items():
         if work[name] is not target:
             target.copy_(work[name])
     return accepted, accept_prob
 
 
-_mala_accept_op = torch.library.custom_op("ebm_fast::mala_accept", mala_accept_impl,
-                                          mutates_args=("x", "grad_x", "energy_x"))
+_mala_accept_op = torch.library.custom_op(
+    "ebm_fast::mala_accept", mala_accept_impl, mutates_args=("x", "grad_x", "energy_x")
+)
 
 
 @_mala_accept_op.register_fake
-def _(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step, stream,
-      chain_offset):
+def _(
+    x,
+    y,
+    grad_x,
+    grad_y,
+    energy_x,
+    energy_y,
+    step_size,
+    temperature,
+    seed,
+    step,
+    stream,
+    chain_offset,
+):
     return _new_outputs(x, energy_x)
 
 
@@ -66,20 +99,34 @@ def _check_energy(energy: object, name: str, x: torch.Tensor) -> None:
     if not isinstance(energy, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(energy).__name__}")
     if tuple(energy.shape) != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},) (one energy per chain), got "
-                         f"{tuple(energy.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({x.shape[0]},) (one energy per chain), got "
+            f"{tuple(energy.shape)}"
+        )
     if energy.device != x.device:
         raise ValueError(f"{name} is on {energy.device} but x is on {x.device}")
     if energy.dtype != validation.compute_dtype(x.dtype):
-        raise TypeError(f"{name} must have dtype {validation.compute_dtype(x.dtype)} for x of "
-                        f"dtype {x.dtype}, got {energy.dtype}")
+        raise TypeError(
+            f"{name} must have dtype {validation.compute_dtype(x.dtype)} for x of "
+            f"dtype {x.dtype}, got {energy.dtype}"
+        )
 
 
-def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
-                energy_x: torch.Tensor, energy_y: torch.Tensor,
-                step_size: validation.ChainParameter, temperature: validation.ChainParameter, *,
-                seed: validation.Counter, step: validation.Counter, stream: int = 1,
-                chain_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def mala_accept(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    energy_x: torch.Tensor,
+    energy_y: torch.Tensor,
+    step_size: validation.ChainParameter,
+    temperature: validation.ChainParameter,
+    *,
+    seed: validation.Counter,
+    step: validation.Counter,
+    stream: int = 1,
+    chain_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Metropolis-adjusted Langevin accept/reject for a batch of chains, fused and in place.
 
     The proposal y = x - step_size * grad_x + sqrt(2 step_size temperature) xi targets the density
@@ -114,9 +161,19 @@ def mala_accept(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: 
     temperature_t = validation.chain_param(temperature, "temperature", x, allow_zero=False).detach()
     stream = validation.integer(stream, "stream", low=0, high=1 << 32)
     chain_offset = validation.chain_offset(chain_offset, (x.shape[0],))  # one draw per chain
-    return run_op(_mala_accept_op, mala_accept_impl, x=x.detach(), y=y.detach(),
-                  grad_x=grad_x.detach(), grad_y=grad_y.detach(), energy_x=energy_x.detach(),
-                  energy_y=energy_y.detach(), step_size=step_size_t, temperature=temperature_t,
-                  seed=validation.counter(seed, "seed", 64),
-                  step=validation.counter(step, "step", 32), stream=stream,
-                  chain_offset=chain_offset)
+    return run_op(
+        _mala_accept_op,
+        mala_accept_impl,
+        x=x.detach(),
+        y=y.detach(),
+        grad_x=grad_x.detach(),
+        grad_y=grad_y.detach(),
+        energy_x=energy_x.detach(),
+        energy_y=energy_y.detach(),
+        step_size=step_size_t,
+        temperature=temperature_t,
+        seed=validation.counter(seed, "seed", 64),
+        step=validation.counter(step, "step", 32),
+        stream=stream,
+        chain_offset=chain_offset,
+    )

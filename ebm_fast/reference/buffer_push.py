@@ -54,14 +54,26 @@ def push_targets(batch, idx, y, count, slots_per_class, policy, seed, step, chai
     if policy == "fifo":
         targets = base + seen % slots_per_class
     else:
-        r = philox_bits_ref((batch,), seed=seed, step=step, stream=STREAM_BUFFER_RESERVOIR,
-                            chain_offset=chain_offset, device=device).to(torch.int64) & MASK32
+        r = (
+            philox_bits_ref(
+                (batch,),
+                seed=seed,
+                step=step,
+                stream=STREAM_BUFFER_RESERVOIR,
+                chain_offset=chain_offset,
+                device=device,
+            ).to(torch.int64)
+            & MASK32
+        )
         # (r * (seen + 1)) >> 32 without overflowing int64 once a class has seen 2**31 items:
         # r in 16-bit halves (exact while a class has seen fewer than 2**46 items).
         m = seen + 1
         j = ((r >> 16) * m + (((r & 0xFFFF) * m) >> 16)) >> 16
-        targets = torch.where(seen < slots_per_class, base + seen,
-                              torch.where(j < slots_per_class, base + j, torch.full_like(j, -1)))
+        targets = torch.where(
+            seen < slots_per_class,
+            base + seen,
+            torch.where(j < slots_per_class, base + j, torch.full_like(j, -1)),
+        )
     return last_writer_only(targets), count + onehot.sum(0)
 
 
@@ -75,19 +87,40 @@ def quantize(x, storage_dtype, lo, hi, stochastic, seed, step, chain_offset) -> 
     floor = torch.floor(v)
     frac = v - floor
     if stochastic:
-        u = philox_uniform_ref(x.shape, seed=seed, step=step, stream=STREAM_BUFFER_QUANTIZE,
-                               chain_offset=chain_offset, device=x.device)
+        u = philox_uniform_ref(
+            x.shape,
+            seed=seed,
+            step=step,
+            stream=STREAM_BUFFER_QUANTIZE,
+            chain_offset=chain_offset,
+            device=x.device,
+        )
         up = u < frac
     else:
         up = frac >= 0.5
     return (floor + up.to(torch.float32)).to(torch.uint8)
 
 
-def buffer_push_out(storage, written, count, x, idx, y, seed, step, chain_offset,
-                    slots_per_class, policy, lo, hi, stochastic):
+def buffer_push_out(
+    storage,
+    written,
+    count,
+    x,
+    idx,
+    y,
+    seed,
+    step,
+    chain_offset,
+    slots_per_class,
+    policy,
+    lo,
+    hi,
+    stochastic,
+):
     """Store x (batch, D) into storage (capacity, D); update written (capacity,) and count."""
-    targets, new_count = push_targets(x.shape[0], idx, y, count, slots_per_class, policy, seed,
-                                      step, chain_offset, x.device)
+    targets, new_count = push_targets(
+        x.shape[0], idx, y, count, slots_per_class, policy, seed, step, chain_offset, x.device
+    )
     rows = quantize(x, storage.dtype, lo, hi, stochastic, seed, step, chain_offset)
     stored = targets >= 0
     storage[targets[stored]] = rows[stored]

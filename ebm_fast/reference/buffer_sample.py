@@ -41,8 +41,17 @@ def uint8_scales(lo: float, hi: float) -> tuple[float, float]:
 
 def draw_slots(batch, y, slots_per_class, seed, step, chain_offset, device) -> torch.Tensor:
     """Slot index of each chain (int64): uniform within its class's block of slots."""
-    r = philox_bits_ref((batch,), seed=seed, step=step, stream=STREAM_BUFFER_SLOT,
-                        chain_offset=chain_offset, device=device).to(torch.int64) & MASK32
+    r = (
+        philox_bits_ref(
+            (batch,),
+            seed=seed,
+            step=step,
+            stream=STREAM_BUFFER_SLOT,
+            chain_offset=chain_offset,
+            device=device,
+        ).to(torch.int64)
+        & MASK32
+    )
     local = (r * slots_per_class) >> 32
     return local if y is None else y * slots_per_class + local
 
@@ -54,16 +63,28 @@ def reinit_mask(u, threshold, written, slots) -> torch.Tensor:
 
 
 def reinit_decisions(batch, slots, written, reinit_prob, seed, step, chain_offset) -> torch.Tensor:
-    u = philox_uniform_ref((batch,), seed=seed, step=step, stream=STREAM_BUFFER_REINIT_DECISION,
-                           chain_offset=chain_offset, device=slots.device)
+    u = philox_uniform_ref(
+        (batch,),
+        seed=seed,
+        step=step,
+        stream=STREAM_BUFFER_REINIT_DECISION,
+        chain_offset=chain_offset,
+        device=slots.device,
+    )
     return reinit_mask(u, float32(reinit_prob).to(slots.device), written, slots)
 
 
 def init_noise(shape, init_kind, lo, hi, seed, step, chain_offset, device) -> torch.Tensor:
     """Fresh init values (float32) for a (batch, D) tensor, per element on stream 3."""
     draw = philox_uniform_ref if init_kind == "uniform" else philox_normal_ref
-    values = draw(shape, seed=seed, step=step, stream=STREAM_BUFFER_REINIT_VALUES,
-                  chain_offset=chain_offset, device=device)
+    values = draw(
+        shape,
+        seed=seed,
+        step=step,
+        stream=STREAM_BUFFER_REINIT_VALUES,
+        chain_offset=chain_offset,
+        device=device,
+    )
     if init_kind == "gaussian":
         return values
     return float32(lo).to(device) + float32(hi - lo).to(device) * values
@@ -77,24 +98,66 @@ def dequantize(rows: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return float32(lo).to(rows.device) + rows.to(torch.float32) * step
 
 
-def buffer_sample_ref(storage, written, y, init_values, batch, dtype, seed, step, chain_offset,
-                      slots_per_class, reinit_prob, init_kind, lo, hi):
+def buffer_sample_ref(
+    storage,
+    written,
+    y,
+    init_values,
+    batch,
+    dtype,
+    seed,
+    step,
+    chain_offset,
+    slots_per_class,
+    reinit_prob,
+    init_kind,
+    lo,
+    hi,
+):
     """(x (batch, D) in dtype, slots (batch,) int64) for a (capacity, D) storage."""
     slots = draw_slots(batch, y, slots_per_class, seed, step, chain_offset, storage.device)
     reinit = reinit_decisions(batch, slots, written, reinit_prob, seed, step, chain_offset)
     if init_kind == "values":
         fresh = init_values.to(dtype)
     else:
-        fresh = init_noise((batch, storage.shape[1]), init_kind, lo, hi, seed, step,
-                           chain_offset, storage.device).to(dtype)
+        fresh = init_noise(
+            (batch, storage.shape[1]), init_kind, lo, hi, seed, step, chain_offset, storage.device
+        ).to(dtype)
     stored = dequantize(storage[slots], lo, hi).to(dtype)
     return torch.where(reinit[:, None], fresh, stored), slots
 
 
-def buffer_sample_out(out, slots, storage, written, y, init_values, seed, step, chain_offset,
-                      slots_per_class, reinit_prob, init_kind, lo, hi):
-    x, drawn = buffer_sample_ref(storage, written, y, init_values, out.shape[0], out.dtype, seed,
-                                 step, chain_offset, slots_per_class, reinit_prob, init_kind, lo,
-                                 hi)
+def buffer_sample_out(
+    out,
+    slots,
+    storage,
+    written,
+    y,
+    init_values,
+    seed,
+    step,
+    chain_offset,
+    slots_per_class,
+    reinit_prob,
+    init_kind,
+    lo,
+    hi,
+):
+    x, drawn = buffer_sample_ref(
+        storage,
+        written,
+        y,
+        init_values,
+        out.shape[0],
+        out.dtype,
+        seed,
+        step,
+        chain_offset,
+        slots_per_class,
+        reinit_prob,
+        init_kind,
+        lo,
+        hi,
+    )
     out.copy_(x)
     slots.copy_(drawn)

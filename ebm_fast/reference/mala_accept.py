@@ -36,32 +36,79 @@ def proposal_log_ratio_sum(x, y, grad_x, grad_y, step_size) -> torch.Tensor:
     return ((gx + gy) * (eps * (gy - gx) - 2 * (y_c - x_c))).sum(dim=1)
 
 
-def accept_probability(x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                       temperature) -> torch.Tensor:
+def accept_probability(
+    x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
+) -> torch.Tensor:
     """min(1, exp(log_alpha)) per chain, 0 where E_y is not finite or log_alpha is NaN."""
     dtype = compute_dtype(x.dtype)
     temp = temperature.to(dtype).to(x.device)
-    log_alpha = (-(energy_y.to(dtype) - energy_x.to(dtype)) / temp
-                 - proposal_log_ratio_sum(x, y, grad_x, grad_y, step_size) / (4 * temp))
+    log_alpha = -(energy_y.to(dtype) - energy_x.to(dtype)) / temp - proposal_log_ratio_sum(
+        x, y, grad_x, grad_y, step_size
+    ) / (4 * temp)
     valid = torch.isfinite(energy_y) & ~torch.isnan(log_alpha)
     return torch.where(valid, torch.exp(log_alpha.clamp(max=0)), torch.zeros_like(log_alpha))
 
 
-def mala_accept_ref(x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature, seed, step,
-                    stream=1, chain_offset=0) -> tuple[torch.Tensor, torch.Tensor]:
+def mala_accept_ref(
+    x,
+    y,
+    grad_x,
+    grad_y,
+    energy_x,
+    energy_y,
+    step_size,
+    temperature,
+    seed,
+    step,
+    stream=1,
+    chain_offset=0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(accepted (B,) bool, accept_prob (B,) compute dtype); reads its inputs, writes nothing."""
-    accept_prob = accept_probability(x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                                     temperature)
-    u = philox_uniform_ref((x.shape[0],), seed=seed, step=step, stream=stream,
-                           chain_offset=chain_offset, device=x.device)
+    accept_prob = accept_probability(
+        x, y, grad_x, grad_y, energy_x, energy_y, step_size, temperature
+    )
+    u = philox_uniform_ref(
+        (x.shape[0],),
+        seed=seed,
+        step=step,
+        stream=stream,
+        chain_offset=chain_offset,
+        device=x.device,
+    )
     return u.to(accept_prob.dtype) < accept_prob, accept_prob
 
 
-def mala_accept_out(accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                    temperature, seed, step, stream, chain_offset):
+def mala_accept_out(
+    accepted,
+    accept_prob,
+    x,
+    y,
+    grad_x,
+    grad_y,
+    energy_x,
+    energy_y,
+    step_size,
+    temperature,
+    seed,
+    step,
+    stream,
+    chain_offset,
+):
     """The backend entry point: fills accepted / accept_prob and moves accepted chains in place."""
-    decided, prob = mala_accept_ref(x, y, grad_x, grad_y, energy_x, energy_y, step_size,
-                                    temperature, seed, step, stream, chain_offset)
+    decided, prob = mala_accept_ref(
+        x,
+        y,
+        grad_x,
+        grad_y,
+        energy_x,
+        energy_y,
+        step_size,
+        temperature,
+        seed,
+        step,
+        stream,
+        chain_offset,
+    )
     accepted.copy_(decided)
     accept_prob.copy_(prob)
     take = per_chain(decided, x)

@@ -101,13 +101,15 @@ def philox_bits_ref(shape, *, seed, step, stream=0, chain_offset=0, device=None)
 
 
 def philox_uniform_ref(shape, *, seed, step, stream=0, chain_offset=0, device=None) -> torch.Tensor:
-    bits = philox_bits_ref(shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset,
-                           device=device)
+    bits = philox_bits_ref(
+        shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset, device=device
+    )
     return uniform_from_bits(bits.to(torch.int64) & MASK32)
 
 
-def philox_normal_ref(shape, *, seed, step, stream=0, chain_offset=0, device=None,
-                      dtype=torch.float32) -> torch.Tensor:
+def philox_normal_ref(
+    shape, *, seed, step, stream=0, chain_offset=0, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Box-Muller normals per the spec; dtype=float64 evaluates log/sqrt/cos/sin in float64
     from the same float32 uniforms (the "exact" value the kernels' tolerance is measured from)."""
     shape = tuple(shape)
@@ -126,5 +128,13 @@ _DRAWS = {"normal": philox_normal_ref, "uniform": philox_uniform_ref, "bits": ph
 
 
 def philox_out(out, seed, step, stream, chain_offset, distribution):
-    out.copy_(_DRAWS[distribution](out.shape, seed=seed, step=step, stream=stream,
-                                   chain_offset=chain_offset, device=out.device))
+    out.copy_(
+        _DRAWS[distribution](
+            out.shape,
+            seed=seed,
+            step=step,
+            stream=stream,
+            chain_offset=chain_offset,
+            device=out.device,
+        )
+    )

@@ -28,5 +28,11 @@ from ebm_fast.samplers.mala import MALASampler
 from ebm_fast.samplers.results import NonFiniteChainError, SampleInfo
 from ebm_fast.samplers.schedules import geometric_schedule, linear_schedule
 
-__all__ = ["LangevinSampler", "MALASampler", "SampleInfo", "NonFiniteChainError",
-           "linear_schedule", "geometric_schedule"]
+__all__ = [
+    "LangevinSampler",
+    "MALASampler",
+    "SampleInfo",
+    "NonFiniteChainError",
+    "linear_schedule",
+    "geometric_schedule",
+]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def adapt_step_scale(scale: torch.Tensor, accept_prob: torch.Tensor, target_accept: float,
-                     rate: float) -> None:
+def adapt_step_scale(
+    scale: torch.Tensor, accept_prob: torch.Tensor, target_accept: float, rate: float
+) -> None:
     """One adaptation step, in place: log scale += rate * (accept_prob - target_accept).
 
     scale multiplies each chain's step size; raising it when proposals are accepted more often

@@ -84,33 +84,53 @@ class Sampler(abc.ABC):
         always autograd. Energies it does not cover use autograd either way.
     """
 
-    def __init__(self, energy: Callable[..., torch.Tensor], *, n_steps: int = 60,
-                 seed: int | None = None, chain_offset: int = 0, backend: str = "auto",
-                 compile: bool = False, cuda_graph: bool | str = "auto",
-                 check_finite: bool = True, chunk_size: int | None = None,
-                 autocast: torch.dtype | str | None = None, negate: bool = False,
-                 eval_mode: bool = False, mlp_gradient: bool = True) -> None:
+    def __init__(
+        self,
+        energy: Callable[..., torch.Tensor],
+        *,
+        n_steps: int = 60,
+        seed: int | None = None,
+        chain_offset: int = 0,
+        backend: str = "auto",
+        compile: bool = False,
+        cuda_graph: bool | str = "auto",
+        check_finite: bool = True,
+        chunk_size: int | None = None,
+        autocast: torch.dtype | str | None = None,
+        negate: bool = False,
+        eval_mode: bool = False,
+        mlp_gradient: bool = True,
+    ) -> None:
         if not callable(energy):
-            raise TypeError(f"energy must be callable (x -> (B,) energies), got "
-                            f"{type(energy).__name__}")
+            raise TypeError(
+                f"energy must be callable (x -> (B,) energies), got {type(energy).__name__}"
+            )
         self.energy = energy
         self.n_steps = validation.integer(n_steps, "n_steps", low=0)
         self._seed = validation.counter(validation.seed_or_default(seed), "seed", 64)
         self.backend = validation.choice(backend, "backend", BACKENDS)
         self.cuda_graph = validation.choice(cuda_graph, "cuda_graph", CUDA_GRAPH_MODES)
         self.check_finite = bool(check_finite)
-        self.chunk_size = None if chunk_size is None else validation.integer(
-            chunk_size, "chunk_size", low=1)
+        self.chunk_size = (
+            None if chunk_size is None else validation.integer(chunk_size, "chunk_size", low=1)
+        )
         self.chain_offset = validation.integer(chain_offset, "chain_offset", low=0)
-        self.autocast = autocast if autocast is None or autocast == AUTOCAST_AUTO else \
-            validation.dtype(autocast, "autocast", AUTOCAST_DTYPES)
+        self.autocast = (
+            autocast
+            if autocast is None or autocast == AUTOCAST_AUTO
+            else validation.dtype(autocast, "autocast", AUTOCAST_DTYPES)
+        )
         # (chains' device, dtype and dims, the PrecisionChoice)
-        self._precision: tuple[tuple[torch.device, torch.dtype, int], PrecisionChoice] | None = \
-            None
+        self._precision: tuple[tuple[torch.device, torch.dtype, int], PrecisionChoice] | None = None
         self.eval_mode = bool(eval_mode)
-        self._energy = EnergyFunction(energy, compile=compile, autocast=None,
-                                      negate=bool(negate), owner=type(self).__name__,
-                                      mlp_gradient=bool(mlp_gradient))
+        self._energy = EnergyFunction(
+            energy,
+            compile=compile,
+            autocast=None,
+            negate=bool(negate),
+            owner=type(self).__name__,
+            mlp_gradient=bool(mlp_gradient),
+        )
         # The step counter twice: read by the kernels on the chains' device, and kept on the
         # host for the checks (reading the device copy would synchronise).
         self._step = torch.zeros((), dtype=torch.int64)
@@ -129,16 +149,19 @@ class Sampler(abc.ABC):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The step counter and seed (loadable with torch.load(weights_only=True))."""
-        return {"step": torch.tensor(self._steps_taken, dtype=torch.int64),
-                "seed": self._seed.cpu().clone()}
+        return {
+            "step": torch.tensor(self._steps_taken, dtype=torch.int64),
+            "seed": self._seed.cpu().clone(),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue from a state_dict(): the same seed, the next step where that one stopped.
         Counters follow the noise spec's rule (ints or 0-dim integer tensors; a step in
         [0, 2**32), a seed in [0, 2**64))."""
         if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a dict from state_dict(), got "
-                            f"{type(state_dict).__name__}")
+            raise TypeError(
+                f"state_dict must be a dict from state_dict(), got {type(state_dict).__name__}"
+            )
         for key in ("step", "seed"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing {key!r}, got keys {list(state_dict)}")
@@ -165,8 +188,12 @@ class Sampler(abc.ABC):
         key = (x.device, x.dtype, x.dim())
         if self._precision is None or self._precision[0] != key:
             # The layout is the model's (ebm_fast.precision.fast_energy converts it).
-            self._precision = (key, resolve_precision(self.autocast, x.device, x.dtype,
-                                                      state_dim=x.dim(), layout="contiguous"))
+            self._precision = (
+                key,
+                resolve_precision(
+                    self.autocast, x.device, x.dtype, state_dim=x.dim(), layout="contiguous"
+                ),
+            )
         return self._precision[1]
 
     def _use_precision(self, x: torch.Tensor) -> PrecisionChoice:
@@ -184,13 +211,16 @@ class Sampler(abc.ABC):
     def _check_x0(self, x0, params: list[torch.Tensor]) -> None:
         validation.chain_tensor(x0, "x0")
         if x0.numel() == 0:
-            raise ValueError(f"x0 must have at least one chain and one element per chain, got "
-                             f"shape {tuple(x0.shape)}")
+            raise ValueError(
+                f"x0 must have at least one chain and one element per chain, got "
+                f"shape {tuple(x0.shape)}"
+            )
         validation.chain_offset(self.chain_offset, x0.shape)
         for p in params:
             if p.device != x0.device:
-                raise ValueError(f"x0 is on {x0.device} but the energy's parameters are on "
-                                 f"{p.device}")
+                raise ValueError(
+                    f"x0 is on {x0.device} but the energy's parameters are on {p.device}"
+                )
         if self.cuda_graph is True and x0.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, but x0 is on {x0.device}")
 
@@ -200,37 +230,65 @@ class Sampler(abc.ABC):
                 f"{type(self).__name__}: {n_steps} more steps would take the step counter (at "
                 f"{self._steps_taken}) past 2**32 - 1, the last step the noise spec counts "
                 f"(step 2**32 would draw step 0's noise again); continue with another seed "
-                f"(load_state_dict({{'step': 0, 'seed': ...}}) or a new sampler)")
+                f"(load_state_dict({{'step': 0, 'seed': ...}}) or a new sampler)"
+            )
 
     def _check_y(self, y, x0: torch.Tensor) -> None:
         if isinstance(y, torch.Tensor):
             if y.dim() == 0 or y.shape[0] != x0.shape[0]:
-                raise ValueError(f"y must have one entry per chain ({x0.shape[0]}), got shape "
-                                 f"{tuple(y.shape)}")
+                raise ValueError(
+                    f"y must have one entry per chain ({x0.shape[0]}), got shape {tuple(y.shape)}"
+                )
             validation.same_device(x0.device, "x0", y=y)
 
     # -- the call ---------------------------------------------------------------------------
 
     @overload
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
-               step_size: StepParameter | None = None, return_info: Literal[False] = False,
-               y: object = None, **energy_kwargs: Any) -> torch.Tensor: ...
+    def sample(
+        self,
+        x0: torch.Tensor,
+        n_steps: int | None = None,
+        *,
+        step_size: StepParameter | None = None,
+        return_info: Literal[False] = False,
+        y: object = None,
+        **energy_kwargs: Any,
+    ) -> torch.Tensor: ...
 
     @overload
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
-               step_size: StepParameter | None = None, return_info: Literal[True],
-               y: object = None, **energy_kwargs: Any) -> tuple[torch.Tensor, SampleInfo]: ...
+    def sample(
+        self,
+        x0: torch.Tensor,
+        n_steps: int | None = None,
+        *,
+        step_size: StepParameter | None = None,
+        return_info: Literal[True],
+        y: object = None,
+        **energy_kwargs: Any,
+    ) -> tuple[torch.Tensor, SampleInfo]: ...
 
     @overload
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
-               step_size: StepParameter | None = None, return_info: bool,
-               y: object = None,
-               **energy_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]: ...
+    def sample(
+        self,
+        x0: torch.Tensor,
+        n_steps: int | None = None,
+        *,
+        step_size: StepParameter | None = None,
+        return_info: bool,
+        y: object = None,
+        **energy_kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]: ...
 
-    def sample(self, x0: torch.Tensor, n_steps: int | None = None, *,
-               step_size: StepParameter | None = None, return_info: bool = False,
-               y: object = None,
-               **energy_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
+    def sample(
+        self,
+        x0: torch.Tensor,
+        n_steps: int | None = None,
+        *,
+        step_size: StepParameter | None = None,
+        return_info: bool = False,
+        y: object = None,
+        **energy_kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
         """Run the chains from x0 (not modified) and return the samples, and a SampleInfo with
         return_info=True (Langevin: one extra energy evaluation for the final energies; MALA:
         acceptance rates and adapted step sizes included).
@@ -240,42 +298,61 @@ class Sampler(abc.ABC):
         y); a tensor y has one entry per chain and is split with the chains.
         """
         if torch.is_inference_mode_enabled():
-            raise RuntimeError(f"{type(self).__name__}.sample() cannot run under "
-                               "torch.inference_mode(): the chains follow the energy's input "
-                               "gradient, which inference mode switches off; use "
-                               "torch.no_grad() instead (the sampler turns gradients on for its "
-                               "own passes)")
+            raise RuntimeError(
+                f"{type(self).__name__}.sample() cannot run under "
+                "torch.inference_mode(): the chains follow the energy's input "
+                "gradient, which inference mode switches off; use "
+                "torch.no_grad() instead (the sampler turns gradients on for its "
+                "own passes)"
+            )
         params = parameters_of(self.energy)  # walking a module's tree costs tens of us: once
         self._check_x0(x0, params)
         self._check_y(y, x0)
-        n_steps = self.n_steps if n_steps is None else validation.integer(n_steps, "n_steps",
-                                                                           low=0)
+        n_steps = self.n_steps if n_steps is None else validation.integer(n_steps, "n_steps", low=0)
         self._check_steps_left(n_steps)
         conditioning = Conditioning(y, energy_kwargs)
         start = time.perf_counter()
         x = x0.detach().clone(memory_format=torch.contiguous_format)
         # Grad mode on for the chains' input gradients (a caller may sample under no_grad).
-        with self.backend_context(), frozen_parameters(params), torch.enable_grad(), \
-                eval_mode(module_of(self.energy) if self.eval_mode else None):
+        with (
+            self.backend_context(),
+            frozen_parameters(params),
+            torch.enable_grad(),
+            eval_mode(module_of(self.energy) if self.eval_mode else None),
+        ):
             precision = self._use_precision(x)
             if n_steps == 0:  # nothing to run (JEM's loop does nothing either): x0's copy
-                return (x, self._info_without_steps(x, conditioning, start, precision)) \
-                    if return_info else x
+                return (
+                    (x, self._info_without_steps(x, conditioning, start, precision))
+                    if return_info
+                    else x
+                )
             self._energy.start_call(x, conditioning)
             # The counter and seed live on the chains' device: kernels and CUDA graphs read
             # them there.
             self._step, self._seed = self._step.to(x.device), self._seed.to(x.device)
-            inputs = ChainInputs(x, self._step, self._seed,
-                                 self._call_tables(x, n_steps, step_size), conditioning)
+            inputs = ChainInputs(
+                x, self._step, self._seed, self._call_tables(x, n_steps, step_size), conditioning
+            )
             chunk = min(self.chunk_size or x.shape[0], x.shape[0])
-            results = [self._run_chunk(inputs if chunk == x.shape[0] else
-                                       inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
-                                       n_steps, self.chain_offset + lo, return_info)
-                       for lo in range(0, x.shape[0], chunk)]
+            results = [
+                self._run_chunk(
+                    inputs
+                    if chunk == x.shape[0]
+                    else inputs.for_chains(lo, min(x.shape[0], lo + chunk)),
+                    n_steps,
+                    self.chain_offset + lo,
+                    return_info,
+                )
+                for lo in range(0, x.shape[0], chunk)
+            ]
         self._step += n_steps
         self._steps_taken += n_steps
-        merged = results[0] if len(results) == 1 else {
-            key: torch.cat([r[key] for r in results]) for key in results[0]}
+        merged = (
+            results[0]
+            if len(results) == 1
+            else {key: torch.cat([r[key] for r in results]) for key in results[0]}
+        )
         if self.check_finite:
             self._raise_if_non_finite(merged["nonfinite_score"], n_steps)
         if not return_info:
@@ -283,24 +360,33 @@ class Sampler(abc.ABC):
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         info = SampleInfo(
-            initial_energy=merged["initial_energy"], final_energy=merged["final_energy"],
+            initial_energy=merged["initial_energy"],
+            final_energy=merged["final_energy"],
             mean_grad_norm=merged["mean_grad_norm"],
             displacement=torch.linalg.vector_norm(
-                (x - x0.detach()).reshape(x.shape[0], -1).float(), dim=1),
+                (x - x0.detach()).reshape(x.shape[0], -1).float(), dim=1
+            ),
             time_s=time.perf_counter() - start,
-            accept_rate=merged.get("accept_rate"), step_size=merged.get("step_size"),
-            precision=precision)
+            accept_rate=merged.get("accept_rate"),
+            step_size=merged.get("step_size"),
+            precision=precision,
+        )
         return x, info
 
-    def _info_without_steps(self, x: torch.Tensor, conditioning, start: float,
-                            precision: PrecisionChoice) -> SampleInfo:
+    def _info_without_steps(
+        self, x: torch.Tensor, conditioning, start: float, precision: PrecisionChoice
+    ) -> SampleInfo:
         """A zero-step call's SampleInfo: x0's energies, no displacement, a NaN mean_grad_norm
         (no gradient was evaluated), no accept_rate or step_size."""
         energy = self._energy.value(x, conditioning)
-        return SampleInfo(initial_energy=energy, final_energy=energy,
-                          mean_grad_norm=torch.full((x.shape[0],), float("nan"), device=x.device),
-                          displacement=torch.zeros(x.shape[0], device=x.device),
-                          time_s=time.perf_counter() - start, precision=precision)
+        return SampleInfo(
+            initial_energy=energy,
+            final_energy=energy,
+            mean_grad_norm=torch.full((x.shape[0],), float("nan"), device=x.device),
+            displacement=torch.zeros(x.shape[0], device=x.device),
+            time_s=time.perf_counter() - start,
+            precision=precision,
+        )
 
     @abc.abstractmethod
     def _tables(self, x: torch.Tensor, n_steps: int, step_size) -> tuple[StepValues, ...]:
@@ -316,8 +402,9 @@ class Sampler(abc.ABC):
         device do not change: checking and filling them cost ~40 us per call on a CPU thread.
         Tables of numbers do not depend on n_steps (every step reads the same 0-dim tensor)."""
         values = self._parameter_values()
-        if step_size is not None or not all(v is None or isinstance(v, numbers.Real)
-                                            for v in values):
+        if step_size is not None or not all(
+            v is None or isinstance(v, numbers.Real) for v in values
+        ):
             return self._tables(x, n_steps, step_size)
         key = (x.dtype, x.device, *values)
         if self._number_tables is None or self._number_tables[0] != key:
@@ -325,8 +412,7 @@ class Sampler(abc.ABC):
         return self._number_tables[1]
 
     @abc.abstractmethod
-    def _chain(self, inputs: ChainInputs, *, n_steps: int, chain_offset: int,
-               track: bool) -> dict:
+    def _chain(self, inputs: ChainInputs, *, n_steps: int, chain_offset: int, track: bool) -> dict:
         """Run n_steps on inputs.x in place, drawing noise at (seed, counter, counter + 1, ...),
         with the tables a block of steps at a time; return the chunk's per-chain results
         (tensors only)."""
@@ -334,10 +420,10 @@ class Sampler(abc.ABC):
     def _use_cuda_graph(self, x: torch.Tensor) -> bool:
         return self.cuda_graph is not False and x.device.type == "cuda" and not self._graph_failed
 
-    def _run_chunk(self, inputs: ChainInputs, n_steps: int, chain_offset: int,
-                   track: bool) -> dict:
-        run_chain = functools.partial(self._chain, n_steps=n_steps, chain_offset=chain_offset,
-                                      track=track)
+    def _run_chunk(self, inputs: ChainInputs, n_steps: int, chain_offset: int, track: bool) -> dict:
+        run_chain = functools.partial(
+            self._chain, n_steps=n_steps, chain_offset=chain_offset, track=track
+        )
         if self._use_cuda_graph(inputs.x):
             inputs = inputs.tabulated(n_steps)  # a graph's inputs are tensors
             try:
@@ -349,9 +435,12 @@ class Sampler(abc.ABC):
                 return self._graphs[key].replay(inputs)
             except Exception as exc:  # e.g. the energy synchronises with the host
                 self._graph_failed = True
-                warnings.warn(f"{type(self).__name__}: CUDA graph capture failed "
-                              f"({type(exc).__name__}: {exc}); running eagerly from now on.",
-                              RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{type(self).__name__}: CUDA graph capture failed "
+                    f"({type(exc).__name__}: {exc}); running eagerly from now on.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         return run_chain(inputs)
 
     def _raise_if_non_finite(self, score: torch.Tensor, n_steps: int) -> None:
@@ -360,10 +449,14 @@ class Sampler(abc.ABC):
             return
         count = int((score > 0).sum())
         first = n_steps + 1 - worst  # the earliest local step at which a chain was non-finite
-        where = ("at the initial state x0" if first == 0 else
-                 f"after update {first} of {n_steps} in this call (sampler step "
-                 f"{self._steps_taken - n_steps + first - 1})")
+        where = (
+            "at the initial state x0"
+            if first == 0
+            else f"after update {first} of {n_steps} in this call (sampler step "
+            f"{self._steps_taken - n_steps + first - 1})"
+        )
         raise NonFiniteChainError(
             f"{type(self).__name__}: {count} of {score.shape[0]} chains have a non-finite "
             f"energy or state; the first appeared {where}. Lower step_size, clip gradients "
-            f"(grad_clip), check the energy, or pass check_finite=False to get the samples anyway.")
+            f"(grad_clip), check the energy, or pass check_finite=False to get the samples anyway."
+        )

@@ -29,8 +29,9 @@ class ChainDiagnostics:
         self.score: torch.Tensor | None = None
         # Whether check() or measure() read the step's energies (else a chain may skip them).
         self.needs_energy = check_finite or track
-        self.grad_norm_sum: torch.Tensor | None = torch.zeros(
-            x.shape[0], dtype=torch.float32, device=x.device) if track else None
+        self.grad_norm_sum: torch.Tensor | None = (
+            torch.zeros(x.shape[0], dtype=torch.float32, device=x.device) if track else None
+        )
         self.evaluations = 0
         self.initial_energy: torch.Tensor | None = None
 
@@ -51,8 +52,9 @@ class ChainDiagnostics:
         self.block = block = like.new_empty((rows, like.shape[0]), dtype=dtype)
         # The weights of the next fold's local steps k: n_steps + 1 - k, lowered in place by
         # each fold (a table of all n_steps + 1 weights would grow with the chain).
-        self.weights = torch.arange(self.n_steps + 1, self.n_steps + 1 - rows, -1, dtype=dtype,
-                                    device=like.device)
+        self.weights = torch.arange(
+            self.n_steps + 1, self.n_steps + 1 - rows, -1, dtype=dtype, device=like.device
+        )
         self.score = like.new_zeros(like.shape[0], dtype=dtype)
         return block
 
@@ -76,11 +78,13 @@ class ChainDiagnostics:
             if self.initial_energy is None:
                 self.initial_energy = energy.clone()
             self.grad_norm_sum += torch.linalg.vector_norm(
-                grad.reshape(grad.shape[0], -1).float(), dim=1)
+                grad.reshape(grad.shape[0], -1).float(), dim=1
+            )
             self.evaluations += 1
 
-    def finish(self, x: torch.Tensor, energy: torch.Tensor | None
-               ) -> dict[str, torch.Tensor | None]:
+    def finish(
+        self, x: torch.Tensor, energy: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | None]:
         """The chunk's results; with check_finite, "nonfinite_score" (see the class docstring)
         includes the final state x and, when given, its energies."""
         results: dict[str, torch.Tensor | None] = {}
@@ -98,6 +102,9 @@ class ChainDiagnostics:
             torch.maximum(score, final.to(score.dtype), out=score)
             results["nonfinite_score"] = score
         if self.grad_norm_sum is not None:  # track
-            results.update(initial_energy=self.initial_energy, final_energy=energy,
-                           mean_grad_norm=self.grad_norm_sum / self.evaluations)
+            results.update(
+                initial_energy=self.initial_energy,
+                final_energy=energy,
+                mean_grad_norm=self.grad_norm_sum / self.evaluations,
+            )
         return results

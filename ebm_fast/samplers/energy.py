@@ -40,12 +40,16 @@ def trainable_parameters(energy) -> list[torch.Tensor]:
     ``energy.parameters()``: the list every training gradient (and exact2d's exact ones) is taken
     with respect to. TypeError for anything but a Module, ValueError when it has none."""
     if not isinstance(energy, torch.nn.Module):
-        raise TypeError(f"energy must be a torch.nn.Module (its parameters are trained), got "
-                        f"{type(energy).__name__}")
+        raise TypeError(
+            f"energy must be a torch.nn.Module (its parameters are trained), got "
+            f"{type(energy).__name__}"
+        )
     params: list[torch.Tensor] = [p for p in energy.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("energy has no trainable parameters (requires_grad=True): nothing to "
-                         "take a gradient with respect to")
+        raise ValueError(
+            "energy has no trainable parameters (requires_grad=True): nothing to "
+            "take a gradient with respect to"
+        )
     return params
 
 
@@ -102,8 +106,10 @@ def _check_energy_output(value, chains: int) -> None:
         raise TypeError(f"energy(x) must return a tensor, got {type(value).__name__}")
     shapes = ((chains,), (chains, 1), ()) if chains == 1 else ((chains,), (chains, 1))
     if tuple(value.shape) not in shapes:
-        raise ValueError(f"energy(x) must return shape ({chains},) or ({chains}, 1), one energy "
-                         f"per chain, got {tuple(value.shape)}")
+        raise ValueError(
+            f"energy(x) must return shape ({chains},) or ({chains}, 1), one energy "
+            f"per chain, got {tuple(value.shape)}"
+        )
     if not value.dtype.is_floating_point:
         raise TypeError(f"energy(x) must return a floating tensor, got {value.dtype}")
 
@@ -130,8 +136,16 @@ class EnergyFunction:
     energy's input gradient without autograd where MLPGradient covers it (same bits).
     """
 
-    def __init__(self, energy: Callable, *, compile: bool, autocast: torch.dtype | None,
-                 negate: bool, owner: str, mlp_gradient: bool = True) -> None:
+    def __init__(
+        self,
+        energy: Callable,
+        *,
+        compile: bool,
+        autocast: torch.dtype | None,
+        negate: bool,
+        owner: str,
+        mlp_gradient: bool = True,
+    ) -> None:
         self.energy, self.autocast, self.negate, self.owner = energy, autocast, negate, owner
         self._compiled = torch.compile(energy) if compile else None
         # The direct route computes the plain energy's passes (under the sampler's autocast
@@ -158,13 +172,22 @@ class EnergyFunction:
                 return conditioning.call(self._compiled, x)
             except Exception as exc:  # compilation failed: the eager energy is always correct
                 self._compiled = None
-                warnings.warn(f"{self.owner}: torch.compile of the energy failed "
-                              f"({type(exc).__name__}: {exc}); running it eagerly.",
-                              RuntimeWarning, stacklevel=8)  # the user's sample() call
+                warnings.warn(
+                    f"{self.owner}: torch.compile of the energy failed "
+                    f"({type(exc).__name__}: {exc}); running it eagerly.",
+                    RuntimeWarning,
+                    stacklevel=8,
+                )  # the user's sample() call
         return conditioning.call(self.energy, x)
 
-    def _forward(self, x: torch.Tensor, conditioning: Conditioning, *,
-                 compiled: bool = False, check: bool = True) -> torch.Tensor:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        conditioning: Conditioning,
+        *,
+        compiled: bool = False,
+        check: bool = True,
+    ) -> torch.Tensor:
         """The energy at x as returned, checked, negated when the callable returns -E, its
         passes under the autocast dtype."""
         if self.autocast is None:  # no context at all: microseconds per step on a CPU
@@ -176,15 +199,17 @@ class EnergyFunction:
             _check_energy_output(value, x.shape[0])
         return -value if self.negate else value
 
-    def energies(self, x: torch.Tensor,
-                 conditioning: Conditioning = NO_CONDITIONING) -> torch.Tensor:
+    def energies(
+        self, x: torch.Tensor, conditioning: Conditioning = NO_CONDITIONING
+    ) -> torch.Tensor:
         """The (B,) energies at x in x's compute dtype, differentiable in x and in the
         energy's parameters: the pass a loss takes (positives, negatives, the KL step). The
         module runs in its own mode (eval_mode is the chains' option)."""
         return _per_chain(self._forward(x, conditioning), compute_dtype(x.dtype))
 
-    def _value_and_grad(self, x: torch.Tensor,
-                        conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    def _value_and_grad(
+        self, x: torch.Tensor, conditioning: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy as the callable returned it, negated when it returns -E; dE/dx) at x; builds
         no graph through parameters. As few op calls as the loop a user writes: the (B, 1) ->
         (B,) reshape happens after the backward pass, not inside the graph. Runs with grad mode
@@ -197,24 +222,34 @@ class EnergyFunction:
         self._checked = True
         # An output that needs no gradient, or one only through other tensors (no path from
         # x: grad is None), has no gradient in x to follow.
-        (grad,) = torch.autograd.grad(value, x_var, self._ones_like(value), allow_unused=True) \
-            if value.requires_grad else (None,)
+        (grad,) = (
+            torch.autograd.grad(value, x_var, self._ones_like(value), allow_unused=True)
+            if value.requires_grad
+            else (None,)
+        )
         if grad is None:
-            raise ValueError("energy(x) does not depend on x through differentiable "
-                             "operations: there is no gradient to follow")
+            raise ValueError(
+                "energy(x) does not depend on x through differentiable "
+                "operations: there is no gradient to follow"
+            )
         return value, grad
 
     def _ones_like(self, value: torch.Tensor) -> torch.Tensor:
         """d(sum E)/dE, the gradient autograd gives value.sum()'s backward, made once per
         layout: the sum and the ones are two op calls per step saved."""
         ones = self._ones
-        if ones is None or ones.shape != value.shape or ones.dtype != value.dtype \
-                or ones.device != value.device:
+        if (
+            ones is None
+            or ones.shape != value.shape
+            or ones.dtype != value.dtype
+            or ones.device != value.device
+        ):
             self._ones = ones = torch.ones_like(value, memory_format=torch.contiguous_format)
         return ones
 
-    def value_and_grad(self, x: torch.Tensor,
-                       conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(
+        self, x: torch.Tensor, conditioning: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy (B,) in the compute dtype, detached; dE/dx) at x."""
         value, grad = self._value_and_grad(x, conditioning)
         return _per_chain(value.detach(), compute_dtype(x.dtype)), grad

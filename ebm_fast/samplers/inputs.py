@@ -62,17 +62,23 @@ class Conditioning:
     def key(self) -> tuple:
         """Tensors by shape, dtype and device (a capture reads them from its static copies);
         anything else by value (a capture bakes it in), so it must be hashable."""
+
         def part(name, value):
             if isinstance(value, torch.Tensor):
                 return name, _tensor_key(value)
             try:
                 hash(value)
             except TypeError:
-                raise TypeError(f"energy argument {name!r} must be a tensor or hashable to be "
-                                f"part of a CUDA graph's key, got {type(value).__name__}") from None
+                raise TypeError(
+                    f"energy argument {name!r} must be a tensor or hashable to be "
+                    f"part of a CUDA graph's key, got {type(value).__name__}"
+                ) from None
             return name, value
-        return (part("y", self.y),
-                *(part(name, value) for name, value in sorted(self.kwargs.items())))
+
+        return (
+            part("y", self.y),
+            *(part(name, value) for name, value in sorted(self.kwargs.items())),
+        )
 
 
 NO_CONDITIONING = Conditioning()  # energy(x)
@@ -92,18 +98,24 @@ class ChainInputs:
     def for_chains(self, lo: int, hi: int) -> ChainInputs:
         # x[lo:hi] of a contiguous tensor is a contiguous view: updated in place.
         return dataclasses.replace(
-            self, x=self.x[lo:hi], tables=tuple(t.for_chains(lo, hi) for t in self.tables),
-            conditioning=self.conditioning.for_chains(lo, hi))
+            self,
+            x=self.x[lo:hi],
+            tables=tuple(t.for_chains(lo, hi) for t in self.tables),
+            conditioning=self.conditioning.for_chains(lo, hi),
+        )
 
     def tabulated(self, n_steps: int) -> ChainInputs:
         """Every per-step value held in a tensor (a graph's inputs are tensors)."""
         return dataclasses.replace(self, tables=tuple(t.tabulated(n_steps) for t in self.tables))
 
     def static_copy(self) -> ChainInputs:
-        return ChainInputs(self.x.clone(), self.counter.clone(), self.seed.clone(),
-                           tuple(dataclasses.replace(t, values=t.table.clone())
-                                 for t in self.tables),
-                           self.conditioning.static_copy())
+        return ChainInputs(
+            self.x.clone(),
+            self.counter.clone(),
+            self.seed.clone(),
+            tuple(dataclasses.replace(t, values=t.table.clone()) for t in self.tables),
+            self.conditioning.static_copy(),
+        )
 
     def copy_(self, other: ChainInputs) -> None:
         """Refill this static copy with other's values (same key)."""
@@ -116,6 +128,8 @@ class ChainInputs:
 
     def key(self) -> tuple:
         """The structure a capture bakes in (tabulated inputs only)."""
-        return (_tensor_key(self.x),
-                tuple((t.per_step, *_tensor_key(t.table)) for t in self.tables),
-                self.conditioning.key())
+        return (
+            _tensor_key(self.x),
+            tuple((t.per_step, *_tensor_key(t.table)) for t in self.tables),
+            self.conditioning.key(),
+        )

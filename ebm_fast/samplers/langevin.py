@@ -48,18 +48,27 @@ class LangevinSampler(Sampler):
             chunk_size, autocast, negate, eval_mode, mlp_gradient).
     """
 
-    def __init__(self, energy: Callable[..., torch.Tensor], *, step_size: StepParameter,
-                 noise_scale: StepParameter | None = None,
-                 temperature: StepParameter | None = None, grad_clip: float | None = None,
-                 grad_clip_mode: str = "value",
-                 clamp: tuple[float | None, float | None] | None = None,
-                 **options: Unpack[SamplerOptions]) -> None:
+    def __init__(
+        self,
+        energy: Callable[..., torch.Tensor],
+        *,
+        step_size: StepParameter,
+        noise_scale: StepParameter | None = None,
+        temperature: StepParameter | None = None,
+        grad_clip: float | None = None,
+        grad_clip_mode: str = "value",
+        clamp: tuple[float | None, float | None] | None = None,
+        **options: Unpack[SamplerOptions],
+    ) -> None:
         super().__init__(energy, **options)
         if noise_scale is not None and temperature is not None:
-            raise ValueError("give noise_scale (decoupled sigma) or temperature "
-                             "(sigma = sqrt(2 step_size temperature)), not both")
-        self.grad_clip_mode = validation.choice(grad_clip_mode, "grad_clip_mode",
-                                                validation.GRAD_CLIP_MODES)
+            raise ValueError(
+                "give noise_scale (decoupled sigma) or temperature "
+                "(sigma = sqrt(2 step_size temperature)), not both"
+            )
+        self.grad_clip_mode = validation.choice(
+            grad_clip_mode, "grad_clip_mode", validation.GRAD_CLIP_MODES
+        )
         self.grad_clip = validation.grad_clip(grad_clip)
         self.clamp = validation.clamp_bounds(clamp)
         self.step_size, self.noise_scale = step_size, noise_scale
@@ -70,10 +79,18 @@ class LangevinSampler(Sampler):
                 check_step_value(value, name, allow_zero=True)
 
     def _tables(self, x, n_steps, step_size):
-        eps = step_values(self.step_size if step_size is None else step_size, "step_size",
-                          n_steps, x, allow_zero=False)
-        noise = (self.noise_scale, "noise_scale") if self.noise_scale is not None else (
-            self.temperature, "temperature")
+        eps = step_values(
+            self.step_size if step_size is None else step_size,
+            "step_size",
+            n_steps,
+            x,
+            allow_zero=False,
+        )
+        noise = (
+            (self.noise_scale, "noise_scale")
+            if self.noise_scale is not None
+            else (self.temperature, "temperature")
+        )
         return eps, step_values(*noise, n_steps, x, allow_zero=True)
 
     def _parameter_values(self):
@@ -90,8 +107,9 @@ class LangevinSampler(Sampler):
     def _chain(self, inputs, *, n_steps, chain_offset, track):
         x, (eps_values, noise_values) = inputs.x, inputs.tables
         # The limits as the kernels apply them in x's compute dtype (inf: no limit).
-        grad_clip, clamp_lo, clamp_hi = validation.update_limits(self.grad_clip, *self.clamp,
-                                                                 x.dtype)
+        grad_clip, clamp_lo, clamp_hi = validation.update_limits(
+            self.grad_clip, *self.clamp, x.dtype
+        )
         diagnostics = ChainDiagnostics(x, n_steps, self.check_finite, track)
         update, seed, mode = update_kernel(x), inputs.seed, self.grad_clip_mode
         for first, n in blocks(n_steps):
@@ -107,15 +125,33 @@ class LangevinSampler(Sampler):
                     grad = self._energy.grad(x, inputs.conditioning)
                 # Keywords spelled out in the call: a functools.partial holding them merges
                 # dicts on every call (microseconds per step on a CPU).
-                update(out=x, x=x, grad=contiguous(grad), step_size=eps_k, noise_scale=sigma_k,
-                       seed=seed, step=step, stream=STREAM_PROPOSAL, chain_offset=chain_offset,
-                       grad_clip=grad_clip, grad_clip_mode=mode, clamp_lo=clamp_lo,
-                       clamp_hi=clamp_hi)
+                update(
+                    out=x,
+                    x=x,
+                    grad=contiguous(grad),
+                    step_size=eps_k,
+                    noise_scale=sigma_k,
+                    seed=seed,
+                    step=step,
+                    stream=STREAM_PROPOSAL,
+                    chain_offset=chain_offset,
+                    grad_clip=grad_clip,
+                    grad_clip_mode=mode,
+                    clamp_lo=clamp_lo,
+                    clamp_hi=clamp_hi,
+                )
         final_energy = self._energy.value(x, inputs.conditioning) if track else None
         return diagnostics.finish(x, final_energy)
 
-    def differentiable_step(self, x: torch.Tensor, step: int, *, chains: int | None = None,
-                            y: object = None, **energy_kwargs: Any) -> torch.Tensor:
+    def differentiable_step(
+        self,
+        x: torch.Tensor,
+        step: int,
+        *,
+        chains: int | None = None,
+        y: object = None,
+        **energy_kwargs: Any,
+    ) -> torch.Tensor:
         """The update a one-step sample() takes from x when the step counter is at ``step``,
         on the first ``chains`` chains (all when None), differentiable in the energy's
         parameters: the energy gradient stays in the graph (create_graph) and the update runs
@@ -131,11 +167,23 @@ class LangevinSampler(Sampler):
         x_var = x_n.clone().requires_grad_(True)
         conditioning = Conditioning(y, energy_kwargs).for_chains(0, n)
         self._use_precision(x)
-        with torch.enable_grad(), self.backend_context(), \
-                eval_mode(module_of(self.energy) if self.eval_mode else None):
+        with (
+            torch.enable_grad(),
+            self.backend_context(),
+            eval_mode(module_of(self.energy) if self.eval_mode else None),
+        ):
             energy = self._energy.energies(x_var, conditioning)
             (grad,) = torch.autograd.grad(energy.sum(), x_var, create_graph=True)
-            return langevin_update(x_n, grad, eps[0], sigma, seed=self._seed, step=step,
-                                   stream=STREAM_PROPOSAL, chain_offset=self.chain_offset,
-                                   grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
-                                   clamp=self.clamp)
+            return langevin_update(
+                x_n,
+                grad,
+                eps[0],
+                sigma,
+                seed=self._seed,
+                step=step,
+                stream=STREAM_PROPOSAL,
+                chain_offset=self.chain_offset,
+                grad_clip=self.grad_clip,
+                grad_clip_mode=self.grad_clip_mode,
+                clamp=self.clamp,
+            )

@@ -44,29 +44,49 @@ class MALASampler(Sampler):
     **options: the options every sampler takes, see :class:`ebm_fast.samplers.base.Sampler`.
     """
 
-    def __init__(self, energy: Callable[..., torch.Tensor], *, step_size: StepParameter,
-                 temperature: StepParameter = 1.0, adapt: bool = False,
-                 target_accept: float = 0.574, adapt_steps: int | None = None,
-                 adapt_rate: float = 0.05, clamp: None = None, grad_clip: None = None,
-                 **options: Unpack[SamplerOptions]) -> None:
+    def __init__(
+        self,
+        energy: Callable[..., torch.Tensor],
+        *,
+        step_size: StepParameter,
+        temperature: StepParameter = 1.0,
+        adapt: bool = False,
+        target_accept: float = 0.574,
+        adapt_steps: int | None = None,
+        adapt_rate: float = 0.05,
+        clamp: None = None,
+        grad_clip: None = None,
+        **options: Unpack[SamplerOptions],
+    ) -> None:
         super().__init__(energy, **options)
         if clamp is not None or grad_clip is not None:
-            raise ValueError("MALASampler takes no clamp or grad_clip: they change the proposal "
-                             "density and break detailed balance (use LangevinSampler for them)")
+            raise ValueError(
+                "MALASampler takes no clamp or grad_clip: they change the proposal "
+                "density and break detailed balance (use LangevinSampler for them)"
+            )
         self.step_size, self.temperature = step_size, temperature
         self.adapt = bool(adapt)
-        self.target_accept = validation.real(target_accept, "target_accept", low=0.0, high=1.0,
-                                             low_open=True, high_open=True)
-        self.adapt_steps = None if adapt_steps is None else validation.integer(
-            adapt_steps, "adapt_steps", low=0)
+        self.target_accept = validation.real(
+            target_accept, "target_accept", low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.adapt_steps = (
+            None if adapt_steps is None else validation.integer(adapt_steps, "adapt_steps", low=0)
+        )
         self.adapt_rate = validation.real(adapt_rate, "adapt_rate", low=0.0, low_open=True)
         check_step_value(step_size, "step_size", allow_zero=False)
         check_step_value(temperature, "temperature", allow_zero=False)
 
     def _tables(self, x, n_steps, step_size):
-        return (step_values(self.step_size if step_size is None else step_size, "step_size",
-                            n_steps, x, allow_zero=False),
-                step_values(self.temperature, "temperature", n_steps, x, allow_zero=False))
+        return (
+            step_values(
+                self.step_size if step_size is None else step_size,
+                "step_size",
+                n_steps,
+                x,
+                allow_zero=False,
+            ),
+            step_values(self.temperature, "temperature", n_steps, x, allow_zero=False),
+        )
 
     def _parameter_values(self):
         return self.step_size, self.temperature
@@ -74,8 +94,11 @@ class MALASampler(Sampler):
     def _chain(self, inputs, *, n_steps, chain_offset, track):
         x, seed, (eps_values, temperature_values) = inputs.x, inputs.seed, inputs.tables
         chains, dtype = x.shape[0], validation.compute_dtype(x.dtype)
-        n_adapt = 0 if not self.adapt else (
-            n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
+        n_adapt = (
+            0
+            if not self.adapt
+            else (n_steps // 2 if self.adapt_steps is None else min(self.adapt_steps, n_steps))
+        )
         # Per-chain multiplier of the step sizes, tuned during the adaptation phase.
         scale = torch.ones(chains, dtype=dtype, device=x.device)
         accepted_count = torch.zeros(chains, dtype=torch.float32, device=x.device)
@@ -94,18 +117,42 @@ class MALASampler(Sampler):
             eps_rows = eps_values.block(first, n).unbind(0)
             temperatures = temperature_values.block(first, n).unbind(0)
             steps = step_counters(inputs.counter, first, n)
-            for k, eps_row, temperature, step in zip(range(first, first + n), eps_rows,
-                                                     temperatures, steps):
+            for k, eps_row, temperature, step in zip(
+                range(first, first + n), eps_rows, temperatures, steps
+            ):
                 eps = eps_row * scale
-                propose(out=proposal, x=x, grad=grad_x, step_size=eps,
-                        noise_scale=(2 * eps * temperature).sqrt(), seed=seed, step=step,
-                        stream=STREAM_PROPOSAL, chain_offset=chain_offset, grad_clip=None,
-                        grad_clip_mode="value", clamp_lo=None, clamp_hi=None)
+                propose(
+                    out=proposal,
+                    x=x,
+                    grad=grad_x,
+                    step_size=eps,
+                    noise_scale=(2 * eps * temperature).sqrt(),
+                    seed=seed,
+                    step=step,
+                    stream=STREAM_PROPOSAL,
+                    chain_offset=chain_offset,
+                    grad_clip=None,
+                    grad_clip_mode="value",
+                    clamp_lo=None,
+                    clamp_hi=None,
+                )
                 energy_y, grad_y = self._energy.value_and_grad(proposal, inputs.conditioning)
-                accept(accepted=accepted, accept_prob=accept_prob, x=x, y=proposal,
-                       grad_x=grad_x, grad_y=contiguous(grad_y), energy_x=energy_x,
-                       energy_y=energy_y, step_size=eps, temperature=temperature, seed=seed,
-                       step=step, stream=STREAM_MALA_ACCEPT, chain_offset=chain_offset)
+                accept(
+                    accepted=accepted,
+                    accept_prob=accept_prob,
+                    x=x,
+                    y=proposal,
+                    grad_x=grad_x,
+                    grad_y=contiguous(grad_y),
+                    energy_x=energy_x,
+                    energy_y=energy_y,
+                    step_size=eps,
+                    temperature=temperature,
+                    seed=seed,
+                    step=step,
+                    stream=STREAM_MALA_ACCEPT,
+                    chain_offset=chain_offset,
+                )
                 accepted_count += accepted
                 if k < n_adapt:
                     adapt_step_scale(scale, accept_prob, self.target_accept, self.adapt_rate)

@@ -34,23 +34,33 @@ ACTIVATION_BACKWARD = {
     nn.ReLU: lambda g, m, z, a: aten.threshold_backward.default(g, a, 0),
     nn.Softplus: lambda g, m, z, a: aten.softplus_backward.default(g, z, m.beta, m.threshold),
     nn.ELU: lambda g, m, z, a: aten.elu_backward.default(g, m.alpha, 1, 1, False, z),
-    nn.LeakyReLU: lambda g, m, z, a: aten.leaky_relu_backward.default(g, z, m.negative_slope,
-                                                                       False),
+    nn.LeakyReLU: lambda g, m, z, a: aten.leaky_relu_backward.default(
+        g, z, m.negative_slope, False
+    ),
     nn.GELU: lambda g, m, z, a: aten.gelu_backward.default(g, z, approximate=m.approximate),
 }
 
 
 # torch.nn's module hooks registered for every module (register_module_forward_hook, ...).
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _altered(module: nn.Module) -> bool:
     """Whether the module's call is not its class's forward alone: hooks would run around its
     forward or backward, or ``forward`` was replaced on the instance (whose backward the route
     would not know)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
 
 
 class MLPGradient:
@@ -79,9 +89,11 @@ class MLPGradient:
                 return False
             modules = modules[1:]
         alternating = len(modules) % 2 == 1 and all(
-            type(m) is nn.Linear if i % 2 == 0 else
-            type(m) in ACTIVATION_BACKWARD and not getattr(m, "inplace", False)
-            for i, m in enumerate(modules))
+            type(m) is nn.Linear
+            if i % 2 == 0
+            else type(m) in ACTIVATION_BACKWARD and not getattr(m, "inplace", False)
+            for i, m in enumerate(modules)
+        )
         return alternating and modules[-1].out_features == 1
 
     def covers(self, x: torch.Tensor, conditioning) -> bool:
@@ -89,13 +101,20 @@ class MLPGradient:
         at construction (a Sequential can be edited, a parametrisation swaps a layer's class),
         none with hooks or a replaced forward, parameters of x's dtype and device, x at least
         2-D, no conditioning, no global module hooks, no enclosing autocast."""
-        if conditioning.y is not None or conditioning.kwargs or x.dim() < 2 \
-                or torch.is_autocast_enabled(x.device.type):
+        if (
+            conditioning.y is not None
+            or conditioning.kwargs
+            or x.dim() < 2
+            or torch.is_autocast_enabled(x.device.type)
+        ):
             return False
         # The layout again, by exact class: a parametrisation (spectral_norm, ...) swaps a
         # layer's class for a subclass, which the layout refuses.
-        if tuple(self.sequential) != self.modules or not self._layout_supported(self.modules) \
-                or _altered(self.sequential):
+        if (
+            tuple(self.sequential) != self.modules
+            or not self._layout_supported(self.modules)
+            or _altered(self.sequential)
+        ):
             return False
         if any(getattr(nn.modules.module, hooks) for hooks in _GLOBAL_HOOKS):
             return False
@@ -103,12 +122,14 @@ class MLPGradient:
             if _altered(module):
                 return False
             if type(module) is nn.Linear and (
-                    module.weight.dtype != x.dtype or module.weight.device != x.device):
+                module.weight.dtype != x.dtype or module.weight.device != x.device
+            ):
                 return False
         return x.dim() == 2 or type(self.modules[0]) is nn.Flatten
 
-    def __call__(self, x: torch.Tensor,
-                 autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, autocast: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy (B, 1), dE/dx shaped like x) at x; builds no graph. autocast: the forward
         runs under torch.autocast(autocast) and the backward follows its casts as autograd
         does (each layer's backward in the dtype its forward ran in, its input gradient cast
@@ -116,8 +137,11 @@ class MLPGradient:
         h = x.flatten(1) if type(self.modules[0]) is nn.Flatten else x
         linears = []  # (layer, its input, its output's dtype)
         activations = []  # (activation, its input z, its output a)
-        with contextlib.nullcontext() if autocast is None else torch.autocast(
-                x.device.type, dtype=autocast, cache_enabled=False):
+        with (
+            contextlib.nullcontext()
+            if autocast is None
+            else torch.autocast(x.device.type, dtype=autocast, cache_enabled=False)
+        ):
             for module in self.modules:
                 if type(module) is nn.Linear:
                     layer_input, h = h, module.forward(h)
@@ -133,19 +157,22 @@ class MLPGradient:
                 if autocast is None:
                     grad = ACTIVATION_BACKWARD[type(module)](grad, module, z, a)
                 else:  # autocast may have run the activation on z cast to a's dtype
-                    grad = ACTIVATION_BACKWARD[type(module)](grad.to(a.dtype), module,
-                                                             z.to(a.dtype), a).to(z.dtype)
+                    grad = ACTIVATION_BACKWARD[type(module)](
+                        grad.to(a.dtype), module, z.to(a.dtype), a
+                    ).to(z.dtype)
             layer, layer_input, dtype = linears[i]
             if autocast is None:
                 grad = _linear_input_grad(grad, layer.weight, layer_input)
             else:  # autocast ran the layer on its input and weight cast to dtype
-                grad = _linear_input_grad(grad.to(dtype), layer.weight.to(dtype),
-                                          layer_input.to(dtype)).to(layer_input.dtype)
+                grad = _linear_input_grad(
+                    grad.to(dtype), layer.weight.to(dtype), layer_input.to(dtype)
+                ).to(layer_input.dtype)
         return h, grad.view(x.shape)
 
 
-def _linear_input_grad(grad: torch.Tensor, weight: torch.Tensor,
-                       layer_input: torch.Tensor) -> torch.Tensor:
+def _linear_input_grad(
+    grad: torch.Tensor, weight: torch.Tensor, layer_input: torch.Tensor
+) -> torch.Tensor:
     """d/d(input) of F.linear(input, weight, bias) given grad of its output, as autograd's addmm
     backward computes it: grad @ weight, or (weight^T @ grad^T)^T for an input whose strides
     read as column-major (a 1 x 1 one), which rounds differently."""

@@ -28,8 +28,10 @@ BLOCK_STEPS = 32
 
 def linear_schedule(start: float, end: float) -> Callable[[int, int], float]:
     """A schedule for step_size / noise_scale / temperature: start at step 0, end at the last."""
+
     def schedule(k: int, n_steps: int) -> float:
         return start + (end - start) * (k / max(n_steps - 1, 1))
+
     return schedule
 
 
@@ -40,6 +42,7 @@ def geometric_schedule(start: float, end: float) -> Callable[[int, int], float]:
 
     def schedule(k: int, n_steps: int) -> float:
         return start * (end / start) ** (k / max(n_steps - 1, 1))
+
     return schedule
 
 
@@ -86,8 +89,15 @@ def _chain_value(value, name: str, x: torch.Tensor, allow_zero: bool) -> torch.T
     return checked if checked.is_contiguous() else checked.contiguous()
 
 
-def _schedule_block(schedule: Callable, name: str, x: torch.Tensor, allow_zero: bool,
-                    n_steps: int, first: int, n: int) -> torch.Tensor:
+def _schedule_block(
+    schedule: Callable,
+    name: str,
+    x: torch.Tensor,
+    allow_zero: bool,
+    n_steps: int,
+    first: int,
+    n: int,
+) -> torch.Tensor:
     """Rows first .. first + n - 1 of a schedule, (n,) or (n, B), on x's device."""
     rows = [schedule(k, n_steps) for k in range(first, first + n)]
     names = [f"{name} (schedule at step {k})" for k in range(first, first + n)]
@@ -128,15 +138,16 @@ class StepValues:
             return self.evaluate(first, n)
         values = self.table
         if self.per_step:
-            return values[first:first + n]
+            return values[first : first + n]
         return values.expand(n, *values.shape)
 
     def for_chains(self, lo: int, hi: int) -> StepValues:
         """The values of chains lo:hi only (a chunk)."""
         if self.evaluate is not None:
             evaluate = self.evaluate
-            return StepValues(None, evaluate=lambda first, n: _chains_of(evaluate(first, n),
-                                                                          lo, hi))
+            return StepValues(
+                None, evaluate=lambda first, n: _chains_of(evaluate(first, n), lo, hi)
+            )
         values = self.table
         chain_axis = 1 if self.per_step else 0
         if values.dim() == chain_axis + 1:
@@ -158,8 +169,7 @@ def _chains_of(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return rows[:, lo:hi] if rows.dim() == 2 else rows
 
 
-def step_values(value, name: str, n_steps: int, x: torch.Tensor, *,
-                allow_zero: bool) -> StepValues:
+def step_values(value, name: str, n_steps: int, x: torch.Tensor, *, allow_zero: bool) -> StepValues:
     """A step_size / noise_scale / temperature value for a call on the chains x.
 
     value: a number (finite and > 0, or >= 0 with allow_zero, in x's compute dtype), a 0-dim or
@@ -168,6 +178,10 @@ def step_values(value, name: str, n_steps: int, x: torch.Tensor, *,
     value is reported when its block is reached).
     """
     if is_schedule(value):
-        return StepValues(None, evaluate=lambda first, n: _schedule_block(
-            value, name, x, allow_zero, n_steps, first, n))
+        return StepValues(
+            None,
+            evaluate=lambda first, n: _schedule_block(
+                value, name, x, allow_zero, n_steps, first, n
+            ),
+        )
     return StepValues(_chain_value(value, name, x, allow_zero))

@@ -30,31 +30,40 @@ from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.samplers.energy import autocast_pass, parameters_of
 from ebm_fast.training.losses import AnySampler, LossStats, PersistentML, Stats, _check_batch
 
-__all__ = ["LogitsEnergy", "logits_energy", "JEM", "JEMStats", "expected_calibration_error",
-           "classifier_metrics"]
+__all__ = [
+    "LogitsEnergy",
+    "logits_energy",
+    "JEM",
+    "JEMStats",
+    "expected_calibration_error",
+    "classifier_metrics",
+]
 
 
 def _check_labels(y: object, batch: int, device: torch.device, name: str = "y") -> None:
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 tensor of class labels, got "
-                        f"{type(y).__name__}")
+        raise TypeError(f"{name} must be an int64 tensor of class labels, got {type(y).__name__}")
     if y.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 tensor of class labels, got {y.dtype}")
     if tuple(y.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), one label per sample, got "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({batch},), one label per sample, got {tuple(y.shape)}"
+        )
     validation.same_device(device, "x", **{name: y})
 
 
-def _check_logits(logits: object, batch: int | None = None,
-                  name: str = "classifier(x)") -> None:
+def _check_logits(logits: object, batch: int | None = None, name: str = "classifier(x)") -> None:
     """logits must be a floating (batch, n_classes) tensor (any batch when None)."""
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor of logits, got "
-                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+        raise TypeError(
+            f"{name} must be a floating tensor of logits, got "
+            f"{getattr(logits, 'dtype', type(logits).__name__)}"
+        )
     if logits.dim() != 2 or batch not in (None, logits.shape[0]):
-        raise ValueError(f"{name} must have shape ({'B' if batch is None else batch}, "
-                         f"n_classes), got {tuple(logits.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({'B' if batch is None else batch}, "
+            f"n_classes), got {tuple(logits.shape)}"
+        )
 
 
 def logits_energy(logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,8 +87,10 @@ class LogitsEnergy(torch.nn.Module):
     def __init__(self, classifier: torch.nn.Module) -> None:
         super().__init__()
         if not isinstance(classifier, torch.nn.Module):
-            raise TypeError(f"classifier must be a torch.nn.Module returning logits, got "
-                            f"{type(classifier).__name__}")
+            raise TypeError(
+                f"classifier must be a torch.nn.Module returning logits, got "
+                f"{type(classifier).__name__}"
+            )
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,45 +138,64 @@ class JEM(PersistentML):
 
     energy_takes_y = True  # the p(x, y) chains sample E(x, y) = -f(x)[y]
 
-    def __init__(self, classifier: Callable[[torch.Tensor], torch.Tensor], sampler: AnySampler,
-                 buffer: ReplayBuffer, p_x_weight: float = 1.0, p_y_given_x_weight: float = 1.0,
-                 p_x_y_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        classifier: Callable[[torch.Tensor], torch.Tensor],
+        sampler: AnySampler,
+        buffer: ReplayBuffer,
+        p_x_weight: float = 1.0,
+        p_y_given_x_weight: float = 1.0,
+        p_x_y_weight: float = 0.0,
+    ) -> None:
         super().__init__(sampler, buffer)
         if not callable(classifier):
-            raise TypeError(f"classifier must be a callable x -> logits (an nn.Module), got "
-                            f"{type(classifier).__name__}")
+            raise TypeError(
+                f"classifier must be a callable x -> logits (an nn.Module), got "
+                f"{type(classifier).__name__}"
+            )
         own = {id(p) for p in parameters_of(classifier)}
         if not own or own != {id(p) for p in parameters_of(self.energy)}:
-            raise ValueError("sampler must sample the classifier's energy (build it on "
-                             "ebm_fast.training.LogitsEnergy(classifier)): its energy holds "
-                             "other parameters than the classifier's")
+            raise ValueError(
+                "sampler must sample the classifier's energy (build it on "
+                "ebm_fast.training.LogitsEnergy(classifier)): its energy holds "
+                "other parameters than the classifier's"
+            )
         self.classifier = classifier
         self.p_x_weight = validation.real(p_x_weight, "p_x_weight", low=0.0)
-        self.p_y_given_x_weight = validation.real(p_y_given_x_weight, "p_y_given_x_weight",
-                                                  low=0.0)
+        self.p_y_given_x_weight = validation.real(p_y_given_x_weight, "p_y_given_x_weight", low=0.0)
         self.p_x_y_weight = validation.real(p_x_y_weight, "p_x_y_weight", low=0.0)
         if self.p_x_weight == 0 and self.p_x_y_weight == 0:
-            raise ValueError("p_x_weight and p_x_y_weight are both 0: nothing would be sampled "
-                             "(train the classifier with cross-entropy alone instead)")
+            raise ValueError(
+                "p_x_weight and p_x_y_weight are both 0: nothing would be sampled "
+                "(train the classifier with cross-entropy alone instead)"
+            )
         if self.p_x_y_weight > 0 and buffer.n_classes is None:
-            raise ValueError("p_x_y_weight > 0 samples class-conditionally: the buffer needs "
-                             "n_classes (one block of slots per class)")
+            raise ValueError(
+                "p_x_y_weight > 0 samples class-conditionally: the buffer needs "
+                "n_classes (one block of slots per class)"
+            )
         # Labels are needed by the two terms that use them.
         self.conditional = self.p_y_given_x_weight > 0 or self.p_x_y_weight > 0
 
     def __call__(self, x_pos: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_batch(x_pos, "x_pos")
         if tuple(x_pos.shape[1:]) != self.buffer.sample_shape:
-            raise ValueError(f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
-                             f"holds samples of shape {self.buffer.sample_shape}")
+            raise ValueError(
+                f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
+                f"holds samples of shape {self.buffer.sample_shape}"
+            )
         if self.conditional:
             if y is None:
-                raise ValueError("y (the class of each positive sample) is required: "
-                                 "p_y_given_x_weight or p_x_y_weight is > 0")
+                raise ValueError(
+                    "y (the class of each positive sample) is required: "
+                    "p_y_given_x_weight or p_x_y_weight is > 0"
+                )
             _check_labels(y, x_pos.shape[0], x_pos.device)
         elif y is not None:
-            raise ValueError("y was given but this JEM uses no labels (p_y_given_x_weight and "
-                             "p_x_y_weight are 0)")
+            raise ValueError(
+                "y was given but this JEM uses no labels (p_y_given_x_weight and "
+                "p_x_y_weight are 0)"
+            )
         start = time.perf_counter()
         stats: Stats = {}
         tracked = True
@@ -188,21 +218,29 @@ class JEM(PersistentML):
             cross_entropy = F.cross_entropy(logits_pos, y)
             if self.p_y_given_x_weight:
                 loss = loss + self.p_y_given_x_weight * cross_entropy
-            stats.update(cross_entropy=cross_entropy.detach(),
-                         accuracy=(logits_pos.detach().argmax(1) == y).float().mean())
+            stats.update(
+                cross_entropy=cross_entropy.detach(),
+                accuracy=(logits_pos.detach().argmax(1) == y).float().mean(),
+            )
         if self.p_x_y_weight:
             if logits_pos.shape[1] != self.buffer.n_classes:
-                raise ValueError(f"classifier(x) returns {logits_pos.shape[1]} logits but the "
-                                 f"buffer has n_classes={self.buffer.n_classes}")
+                raise ValueError(
+                    f"classifier(x) returns {logits_pos.shape[1]} logits but the "
+                    f"buffer has n_classes={self.buffer.n_classes}"
+                )
             e_pos_y = logits_energy(logits_pos, y)
             e_neg_y = logits_energy(self.logits(stats["conditional_negatives"]), y)
             loss = loss + self.p_x_y_weight * (e_pos_y.mean() - e_neg_y.mean())
-            stats.update(conditional_energy_pos=e_pos_y.detach().mean(),
-                         conditional_energy_neg=e_neg_y.detach().mean())
+            stats.update(
+                conditional_energy_pos=e_pos_y.detach().mean(),
+                conditional_energy_neg=e_neg_y.detach().mean(),
+            )
             if not self.p_x_weight:  # the statistics a Trainer logs: the sampled term's
-                stats.update(negatives=stats["conditional_negatives"],
-                             energy_pos=stats["conditional_energy_pos"],
-                             energy_neg=stats["conditional_energy_neg"])
+                stats.update(
+                    negatives=stats["conditional_negatives"],
+                    energy_pos=stats["conditional_energy_pos"],
+                    energy_neg=stats["conditional_energy_neg"],
+                )
         self.last = JEMStats(sampler_seconds=sampler_seconds, **stats)
         assert isinstance(loss, torch.Tensor)  # a sampled term is on (checked in __init__)
         return loss
@@ -213,8 +251,9 @@ class JEM(PersistentML):
         return autocast_pass(self.classifier, x, self.sampler.precision(x).autocast_dtype)
 
 
-def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,
-                               n_bins: int = 15) -> torch.Tensor:
+def expected_calibration_error(
+    logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15
+) -> torch.Tensor:
     """ECE (Guo et al. 2017): the confidence max_k softmax(logits)[k] of each sample binned
     into n_bins equal-width bins of (0, 1]; the sum over bins of (bin size / n) * |accuracy of
     the bin - mean confidence of the bin|. A 0-dim float tensor on logits' device."""
@@ -231,8 +270,14 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def classifier_metrics(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                       n_bins: int = 15, batch_size: int = 1000) -> dict[str, float]:
+def classifier_metrics(
+    classifier: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_bins: int = 15,
+    batch_size: int = 1000,
+) -> dict[str, float]:
     """{"accuracy", "ece"} of the classifier on (x, y) as floats, evaluated in eval mode (its
     mode restored afterwards) in batches of batch_size."""
     if not isinstance(classifier, torch.nn.Module):
@@ -246,5 +291,7 @@ def classifier_metrics(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Te
     finally:
         classifier.train(training)
     _check_labels(y, x.shape[0], logits.device)
-    return {"accuracy": float((logits.argmax(1) == y).float().mean()),
-            "ece": float(expected_calibration_error(logits, y, n_bins))}
+    return {
+        "accuracy": float((logits.argmax(1) == y).float().mean()),
+        "ece": float(expected_calibration_error(logits, y, n_bins)),
+    }

@@ -42,8 +42,16 @@ from ebm_fast.buffer import ReplayBuffer
 from ebm_fast.samplers import LangevinSampler, MALASampler
 from ebm_fast.samplers.energy import frozen_parameters, trainable_parameters
 
-__all__ = ["LossStats", "EBMLoss", "ContrastiveDivergence", "PersistentCD", "PersistentML",
-           "ShortRunML", "KLPersistentML", "nearest_distances"]
+__all__ = [
+    "LossStats",
+    "EBMLoss",
+    "ContrastiveDivergence",
+    "PersistentCD",
+    "PersistentML",
+    "ShortRunML",
+    "KLPersistentML",
+    "nearest_distances",
+]
 
 # The samplers a loss drives.
 AnySampler = LangevinSampler | MALASampler
@@ -84,8 +92,10 @@ def _check_batch(x: object, name: str) -> None:
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have a leading batch axis with at least one sample, got "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have a leading batch axis with at least one sample, got "
+            f"shape {tuple(x.shape)}"
+        )
 
 
 class EBMLoss(abc.ABC):
@@ -101,8 +111,10 @@ class EBMLoss(abc.ABC):
 
     def __init__(self, sampler: AnySampler, alpha: float) -> None:
         if not isinstance(sampler, (LangevinSampler, MALASampler)):
-            raise TypeError(f"sampler must be an ebm_fast.LangevinSampler or MALASampler, got "
-                            f"{type(sampler).__name__}")
+            raise TypeError(
+                f"sampler must be an ebm_fast.LangevinSampler or MALASampler, got "
+                f"{type(sampler).__name__}"
+            )
         self.sampler = sampler
         energy = sampler.energy
         self.parameters = trainable_parameters(energy)  # refuses anything but an nn.Module
@@ -116,11 +128,15 @@ class EBMLoss(abc.ABC):
     def __call__(self, x_pos: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_batch(x_pos, "x_pos")
         if y is not None and not self.conditional:
-            raise ValueError(f"y was given but {type(self).__name__} takes no labels (only a "
-                             "per-class replay buffer uses them)")
+            raise ValueError(
+                f"y was given but {type(self).__name__} takes no labels (only a "
+                "per-class replay buffer uses them)"
+            )
         if y is None and self.conditional:
-            raise ValueError(f"y (the class of each positive sample) is required: the buffer of "
-                             f"{type(self).__name__} is per-class (n_classes is set)")
+            raise ValueError(
+                f"y (the class of each positive sample) is required: the buffer of "
+                f"{type(self).__name__} is per-class (n_classes is set)"
+            )
         start = time.perf_counter()
         stats: Stats = {}
         x_neg = self.negatives(x_pos, y, stats).detach()
@@ -130,18 +146,21 @@ class EBMLoss(abc.ABC):
         mean_pos, mean_neg = e_pos.mean(), e_neg.mean()
         loss = mean_pos - mean_neg
         if self.alpha:
-            loss = loss + self.alpha * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+            loss = loss + self.alpha * ((e_pos**2).mean() + (e_neg**2).mean())
         extra = self.extra_terms(stats)
         if extra is not None:
             loss = loss + extra
-        self.last = LossStats(negatives=x_neg, energy_pos=mean_pos.detach(),
-                              energy_neg=mean_neg.detach(), sampler_seconds=sampler_seconds,
-                              **stats)
+        self.last = LossStats(
+            negatives=x_neg,
+            energy_pos=mean_pos.detach(),
+            energy_neg=mean_neg.detach(),
+            sampler_seconds=sampler_seconds,
+            **stats,
+        )
         return loss
 
     @abc.abstractmethod
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         """The negatives for the positive batch x_pos (no graph); statistics go into ``stats``
         (keys of LossStats)."""
 
@@ -153,8 +172,13 @@ class EBMLoss(abc.ABC):
         """Terms added to the loss beyond the ML surrogate and the regulariser (None: none)."""
         return None
 
-    def _run(self, x0: torch.Tensor, stats: Stats, n_steps: int | None = None,
-             y: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(
+        self,
+        x0: torch.Tensor,
+        stats: Stats,
+        n_steps: int | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The sampler's chains from x0 (y passed to a conditional energy), recording chain
         statistics when tracking."""
         if not self.track_chains:
@@ -174,8 +198,10 @@ class EBMLoss(abc.ABC):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = set(self.state_dict()) - set(state)
         if missing:
-            raise ValueError(f"{type(self).__name__} state_dict is missing {sorted(missing)} "
-                             "(saved from another kind of loss?)")
+            raise ValueError(
+                f"{type(self).__name__} state_dict is missing {sorted(missing)} "
+                "(saved from another kind of loss?)"
+            )
         self.sampler.load_state_dict(state["sampler"])
 
 
@@ -187,8 +213,7 @@ class ContrastiveDivergence(EBMLoss):
         super().__init__(sampler, alpha)
         self.k = validation.integer(k, "k", low=0)
 
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         if self.k == 0:
             return x_pos.detach()
         return self._run(x_pos, stats, self.k)
@@ -199,24 +224,33 @@ class PersistentCD(EBMLoss):
     iteration left it and never restarted. The chains start at the first positive batch, or at
     ``init(batch_size)`` when given. The batch size cannot change between calls."""
 
-    def __init__(self, sampler: AnySampler, alpha: float = 0.0, *,
-                 init: Callable[[int], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        sampler: AnySampler,
+        alpha: float = 0.0,
+        *,
+        init: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__(sampler, alpha)
         if init is not None and not callable(init):
-            raise TypeError(f"init must be None or a callable batch_size -> initial states, got "
-                            f"{type(init).__name__}")
+            raise TypeError(
+                f"init must be None or a callable batch_size -> initial states, got "
+                f"{type(init).__name__}"
+            )
         self.init = init
         self.chains: torch.Tensor | None = None
 
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         if self.chains is None:
-            self.chains = (x_pos.detach().clone() if self.init is None
-                           else _initial_states(self.init, x_pos))
+            self.chains = (
+                x_pos.detach().clone() if self.init is None else _initial_states(self.init, x_pos)
+            )
         elif self.chains.shape != x_pos.shape:
-            raise ValueError(f"x_pos has shape {tuple(x_pos.shape)} but the persistent chains "
-                             f"have {tuple(self.chains.shape)}: persistent CD keeps one chain per "
-                             "batch slot (use full batches, e.g. DataLoader(drop_last=True))")
+            raise ValueError(
+                f"x_pos has shape {tuple(x_pos.shape)} but the persistent chains "
+                f"have {tuple(self.chains.shape)}: persistent CD keeps one chain per "
+                "batch slot (use full batches, e.g. DataLoader(drop_last=True))"
+            )
         self.chains = self._run(self.chains, stats)
         return self.chains
 
@@ -226,8 +260,9 @@ class PersistentCD(EBMLoss):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         chains = state.get("chains") if isinstance(state, dict) else None
         if chains is not None and not isinstance(chains, torch.Tensor):
-            raise ValueError(f"state_dict['chains'] must be None or a tensor, got "
-                             f"{type(chains).__name__}")
+            raise ValueError(
+                f"state_dict['chains'] must be None or a tensor, got {type(chains).__name__}"
+            )
         super().load_state_dict(state)
         self.chains = None if chains is None else chains.clone()
 
@@ -237,8 +272,10 @@ def _initial_states(init: Callable[[int], torch.Tensor], x_pos: torch.Tensor) ->
     x0 = init(x_pos.shape[0])
     _check_batch(x0, "init(batch_size)")
     if x0.shape != x_pos.shape:
-        raise ValueError(f"init(batch_size) must return the positive batch's shape "
-                         f"{tuple(x_pos.shape)}, got {tuple(x0.shape)}")
+        raise ValueError(
+            f"init(batch_size) must return the positive batch's shape "
+            f"{tuple(x_pos.shape)}, got {tuple(x0.shape)}"
+        )
     validation.same_device(x_pos.device, "x_pos", **{"init(batch_size)": x0})
     return x0
 
@@ -248,16 +285,17 @@ class ShortRunML(EBMLoss):
     iteration, run the sampler's n_steps. Its randomness is init's (save the generator it uses
     with the run; the Trainer saves torch's global generator)."""
 
-    def __init__(self, sampler: AnySampler, init: Callable[[int], torch.Tensor],
-                 alpha: float = 0.0) -> None:
+    def __init__(
+        self, sampler: AnySampler, init: Callable[[int], torch.Tensor], alpha: float = 0.0
+    ) -> None:
         super().__init__(sampler, alpha)
         if not callable(init):
-            raise TypeError(f"init must be a callable batch_size -> initial states, got "
-                            f"{type(init).__name__}")
+            raise TypeError(
+                f"init must be a callable batch_size -> initial states, got {type(init).__name__}"
+            )
         self.init = init
 
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         return self._run(_initial_states(self.init, x_pos), stats)
 
 
@@ -277,37 +315,47 @@ class PersistentML(EBMLoss):
     # here y only picks the buffer's class.
     energy_takes_y = False
 
-    def __init__(self, sampler: AnySampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
-                 push: str | None = None) -> None:
+    def __init__(
+        self,
+        sampler: AnySampler,
+        buffer: ReplayBuffer,
+        alpha: float = 0.0,
+        *,
+        push: str | None = None,
+    ) -> None:
         super().__init__(sampler, alpha)
         if not isinstance(buffer, ReplayBuffer):
-            raise TypeError(f"buffer must be an ebm_fast.ReplayBuffer, got "
-                            f"{type(buffer).__name__}")
+            raise TypeError(f"buffer must be an ebm_fast.ReplayBuffer, got {type(buffer).__name__}")
         self.buffer = buffer
         self.conditional = buffer.n_classes is not None
         default = "append" if buffer.policy == "reservoir" else "slots"
-        self.push = validation.choice(default if push is None else push, "push",
-                                      ("slots", "append"))
+        self.push = validation.choice(
+            default if push is None else push, "push", ("slots", "append")
+        )
         if self.push == "slots" and buffer.policy == "reservoir":
-            raise ValueError('push="slots" writes chains back to their slots, which ignores the '
-                             'buffer\'s policy="reservoir"; use push="append" (ICD) or a fifo '
-                             'buffer')
+            raise ValueError(
+                'push="slots" writes chains back to their slots, which ignores the '
+                'buffer\'s policy="reservoir"; use push="append" (ICD) or a fifo '
+                "buffer"
+            )
 
-    def draw(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-             stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial states and slots for the positive batch from the buffer (with track_chains,
         the fraction re-initialised goes into stats)."""
         if tuple(x_pos.shape[1:]) != self.buffer.sample_shape:
-            raise ValueError(f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
-                             f"holds samples of shape {self.buffer.sample_shape}")
+            raise ValueError(
+                f"x_pos has samples of shape {tuple(x_pos.shape[1:])} but the buffer "
+                f"holds samples of shape {self.buffer.sample_shape}"
+            )
         if not self.track_chains:
             return self.buffer.sample(x_pos.shape[0], y=y)
         x0, slots, reinit = self.buffer.sample(x_pos.shape[0], y=y, return_reinit=True)
         stats["reinit_fraction"] = reinit.float().mean()
         return x0, slots
 
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         x0, slots = self.draw(x_pos, y, stats)
         x = self._run(x0, stats, y=y if self.energy_takes_y else None)
         self.push_chains(x, slots, y)
@@ -335,8 +383,9 @@ def nearest_distances(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     flattened), differentiable in x. From the differences, not cdist's matrix-product route,
     which rounds distances below ~1e-4 to 0 (log -> -inf, NaN gradients) and is ~20% off at
     1e-3."""
-    return torch.cdist(x.flatten(1), reference.flatten(1).to(x.dtype),
-                       compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+    return torch.cdist(
+        x.flatten(1), reference.flatten(1).to(x.dtype), compute_mode="donot_use_mm_for_euclid_dist"
+    ).amin(1)
 
 
 class KLPersistentML(PersistentML):
@@ -366,45 +415,61 @@ class KLPersistentML(PersistentML):
 
     sampler: LangevinSampler  # its differentiable_step is the KL term's last step
 
-    def __init__(self, sampler: LangevinSampler, buffer: ReplayBuffer, alpha: float = 0.0, *,
-                 kl_weight: float = 1.0, entropy_weight: float = 0.3, kl_chains: int = 128,
-                 entropy_samples: int = 100,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 push: str | None = None) -> None:
+    def __init__(
+        self,
+        sampler: LangevinSampler,
+        buffer: ReplayBuffer,
+        alpha: float = 0.0,
+        *,
+        kl_weight: float = 1.0,
+        entropy_weight: float = 0.3,
+        kl_chains: int = 128,
+        entropy_samples: int = 100,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        push: str | None = None,
+    ) -> None:
         if not isinstance(sampler, LangevinSampler):
-            raise TypeError(f"KLPersistentML needs an ebm_fast.LangevinSampler (its last step is "
-                            f"differentiated through langevin_update), got "
-                            f"{type(sampler).__name__}")
-        for value, name in ((sampler.step_size, "step_size"),
-                            (sampler.noise_scale, "noise_scale"),
-                            (sampler.temperature, "temperature")):
+            raise TypeError(
+                f"KLPersistentML needs an ebm_fast.LangevinSampler (its last step is "
+                f"differentiated through langevin_update), got "
+                f"{type(sampler).__name__}"
+            )
+        for value, name in (
+            (sampler.step_size, "step_size"),
+            (sampler.noise_scale, "noise_scale"),
+            (sampler.temperature, "temperature"),
+        ):
             if callable(value) and not isinstance(value, torch.Tensor):
-                raise TypeError(f"KLPersistentML needs the sampler's {name} as a number or a "
-                                "tensor, not a schedule (its chains run K - 1 steps, then one: "
-                                "a schedule would not be the K-step chain's)")
+                raise TypeError(
+                    f"KLPersistentML needs the sampler's {name} as a number or a "
+                    "tensor, not a schedule (its chains run K - 1 steps, then one: "
+                    "a schedule would not be the K-step chain's)"
+                )
         super().__init__(sampler, buffer, alpha, push=push)
         self.kl_weight = validation.real(kl_weight, "kl_weight", low=0.0)
         self.entropy_weight = validation.real(entropy_weight, "entropy_weight", low=0.0)
         self.kl_chains = validation.integer(kl_chains, "kl_chains", low=1)
         self.entropy_samples = validation.integer(entropy_samples, "entropy_samples", low=1)
         if augment is not None and not callable(augment):
-            raise TypeError(f"augment must be None or a callable x -> x, got "
-                            f"{type(augment).__name__}")
+            raise TypeError(
+                f"augment must be None or a callable x -> x, got {type(augment).__name__}"
+            )
         self.augment = augment
         self._filled = False  # the buffer held > ENTROPY_MIN_FILLED samples (stays true)
         # This iteration's (x_prev, last step's noise counter, entropy reference), from
         # negatives to extra_terms.
         self._kl_inputs: tuple[torch.Tensor, int, torch.Tensor | None]
 
-    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-                  stats: Stats) -> torch.Tensor:
+    def negatives(self, x_pos: torch.Tensor, y: torch.Tensor | None, stats: Stats) -> torch.Tensor:
         x0, slots = self.draw(x_pos, y, stats)
         if self.augment is not None:
             augmented = self.augment(x0)
             if not isinstance(augmented, torch.Tensor) or augmented.shape != x0.shape:
-                raise ValueError(f"augment must return a tensor of the draw's shape "
-                                 f"{tuple(x0.shape)}, got "
-                                 f"{getattr(augmented, 'shape', type(augmented).__name__)}")
+                raise ValueError(
+                    f"augment must return a tensor of the draw's shape "
+                    f"{tuple(x0.shape)}, got "
+                    f"{getattr(augmented, 'shape', type(augmented).__name__)}"
+                )
             x0 = augmented
         # Drawn before the push: the chains' own new states are not their neighbours.
         reference = self._entropy_reference()

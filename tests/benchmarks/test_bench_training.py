@@ -21,13 +21,16 @@ def test_bench_training_quick_run(tmp_path, monkeypatch):
         assert row["speedup"] == pytest.approx(median["plain"] / median["ebm_fast"])
         # The ring's energy is an MLP: ebm_fast's passes are the direct route's.
         assert row["overhead_us"] == pytest.approx(
-            1e6 * (median["ebm_fast"] - median["direct_passes"] - median["optimizer"]))
+            1e6 * (median["ebm_fast"] - median["direct_passes"] - median["optimizer"])
+        )
         assert row["direct_route_speedup"] == pytest.approx(
-            median["passes"] / median["direct_passes"])
+            median["passes"] / median["direct_passes"]
+        )
         assert row["floor_us"] == pytest.approx(1e6 * median["kernels"])
         for peer, ratio in row["speedup_vs_peers"].items():  # those installed (none in CI)
             assert ratio == pytest.approx(median[peer] / median["ebm_fast"])
         assert row["ceiling"] == pytest.approx(
-            median["plain"] / (median["passes"] + median["optimizer"]))
+            median["plain"] / (median["passes"] + median["optimizer"])
+        )
     with pytest.raises(SystemExit):
         bench["main"](["--cases", "nope"])

@@ -24,18 +24,21 @@ def usage_error(argv, capsys) -> str:
     return captured.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--step-size", "-1"], "argument --step-size: value must be > 0.0, got -1.0"),
-    (["demo", "--noise-scale", "nan"], "argument --noise-scale: value must not be NaN"),
-    (["demo", "--reinit-prob", "2"], "argument --reinit-prob: value must be >= 0.0 and <= 1.0"),
-    (["demo", "--lr", "nan"], "argument --lr: value must not be NaN"),
-    (["demo", "--alpha", "inf"], "argument --alpha: value must be finite"),
-    (["demo", "--seed", "-1"], "argument --seed: value must be >= 0"),
-    (["demo", "--seed", "12345678901234567890"], "argument --seed: value must be >= 0 and <"),
-    (["demo", "--seed", "1.5"], "argument --seed: value must be an int, got 1.5"),
-    (["demo", "--iterations", "0"], "argument --iterations: value must be >= 1, got 0"),
-    (["demo", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--step-size", "-1"], "argument --step-size: value must be > 0.0, got -1.0"),
+        (["demo", "--noise-scale", "nan"], "argument --noise-scale: value must not be NaN"),
+        (["demo", "--reinit-prob", "2"], "argument --reinit-prob: value must be >= 0.0 and <= 1.0"),
+        (["demo", "--lr", "nan"], "argument --lr: value must not be NaN"),
+        (["demo", "--alpha", "inf"], "argument --alpha: value must be finite"),
+        (["demo", "--seed", "-1"], "argument --seed: value must be >= 0"),
+        (["demo", "--seed", "12345678901234567890"], "argument --seed: value must be >= 0 and <"),
+        (["demo", "--seed", "1.5"], "argument --seed: value must be an int, got 1.5"),
+        (["demo", "--iterations", "0"], "argument --iterations: value must be >= 1, got 0"),
+        (["demo", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    ],
+)
 def test_bad_numbers_are_usage_errors_naming_the_option(argv, message, capsys):
     assert message in usage_error(argv, capsys)
 
@@ -51,14 +54,15 @@ def test_output_paths_are_checked_before_the_work(command, tmp_path, capsys):
 def test_cuda_without_a_gpu_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "argument --device: cuda requested, but torch sees no CUDA device" in usage_error(
-        ["demo", "--device", "cuda"], capsys)
+        ["demo", "--device", "cuda"], capsys
+    )
 
 
 def test_bench_names_what_is_missing_and_what_is_known(capsys):
     err = usage_error(["bench"], capsys)
     assert "the following arguments are required: NAME\n" in err  # not "NAME, ARGS"
     err = usage_error(["bench", "nope"], capsys)
-    known = sorted(p.stem[len("bench_"):] for p in BENCHMARKS.glob("bench_*.py"))
+    known = sorted(p.stem[len("bench_") :] for p in BENCHMARKS.glob("bench_*.py"))
     assert {"buffer", "sampler", "update"} <= set(known)
     assert f"argument NAME: no benchmark 'nope'; known: {', '.join(known)}\n" in err
 
@@ -89,7 +93,11 @@ def test_info_lists_the_backends(capsys):
 
 
 def test_the_console_entry_exits_2_on_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "ebm_fast.cli", "demo", "--lr", "nan"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ebm_fast.cli", "demo", "--lr", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "argument --lr: value must not be NaN" in result.stderr
     assert "Traceback" not in result.stderr

@@ -13,10 +13,25 @@ import pytest
 from ebm_fast.commands import gpu_check
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ["info", "kernels", "suite", "graphs_syncs", "bench_update", "bench_buffer",
-         "bench_sampler", "demo"]
-OUT_FILES = {"steps.log", "summary.json", "update.json", "buffer.json", "sampler.json",
-             "demo.json", "demo.png"}
+STEPS = [
+    "info",
+    "kernels",
+    "suite",
+    "graphs_syncs",
+    "bench_update",
+    "bench_buffer",
+    "bench_sampler",
+    "demo",
+]
+OUT_FILES = {
+    "steps.log",
+    "summary.json",
+    "update.json",
+    "buffer.json",
+    "sampler.json",
+    "demo.json",
+    "demo.png",
+}
 
 
 def test_dry_run_walks_every_step_and_reports(tmp_path):
@@ -24,9 +39,13 @@ def test_dry_run_walks_every_step_and_reports(tmp_path):
     # About a minute on an idle 2-core machine; the budget that bounds a GPU slot is raised so
     # that a loaded machine (or a C++ kernel build in the first step) does not time steps out.
     # OUT_DIR is given relative to the caller's directory, not the checkout.
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "out", "--dry-run",
-                           "--budget", "1500"], capture_output=True, text=True, timeout=1800,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "out", "--dry-run", "--budget", "1500"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
+    )
     summary = json.loads((out / "summary.json").read_text())
     failed = {r["step"]: r.get("log_tail") for r in summary["steps"] if r["result"] != "pass"}
     assert done.returncode == 0 and not failed, (done.stdout[-3000:], failed)
@@ -59,25 +78,45 @@ def _python(code: str) -> list[str]:
 def test_a_hung_step_is_killed_and_the_next_steps_run(tmp_path, monkeypatch, capsys):
     """Budget 60 s over shares 1 : 1 : 58 : 0.1: the first step hangs and is killed after its
     1 s; a failing command ends its step; a step must write its outputs; every step runs."""
+
     def plan(out_dir, dry_run):
-        figure = lambda log, out: (log.split("$", 1)[1].splitlines()[1], [])  # noqa: E731
+        def figure(log, out):
+            return log.split("$", 1)[1].splitlines()[1], []
+
         return [
-            gpu_check.Step("hangs", [_python("print('started', flush=True); "
-                                             "import time; time.sleep(600)")], 1, figure),
-            gpu_check.Step("fails", [_python("print('bad'); raise SystemExit(3)"),
-                                     _python("print('never run')")], 1, figure),
-            gpu_check.Step("writes", [_python(f"open({str(out_dir / 'x.json')!r}, 'w'); "
-                                              "print('wrote')")], 58, figure,
-                           outputs=("x.json",)),
-            gpu_check.Step("misses", [_python("print('no file')")], 0.1, figure,
-                           outputs=("y.json",)),
+            gpu_check.Step(
+                "hangs",
+                [_python("print('started', flush=True); import time; time.sleep(600)")],
+                1,
+                figure,
+            ),
+            gpu_check.Step(
+                "fails",
+                [_python("print('bad'); raise SystemExit(3)"), _python("print('never run')")],
+                1,
+                figure,
+            ),
+            gpu_check.Step(
+                "writes",
+                [_python(f"open({str(out_dir / 'x.json')!r}, 'w'); print('wrote')")],
+                58,
+                figure,
+                outputs=("x.json",),
+            ),
+            gpu_check.Step(
+                "misses", [_python("print('no file')")], 0.1, figure, outputs=("y.json",)
+            ),
         ]
 
     monkeypatch.setattr(gpu_check, "plan", plan)
     summary = gpu_check.check(tmp_path, dry_run=True, budget_s=60)
     results = {r["step"]: (r["result"], r["figure"]) for r in summary["steps"]}
-    assert results == {"hangs": ("timeout", "started"), "fails": ("fail (exit 3)", "bad"),
-                       "writes": ("pass", "wrote"), "misses": ("fail (no y.json)", "no file")}
+    assert results == {
+        "hangs": ("timeout", "started"),
+        "fails": ("fail (exit 3)", "bad"),
+        "writes": ("pass", "wrote"),
+        "misses": ("fail (no y.json)", "no file"),
+    }
     assert summary["steps"][0]["seconds"] < 10 and not summary["passed"]
     assert "never run" not in (tmp_path / "steps.log").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["finished"]
@@ -89,8 +128,10 @@ def _write(path: Path, report: dict) -> None:
 
 def test_update_target_is_the_op_bandwidth_over_the_copy_bandwidth_at_2_to_the_26(tmp_path):
     # 12 bytes per element in 1.0 ms against the faster copy's 8 bytes in 0.6 ms: 90%.
-    rows = [{"numel": 1 << 20, "median_ms": {"op": 1.0, "clone": 0.1, "copy": 0.1}},
-            {"numel": 1 << 26, "median_ms": {"op": 1.0, "clone": 0.7, "copy": 0.6}}]
+    rows = [
+        {"numel": 1 << 20, "median_ms": {"op": 1.0, "clone": 0.1, "copy": 0.1}},
+        {"numel": 1 << 26, "median_ms": {"op": 1.0, "clone": 0.7, "copy": 0.6}},
+    ]
     _write(tmp_path / "update.json", {"results": rows})
     figure, (row,) = gpu_check.evaluate_update("", tmp_path)
     assert row["value"] == pytest.approx(0.9) and row["status"] == "met"
@@ -101,9 +142,15 @@ def test_update_target_is_the_op_bandwidth_over_the_copy_bandwidth_at_2_to_the_2
 
 
 def test_buffer_target_takes_the_worst_capacity(tmp_path):
-    rows = [{"capacity": c, "variant": v, "ratio_to_floor": r} for c, v, r in [
-        (10_000, "ebm_fast float32", 1.2), (10_000, "ebm_fast uint8", 1.0),
-        (100_000, "ebm_fast float32", 1.56), (100_000, "ebm_fast uint8", 1.1)]]
+    rows = [
+        {"capacity": c, "variant": v, "ratio_to_floor": r}
+        for c, v, r in [
+            (10_000, "ebm_fast float32", 1.2),
+            (10_000, "ebm_fast uint8", 1.0),
+            (100_000, "ebm_fast float32", 1.56),
+            (100_000, "ebm_fast uint8", 1.1),
+        ]
+    ]
     _write(tmp_path / "buffer.json", {"results": rows})
     _, (row,) = gpu_check.evaluate_buffer("", tmp_path)
     assert (row["value"], row["status"]) == (1.56, "not met")
@@ -112,31 +159,53 @@ def test_buffer_target_takes_the_worst_capacity(tmp_path):
 
 def test_sampler_targets_per_case(tmp_path):
     def case(name, eager, graphed, sampler):
-        return {"case": name, "methods": {"eager_loop": {"seconds": eager},
-                                          "graphed_loop": {"seconds": graphed},
-                                          "sampler": {"seconds": sampler}}}
+        return {
+            "case": name,
+            "methods": {
+                "eager_loop": {"seconds": eager},
+                "graphed_loop": {"seconds": graphed},
+                "sampler": {"seconds": sampler},
+            },
+        }
 
-    _write(tmp_path / "sampler.json", {"cases": [case("mlp2", 6.0, 1.2, 1.0),
-                                                 case("mlp784", 4.0, 1.5, 1.0),
-                                                 case("conv", 1.0, 0.9, 1.0)]})
+    _write(
+        tmp_path / "sampler.json",
+        {
+            "cases": [
+                case("mlp2", 6.0, 1.2, 1.0),
+                case("mlp784", 4.0, 1.5, 1.0),
+                case("conv", 1.0, 0.9, 1.0),
+            ]
+        },
+    )
     figure, targets = gpu_check.evaluate_sampler("", tmp_path)
     status = [(t["target"].split(":")[0], t["value"], t["status"]) for t in targets]
-    assert status == [("sampler mlp2", 6.0, "met"), ("sampler mlp2", 1.2, "not met"),
-                      ("sampler mlp784", 4.0, "not met"), ("sampler mlp784", 1.5, "met"),
-                      ("sampler conv", 1.0, "met"), ("sampler conv", 0.9, "not met")]
+    assert status == [
+        ("sampler mlp2", 6.0, "met"),
+        ("sampler mlp2", 1.2, "not met"),
+        ("sampler mlp784", 4.0, "not met"),
+        ("sampler mlp784", 1.5, "met"),
+        ("sampler conv", 1.0, "met"),
+        ("sampler conv", 0.9, "not met"),
+    ]
     assert figure.endswith("targets met 3/6 measured of 6")
 
 
 def test_pytest_figure_counts_and_names_failures():
-    log = ("$ python -m pytest -v\ntests/test_x.py::test_a FAILED [ 20%]\n"
-           "tests/test_x.py::test_b[1-2] PASSED [ 40%]\n"
-           "[gw1] [ 60%] ERROR tests/test_y.py::test_c\n"
-           "FAILED tests/test_x.py::test_a - AssertionError: 1 == 2\n"
-           "==== 1 failed, 3 passed, 1 skipped, 2 deselected, 1 error in 4.20s ====\n"
-           "===== suite: fail =====\n")
+    log = (
+        "$ python -m pytest -v\ntests/test_x.py::test_a FAILED [ 20%]\n"
+        "tests/test_x.py::test_b[1-2] PASSED [ 40%]\n"
+        "[gw1] [ 60%] ERROR tests/test_y.py::test_c\n"
+        "FAILED tests/test_x.py::test_a - AssertionError: 1 == 2\n"
+        "==== 1 failed, 3 passed, 1 skipped, 2 deselected, 1 error in 4.20s ====\n"
+        "===== suite: fail =====\n"
+    )
     figure, _ = gpu_check.evaluate_pytest(log, Path("."))
-    assert figure == ("1 failed, 3 passed, 1 skipped, 2 deselected, 1 error; first failures: "
-                      "tests/test_x.py::test_a, tests/test_y.py::test_c")
+    assert figure == (
+        "1 failed, 3 passed, 1 skipped, 2 deselected, 1 error; first failures: "
+        "tests/test_x.py::test_a, tests/test_y.py::test_c"
+    )
     killed = "tests/test_x.py::test_a PASSED [ 1%]\ntests/test_x.py::test_b FAILED [ 2%]\n"
     assert gpu_check.evaluate_pytest(killed, Path("."))[0] == (
-        "no pytest summary; first failures: tests/test_x.py::test_b")
+        "no pytest summary; first failures: tests/test_x.py::test_b"
+    )

@@ -22,7 +22,8 @@ from ebm_fast.backends import unavailable_reason
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("triton") is not None,
-    reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}",
+)
 
 import ebm_fast  # noqa: E402
 from ebm_fast.ops._dispatch import kernels  # noqa: E402
@@ -54,8 +55,9 @@ SEED, STEP, CHAIN_OFFSET = 2**63 + 12345, 2**31 + 7, 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("grad_clip,grad_clip_mode", [(1.0, "norm"), (0.5, "value")],
-                         ids=["norm_clip", "value_clip"])
+@pytest.mark.parametrize(
+    "grad_clip,grad_clip_mode", [(1.0, "norm"), (0.5, "value")], ids=["norm_clip", "value_clip"]
+)
 def test_kernel_update_at_scale_matches_reference(dtype, grad_clip, grad_clip_mode):
     """In place, per-chain step sizes and noise scales on the device, clamp on both sides;
     norm clipping is active on every chain (gradient norms ~ 3 sqrt(4095))."""
@@ -66,19 +68,31 @@ def test_kernel_update_at_scale_matches_reference(dtype, grad_clip, grad_clip_mo
     # device: on a CPU it takes seconds per million elements. The bfloat16 check compares on the
     # CPU, so its (single, float32) reference runs there.
     reference_device = DEVICE if dtype == torch.float32 else torch.device("cpu")
-    _assert_update_close(out, *(t.to(reference_device) for t in (x, grad, step_size, noise_scale)),
-                         SEED, STEP, options)
+    _assert_update_close(
+        out,
+        *(t.to(reference_device) for t in (x, grad, step_size, noise_scale)),
+        SEED,
+        STEP,
+        options,
+    )
 
 
 @pytest.mark.parametrize("distribution", ["bits", "uniform"])
 def test_kernel_philox_at_scale_is_bit_exact(distribution):
     dtype = torch.int32 if distribution == "bits" else torch.float32
     out = torch.empty(UPDATE_SHAPE, dtype=dtype, device=DEVICE)
-    kernels("triton")["philox"](out=out, seed=counter(SEED, DEVICE), step=counter(STEP, DEVICE),
-                                stream=5, chain_offset=CHAIN_OFFSET, distribution=distribution)
+    kernels("triton")["philox"](
+        out=out,
+        seed=counter(SEED, DEVICE),
+        step=counter(STEP, DEVICE),
+        stream=5,
+        chain_offset=CHAIN_OFFSET,
+        distribution=distribution,
+    )
     draw = philox_bits_ref if distribution == "bits" else philox_uniform_ref
-    want = draw(UPDATE_SHAPE, seed=SEED, step=STEP, stream=5, chain_offset=CHAIN_OFFSET,
-                device=DEVICE)
+    want = draw(
+        UPDATE_SHAPE, seed=SEED, step=STEP, stream=5, chain_offset=CHAIN_OFFSET, device=DEVICE
+    )
     assert torch.equal(out, want.to(dtype) if distribution == "bits" else want)
 
 
@@ -101,23 +115,57 @@ def _buffer_cycle(sample, push, state, appended, y, policy, stochastic):
     the final storage, written flags and counts."""
     storage, written, count = state
     slots_per_class = storage.shape[0] // N_CLASSES
-    shared = dict(storage=storage, written=written, seed=counter(SEED, DEVICE),
-                  chain_offset=CHAIN_OFFSET, slots_per_class=slots_per_class, lo=-1.0, hi=1.0)
-    push(**shared, count=count, x=appended, idx=None, y=y, step=counter(0, DEVICE),
-         policy=policy, stochastic=stochastic)
+    shared = dict(
+        storage=storage,
+        written=written,
+        seed=counter(SEED, DEVICE),
+        chain_offset=CHAIN_OFFSET,
+        slots_per_class=slots_per_class,
+        lo=-1.0,
+        hi=1.0,
+    )
+    push(
+        **shared,
+        count=count,
+        x=appended,
+        idx=None,
+        y=y,
+        step=counter(0, DEVICE),
+        policy=policy,
+        stochastic=stochastic,
+    )
     out = torch.empty_like(appended)
     slots = torch.empty(appended.shape[0], dtype=torch.int64, device=DEVICE)
-    sample(**shared, out=out, slots=slots, y=y, init_values=None, step=counter(1, DEVICE),
-           reinit_prob=0.05, init_kind="uniform")
-    push(**shared, count=count, x=out * 0.9, idx=slots, y=None, step=counter(2, DEVICE),
-         policy=policy, stochastic=stochastic)
+    sample(
+        **shared,
+        out=out,
+        slots=slots,
+        y=y,
+        init_values=None,
+        step=counter(1, DEVICE),
+        reinit_prob=0.05,
+        init_kind="uniform",
+    )
+    push(
+        **shared,
+        count=count,
+        x=out * 0.9,
+        idx=slots,
+        y=None,
+        step=counter(2, DEVICE),
+        policy=policy,
+        stochastic=stochastic,
+    )
     return out, slots, storage, written, count
 
 
 @pytest.mark.parametrize("capacity", BUFFER_CAPACITIES)
 @pytest.mark.parametrize("policy", ["fifo", "reservoir"])
-@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16, torch.uint8],
-                         ids=["float32", "bfloat16", "uint8"])
+@pytest.mark.parametrize(
+    "storage_dtype",
+    [torch.float32, torch.bfloat16, torch.uint8],
+    ids=["float32", "bfloat16", "uint8"],
+)
 def test_kernel_buffer_cycle_at_scale_matches_reference(storage_dtype, policy, capacity):
     """Same slots, same reinit decisions and values, same stored bytes as the reference run on
     the same device (uint8 with stochastic rounding: its noise must match too)."""
@@ -127,11 +175,24 @@ def test_kernel_buffer_cycle_at_scale_matches_reference(storage_dtype, policy, c
     appended = (torch.rand(BUFFER_BATCH, features, generator=gen) * 2.2 - 1.1).to(DEVICE)
     y = torch.randint(0, N_CLASSES, (BUFFER_BATCH,), generator=gen).to(DEVICE)
     stochastic = storage_dtype == torch.uint8
-    got = _buffer_cycle(kernels("triton")["buffer_sample"], kernels("triton")["buffer_push"],
-                        [t.clone() for t in state], appended, y, policy, stochastic)
-    want = _buffer_cycle(kernels("reference")["buffer_sample"],
-                         kernels("reference")["buffer_push"], state, appended, y, policy,
-                         stochastic)
+    got = _buffer_cycle(
+        kernels("triton")["buffer_sample"],
+        kernels("triton")["buffer_push"],
+        [t.clone() for t in state],
+        appended,
+        y,
+        policy,
+        stochastic,
+    )
+    want = _buffer_cycle(
+        kernels("reference")["buffer_sample"],
+        kernels("reference")["buffer_push"],
+        state,
+        appended,
+        y,
+        policy,
+        stochastic,
+    )
     for name, a, b in zip(("batch", "slots", "storage", "written", "count"), got, want):
         assert torch.equal(a, b), name
 
@@ -140,10 +201,24 @@ def test_kernel_buffer_cycle_at_scale_matches_reference(storage_dtype, policy, c
 def test_kernel_mala_accept_at_scale_matches_reference(dtype):
     """Every decision the float64 acceptance probability settles equals the reference's and the
     spec's; accepted chains moved, others untouched (test_mala_accept's full check)."""
-    case = dict(chains=MALA_CHAINS, shape=MALA_SHAPE, dtype=dtype, layout_stride=1, eps=0.01,
-                temp=1.0, curvature=1.0, eps_kind="per_chain", temp_kind="scalar", data_seed=3,
-                seed=SEED, step=STEP, stream=1, chain_offset=CHAIN_OFFSET, seed_as_tensor=True,
-                inject="nan energy_y")
+    case = dict(
+        chains=MALA_CHAINS,
+        shape=MALA_SHAPE,
+        dtype=dtype,
+        layout_stride=1,
+        eps=0.01,
+        temp=1.0,
+        curvature=1.0,
+        eps_kind="per_chain",
+        temp_kind="scalar",
+        data_seed=3,
+        seed=SEED,
+        step=STEP,
+        stream=1,
+        chain_offset=CHAIN_OFFSET,
+        seed_as_tensor=True,
+        inject="nan energy_y",
+    )
     _check_backend_against_reference("triton", case)
 
 
@@ -151,17 +226,30 @@ def test_kernel_mala_accept_at_scale_matches_reference(dtype):
 
 
 def _mlp(d_in: int, hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.SiLU(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
-                               torch.nn.Linear(hidden, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, hidden),
+        torch.nn.SiLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.SiLU(),
+        torch.nn.Linear(hidden, 1),
+    )
 
 
 SAMPLERS = {
     "langevin": lambda model, graph: ebm_fast.LangevinSampler(
-        model, step_size=0.01, noise_scale=0.005, n_steps=40, clamp=(-1.0, 1.0),
-        grad_clip=1.0, grad_clip_mode="norm", cuda_graph=graph, check_finite=False),
+        model,
+        step_size=0.01,
+        noise_scale=0.005,
+        n_steps=40,
+        clamp=(-1.0, 1.0),
+        grad_clip=1.0,
+        grad_clip_mode="norm",
+        cuda_graph=graph,
+        check_finite=False,
+    ),
     "mala": lambda model, graph: ebm_fast.MALASampler(
-        model, step_size=1e-4, n_steps=40, adapt=True, cuda_graph=graph, check_finite=False),
+        model, step_size=1e-4, n_steps=40, adapt=True, cuda_graph=graph, check_finite=False
+    ),
 }
 
 
@@ -185,8 +273,11 @@ def test_graph_replay_equals_eager_and_a_new_x0_reuses_the_graph(name, monkeypat
     samples on two calls; the second call, from another x0 of the same shape, captures nothing."""
     made = []  # one entry per torch.cuda.CUDAGraph made, i.e. per capture
     real_graph = torch.cuda.CUDAGraph
-    monkeypatch.setattr(torch.cuda, "CUDAGraph",
-                        lambda *args, **kwargs: made.append(1) or real_graph(*args, **kwargs))
+    monkeypatch.setattr(
+        torch.cuda,
+        "CUDAGraph",
+        lambda *args, **kwargs: made.append(1) or real_graph(*args, **kwargs),
+    )
     torch.manual_seed(0)
     model = _mlp(784, 256).cuda()
     graphed, eager = (SAMPLERS[name](model, graph) for graph in (True, False))
@@ -207,8 +298,15 @@ def test_sync_free_training_iteration(name, storage):
     synchronisation once warmed up (kernels compiled, graphs captured, optimiser state made)."""
     torch.manual_seed(0)
     energy = torch.nn.Sequential(torch.nn.Flatten(), _mlp(3 * 16 * 16, 128)).cuda()
-    buffer = ebm_fast.ReplayBuffer(2000, (3, 16, 16), device="cuda", storage=storage,
-                                   n_classes=10, policy="reservoir", check_values=False)
+    buffer = ebm_fast.ReplayBuffer(
+        2000,
+        (3, 16, 16),
+        device="cuda",
+        storage=storage,
+        n_classes=10,
+        policy="reservoir",
+        check_values=False,
+    )
     samplers = [SAMPLERS[name](energy, graph) for graph in (True, False)]
     # capturable: Adam's step counters stay on the device
     optimiser = torch.optim.Adam(energy.parameters(), lr=1e-4, capturable=True)

@@ -49,14 +49,21 @@ def _random_storage(gen, capacity, features, dtype, device):
 def sample_cases(draw):
     n_classes, slots_per_class, features = draw(buffer_layouts())
     return dict(
-        n_classes=n_classes, slots_per_class=slots_per_class, features=features,
-        batch=draw(st.integers(1, 9)), storage_dtype=draw(st.sampled_from(STORAGE_DTYPES)),
+        n_classes=n_classes,
+        slots_per_class=slots_per_class,
+        features=features,
+        batch=draw(st.integers(1, 9)),
+        storage_dtype=draw(st.sampled_from(STORAGE_DTYPES)),
         out_dtype=draw(st.sampled_from(OUT_DTYPES)),
         init_kind=draw(st.sampled_from(["uniform", "gaussian", "values"])),
         reinit_prob=draw(st.sampled_from([0.0, 0.3, 1.0]) | st.floats(0.0, 1.0)),
-        lo=draw(st.sampled_from([-1.0, 0.0, -3.5])), width=draw(st.sampled_from([1.0, 2.0, 7.25])),
-        seed=draw(st.integers(0, 2**64 - 1)), step=draw(st.integers(0, 2**32 - 1)),
-        chain_offset=draw(st.sampled_from([0, 5, 2**32 + 3])), data_seed=draw(st.integers(0, 99)))
+        lo=draw(st.sampled_from([-1.0, 0.0, -3.5])),
+        width=draw(st.sampled_from([1.0, 2.0, 7.25])),
+        seed=draw(st.integers(0, 2**64 - 1)),
+        step=draw(st.integers(0, 2**32 - 1)),
+        chain_offset=draw(st.sampled_from([0, 5, 2**32 + 3])),
+        data_seed=draw(st.integers(0, 99)),
+    )
 
 
 def _run_sample(kernel, case, device):
@@ -65,17 +72,35 @@ def _run_sample(kernel, case, device):
     batch, features = case["batch"], case["features"]
     storage = _random_storage(gen, capacity, features, case["storage_dtype"], device)
     written = (torch.rand(capacity, generator=gen) < 0.7).to(torch.uint8).to(device)
-    y = (torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
-         if case["n_classes"] > 1 else None)
-    values = (torch.randn(batch, features, generator=gen).to(case["out_dtype"]).to(device)
-              if case["init_kind"] == "values" else None)
+    y = (
+        torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
+        if case["n_classes"] > 1
+        else None
+    )
+    values = (
+        torch.randn(batch, features, generator=gen).to(case["out_dtype"]).to(device)
+        if case["init_kind"] == "values"
+        else None
+    )
     out = torch.empty(batch, features, dtype=case["out_dtype"], device=device)
     slots = torch.empty(batch, dtype=torch.int64, device=device)
     seed = torch.tensor(case["seed"] - (1 << 64) if case["seed"] >= 1 << 63 else case["seed"])
-    kernel(out, slots, storage, written, y, values, seed.to(device),
-           torch.tensor(case["step"], device=device), case["chain_offset"],
-           case["slots_per_class"], case["reinit_prob"], case["init_kind"], case["lo"],
-           case["lo"] + case["width"])
+    kernel(
+        out,
+        slots,
+        storage,
+        written,
+        y,
+        values,
+        seed.to(device),
+        torch.tensor(case["step"], device=device),
+        case["chain_offset"],
+        case["slots_per_class"],
+        case["reinit_prob"],
+        case["init_kind"],
+        case["lo"],
+        case["lo"] + case["width"],
+    )
     return out.cpu(), slots.cpu()
 
 
@@ -102,16 +127,22 @@ def push_cases(draw):
     n_classes, slots_per_class, features = draw(buffer_layouts())
     pushes = draw(st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=3))
     return dict(
-        n_classes=n_classes, slots_per_class=slots_per_class, features=features, pushes=pushes,
+        n_classes=n_classes,
+        slots_per_class=slots_per_class,
+        features=features,
+        pushes=pushes,
         storage_dtype=draw(st.sampled_from(STORAGE_DTYPES[::-1])),  # uint8 (the rounding) first
         x_dtype=draw(st.sampled_from(OUT_DTYPES)),
-        policy=draw(st.sampled_from(["fifo", "reservoir"])), stochastic=draw(st.booleans()),
+        policy=draw(st.sampled_from(["fifo", "reservoir"])),
+        stochastic=draw(st.booleans()),
         # Past 2**31 and 2**32 items per class the reservoir's (r * (t + 1)) >> 32 leaves 64 bits.
         initial_count=draw(st.integers(0, 20) | st.sampled_from([2**31 - 3, 2**32 + 5, 2**45])),
         lo=draw(st.sampled_from([-1.0, 0.0])),
         width=draw(st.sampled_from([0.99609375, 3.984375, 2.0])),
         seed=draw(st.integers(0, 2**63 - 1)),
-        chain_offset=draw(st.sampled_from([0, 7, 2**32])), data_seed=draw(st.integers(0, 99)))
+        chain_offset=draw(st.sampled_from([0, 7, 2**32])),
+        data_seed=draw(st.integers(0, 99)),
+    )
 
 
 def _run_pushes(kernel, case, device):
@@ -121,23 +152,41 @@ def _run_pushes(kernel, case, device):
     features = case["features"]
     storage = _random_storage(gen, capacity, features, case["storage_dtype"], device)
     written = torch.zeros(capacity, dtype=torch.uint8, device=device)
-    count = torch.full((case["n_classes"],), case["initial_count"], dtype=torch.int64,
-                       device=device)
+    count = torch.full(
+        (case["n_classes"],), case["initial_count"], dtype=torch.int64, device=device
+    )
     for step, (batch, write_back) in enumerate(case["pushes"]):
         # Spread over and beyond [lo, hi] so clamping and both rounding directions occur.
-        x = (case["lo"] - 0.5 + (case["width"] + 1) * torch.rand(batch, features, generator=gen))
+        x = case["lo"] - 0.5 + (case["width"] + 1) * torch.rand(batch, features, generator=gen)
         # Some values halfway between two uint8 codes (exactly, for the power-of-two steps
         # 0.99609375 / 255 and 3.984375 / 255): the rounding rule decides them.
         halfway = case["lo"] + (torch.randint(0, 255, x.shape, generator=gen) + 0.5) * (
-            case["width"] / 255)
+            case["width"] / 255
+        )
         x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, halfway, x)
         x = x.to(case["x_dtype"]).to(device)
         idx = torch.randint(0, capacity, (batch,), generator=gen).to(device) if write_back else None
-        y = (torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
-             if case["n_classes"] > 1 and not write_back else None)
-        kernel(storage, written, count, x, idx, y, torch.tensor(case["seed"], device=device),
-               torch.tensor(step, device=device), case["chain_offset"], case["slots_per_class"],
-               case["policy"], case["lo"], case["lo"] + case["width"], case["stochastic"])
+        y = (
+            torch.randint(0, case["n_classes"], (batch,), generator=gen).to(device)
+            if case["n_classes"] > 1 and not write_back
+            else None
+        )
+        kernel(
+            storage,
+            written,
+            count,
+            x,
+            idx,
+            y,
+            torch.tensor(case["seed"], device=device),
+            torch.tensor(step, device=device),
+            case["chain_offset"],
+            case["slots_per_class"],
+            case["policy"],
+            case["lo"],
+            case["lo"] + case["width"],
+            case["stochastic"],
+        )
     return storage.cpu(), written.cpu(), count.cpu()
 
 
@@ -161,8 +210,22 @@ def _opcheck_sample_args(storage_dtype, init_kind):
     storage = _random_storage(gen, 6, 5, storage_dtype, "cpu")
     written = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.uint8)
     values = torch.randn(4, 5) if init_kind == "values" else None
-    return (storage, written, torch.tensor([0, 2, 1, 2]), values, 4, torch.float32,
-            torch.tensor(11), torch.tensor(3), 0, 2, 0.4, init_kind, -1.0, 1.0)
+    return (
+        storage,
+        written,
+        torch.tensor([0, 2, 1, 2]),
+        values,
+        4,
+        torch.float32,
+        torch.tensor(11),
+        torch.tensor(3),
+        0,
+        2,
+        0.4,
+        init_kind,
+        -1.0,
+        1.0,
+    )
 
 
 def _opcheck_push_args(storage_dtype, write_back):
@@ -170,9 +233,22 @@ def _opcheck_push_args(storage_dtype, write_back):
     storage = _random_storage(gen, 6, 5, storage_dtype, "cpu")
     idx = torch.tensor([5, 0, 5]) if write_back else None
     y = None if write_back else torch.tensor([2, 0, 2])
-    return (storage, torch.zeros(6, dtype=torch.uint8), torch.tensor([0, 4, 1]),
-            torch.randn(3, 5), idx, y, torch.tensor(11), torch.tensor(3), 0, 2, "reservoir",
-            -1.0, 1.0, True)
+    return (
+        storage,
+        torch.zeros(6, dtype=torch.uint8),
+        torch.tensor([0, 4, 1]),
+        torch.randn(3, 5),
+        idx,
+        y,
+        torch.tensor(11),
+        torch.tensor(3),
+        0,
+        2,
+        "reservoir",
+        -1.0,
+        1.0,
+        True,
+    )
 
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *kernel_backends()])
@@ -272,9 +348,14 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("triton ships no ptxas here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                          text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     fma_counts = json.loads(done.stdout.strip().splitlines()[-1])
     # Dequantisation and uniform init (lo + q * step, lo + width * u) round like the reference.
@@ -291,14 +372,23 @@ def test_sample_reads_strided_labels(backend):
     storage = torch.arange(12, dtype=torch.float32).reshape(6, 2)  # 3 classes of 2 slots
     written = torch.ones(6, dtype=torch.uint8)
     y = torch.tensor([2, 0, 0, 0, 1, 0, 2, 0])[::2]  # classes 2, 0, 1, 2
-    kwargs = dict(dtype=torch.float32, seed=torch.tensor(11), step=torch.tensor(3),
-                  slots_per_class=2, reinit_prob=0.0, init_kind="uniform", lo=-1.0, hi=1.0)
+    kwargs = dict(
+        dtype=torch.float32,
+        seed=torch.tensor(11),
+        step=torch.tensor(3),
+        slots_per_class=2,
+        reinit_prob=0.0,
+        init_kind="uniform",
+        lo=-1.0,
+        hi=1.0,
+    )
     with use_backend("reference"):
         want, want_slots = buffer_sample(storage, written, 4, y=y, **kwargs)
     assert torch.equal(want_slots // 2, y)
     with use_backend(backend):
-        got, slots = buffer_sample(storage.to(device), written.to(device), 4, y=y.to(device),
-                                   **kwargs)
+        got, slots = buffer_sample(
+            storage.to(device), written.to(device), 4, y=y.to(device), **kwargs
+        )
     assert torch.equal(slots.cpu(), want_slots) and torch.equal(got.cpu(), want)
 
 
@@ -308,12 +398,25 @@ def test_tensors_on_another_device_are_named():
     from ebm_fast.ops.buffer_sample import buffer_sample
 
     storage, written = torch.zeros(6, 2), torch.ones(6, dtype=torch.uint8)
-    counters = dict(seed=torch.tensor(1), step=torch.tensor(0), slots_per_class=2, lo=-1.0,
-                    hi=1.0)
+    counters = dict(seed=torch.tensor(1), step=torch.tensor(0), slots_per_class=2, lo=-1.0, hi=1.0)
     with pytest.raises(ValueError, match="y is on meta"):
-        buffer_sample(storage, written, 2, y=torch.zeros(2, dtype=torch.int64, device="meta"),
-                      dtype=torch.float32, reinit_prob=0.0, init_kind="uniform", **counters)
+        buffer_sample(
+            storage,
+            written,
+            2,
+            y=torch.zeros(2, dtype=torch.int64, device="meta"),
+            dtype=torch.float32,
+            reinit_prob=0.0,
+            init_kind="uniform",
+            **counters,
+        )
     with pytest.raises(ValueError, match="x is on meta"):
-        buffer_push(storage, written, torch.zeros(3, dtype=torch.int64),
-                    torch.zeros(2, 2, device="meta"), y=torch.zeros(2, dtype=torch.int64),
-                    policy="fifo", **counters)
+        buffer_push(
+            storage,
+            written,
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(2, 2, device="meta"),
+            y=torch.zeros(2, dtype=torch.int64),
+            policy="fifo",
+            **counters,
+        )

@@ -53,25 +53,39 @@ def assert_matches_reference(got, x, grad, step_size, noise_scale, options):
         excess = (got.double() - eager.double()).abs() - ulp
         assert excess.max().item() <= 0, f"{(excess > 0).sum().item()} elements beyond one ulp"
         return
-    exact = langevin_update_ref(x.double(), grad.double(), step_size.double(),
-                                noise_scale.double(), noise_dtype=torch.float64, **options)
+    exact = langevin_update_ref(
+        x.double(),
+        grad.double(),
+        step_size.double(),
+        noise_scale.double(),
+        noise_dtype=torch.float64,
+        **options,
+    )
     # atol: one ulp of the largest value (where the eager expression happens to be exact) plus
     # four float32 ulps of the largest noise term: the spec's normals are float32 values that
     # agree across backends to float rounding, so on a few elements the eager noise can be
     # luckier than 1/2 the kernel's (float64 x makes that the whole error).
-    xi = philox_normal_ref(x.shape, seed=options["seed"], step=options["step"],
-                           stream=options["stream"], chain_offset=options["chain_offset"],
-                           dtype=torch.float64)
+    xi = philox_normal_ref(
+        x.shape,
+        seed=options["seed"],
+        step=options["step"],
+        stream=options["stream"],
+        chain_offset=options["chain_offset"],
+        dtype=torch.float64,
+    )
     noise_term = (per_chain(noise_scale.double(), xi) * xi).abs().max().item()
-    atol = (torch.finfo(x.dtype).eps * exact.abs().max().item()
-            + 4 * torch.finfo(torch.float32).eps * noise_term)
+    atol = (
+        torch.finfo(x.dtype).eps * exact.abs().max().item()
+        + 4 * torch.finfo(torch.float32).eps * noise_term
+    )
     assert_within_eager_error(got, eager, exact, atol=atol)
 
 
 def _chain_param(draw, values, per_chain: bool, chains: int, dtype, device):
     if per_chain:
-        return torch.tensor(draw(st.lists(values, min_size=chains, max_size=chains)),
-                            dtype=dtype, device=device)
+        return torch.tensor(
+            draw(st.lists(values, min_size=chains, max_size=chains)), dtype=dtype, device=device
+        )
     return torch.tensor(draw(values), dtype=dtype, device=device)
 
 
@@ -97,11 +111,13 @@ def update_cases(draw, backend):
         x, grad = x[..., 0], grad[..., 0]
     x, grad = x.to(device), grad.to(device)
     cdtype = compute_dtype(dtype)
-    step_size = _chain_param(draw, st.floats(1e-3, 1.0), draw(st.booleans(), label="eps/chain"),
-                             chains, cdtype, device)
+    step_size = _chain_param(
+        draw, st.floats(1e-3, 1.0), draw(st.booleans(), label="eps/chain"), chains, cdtype, device
+    )
     noise_values = st.one_of(st.just(0.0), st.floats(0.0, 2.0))
-    noise_scale = _chain_param(draw, noise_values, draw(st.booleans(), label="sigma/chain"),
-                               chains, cdtype, device)
+    noise_scale = _chain_param(
+        draw, noise_values, draw(st.booleans(), label="sigma/chain"), chains, cdtype, device
+    )
     grad_clip = draw(st.one_of(st.none(), st.floats(0.05, 5.0)), label="grad_clip")
     grad_clip_mode = draw(st.sampled_from(["value", "norm"]), label="grad_clip_mode")
     clamp_lo = draw(st.one_of(st.none(), st.floats(-3.0, 0.0)), label="clamp_lo")
@@ -111,10 +127,16 @@ def update_cases(draw, backend):
     if draw(st.booleans(), label="counters as tensors"):
         seed = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, device=device)
         step = torch.tensor(step, device=device)
-    options = dict(seed=seed, step=step, stream=draw(st.sampled_from([0, 1, 2**32 - 1])),
-                   chain_offset=draw(st.one_of(st.integers(0, 9), st.integers(0, 2**40))),
-                   grad_clip=grad_clip, grad_clip_mode=grad_clip_mode, clamp_lo=clamp_lo,
-                   clamp_hi=clamp_hi)
+    options = dict(
+        seed=seed,
+        step=step,
+        stream=draw(st.sampled_from([0, 1, 2**32 - 1])),
+        chain_offset=draw(st.one_of(st.integers(0, 9), st.integers(0, 2**40))),
+        grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=clamp_lo,
+        clamp_hi=clamp_hi,
+    )
     return x, grad, step_size, noise_scale, options, layout.endswith("in_place")
 
 
@@ -142,10 +164,12 @@ def test_matches_reference(backend, data):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("grad_clip,grad_clip_mode", [(None, "value"), (1.0, "value"),
-                                                      (1.0, "norm")])
-def test_non_finite_gradients_land_where_the_reference_puts_them(backend, grad_clip,
-                                                                 grad_clip_mode):
+@pytest.mark.parametrize(
+    "grad_clip,grad_clip_mode", [(None, "value"), (1.0, "value"), (1.0, "norm")]
+)
+def test_non_finite_gradients_land_where_the_reference_puts_them(
+    backend, grad_clip, grad_clip_mode
+):
     """A NaN and two infinite gradient elements, through clipping and a one-sided clamp: NaN and
     inf where the reference has them (norm clipping turns a chain with a NaN gradient NaN whole;
     an infinite norm scales the chain by 0, so its infinite element becomes 0 * inf = NaN)."""
@@ -154,8 +178,16 @@ def test_non_finite_gradients_land_where_the_reference_puts_them(backend, grad_c
     x = torch.randn(4, 5, generator=gen)
     grad = torch.randn(4, 5, generator=gen) * 3
     grad[1, 2], grad[2, 0], grad[3, 1] = float("nan"), float("inf"), -float("inf")
-    options = dict(seed=5, step=1, stream=0, chain_offset=0, grad_clip=grad_clip,
-                   grad_clip_mode=grad_clip_mode, clamp_lo=-4.0, clamp_hi=None)
+    options = dict(
+        seed=5,
+        step=1,
+        stream=0,
+        chain_offset=0,
+        grad_clip=grad_clip,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=-4.0,
+        clamp_hi=None,
+    )
     want = langevin_update_ref(x, grad, torch.tensor(0.1), torch.tensor(0.5), **options)
     if grad_clip_mode == "norm":
         assert want[1].isnan().all() and want[2, 0].isnan() and want[3, 1].isnan()
@@ -179,8 +211,9 @@ def test_chunks_with_chain_offset_equal_the_whole_batch(backend, dtype):
     with use_backend(backend):
         whole = ebm_fast.langevin_update(x, grad, eps, sigma, **kwargs)
         first = ebm_fast.langevin_update(x[:4], grad[:4], eps[:4], sigma[:4], **kwargs)
-        second = ebm_fast.langevin_update(x[4:], grad[4:], eps[4:], sigma[4:], chain_offset=4,
-                                          **kwargs)
+        second = ebm_fast.langevin_update(
+            x[4:], grad[4:], eps[4:], sigma[4:], chain_offset=4, **kwargs
+        )
     assert torch.equal(torch.cat([first, second]), whole)
 
 
@@ -189,8 +222,14 @@ def test_opcheck(backend):
     device = kernel_device(backend)
     x = torch.randn(3, 5, device=device, requires_grad=True)
     grad = torch.randn(3, 5, device=device)
-    params = (torch.tensor(0.1, device=device), torch.full((3,), 0.2, device=device),
-              torch.tensor(3, device=device), torch.tensor(1, device=device), 0, 2)
+    params = (
+        torch.tensor(0.1, device=device),
+        torch.full((3,), 0.2, device=device),
+        torch.tensor(3, device=device),
+        torch.tensor(1, device=device),
+        0,
+        2,
+    )
     with use_backend(backend):
         torch.library.opcheck(_langevin_update_op, (x, grad, *params, 0.5, "norm", -1.0, 1.0))
 
@@ -204,7 +243,10 @@ def test_out_partially_overlapping_x_or_grad_is_refused(backend):
     out exactly x or exactly grad is an in-place update."""
     device = kernel_device(backend)
     gen = torch.Generator().manual_seed(4)
-    buf, grad = torch.randn(9, 4, generator=gen).to(device), torch.randn(8, 4, generator=gen).to(device)
+    buf, grad = (
+        torch.randn(9, 4, generator=gen).to(device),
+        torch.randn(8, 4, generator=gen).to(device),
+    )
     args = (0.1, 0.3)
     kwargs = dict(seed=0, step=0, grad_clip=1.0, grad_clip_mode="norm")
     with use_backend(backend):
@@ -232,8 +274,9 @@ def test_limits_beyond_the_compute_dtype_limit_nothing(backend, grad_clip_mode):
     kwargs = dict(seed=1, step=2, grad_clip_mode=grad_clip_mode)
     with use_backend(backend):
         plain = ebm_fast.langevin_update(x, grad, 0.1, 0.5, **kwargs)
-        huge = ebm_fast.langevin_update(x, grad, 0.1, 0.5, grad_clip=1e300,
-                                        clamp=(-1e300, 1e300), **kwargs)
+        huge = ebm_fast.langevin_update(
+            x, grad, 0.1, 0.5, grad_clip=1e300, clamp=(-1e300, 1e300), **kwargs
+        )
         pinned = ebm_fast.langevin_update(x, grad, 0.1, 0.5, clamp=(1e300, None), **kwargs)
         with pytest.raises(ValueError, match="smallest normal"):
             ebm_fast.langevin_update(x, grad, 0.1, 0.5, grad_clip=1e-40, **kwargs)
@@ -251,8 +294,10 @@ def test_limits_beyond_the_compute_dtype_limit_nothing(backend, grad_clip_mode):
         torch.testing.assert_close(clipped, want)
 
 
-CPU_ONLY = pytest.mark.skipif(unavailable_reason("cpu") is not None,
-                              reason=f"cpu backend unavailable: {unavailable_reason('cpu')}")
+CPU_ONLY = pytest.mark.skipif(
+    unavailable_reason("cpu") is not None,
+    reason=f"cpu backend unavailable: {unavailable_reason('cpu')}",
+)
 
 
 @CPU_ONLY
@@ -265,8 +310,16 @@ def test_large_tensors_on_cpu(shape, grad_clip_mode):
     grad = torch.randn(shape, generator=gen) * 3
     eps = torch.rand(shape[0], generator=gen) + 0.01
     sigma = torch.rand(shape[0], generator=gen)
-    options = dict(seed=99, step=12, stream=0, chain_offset=3, grad_clip=50.0,
-                   grad_clip_mode=grad_clip_mode, clamp_lo=-1.5, clamp_hi=1.0)
+    options = dict(
+        seed=99,
+        step=12,
+        stream=0,
+        chain_offset=3,
+        grad_clip=50.0,
+        grad_clip_mode=grad_clip_mode,
+        clamp_lo=-1.5,
+        clamp_hi=1.0,
+    )
     x_before = x.clone()
     with use_backend("cpu"):
         _call(x, grad, eps, sigma, options, out=x)

@@ -12,9 +12,11 @@ from ebm_fast.ops.philox import philox_bits, philox_normal, philox_uniform
 from ebm_fast.reference import philox as ref
 from tests.helpers import assert_within_eager_error, kernel_backends, kernel_device
 
-DRAWS = {"bits": (philox_bits, ref.philox_bits_ref),
-         "uniform": (philox_uniform, ref.philox_uniform_ref),
-         "normal": (philox_normal, ref.philox_normal_ref)}
+DRAWS = {
+    "bits": (philox_bits, ref.philox_bits_ref),
+    "uniform": (philox_uniform, ref.philox_uniform_ref),
+    "normal": (philox_normal, ref.philox_normal_ref),
+}
 
 
 def _max_per_chain(backend: str) -> int:
@@ -39,12 +41,14 @@ def assert_matches_spec(got: torch.Tensor, distribution: str, shape, **counters)
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
 
 
-counters = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**64 - 1),
-    "step": st.integers(0, 2**32 - 1),
-    "stream": st.sampled_from([0, 1, 5, 2**32 - 1]),
-    "chain_offset": st.one_of(st.integers(0, 50), st.integers(0, 2**40)),
-})
+counters = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**64 - 1),
+        "step": st.integers(0, 2**32 - 1),
+        "stream": st.sampled_from([0, 1, 5, 2**32 - 1]),
+        "chain_offset": st.one_of(st.integers(0, 50), st.integers(0, 2**40)),
+    }
+)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -91,9 +95,13 @@ def test_seed_and_step_as_tensors_equal_ints(backend, distribution):
     seed, step = 2**64 - 3, 2**32 - 1
     device = kernel_device(backend)
     from_ints = _draw(backend, distribution, (3, 10), seed=seed, step=step)
-    from_tensors = _draw(backend, distribution, (3, 10),
-                         seed=torch.tensor(seed - 2**64, dtype=torch.int64, device=device),
-                         step=torch.tensor(step, dtype=torch.int64, device=device))
+    from_tensors = _draw(
+        backend,
+        distribution,
+        (3, 10),
+        seed=torch.tensor(seed - 2**64, dtype=torch.int64, device=device),
+        step=torch.tensor(step, dtype=torch.int64, device=device),
+    )
     assert torch.equal(from_ints, from_tensors)
     assert_matches_spec(from_ints, distribution, (3, 10), seed=seed, step=step)
 
@@ -115,7 +123,14 @@ def test_opcheck(backend, distribution):
     from ebm_fast.ops.philox import _philox_op
 
     device = kernel_device(backend)
-    args = ([3, 5], torch.tensor(2**63 + 7 - 2**64, device=device), torch.tensor(4, device=device),
-            1, 2, distribution, device)
+    args = (
+        [3, 5],
+        torch.tensor(2**63 + 7 - 2**64, device=device),
+        torch.tensor(4, device=device),
+        1,
+        2,
+        distribution,
+        device,
+    )
     with use_backend(backend):
         torch.library.opcheck(_philox_op, args)

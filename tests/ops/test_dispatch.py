@@ -12,9 +12,11 @@ from ebm_fast.backends import _triton_import_error
 from ebm_fast.ops._dispatch import OPS, kernels
 
 PACKAGE = Path(ebm_fast.__file__).parent
-BACKEND_FOLDERS = {"reference": (PACKAGE / "reference", ".py"),
-                   "triton": (PACKAGE / "kernels" / "triton", ".py"),
-                   "cpu": (PACKAGE / "csrc", ".cpp")}
+BACKEND_FOLDERS = {
+    "reference": (PACKAGE / "reference", ".py"),
+    "triton": (PACKAGE / "kernels" / "triton", ".py"),
+    "cpu": (PACKAGE / "csrc", ".cpp"),
+}
 
 
 def _parameters(entry) -> list[str]:
@@ -47,8 +49,27 @@ def test_the_cpp_entry_passes_keywords_to_the_kernel_in_order():
     counters = dict(seed=torch.tensor(5), step=torch.tensor(2), stream=0, chain_offset=0)
     by_keyword, by_position = torch.empty_like(x), torch.empty_like(x)
     kernels("cpu")["langevin_update"](
-        grad=-x, x=x, out=by_keyword, step_size=torch.tensor(0.1), noise_scale=torch.tensor(0.2),
-        grad_clip=None, grad_clip_mode="value", clamp_lo=-1.0, clamp_hi=1.0, **counters)
-    _cpp.ops().langevin_update_out(by_position, x, -x, torch.tensor(0.1), torch.tensor(0.2),
-                                   *counters.values(), None, "value", -1.0, 1.0)
+        grad=-x,
+        x=x,
+        out=by_keyword,
+        step_size=torch.tensor(0.1),
+        noise_scale=torch.tensor(0.2),
+        grad_clip=None,
+        grad_clip_mode="value",
+        clamp_lo=-1.0,
+        clamp_hi=1.0,
+        **counters,
+    )
+    _cpp.ops().langevin_update_out(
+        by_position,
+        x,
+        -x,
+        torch.tensor(0.1),
+        torch.tensor(0.2),
+        *counters.values(),
+        None,
+        "value",
+        -1.0,
+        1.0,
+    )
     assert torch.equal(by_keyword, by_position)

@@ -14,8 +14,10 @@ from ebm_fast.reference.philox import philox_normal_ref
 
 def _inputs(shape=(4, 3, 5), dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen, dtype=dtype),
-            torch.randn(shape, generator=gen, dtype=dtype) * 3)
+    return (
+        torch.randn(shape, generator=gen, dtype=dtype),
+        torch.randn(shape, generator=gen, dtype=dtype) * 3,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +46,16 @@ def test_value_and_norm_clipping():
     by_value = ebm_fast.langevin_update(x, g, 1.0, 0.0, seed=0, step=0, grad_clip=0.7)
     torch.testing.assert_close(by_value, x - g.clamp(-0.7, 0.7), rtol=0, atol=0)
     g[0] *= 1e-3  # chain 0 below the norm bound: untouched
-    by_norm = ebm_fast.langevin_update(x, g, 1.0, 0.0, seed=0, step=0, grad_clip=2.0,
-                                       grad_clip_mode="norm")
+    by_norm = ebm_fast.langevin_update(
+        x, g, 1.0, 0.0, seed=0, step=0, grad_clip=2.0, grad_clip_mode="norm"
+    )
     step = x - by_norm
     norms = step.reshape(4, -1).norm(dim=1)
     torch.testing.assert_close(step[0], g[0], rtol=0, atol=1e-15)  # x - (x - g): cancellation
     torch.testing.assert_close(norms[1:], torch.full((3,), 2.0, dtype=torch.float64))
-    cosine = (step.reshape(4, -1) * g.reshape(4, -1)).sum(1) / (norms * g.reshape(4, -1).norm(dim=1))
+    cosine = (step.reshape(4, -1) * g.reshape(4, -1)).sum(1) / (
+        norms * g.reshape(4, -1).norm(dim=1)
+    )
     torch.testing.assert_close(cosine, torch.ones(4, dtype=torch.float64))
 
 
@@ -60,9 +65,16 @@ def test_per_chain_parameters_equal_per_chain_calls():
     sigma = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
     batched = ebm_fast.langevin_update(x, g, eps, sigma, seed=4, step=1)
     for c in range(4):
-        single = ebm_fast.langevin_update(x[c:c + 1], g[c:c + 1], float(eps[c]), float(sigma[c]),
-                                          seed=4, step=1, chain_offset=c)
-        torch.testing.assert_close(batched[c:c + 1], single, rtol=0, atol=0)
+        single = ebm_fast.langevin_update(
+            x[c : c + 1],
+            g[c : c + 1],
+            float(eps[c]),
+            float(sigma[c]),
+            seed=4,
+            step=1,
+            chain_offset=c,
+        )
+        torch.testing.assert_close(batched[c : c + 1], single, rtol=0, atol=0)
 
 
 def test_in_place_and_non_contiguous():
@@ -91,13 +103,19 @@ def test_low_precision_computes_in_float32_and_rounds_once(dtype):
 
 def test_bad_input_names_the_argument():
     x, g = _inputs((4, 3), dtype=torch.float32)
-    call = lambda **kw: ebm_fast.langevin_update(**{**dict(x=x, grad=g, step_size=0.1,  # noqa: E731
-                                                           noise_scale=0.1, seed=0, step=0), **kw})
+
+    def call(**kw):
+        arguments = dict(x=x, grad=g, step_size=0.1, noise_scale=0.1, seed=0, step=0)
+        return ebm_fast.langevin_update(**{**arguments, **kw})
+
     cases = [
         (dict(grad=g[:, :2]), ValueError, "grad"),
         (dict(grad=g.double()), TypeError, "grad"),
-        (dict(x=torch.ones(4, 3, dtype=torch.int32), grad=torch.ones(4, 3, dtype=torch.int32)),
-         TypeError, "x must be"),
+        (
+            dict(x=torch.ones(4, 3, dtype=torch.int32), grad=torch.ones(4, 3, dtype=torch.int32)),
+            TypeError,
+            "x must be",
+        ),
         (dict(step_size=0.0), ValueError, "step_size"),
         (dict(step_size=-1.0), ValueError, "step_size"),
         (dict(step_size=float("nan")), ValueError, "step_size"),
@@ -137,9 +155,17 @@ def test_numpy_scalars_are_numbers():
     kwargs = dict(seed=5, step=3, stream=1, chain_offset=2, grad_clip=0.5, clamp=(-1.0, 1.0))
     want = ebm_fast.langevin_update(x, g, 0.25, 0.5, **kwargs)
     got = ebm_fast.langevin_update(
-        x, g, np.float32(0.25), np.float64(0.5), seed=np.uint64(5), step=np.int32(3),
-        stream=np.int64(1), chain_offset=np.int8(2), grad_clip=np.float32(0.5),
-        clamp=(np.float64(-1.0), np.int64(1)))
+        x,
+        g,
+        np.float32(0.25),
+        np.float64(0.5),
+        seed=np.uint64(5),
+        step=np.int32(3),
+        stream=np.int64(1),
+        chain_offset=np.int8(2),
+        grad_clip=np.float32(0.5),
+        clamp=(np.float64(-1.0), np.int64(1)),
+    )
     assert torch.equal(got, want)
 
 
@@ -159,23 +185,38 @@ def test_gradient_matches_finite_differences(mode):
     clip = None if mode is None else 1.5
 
     def update(x, g):
-        return ebm_fast.langevin_update(x, g, 0.3, 0.2, seed=5, step=1, clamp=(-1.5, 1.5),
-                                        grad_clip=clip, grad_clip_mode=mode or "value")
+        return ebm_fast.langevin_update(
+            x,
+            g,
+            0.3,
+            0.2,
+            seed=5,
+            step=1,
+            clamp=(-1.5, 1.5),
+            grad_clip=clip,
+            grad_clip_mode=mode or "value",
+        )
 
     assert torch.autograd.gradcheck(update, (x, g))
 
 
 def _opcheck_args(dtype):
     x, g = _inputs((3, 4), dtype=dtype)
-    params = (torch.tensor(0.1, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
-              torch.full((3,), 0.2, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
-              torch.tensor(3), torch.tensor(1), 0, 2)
+    params = (
+        torch.tensor(0.1, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+        torch.full((3,), 0.2, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+        torch.tensor(3),
+        torch.tensor(1),
+        0,
+        2,
+    )
     return x, g, params
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("options", [(None, "value", None, None), (0.5, "norm", -1.0, 1.0),
-                                     (0.5, "value", None, 0.3)])
+@pytest.mark.parametrize(
+    "options", [(None, "value", None, None), (0.5, "norm", -1.0, 1.0), (0.5, "value", None, 0.3)]
+)
 def test_opcheck(dtype, options):
     x, g, params = _opcheck_args(dtype)
     x.requires_grad_()
@@ -193,10 +234,12 @@ def test_compiles_with_fullgraph():
         return ebm_fast.langevin_update(x, g, 0.1, 0.05, seed=7, step=step + 1, clamp=(-1, 1))
 
     eager_x = x.clone()
-    ebm_fast.langevin_update(eager_x, g, 0.1, 0.05, seed=7, step=torch.tensor(3), clamp=(-1, 1),
-                             out=eager_x)
-    expected = ebm_fast.langevin_update(eager_x, g, 0.1, 0.05, seed=7, step=torch.tensor(4),
-                                        clamp=(-1, 1))
+    ebm_fast.langevin_update(
+        eager_x, g, 0.1, 0.05, seed=7, step=torch.tensor(3), clamp=(-1, 1), out=eager_x
+    )
+    expected = ebm_fast.langevin_update(
+        eager_x, g, 0.1, 0.05, seed=7, step=torch.tensor(4), clamp=(-1, 1)
+    )
     compiled_x = x.clone()
     got = two_steps(compiled_x, g, torch.tensor(3))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -18,28 +18,38 @@ from ebm_fast.validation import compute_dtype
 from tests.helpers import kernel_backends, kernel_device
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
-def _gaussian_proposal(chains, shape, dtype, step_size, temperature, curvature, seed,
-                       device="cpu", layout_stride=1):
+def _gaussian_proposal(
+    chains, shape, dtype, step_size, temperature, curvature, seed, device="cpu", layout_stride=1
+):
     """A real MALA proposal for E(x) = curvature |x|^2 / 2: (x, y, grad_x, grad_y, energy_x,
     energy_y), states in ``dtype`` (every ``layout_stride``-th chain of a larger tensor, so
     layout_stride > 1 gives non-contiguous tensors), energies in the compute dtype."""
     gen = torch.Generator().manual_seed(seed)
     full = (chains * layout_stride, *shape)
     x = torch.randn(full, generator=gen, dtype=torch.float64)
-    y = (x - step_size * curvature * x
-         + math.sqrt(2 * step_size * temperature) * torch.randn(full, generator=gen,
-                                                                dtype=torch.float64))
+    y = (
+        x
+        - step_size * curvature * x
+        + math.sqrt(2 * step_size * temperature)
+        * torch.randn(full, generator=gen, dtype=torch.float64)
+    )
     x, y = x.to(dtype), y.to(dtype)
     cdt = compute_dtype(dtype)
 
     def energy(t):
         return curvature * (t.to(torch.float64) ** 2).reshape(t.shape[0], -1).sum(1) / 2
 
-    tensors = (x, y, (curvature * x.double()).to(dtype), (curvature * y.double()).to(dtype),
-               energy(x).to(cdt), energy(y).to(cdt))
+    tensors = (
+        x,
+        y,
+        (curvature * x.double()).to(dtype),
+        (curvature * y.double()).to(dtype),
+        energy(x).to(cdt),
+        energy(y).to(cdt),
+    )
     return tuple(t[::layout_stride].to(device) for t in tensors)
 
 
@@ -58,13 +68,26 @@ def _log_alpha_by_hand(x, y, eps, temp):
 def test_reference_matches_hand_computed_gaussian_ratio(eps, temp):
     chains = 64
     x, y, gx, gy, ex, ey = _gaussian_proposal(chains, (1,), torch.float64, eps, temp, 1.0, 5)
-    accepted, prob = mala_accept_ref(x, y, gx, gy, ex, ey, torch.tensor(eps, dtype=torch.float64),
-                                     torch.tensor(temp, dtype=torch.float64), 17, 4)
+    accepted, prob = mala_accept_ref(
+        x,
+        y,
+        gx,
+        gy,
+        ex,
+        ey,
+        torch.tensor(eps, dtype=torch.float64),
+        torch.tensor(temp, dtype=torch.float64),
+        17,
+        4,
+    )
     u = philox_uniform_ref((chains,), seed=17, step=4, stream=STREAM_MALA_ACCEPT)
-    expected = [min(1.0, math.exp(_log_alpha_by_hand(a, b, eps, temp)))
-                for a, b in zip(x[:, 0].tolist(), y[:, 0].tolist())]
-    torch.testing.assert_close(prob, torch.tensor(expected, dtype=torch.float64), rtol=1e-9,
-                               atol=1e-12)
+    expected = [
+        min(1.0, math.exp(_log_alpha_by_hand(a, b, eps, temp)))
+        for a, b in zip(x[:, 0].tolist(), y[:, 0].tolist())
+    ]
+    torch.testing.assert_close(
+        prob, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12
+    )
     assert torch.equal(accepted, u.double() < prob)
     if eps > 1:  # a step this large must reject a fair share, so both branches are exercised
         assert 0 < accepted.sum() < chains
@@ -73,8 +96,18 @@ def test_reference_matches_hand_computed_gaussian_ratio(eps, temp):
 def test_reference_multidimensional_ratio_by_hand():
     eps, temp, curvature = 0.4, 0.8, 1.7
     x, y, gx, gy, ex, ey = _gaussian_proposal(3, (2, 3), torch.float64, eps, temp, curvature, 9)
-    _, prob = mala_accept_ref(x, y, gx, gy, ex, ey, torch.tensor(eps, dtype=torch.float64),
-                              torch.tensor(temp, dtype=torch.float64), 1, 2)
+    _, prob = mala_accept_ref(
+        x,
+        y,
+        gx,
+        gy,
+        ex,
+        ey,
+        torch.tensor(eps, dtype=torch.float64),
+        torch.tensor(temp, dtype=torch.float64),
+        1,
+        2,
+    )
     for chain in range(3):
         xs, ys = x[chain].flatten().tolist(), y[chain].flatten().tolist()
         forward = math.fsum((b - a + eps * curvature * a) ** 2 for a, b in zip(xs, ys))
@@ -113,8 +146,11 @@ def _accept_prob_error_bound(x, y, gx, gy, ex, ey, eps, temp, dtype):
     x64, y64, gx64, gy64 = (t.double().reshape(chains, -1) for t in (x, y, gx, gy))
     eps64 = eps.double().reshape(-1, 1)
     temp64 = temp.double()
-    magnitude = ((gx64 + gy64).abs() * (eps64 * (gy64 - gx64).abs()
-                                        + 2 * (y64 - x64).abs())).nan_to_num(0).sum(1)
+    magnitude = (
+        ((gx64 + gy64).abs() * (eps64 * (gy64 - gx64).abs() + 2 * (y64 - x64).abs()))
+        .nan_to_num(0)
+        .sum(1)
+    )
     per_chain = x64.shape[1]
     energies = (ex.double().abs() + ey.double().abs()).nan_to_num(0, posinf=0)
     return u * ((per_chain + 8) * magnitude / (4 * temp64) + 4 * energies / temp64 + 16)
@@ -146,14 +182,15 @@ def _cases(draw):
         curvature=draw(st.floats(0.1, 3.0)),
         eps_kind=draw(st.sampled_from(["float", "scalar", "per_chain"])),
         temp_kind=draw(st.sampled_from(["float", "scalar", "per_chain"])),
-        data_seed=draw(st.integers(0, 2 ** 31 - 1)),
-        seed=draw(st.integers(0, 2 ** 64 - 1)),
-        step=draw(st.integers(0, 2 ** 32 - 1)),
+        data_seed=draw(st.integers(0, 2**31 - 1)),
+        seed=draw(st.integers(0, 2**64 - 1)),
+        step=draw(st.integers(0, 2**32 - 1)),
         stream=draw(st.integers(0, 7)),
-        chain_offset=draw(st.integers(0, 2 ** 40)),
+        chain_offset=draw(st.integers(0, 2**40)),
         seed_as_tensor=draw(st.booleans()),
-        inject=draw(st.sampled_from([None, "inf energy_y", "nan energy_y", "nan grad_y",
-                                     "inf energy_x"])),
+        inject=draw(
+            st.sampled_from([None, "inf energy_y", "nan energy_y", "nan grad_y", "inf energy_x"])
+        ),
     )
 
 
@@ -163,17 +200,28 @@ def _check_backend_against_reference(backend, case):
     cdt = compute_dtype(dtype)
     gen = torch.Generator().manual_seed(case["data_seed"])
     x, y, gx, gy, ex, ey = _gaussian_proposal(
-        chains, case["shape"], dtype, case["eps"], case["temp"], case["curvature"],
-        case["data_seed"], layout_stride=case["layout_stride"])
+        chains,
+        case["shape"],
+        dtype,
+        case["eps"],
+        case["temp"],
+        case["curvature"],
+        case["data_seed"],
+        layout_stride=case["layout_stride"],
+    )
     if case["inject"] is not None:
         kind, name = case["inject"].split()
         {"energy_y": ey, "grad_y": gy, "energy_x": ex}[name][0] = float(kind)
     eps = _as_param(case["eps"], case["eps_kind"], chains, cdt, gen)
     temp = _as_param(case["temp"], case["temp_kind"], chains, cdt, gen)
-    seed = torch.tensor(case["seed"] - (1 << 64) if case["seed"] >= 1 << 63 else case["seed"]) \
-        if case["seed_as_tensor"] else case["seed"]
-    options = dict(seed=seed, step=case["step"], stream=case["stream"],
-                   chain_offset=case["chain_offset"])
+    seed = (
+        torch.tensor(case["seed"] - (1 << 64) if case["seed"] >= 1 << 63 else case["seed"])
+        if case["seed_as_tensor"]
+        else case["seed"]
+    )
+    options = dict(
+        seed=seed, step=case["step"], stream=case["stream"], chain_offset=case["chain_offset"]
+    )
 
     def run(name):
         state = [t.clone().to(device) for t in (x, gx, ex)]
@@ -181,8 +229,17 @@ def _check_backend_against_reference(backend, case):
             state = [torch.repeat_interleave(t, 2, dim=0)[::2] for t in state]
         mutated_x, mutated_gx, mutated_ex = state
         with use_backend(name):
-            accepted, prob = mala_accept(mutated_x, y.to(device), mutated_gx, gy.to(device),
-                                         mutated_ex, ey.to(device), eps, temp, **options)
+            accepted, prob = mala_accept(
+                mutated_x,
+                y.to(device),
+                mutated_gx,
+                gy.to(device),
+                mutated_ex,
+                ey.to(device),
+                eps,
+                temp,
+                **options,
+            )
         return [t.cpu() for t in (accepted, prob, mutated_x, mutated_gx, mutated_ex)]
 
     ref_accepted, ref_prob, *_ = run("reference")
@@ -191,15 +248,26 @@ def _check_backend_against_reference(backend, case):
     assert accepted.shape == prob.shape == (chains,)
 
     eps_t, temp_t = _param_tensor(eps, chains, cdt), _param_tensor(temp, chains, cdt)
-    _, exact = mala_accept_ref(*(t.double() for t in (x, y, gx, gy, ex, ey)), eps_t.double(),
-                               temp_t.double(), case["seed"], case["step"], case["stream"],
-                               case["chain_offset"])
+    _, exact = mala_accept_ref(
+        *(t.double() for t in (x, y, gx, gy, ex, ey)),
+        eps_t.double(),
+        temp_t.double(),
+        case["seed"],
+        case["step"],
+        case["stream"],
+        case["chain_offset"],
+    )
     bound = _accept_prob_error_bound(x, y, gx, gy, ex, ey, eps_t, temp_t, dtype)
     for got in (prob, ref_prob):
         assert ((got.double() - exact).abs() <= bound).all(), (got, exact, bound)
 
-    u = philox_uniform_ref((chains,), seed=case["seed"], step=case["step"],
-                           stream=case["stream"], chain_offset=case["chain_offset"]).double()
+    u = philox_uniform_ref(
+        (chains,),
+        seed=case["seed"],
+        step=case["step"],
+        stream=case["stream"],
+        chain_offset=case["chain_offset"],
+    ).double()
     decidable = (u - exact).abs() >= torch.clamp(bound, min=1e-5)
     assert torch.equal(accepted[decidable], ref_accepted[decidable])
     assert torch.equal(accepted[decidable], (u < exact)[decidable])
@@ -222,15 +290,38 @@ def test_backend_matches_reference(backend, case):
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
 def test_chain_offset_shards_decide_like_the_whole_batch(backend):
     device = kernel_device(backend)
-    x, y, gx, gy, ex, ey = _gaussian_proposal(7, (3,), torch.float32, 0.8, 1.0, 1.0, 4,
-                                              device=device)
+    x, y, gx, gy, ex, ey = _gaussian_proposal(
+        7, (3,), torch.float32, 0.8, 1.0, 1.0, 4, device=device
+    )
     with use_backend(backend):
-        whole, whole_prob = mala_accept(x.clone(), y, gx.clone(), gy, ex.clone(), ey, 0.8, 1.0,
-                                        seed=6, step=3)
-        head = mala_accept(x[:3].clone(), y[:3], gx[:3].clone(), gy[:3], ex[:3].clone(), ey[:3],
-                           0.8, 1.0, seed=6, step=3)
-        tail = mala_accept(x[3:].clone(), y[3:], gx[3:].clone(), gy[3:], ex[3:].clone(), ey[3:],
-                           0.8, 1.0, seed=6, step=3, chain_offset=3)
+        whole, whole_prob = mala_accept(
+            x.clone(), y, gx.clone(), gy, ex.clone(), ey, 0.8, 1.0, seed=6, step=3
+        )
+        head = mala_accept(
+            x[:3].clone(),
+            y[:3],
+            gx[:3].clone(),
+            gy[:3],
+            ex[:3].clone(),
+            ey[:3],
+            0.8,
+            1.0,
+            seed=6,
+            step=3,
+        )
+        tail = mala_accept(
+            x[3:].clone(),
+            y[3:],
+            gx[3:].clone(),
+            gy[3:],
+            ex[3:].clone(),
+            ey[3:],
+            0.8,
+            1.0,
+            seed=6,
+            step=3,
+            chain_offset=3,
+        )
     assert torch.equal(whole, torch.cat([head[0], tail[0]]))
     assert torch.equal(whole_prob, torch.cat([head[1], tail[1]]))
 
@@ -247,16 +338,40 @@ def test_opcheck(backend, dtype):
     device = kernel_device(backend)
     cdt = compute_dtype(dtype)
     x, y, gx, gy, ex, ey = _gaussian_proposal(3, (4,), dtype, 0.5, 1.0, 1.0, 1, device=device)
-    args = (x, y, gx, gy, ex, ey, torch.tensor(0.5, dtype=cdt),
-            torch.full((3,), 0.9, dtype=cdt, device=device), torch.tensor(3), torch.tensor(1), 1, 2)
+    args = (
+        x,
+        y,
+        gx,
+        gy,
+        ex,
+        ey,
+        torch.tensor(0.5, dtype=cdt),
+        torch.full((3,), 0.9, dtype=cdt, device=device),
+        torch.tensor(3),
+        torch.tensor(1),
+        1,
+        2,
+    )
     with use_backend(backend):
         torch.library.opcheck(_mala_accept_op, args)
 
 
 def _valid_inputs():
     x, y, gx, gy, ex, ey = _gaussian_proposal(4, (3,), torch.float32, 0.1, 1.0, 1.0, 0)
-    return dict(x=x, y=y, grad_x=gx, grad_y=gy, energy_x=ex, energy_y=ey, step_size=0.1,
-                temperature=1.0, seed=0, step=0, stream=1, chain_offset=0)
+    return dict(
+        x=x,
+        y=y,
+        grad_x=gx,
+        grad_y=gy,
+        energy_x=ex,
+        energy_y=ey,
+        step_size=0.1,
+        temperature=1.0,
+        seed=0,
+        step=0,
+        stream=1,
+        chain_offset=0,
+    )
 
 
 BAD_INPUTS = [
@@ -290,13 +405,16 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("name,value,error", BAD_INPUTS,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "name,value,error", BAD_INPUTS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_INPUTS)]
+)
 def test_bad_input_is_refused_naming_the_argument(name, value, error):
     inputs = _valid_inputs()
     inputs[name] = value
-    positional = [inputs.pop(k) for k in ("x", "y", "grad_x", "grad_y", "energy_x", "energy_y",
-                                          "step_size", "temperature")]
+    positional = [
+        inputs.pop(k)
+        for k in ("x", "y", "grad_x", "grad_y", "energy_x", "energy_y", "step_size", "temperature")
+    ]
     with pytest.raises(error, match=name):
         mala_accept(*positional, **inputs)
 
@@ -305,8 +423,10 @@ def test_mutated_tensors_partially_overlapping_the_proposal_are_refused():
     inputs = _valid_inputs()
     states = torch.cat([inputs["x"], inputs["y"][:1]])
     inputs["x"], inputs["y"] = states[:4], states[1:]
-    positional = [inputs.pop(k) for k in ("x", "y", "grad_x", "grad_y", "energy_x", "energy_y",
-                                          "step_size", "temperature")]
+    positional = [
+        inputs.pop(k)
+        for k in ("x", "y", "grad_x", "grad_y", "energy_x", "energy_y", "step_size", "temperature")
+    ]
     with pytest.raises(ValueError, match="x partially overlaps y"):
         mala_accept(*positional, **inputs)
 
@@ -315,8 +435,18 @@ def test_energy_of_half_precision_states_must_be_float32():
     inputs = _valid_inputs()
     x, y, gx, gy = (inputs[k].to(torch.bfloat16) for k in ("x", "y", "grad_x", "grad_y"))
     with pytest.raises(TypeError, match="energy_x"):
-        mala_accept(x, y, gx, gy, inputs["energy_x"].bfloat16(), inputs["energy_y"], 0.1, 1.0,
-                    seed=0, step=0)
+        mala_accept(
+            x,
+            y,
+            gx,
+            gy,
+            inputs["energy_x"].bfloat16(),
+            inputs["energy_y"],
+            0.1,
+            1.0,
+            seed=0,
+            step=0,
+        )
 
 
 def test_inputs_that_require_grad_are_updated_like_an_optimiser_step():
@@ -331,8 +461,9 @@ def test_inputs_that_require_grad_are_updated_like_an_optimiser_step():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_synchronisation_on_cuda():
-    x, y, gx, gy, ex, ey = _gaussian_proposal(64, (8,), torch.float32, 0.1, 1.0, 1.0, 0,
-                                              device="cuda")
+    x, y, gx, gy, ex, ey = _gaussian_proposal(
+        64, (8,), torch.float32, 0.1, 1.0, 1.0, 0, device="cuda"
+    )
     seed, step = torch.tensor(3, device="cuda"), torch.tensor(4, device="cuda")
     eps = torch.full((64,), 0.1, device="cuda")
     mala_accept(x, y, gx, gy, ex, ey, eps, 1.0, seed=seed, step=step)  # warm-up (compiles)
@@ -360,8 +491,9 @@ def test_mala_chain_samples_the_target_variance():
     with use_backend("reference"):
         for k in range(1, steps + 1):
             y = ebm_fast.langevin_update(x, grad_x, eps, noise_scale, seed=seed, step=k, stream=0)
-            accepted, _ = mala_accept(x, y, grad_x, y.clone(), energy_x, y[:, 0] ** 2 / 2, eps,
-                                      temp, seed=seed, step=k)
+            accepted, _ = mala_accept(
+                x, y, grad_x, y.clone(), energy_x, y[:, 0] ** 2 / 2, eps, temp, seed=seed, step=k
+            )
             accept_rate += accepted.double().mean().item() / steps
     mean, var = x.mean().item(), x.var().item()
     assert abs(mean) < 5 * math.sqrt(temp / chains)

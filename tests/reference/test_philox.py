@@ -16,8 +16,11 @@ from ebm_fast.reference.philox import philox4x32_10
 RANDOM123_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -35,9 +38,14 @@ def test_counter_layout_follows_the_spec():
         for j in range(6):
             n = (offset + chain) * 6 + j
             g = n // 4
-            block = philox4x32_10(torch.tensor(g & 0xFFFFFFFF), torch.tensor(g >> 32),
-                                  torch.tensor(step), torch.tensor(stream),
-                                  torch.tensor(seed & 0xFFFFFFFF), torch.tensor(seed >> 32))
+            block = philox4x32_10(
+                torch.tensor(g & 0xFFFFFFFF),
+                torch.tensor(g >> 32),
+                torch.tensor(step),
+                torch.tensor(stream),
+                torch.tensor(seed & 0xFFFFFFFF),
+                torch.tensor(seed >> 32),
+            )
             assert int(bits[chain, j]) & 0xFFFFFFFF == int(block[n % 4])
 
 
@@ -46,8 +54,14 @@ def test_large_counters_use_the_high_word():
     chain = (1 << 34) + 3
     got = ref.philox_bits_ref((1, 4), seed=9, step=0, chain_offset=chain)
     g = chain * 4 // 4
-    block = philox4x32_10(torch.tensor(g & 0xFFFFFFFF), torch.tensor(g >> 32), torch.tensor(0),
-                          torch.tensor(0), torch.tensor(9), torch.tensor(0))
+    block = philox4x32_10(
+        torch.tensor(g & 0xFFFFFFFF),
+        torch.tensor(g >> 32),
+        torch.tensor(0),
+        torch.tensor(0),
+        torch.tensor(9),
+        torch.tensor(0),
+    )
     assert [int(v) & 0xFFFFFFFF for v in got[0]] == [int(w) for w in block]
 
 
@@ -66,15 +80,16 @@ def test_box_muller_pairs():
     z = ref.philox_normal_ref((1, 4096), seed=1, step=2, dtype=torch.float64).reshape(-1, 2)
     words = ref.philox_bits_ref((1, 4096), seed=1, step=2).reshape(-1, 2).to(torch.int64)
     u_a = ref.uniform_from_bits(words[:, 0] & 0xFFFFFFFF).double().clamp(min=1e-7)
-    torch.testing.assert_close((z ** 2).sum(1), -2 * torch.log(u_a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((z**2).sum(1), -2 * torch.log(u_a), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("distribution", ["normal", "uniform", "bits"])
 def test_chunking_invariance(distribution):
     """Two halves drawn with chain_offset equal the whole batch, for odd chain sizes too."""
     with use_backend("reference"):
-        draw = {"normal": philox_normal, "uniform": philox_uniform,
-                "bits": philox_bits}[distribution]
+        draw = {"normal": philox_normal, "uniform": philox_uniform, "bits": philox_bits}[
+            distribution
+        ]
         whole = draw((7, 3, 5), seed=11, step=4)
         first = draw((3, 3, 5), seed=11, step=4)
         second = draw((4, 3, 5), seed=11, step=4, chain_offset=3)
@@ -142,6 +157,7 @@ def test_bad_arguments_are_named():
         philox_normal((2, 2), seed=0, step=0, stream=1.5)
     with pytest.raises(ValueError, match="distribution"):
         from ebm_fast.ops.philox import philox
+
         philox((2, 2), seed=0, step=0, distribution="cauchy")
     with pytest.raises(ValueError, match="step must be >= 0"):
         philox_normal((2, 2), seed=0, step=-1)
@@ -155,8 +171,13 @@ def test_bad_arguments_are_named():
 
 def test_numpy_integers_are_ints():
     want = philox_bits((3, 4), seed=2**64 - 1, step=7, stream=2, chain_offset=5)
-    got = philox_bits((np.int64(3), np.uint8(4)), seed=np.uint64(2**64 - 1),
-                      step=np.int32(7), stream=np.int16(2), chain_offset=np.int64(5))
+    got = philox_bits(
+        (np.int64(3), np.uint8(4)),
+        seed=np.uint64(2**64 - 1),
+        step=np.int32(7),
+        stream=np.int16(2),
+        chain_offset=np.int64(5),
+    )
     assert torch.equal(got, want)
 
 

@@ -18,17 +18,20 @@ LOW = [torch.bfloat16, torch.float16]
 
 def model_2d(hidden=32):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.SiLU(),
-                               torch.nn.Linear(hidden, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(2, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1)
+    )
 
 
 def autocast_by_hand(model, dtype):
     """The energy as the sampler's autocast is specified to evaluate it: the model under
     torch.autocast, its energies cast to float32 before anything else reads them."""
+
     def energy(x):
         with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
             value = model(x)
         return value.float()
+
     return energy
 
 
@@ -52,10 +55,12 @@ def test_mala_under_autocast_is_mala_on_the_low_precision_energy_cast_to_float32
     differ), and with steps below the low dtype's spacing the state stays off its grid."""
     model, x0 = model_2d(), x_start()
     for eps in (0.05, 1e-10):  # a working step size, and steps far below the grid spacing
-        got, info = MALASampler(model, step_size=eps, n_steps=8, seed=3, autocast=dtype,
-                                backend="reference").sample(x0, return_info=True)
-        want, want_info = MALASampler(autocast_by_hand(model, dtype), step_size=eps, n_steps=8,
-                                      seed=3, backend="reference").sample(x0, return_info=True)
+        got, info = MALASampler(
+            model, step_size=eps, n_steps=8, seed=3, autocast=dtype, backend="reference"
+        ).sample(x0, return_info=True)
+        want, want_info = MALASampler(
+            autocast_by_hand(model, dtype), step_size=eps, n_steps=8, seed=3, backend="reference"
+        ).sample(x0, return_info=True)
         assert got.dtype == torch.float32 and info.final_energy.dtype == torch.float32
         assert torch.equal(got, want) and torch.equal(info.accept_rate, want_info.accept_rate)
     assert info.accept_rate.min() > 0.9  # 1e-10 steps: nearly every proposal is accepted
@@ -67,8 +72,15 @@ def twin_losses(loss_cls, dtype):
     made = []
     for autocast in (dtype, None):
         model = model_2d()
-        sampler = LangevinSampler(model, step_size=1e-7, noise_scale=1e-7, n_steps=3, seed=4,
-                                  autocast=autocast, backend="reference")
+        sampler = LangevinSampler(
+            model,
+            step_size=1e-7,
+            noise_scale=1e-7,
+            n_steps=3,
+            seed=4,
+            autocast=autocast,
+            backend="reference",
+        )
         if loss_cls is ContrastiveDivergence:
             made.append(ContrastiveDivergence(sampler, k=3, alpha=0.1))
             continue
@@ -100,7 +112,7 @@ def test_losses_run_their_energy_passes_under_the_samplers_autocast(loss_cls):
 
     energy = autocast_by_hand(loss.energy, dtype)
     e_pos, e_neg = energy(x_pos).reshape(-1), energy(x_neg).reshape(-1)
-    want = e_pos.mean() - e_neg.mean() + 0.1 * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+    want = e_pos.mean() - e_neg.mean() + 0.1 * ((e_pos**2).mean() + (e_neg**2).mean())
     if loss_cls is not KLPersistentML:  # its KL term adds to the surrogate
         torch.testing.assert_close(value, want, rtol=0, atol=0)
         want_grads = torch.autograd.grad(want, loss.parameters)
@@ -117,14 +129,24 @@ def test_jem_runs_its_classifier_passes_under_the_samplers_autocast():
     the hand-built loss on the hand-autocast classifier; the negatives stay float32."""
     dtype, n_classes = torch.bfloat16, 3
     torch.manual_seed(0)
-    classifier = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.SiLU(),
-                                     torch.nn.Linear(32, n_classes))
-    sampler = LangevinSampler(LogitsEnergy(classifier), step_size=1e-7, noise_scale=1e-7,
-                              n_steps=3, seed=4, autocast=dtype, backend="reference")
-    buffer = ReplayBuffer(8 * n_classes, (2,), init_range=(-2.0, 2.0), reinit_prob=0.0,
-                          n_classes=n_classes, seed=7)
-    loss = JEM(classifier, sampler, buffer, p_x_weight=1.0, p_y_given_x_weight=1.0,
-               p_x_y_weight=1.0)
+    classifier = torch.nn.Sequential(
+        torch.nn.Linear(2, 32), torch.nn.SiLU(), torch.nn.Linear(32, n_classes)
+    )
+    sampler = LangevinSampler(
+        LogitsEnergy(classifier),
+        step_size=1e-7,
+        noise_scale=1e-7,
+        n_steps=3,
+        seed=4,
+        autocast=dtype,
+        backend="reference",
+    )
+    buffer = ReplayBuffer(
+        8 * n_classes, (2,), init_range=(-2.0, 2.0), reinit_prob=0.0, n_classes=n_classes, seed=7
+    )
+    loss = JEM(
+        classifier, sampler, buffer, p_x_weight=1.0, p_y_given_x_weight=1.0, p_x_y_weight=1.0
+    )
     seen = []
     classifier[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     x_pos, y = x_start(12), torch.arange(12) % n_classes
@@ -140,9 +162,12 @@ def test_jem_runs_its_classifier_passes_under_the_samplers_autocast():
     logits_pos, logits_neg, logits_neg_y = logits(x_pos), logits(x_neg), logits(x_neg_y)
     assert logits_pos.dtype == torch.float32
     rows = torch.arange(12)
-    want = (-logits_pos.logsumexp(1).mean() + logits_neg.logsumexp(1).mean()
-            + torch.nn.functional.cross_entropy(logits_pos, y)
-            + (-logits_pos[rows, y].mean() + logits_neg_y[rows, y].mean()))
+    want = (
+        -logits_pos.logsumexp(1).mean()
+        + logits_neg.logsumexp(1).mean()
+        + torch.nn.functional.cross_entropy(logits_pos, y)
+        + (-logits_pos[rows, y].mean() + logits_neg_y[rows, y].mean())
+    )
     torch.testing.assert_close(value, want, rtol=0, atol=0)
     want_grads = torch.autograd.grad(want, loss.parameters)
     for got_grad, want_grad in zip(grads, want_grads):
@@ -161,10 +186,38 @@ def test_loss_under_autocast_stays_close_to_the_full_precision_loss(loss_cls):
 
 def test_train_command_takes_autocast_and_saves_it(tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", "ring", "--out", str(out), "--autocast", "bf16",
-                     "--iterations", "2", "--log-every", "2", "--plot-every", "2",
-                     "--checkpoint-every", "2", "--steps", "2", "--batch", "16",
-                     "--n-data", "200", "--hidden", "8", "--buffer-size", "64"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                "ring",
+                "--out",
+                str(out),
+                "--autocast",
+                "bf16",
+                "--iterations",
+                "2",
+                "--log-every",
+                "2",
+                "--plot-every",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--steps",
+                "2",
+                "--batch",
+                "16",
+                "--n-data",
+                "200",
+                "--hidden",
+                "8",
+                "--buffer-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["autocast"] == "bf16"
     assert cli.main(["train", "--resume", str(out), "--iterations", "3"]) == 0
 
@@ -180,8 +233,9 @@ def test_autocast_auto_picks_bf16_only_where_native_and_reports_it(monkeypatch, 
     x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     auto = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1, autocast="auto")
     samples, info = auto.sample(x0, return_info=True)
-    explicit = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1,
-                               autocast=torch.bfloat16 if native else None)
+    explicit = LangevinSampler(
+        energy, step_size=0.01, n_steps=4, seed=1, autocast=torch.bfloat16 if native else None
+    )
     assert torch.equal(samples, explicit.sample(x0))
     assert info.precision.autocast_dtype == (torch.bfloat16 if native else None)
     assert ("avx512_bf16" in info.precision.reason) == native

@@ -15,7 +15,7 @@ CENTRES = torch.tensor([[-2.0, 0.0, 1.0], [3.0, 1.0, -1.0], [0.0, -3.0, 2.0]])
 
 def class_energy(x, y, *, width=1.0):
     """E(x | y) = |x - centre_y|^2 / (2 width^2): a class-conditional Gaussian."""
-    return ((x - CENTRES[y]) ** 2).sum(1) / (2 * width ** 2)
+    return ((x - CENTRES[y]) ** 2).sum(1) / (2 * width**2)
 
 
 def x_init(shape=(6, 3), seed=1):
@@ -28,11 +28,13 @@ LABELS = torch.tensor([0, 1, 2, 2, 1, 0])
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
 def test_y_and_energy_kwargs_reach_the_energy_and_y_is_split_with_the_chunks(sampler_cls):
     x0 = x_init()
-    bound = sampler_cls(lambda x: class_energy(x, LABELS, width=0.5), step_size=0.05, n_steps=4,
-                        seed=3).sample(x0)
+    bound = sampler_cls(
+        lambda x: class_energy(x, LABELS, width=0.5), step_size=0.05, n_steps=4, seed=3
+    ).sample(x0)
     for chunk_size in (None, 4):
-        given = sampler_cls(class_energy, step_size=0.05, n_steps=4, seed=3,
-                            chunk_size=chunk_size).sample(x0, y=LABELS, width=0.5)
+        given = sampler_cls(
+            class_energy, step_size=0.05, n_steps=4, seed=3, chunk_size=chunk_size
+        ).sample(x0, y=LABELS, width=0.5)
         assert torch.equal(given, bound)
     other = sampler_cls(class_energy, step_size=0.05, n_steps=4, seed=3).sample(x0, y=LABELS)
     assert not torch.equal(other, bound)  # width=1.0 by default: the keyword did reach it
@@ -62,8 +64,9 @@ class EagerReplayChain(CudaGraphChain):
 
 
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
-def test_graph_replays_read_each_calls_y_and_kwargs_from_their_static_copies(sampler_cls,
-                                                                            monkeypatch):
+def test_graph_replays_read_each_calls_y_and_kwargs_from_their_static_copies(
+    sampler_cls, monkeypatch
+):
     monkeypatch.setattr(sampler_base, "CudaGraphChain", EagerReplayChain)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(EagerReplayChain, "captures", 0)
@@ -71,9 +74,11 @@ def test_graph_replays_read_each_calls_y_and_kwargs_from_their_static_copies(sam
     monkeypatch.setattr(graphed, "_use_cuda_graph", lambda x: True)  # as if x were on CUDA
     eager = sampler_cls(class_energy, step_size=0.05, n_steps=3, seed=2, cuda_graph=False)
     x0 = x_init()
-    calls = [dict(y=LABELS, width=torch.tensor(0.5)),
-             dict(y=LABELS.flip(0), width=torch.tensor(2.0)),
-             dict(y=LABELS.roll(1), width=torch.tensor(2.0))]
+    calls = [
+        dict(y=LABELS, width=torch.tensor(0.5)),
+        dict(y=LABELS.flip(0), width=torch.tensor(2.0)),
+        dict(y=LABELS.roll(1), width=torch.tensor(2.0)),
+    ]
     for kwargs in calls:  # one capture, replayed with each call's y and tensor keyword
         assert torch.equal(graphed.sample(x0, **kwargs), eager.sample(x0, **kwargs))
     assert EagerReplayChain.captures == 1
@@ -105,10 +110,12 @@ def test_negate_samples_the_energy_minus_f(sampler_cls):
     def logits(x):  # f(x) = -E(x), as JEM's classifier logits
         return -class_energy(x, LABELS)
 
-    by_energy, info = sampler_cls(lambda x: class_energy(x, LABELS), step_size=0.05, n_steps=4,
-                                  seed=1).sample(x0, return_info=True)
-    by_f, info_f = sampler_cls(logits, step_size=0.05, n_steps=4, seed=1,
-                               negate=True).sample(x0, return_info=True)
+    by_energy, info = sampler_cls(
+        lambda x: class_energy(x, LABELS), step_size=0.05, n_steps=4, seed=1
+    ).sample(x0, return_info=True)
+    by_f, info_f = sampler_cls(logits, step_size=0.05, n_steps=4, seed=1, negate=True).sample(
+        x0, return_info=True
+    )
     assert torch.equal(by_f, by_energy)
     torch.testing.assert_close(info_f.final_energy, info.final_energy)
 
@@ -116,8 +123,9 @@ def test_negate_samples_the_energy_minus_f(sampler_cls):
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)
 def test_zero_steps_return_a_copy_of_x0_and_draw_no_noise(sampler_cls):
     calls = []
-    sampler = sampler_cls(lambda x: calls.append(None) or (x * x).sum(1), step_size=0.1,
-                          n_steps=0, seed=0)
+    sampler = sampler_cls(
+        lambda x: calls.append(None) or (x * x).sum(1), step_size=0.1, n_steps=0, seed=0
+    )
     x0 = x_init()
     x = sampler.sample(x0)
     assert torch.equal(x, x0) and x.data_ptr() != x0.data_ptr()
@@ -138,8 +146,9 @@ def test_a_0_dim_energy_of_one_chain_is_accepted(sampler_cls):
 
 def batch_norm_energy():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
 
 
 @pytest.mark.parametrize("sampler_cls", SAMPLERS)

@@ -60,36 +60,47 @@ def statistics_agree(a: torch.Tensor, b: torch.Tensor) -> bool:
     mean_se = torch.sqrt((a.var(0) + b.var(0)) / n)
     dev_a, dev_b = (a - a.mean(0)) ** 2, (b - b.mean(0)) ** 2
     var_se = torch.sqrt((dev_a.var(0) + dev_b.var(0)) / n)
-    return bool(((a.mean(0) - b.mean(0)).abs() <= SIGMAS_OF_TOLERANCE * mean_se).all()
-                and ((a.var(0) - b.var(0)).abs() <= SIGMAS_OF_TOLERANCE * var_se).all())
+    return bool(
+        ((a.mean(0) - b.mean(0)).abs() <= SIGMAS_OF_TOLERANCE * mean_se).all()
+        and ((a.var(0) - b.var(0)).abs() <= SIGMAS_OF_TOLERANCE * var_se).all()
+    )
 
 
 def network(out_features: int, in_features: int = DIM) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(in_features, 32), torch.nn.SiLU(),
-                               torch.nn.Linear(32, out_features))
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_features, 32), torch.nn.SiLU(), torch.nn.Linear(32, out_features)
+    )
 
 
 def test_the_doc_has_every_block():
     assert set(doc_blocks()) == {
-        "igebm: before", "igebm: after", "jem: before", "jem: after",
-        "jem-train: before", "jem-train: after", "jem-train: loop", "jem-loss: after",
-        "jem-loss: loop", "igebm-train: before", "igebm-train: after"}
+        "igebm: before",
+        "igebm: after",
+        "jem: before",
+        "jem: after",
+        "jem-train: before",
+        "jem-train: after",
+        "jem-train: loop",
+        "jem-loss: after",
+        "jem-loss: loop",
+        "igebm-train: before",
+        "igebm-train: after",
+    }
 
 
 # -- the sampler loops -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("style", ["igebm", "jem"])
 def test_the_sampler_call_reproduces_the_loop_statistics(style):
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand(CHAINS, DIM, generator=gen)
     if style == "igebm":
-        names = {"model": network(1), "x0": x0, "step_lr": 2.0, "noise_std": 0.05,
-                 "num_steps": 20}
+        names = {"model": network(1), "x0": x0, "step_lr": 2.0, "noise_std": 0.05, "num_steps": 20}
         wrong = dict(names, step_lr=4.0)
     else:
-        names = {"classifier": network(4), "x0": x0, "step_size": 0.5, "sigma": 0.1,
-                 "n_steps": 20}
+        names = {"classifier": network(4), "x0": x0, "step_size": 0.5, "sigma": 0.1, "n_steps": 20}
         wrong = dict(names, step_size=1.0)
     torch.manual_seed(2)
     before = run_block(f"{style}: before", dict(names))["x"]
@@ -103,6 +114,7 @@ def test_the_sampler_call_reproduces_the_loop_statistics(style):
 
 # -- JEM's training script -------------------------------------------------------------------
 
+
 class CCF(torch.nn.Module):
     """JEM's model in small: classify(x) the logits of a batch-normalised MLP; f(x) their
     logsumexp, f(x, y) the y-th logit (shape (B, 1), as JEM's gather returns)."""
@@ -110,8 +122,12 @@ class CCF(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.BatchNorm1d(16),
-                                        torch.nn.SiLU(), torch.nn.Linear(16, N_CLASSES))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(DIM, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.SiLU(),
+            torch.nn.Linear(16, N_CLASSES),
+        )
 
     def classify(self, x):
         return self.body(x)
@@ -122,15 +138,30 @@ class CCF(torch.nn.Module):
 
 
 def jem_args(**changes) -> SimpleNamespace:
-    defaults = dict(sgld_lr=1.0, sgld_std=0.01, n_steps=5, buffer_size=30, reinit_freq=0.05,
-                    batch_size=8, p_x_weight=1.0, p_y_given_x_weight=1.0, p_x_y_weight=0.0)
+    defaults = dict(
+        sgld_lr=1.0,
+        sgld_std=0.01,
+        n_steps=5,
+        buffer_size=30,
+        reinit_freq=0.05,
+        batch_size=8,
+        p_x_weight=1.0,
+        p_y_given_x_weight=1.0,
+        p_x_y_weight=0.0,
+    )
     return SimpleNamespace(**{**defaults, **changes})
 
 
 def jem_names(args: SimpleNamespace) -> dict:
     f = CCF()
-    return {"args": args, "f": f, "shape": (DIM,), "n_classes": N_CLASSES,
-            "device": torch.device("cpu"), "optim": torch.optim.SGD(f.parameters(), lr=0.1)}
+    return {
+        "args": args,
+        "f": f,
+        "shape": (DIM,),
+        "n_classes": N_CLASSES,
+        "device": torch.device("cpu"),
+        "optim": torch.optim.SGD(f.parameters(), lr=0.1),
+    }
 
 
 def labelled_batch(seed: int = 3):
@@ -145,15 +176,17 @@ def one_row_buffer(version: str, args: SimpleNamespace):
     rows = row.repeat(args.buffer_size, 1)
     if version == "before":
         return rows
-    return ebm_fast.ReplayBuffer.from_tensor(rows, n_classes=N_CLASSES, init_range=(-1, 1),
-                                             reinit_prob=args.reinit_freq, seed=0)
+    return ebm_fast.ReplayBuffer.from_tensor(
+        rows, n_classes=N_CLASSES, init_range=(-1, 1), reinit_prob=args.reinit_freq, seed=0
+    )
 
 
 def run_jem_iteration(version: str, args: SimpleNamespace, x_lab, y_lab) -> dict:
     """One iteration of the doc's JEM loop: "before" / "after" (jem-train blocks) or "loss"
     (the JEM loss on the after version's sampler), from a one-row buffer, x_p_d = x_lab."""
-    ns = run_block("jem-train: before" if version == "before" else "jem-train: after",
-                   jem_names(args))
+    ns = run_block(
+        "jem-train: before" if version == "before" else "jem-train: after", jem_names(args)
+    )
     ns["replay_buffer"] = one_row_buffer(version, args)
     if version == "loss":
         run_block("jem-loss: after", ns)
@@ -163,10 +196,14 @@ def run_jem_iteration(version: str, args: SimpleNamespace, x_lab, y_lab) -> dict
     return run_block("jem-train: loop", ns)
 
 
-@pytest.mark.parametrize("weights", [dict(p_x_weight=1.0, p_y_given_x_weight=1.0),
-                                     dict(p_x_weight=0.0, p_y_given_x_weight=0.0,
-                                          p_x_y_weight=1.0)],
-                         ids=["p_x+p_y_given_x", "p_x_y"])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        dict(p_x_weight=1.0, p_y_given_x_weight=1.0),
+        dict(p_x_weight=0.0, p_y_given_x_weight=0.0, p_x_y_weight=1.0),
+    ],
+    ids=["p_x+p_y_given_x", "p_x_y"],
+)
 def test_jem_script_with_the_library_equals_jems_own_without_noise(weights):
     args = jem_args(sgld_std=0.0, reinit_freq=0.0, **weights)
     x_lab, y_lab = labelled_batch()
@@ -195,15 +232,19 @@ def test_jem_script_with_noise_trains_leaves_no_gradients_and_reinitialises_five
     f.zero_grad(set_to_none=True)
     ns["sample_q"](f, buffer, y=y)
     assert all(p.grad is None and p.requires_grad for p in f.parameters()) and f.training
-    buffer.push(torch.zeros(args.buffer_size, DIM), y=torch.arange(args.buffer_size) //
-                (args.buffer_size // N_CLASSES))  # every slot written: only reinit draws noise
+    buffer.push(
+        torch.zeros(args.buffer_size, DIM),
+        y=torch.arange(args.buffer_size) // (args.buffer_size // N_CLASSES),
+    )  # every slot written: only reinit draws noise
     draws = 4000
     reinit = buffer.sample(draws, return_reinit=True)[2].float().mean().item()
     assert abs(reinit - args.reinit_freq) < SIGMAS_OF_TOLERANCE * math.sqrt(
-        args.reinit_freq * (1 - args.reinit_freq) / draws)
+        args.reinit_freq * (1 - args.reinit_freq) / draws
+    )
 
 
 # -- IGEBM's training loop -------------------------------------------------------------------
+
 
 class IGEBMReplayBuffer:
     """IGEBM's replay buffer (OpenAI baselines' ReplayBuffer, images only): a FIFO list."""
@@ -221,11 +262,11 @@ class IGEBMReplayBuffer:
         if self._next_idx >= len(self._storage):
             self._storage.extend(list(ims))
         elif batch_size + self._next_idx < self._maxsize:
-            self._storage[self._next_idx:self._next_idx + batch_size] = list(ims)
+            self._storage[self._next_idx : self._next_idx + batch_size] = list(ims)
         else:
             split_idx = self._maxsize - self._next_idx
-            self._storage[self._next_idx:] = list(ims)[:split_idx]
-            self._storage[:batch_size - split_idx] = list(ims)[split_idx:]
+            self._storage[self._next_idx :] = list(ims)[:split_idx]
+            self._storage[: batch_size - split_idx] = list(ims)[split_idx:]
         self._next_idx = (self._next_idx + ims.shape[0]) % self._maxsize
 
     def sample(self, batch_size):
@@ -248,12 +289,21 @@ def run_igebm(version: str, n_batches: int, step_lr: float = 2.0) -> dict:
     model = ConditionalEnergy()
     gen = torch.Generator().manual_seed(5)
     im = torch.rand(CHAINS, DIM, generator=gen)
-    label = torch.nn.functional.one_hot(torch.randint(0, N_CLASSES, (CHAINS,), generator=gen),
-                                        N_CLASSES).float()
-    names = {"model": model, "step_lr": step_lr, "noise_std": 0.005, "num_steps": 20,
-             "l2_coeff": 1.0, "np": np, "ReplayBuffer": IGEBMReplayBuffer, "im_shape": (DIM,),
-             "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3),
-             "batches": [(im, label)] * n_batches}
+    label = torch.nn.functional.one_hot(
+        torch.randint(0, N_CLASSES, (CHAINS,), generator=gen), N_CLASSES
+    ).float()
+    names = {
+        "model": model,
+        "step_lr": step_lr,
+        "noise_std": 0.005,
+        "num_steps": 20,
+        "l2_coeff": 1.0,
+        "np": np,
+        "ReplayBuffer": IGEBMReplayBuffer,
+        "im_shape": (DIM,),
+        "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3),
+        "batches": [(im, label)] * n_batches,
+    }
     return run_block(f"igebm-train: {version}", names)
 
 
@@ -275,8 +325,9 @@ def test_igebm_loop_with_the_library_keeps_the_fifo_buffer():
     batches = 6  # 12,000 pushes into 10,000 slots: the last batch wraps to slots [0, 2000)
     before, after = run_igebm("before", batches), run_igebm("after", batches)
     assert len(before["replay_buffer"]) == after["replay_buffer"].n_written == 10_000
-    assert np.array_equal(np.stack(before["replay_buffer"]._storage[:CHAINS]),
-                          before["im_neg"].numpy())
+    assert np.array_equal(
+        np.stack(before["replay_buffer"]._storage[:CHAINS]), before["im_neg"].numpy()
+    )
     storage = after["replay_buffer"].state_dict()["storage"]
     assert torch.equal(storage[:CHAINS].reshape(CHAINS, DIM), after["im_neg"])
     assert torch.isfinite(after["loss"]) and torch.isfinite(before["loss"])

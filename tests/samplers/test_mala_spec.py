@@ -41,12 +41,31 @@ def mala_by_hand(energy, x0, eps_rows, temperature_rows, *, seed, first_step, ch
     for k, (eps, temperature) in enumerate(zip(eps_rows, temperature_rows)):
         step = first_step + k
         eps = eps.expand(x.shape[0])
-        y = langevin_update_ref(x, grad_x, eps, (2 * eps * temperature).sqrt(), seed, step,
-                                stream=0, chain_offset=chain_offset)
+        y = langevin_update_ref(
+            x,
+            grad_x,
+            eps,
+            (2 * eps * temperature).sqrt(),
+            seed,
+            step,
+            stream=0,
+            chain_offset=chain_offset,
+        )
         energy_y, grad_y = energy_and_grad(energy, y)
-        accepted, _ = mala_accept_ref(x, y, grad_x, grad_y, energy_x, energy_y, eps,
-                                      temperature, seed, step, stream=1,
-                                      chain_offset=chain_offset)
+        accepted, _ = mala_accept_ref(
+            x,
+            y,
+            grad_x,
+            grad_y,
+            energy_x,
+            energy_y,
+            eps,
+            temperature,
+            seed,
+            step,
+            stream=1,
+            chain_offset=chain_offset,
+        )
         take = accepted.reshape(-1, *([1] * (x.dim() - 1)))
         x, grad_x = torch.where(take, y, x), torch.where(take, grad_y, grad_x)
         energy_x = torch.where(accepted, energy_y, energy_x)
@@ -69,41 +88,61 @@ def test_trajectory_equals_the_hand_built_one_with_steps_continuing_across_calls
     """Two calls (4 then 3 steps) use steps 0..3 and 4..6; per-chain step sizes, T != 1, a
     nonzero chain_offset; every acceptance count strictly between 0 and K somewhere."""
     eps = torch.linspace(0.01, 0.1, SHAPE[0])
-    sampler = MALASampler(double_well, step_size=eps, temperature=0.7, n_steps=4, seed=SEED,
-                          chain_offset=5, backend="reference")
+    sampler = MALASampler(
+        double_well,
+        step_size=eps,
+        temperature=0.7,
+        n_steps=4,
+        seed=SEED,
+        chain_offset=5,
+        backend="reference",
+    )
     x0 = x_start()
     first, info = sampler.sample(x0, return_info=True)
     second = sampler.sample(first, n_steps=3)
     assert sampler.step == 7
 
-    want_first, accepted = mala_by_hand(double_well, x0, rows(eps, 4), rows(0.7, 4), seed=SEED,
-                                        first_step=0, chain_offset=5)
-    want_second, _ = mala_by_hand(double_well, want_first, rows(eps, 3), rows(0.7, 3),
-                                  seed=SEED, first_step=4, chain_offset=5)
+    want_first, accepted = mala_by_hand(
+        double_well, x0, rows(eps, 4), rows(0.7, 4), seed=SEED, first_step=0, chain_offset=5
+    )
+    want_second, _ = mala_by_hand(
+        double_well, want_first, rows(eps, 3), rows(0.7, 3), seed=SEED, first_step=4, chain_offset=5
+    )
     assert torch.equal(first, want_first)
     assert torch.equal(second, want_second)
     assert torch.equal(info.accept_rate, accepted / 4)
     assert ((accepted > 0) & (accepted < 4)).any()
 
 
-@pytest.mark.parametrize("temperature", [
-    pytest.param(2.5, id="scalar"),
-    pytest.param(torch.linspace(0.3, 4.0, SHAPE[0]), id="per_chain"),
-    pytest.param(linear_schedule(3.0, 0.4), id="schedule"),
-])
+@pytest.mark.parametrize(
+    "temperature",
+    [
+        pytest.param(2.5, id="scalar"),
+        pytest.param(torch.linspace(0.3, 4.0, SHAPE[0]), id="per_chain"),
+        pytest.param(linear_schedule(3.0, 0.4), id="schedule"),
+    ],
+)
 def test_temperature_enters_the_proposal_and_the_ratio_as_the_formula_says(temperature):
     """Each form of temperature gives the hand-built trajectory, which differs from T = 1's."""
     n_steps = 5
     x0 = x_start(4)
-    sampler = MALASampler(double_well, step_size=0.05, temperature=temperature,
-                          n_steps=n_steps, seed=SEED, backend="reference")
+    sampler = MALASampler(
+        double_well,
+        step_size=0.05,
+        temperature=temperature,
+        n_steps=n_steps,
+        seed=SEED,
+        backend="reference",
+    )
     got = sampler.sample(x0)
-    want, accepted = mala_by_hand(double_well, x0, rows(0.05, n_steps),
-                                  rows(temperature, n_steps), seed=SEED, first_step=0)
+    want, accepted = mala_by_hand(
+        double_well, x0, rows(0.05, n_steps), rows(temperature, n_steps), seed=SEED, first_step=0
+    )
     assert torch.equal(got, want)
     assert ((accepted > 0) & (accepted < n_steps)).any()  # the ratio decides some moves
-    at_t1, _ = mala_by_hand(double_well, x0, rows(0.05, n_steps), rows(1.0, n_steps),
-                            seed=SEED, first_step=0)
+    at_t1, _ = mala_by_hand(
+        double_well, x0, rows(0.05, n_steps), rows(1.0, n_steps), seed=SEED, first_step=0
+    )
     assert not torch.equal(got, at_t1)
 
 
@@ -112,13 +151,16 @@ def test_the_default_backend_follows_the_same_trajectory():
     float32 rounding: same streams, counters and chain offsets as the reference."""
     eps = torch.linspace(0.01, 0.1, SHAPE[0])
     x0 = x_start(5)
-    sampler = MALASampler(double_well, step_size=eps, temperature=0.8, n_steps=6, seed=SEED,
-                          chain_offset=2)
+    sampler = MALASampler(
+        double_well, step_size=eps, temperature=0.8, n_steps=6, seed=SEED, chain_offset=2
+    )
     got = sampler.sample(sampler.sample(x0, n_steps=2), n_steps=4)
-    want, _ = mala_by_hand(double_well, x0, rows(eps, 2), rows(0.8, 2), seed=SEED, first_step=0,
-                           chain_offset=2)
-    want, _ = mala_by_hand(double_well, want, rows(eps, 4), rows(0.8, 4), seed=SEED,
-                           first_step=2, chain_offset=2)
+    want, _ = mala_by_hand(
+        double_well, x0, rows(eps, 2), rows(0.8, 2), seed=SEED, first_step=0, chain_offset=2
+    )
+    want, _ = mala_by_hand(
+        double_well, want, rows(eps, 4), rows(0.8, 4), seed=SEED, first_step=2, chain_offset=2
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

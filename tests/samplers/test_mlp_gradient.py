@@ -11,9 +11,17 @@ from ebm_fast import LangevinSampler, MALASampler
 from ebm_fast.samplers.inputs import Conditioning
 from ebm_fast.samplers.mlp_gradient import ACTIVATION_BACKWARD, MLPGradient
 
-ACTIVATIONS = [lambda: nn.SiLU(), lambda: nn.Tanh(), lambda: nn.Sigmoid(), lambda: nn.ReLU(),
-               lambda: nn.Softplus(beta=2.0, threshold=3.0), lambda: nn.ELU(alpha=0.7),
-               lambda: nn.LeakyReLU(0.2), lambda: nn.GELU(), lambda: nn.GELU("tanh")]
+ACTIVATIONS = [
+    lambda: nn.SiLU(),
+    lambda: nn.Tanh(),
+    lambda: nn.Sigmoid(),
+    lambda: nn.ReLU(),
+    lambda: nn.Softplus(beta=2.0, threshold=3.0),
+    lambda: nn.ELU(alpha=0.7),
+    lambda: nn.LeakyReLU(0.2),
+    lambda: nn.GELU(),
+    lambda: nn.GELU("tanh"),
+]
 NO_CONDITIONING = Conditioning()
 
 
@@ -37,14 +45,19 @@ def test_every_activation_is_exercised():
     assert {type(make()) for make in ACTIVATIONS} == set(ACTIVATION_BACKWARD)
 
 
-@given(activation=st.sampled_from(ACTIVATIONS),
-       hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
-       d=st.integers(1, 30), batch=st.integers(1, 17), image=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
-       seed=st.integers(0, 2**16))
+@given(
+    activation=st.sampled_from(ACTIVATIONS),
+    hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
+    d=st.integers(1, 30),
+    batch=st.integers(1, 17),
+    image=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
 # A 1 x 1 input reads as column-major, where autograd's addmm backward rounds another way.
-@example(activation=ACTIVATIONS[0], hidden=[12], d=1, batch=1, image=False,
-         dtype=torch.float32, seed=0)
+@example(
+    activation=ACTIVATIONS[0], hidden=[12], d=1, batch=1, image=False, dtype=torch.float32, seed=0
+)
 def test_direct_route_gives_autograds_bits(activation, hidden, d, batch, image, dtype, seed):
     shape = (batch, 1, d, 2) if image else (batch, d)
     features = 2 * d if image else d
@@ -59,14 +72,27 @@ def test_direct_route_gives_autograds_bits(activation, hidden, d, batch, image, 
     assert torch.equal(grad, want_grad)
 
 
-@given(activation=st.sampled_from(ACTIVATIONS),
-       hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
-       d=st.integers(1, 30), batch=st.integers(1, 17), image=st.booleans(),
-       autocast=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
-@example(activation=ACTIVATIONS[0], hidden=[12], d=1, batch=1, image=False,
-         autocast=torch.bfloat16, seed=0)
-def test_direct_route_under_autocast_gives_autograds_bits(activation, hidden, d, batch, image,
-                                                          autocast, seed):
+@given(
+    activation=st.sampled_from(ACTIVATIONS),
+    hidden=st.lists(st.integers(1, 40), min_size=0, max_size=3),
+    d=st.integers(1, 30),
+    batch=st.integers(1, 17),
+    image=st.booleans(),
+    autocast=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+@example(
+    activation=ACTIVATIONS[0],
+    hidden=[12],
+    d=1,
+    batch=1,
+    image=False,
+    autocast=torch.bfloat16,
+    seed=0,
+)
+def test_direct_route_under_autocast_gives_autograds_bits(
+    activation, hidden, d, batch, image, autocast, seed
+):
     """float32 chains, the passes under autocast: the route follows autocast's casts."""
     shape = (batch, 1, d, 2) if image else (batch, d)
     energy = mlp([2 * d if image else d, *hidden, 1], activation, flatten=image, seed=seed)
@@ -109,8 +135,9 @@ def test_the_direct_route_is_taken_unless_switched_off(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", counted_grad)
     LangevinSampler(energy, step_size=0.01, n_steps=4, seed=0).sample(torch.rand(5, 3))
     assert calls == []
-    LangevinSampler(energy, step_size=0.01, n_steps=4, seed=0,
-                    mlp_gradient=False).sample(torch.rand(5, 3))
+    LangevinSampler(energy, step_size=0.01, n_steps=4, seed=0, mlp_gradient=False).sample(
+        torch.rand(5, 3)
+    )
     assert len(calls) == 4
 
 
@@ -119,18 +146,23 @@ class Custom(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU(inplace=True), nn.Linear(8, 1)),
-     "in-place activation"),
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.Dropout(), nn.Linear(8, 1)), "other module"),
-    (lambda: nn.Sequential(nn.Linear(3, 8), Custom(), nn.Linear(8, 1)), "user module"),
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 1)), "no activation between"),
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2)), "two outputs"),
-    (lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU()), "ends in an activation"),
-    (lambda: nn.Sequential(nn.Flatten(0), nn.Linear(3, 1)), "flatten of other dims"),
-    (lambda: nn.Sequential(), "empty"),
-    (lambda: nn.Linear(3, 1), "not a Sequential"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (
+            lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU(inplace=True), nn.Linear(8, 1)),
+            "in-place activation",
+        ),
+        (lambda: nn.Sequential(nn.Linear(3, 8), nn.Dropout(), nn.Linear(8, 1)), "other module"),
+        (lambda: nn.Sequential(nn.Linear(3, 8), Custom(), nn.Linear(8, 1)), "user module"),
+        (lambda: nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 1)), "no activation between"),
+        (lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2)), "two outputs"),
+        (lambda: nn.Sequential(nn.Linear(3, 8), nn.SiLU()), "ends in an activation"),
+        (lambda: nn.Sequential(nn.Flatten(0), nn.Linear(3, 1)), "flatten of other dims"),
+        (lambda: nn.Sequential(), "empty"),
+        (lambda: nn.Linear(3, 1), "not a Sequential"),
+    ],
+)
 def test_energies_it_does_not_cover_use_autograd(make, why):
     assert MLPGradient.of(make()) is None, why
 
@@ -156,8 +188,16 @@ def _replaced_activation_forward(energy):
     energy[1].forward = torch.sin
 
 
-@pytest.mark.parametrize("change", [_doubling_forward_hook, _parametrized, _doubling_pre_hook,
-                                    _replaced_linear_forward, _replaced_activation_forward])
+@pytest.mark.parametrize(
+    "change",
+    [
+        _doubling_forward_hook,
+        _parametrized,
+        _doubling_pre_hook,
+        _replaced_linear_forward,
+        _replaced_activation_forward,
+    ],
+)
 def test_hooks_and_parametrisations_fall_back_to_autograd_with_their_effect(change):
     energy = mlp([3, 8, 1], nn.SiLU)
     change(energy)
@@ -205,8 +245,12 @@ def test_an_edited_sequential_is_followed():
 def test_the_samplers_autocast_takes_the_direct_route_with_autograds_samples():
     energy = mlp([6, 32, 32, 1], nn.SiLU, flatten=True)
     x0 = torch.rand(20, 2, 3) * 2 - 1
-    runs = [LangevinSampler(energy, step_size=0.01, n_steps=7, seed=5, autocast=torch.bfloat16,
-                            mlp_gradient=direct).sample(x0) for direct in (True, False)]
+    runs = [
+        LangevinSampler(
+            energy, step_size=0.01, n_steps=7, seed=5, autocast=torch.bfloat16, mlp_gradient=direct
+        ).sample(x0)
+        for direct in (True, False)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -224,6 +268,7 @@ def test_an_enclosing_autocast_falls_back_to_autograd():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not MLPGradient(energy).covers(x, NO_CONDITIONING)
         sampled = LangevinSampler(energy, step_size=0.01, n_steps=3, seed=1).sample(x)
-        reference = LangevinSampler(energy, step_size=0.01, n_steps=3, seed=1,
-                                    mlp_gradient=False).sample(x)
+        reference = LangevinSampler(
+            energy, step_size=0.01, n_steps=3, seed=1, mlp_gradient=False
+        ).sample(x)
     assert torch.equal(sampled, reference)

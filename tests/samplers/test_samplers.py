@@ -28,8 +28,9 @@ def double_well(x):
 
 def mlp(d=3, hidden=16, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
+    )
 
 
 def x_init(shape=(10, 3), seed=1):
@@ -43,8 +44,9 @@ def test_first_updates_follow_the_noise_spec_and_the_counter_continues_across_ca
     for step in range(3):  # a fresh sampler uses steps 0, 1, 2, ... for successive updates
         x_var = expected.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(double_well(x_var).sum(), x_var)
-        expected = langevin_update_ref(expected, grad, torch.tensor(0.05), torch.tensor(0.3),
-                                       seed=11, step=step)
+        expected = langevin_update_ref(
+            expected, grad, torch.tensor(0.05), torch.tensor(0.3), seed=11, step=step
+        )
         x0 = sampler.sample(x0)
         torch.testing.assert_close(x0, expected, rtol=1e-6, atol=1e-6)
     assert sampler.step == 3
@@ -53,14 +55,17 @@ def test_first_updates_follow_the_noise_spec_and_the_counter_continues_across_ca
 def test_temperature_means_sigma_sqrt_2_eps_t_and_default_is_t_1():
     x0 = x_init()
     eps, temp = 0.03, 0.7
-    by_t = LangevinSampler(double_well, step_size=eps, temperature=temp, n_steps=5,
-                           seed=0).sample(x0)
-    by_sigma = LangevinSampler(double_well, step_size=eps, noise_scale=math.sqrt(2 * eps * temp),
-                               n_steps=5, seed=0).sample(x0)
+    by_t = LangevinSampler(double_well, step_size=eps, temperature=temp, n_steps=5, seed=0).sample(
+        x0
+    )
+    by_sigma = LangevinSampler(
+        double_well, step_size=eps, noise_scale=math.sqrt(2 * eps * temp), n_steps=5, seed=0
+    ).sample(x0)
     torch.testing.assert_close(by_t, by_sigma, rtol=1e-6, atol=1e-6)
     default = LangevinSampler(double_well, step_size=eps, n_steps=5, seed=0).sample(x0)
-    t_one = LangevinSampler(double_well, step_size=eps, temperature=1.0, n_steps=5,
-                            seed=0).sample(x0)
+    t_one = LangevinSampler(double_well, step_size=eps, temperature=1.0, n_steps=5, seed=0).sample(
+        x0
+    )
     assert torch.equal(default, t_one)
     assert not torch.allclose(default, by_t)
 
@@ -89,9 +94,18 @@ def test_whole_trajectories_agree_with_the_reference_backend(backend):
     device = kernel_device(backend)
     x0 = x_init((5, 3)).to(device)
     options = dict(n_steps=3, seed=21)
-    for make in (lambda b: LangevinSampler(double_well, step_size=0.05, noise_scale=0.2,
-                                           grad_clip=1.0, clamp=(-1.5, 1.5), backend=b, **options),
-                 lambda b: MALASampler(double_well, step_size=0.05, backend=b, **options)):
+    for make in (
+        lambda b: LangevinSampler(
+            double_well,
+            step_size=0.05,
+            noise_scale=0.2,
+            grad_clip=1.0,
+            clamp=(-1.5, 1.5),
+            backend=b,
+            **options,
+        ),
+        lambda b: MALASampler(double_well, step_size=0.05, backend=b, **options),
+    ):
         reference, ref_info = make("reference").sample(x0, return_info=True)
         got, info = make(backend).sample(x0, return_info=True)
         torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
@@ -104,12 +118,20 @@ def test_chunking_gives_the_unchunked_result_bit_for_bit(sampler_cls):
     x0 = x_init((11, 2, 3))
     eps = torch.linspace(0.005, 0.05, 11)  # per-chain tables are sliced per chunk
     whole, info = sampler_cls(double_well, step_size=eps, n_steps=6, seed=5).sample(
-        x0, return_info=True)
-    chunked, chunked_info = sampler_cls(double_well, step_size=eps, n_steps=6, seed=5,
-                                        chunk_size=4).sample(x0, return_info=True)
+        x0, return_info=True
+    )
+    chunked, chunked_info = sampler_cls(
+        double_well, step_size=eps, n_steps=6, seed=5, chunk_size=4
+    ).sample(x0, return_info=True)
     assert torch.equal(whole, chunked)
-    for field in ("initial_energy", "final_energy", "mean_grad_norm", "displacement",
-                  "accept_rate", "step_size"):
+    for field in (
+        "initial_energy",
+        "final_energy",
+        "mean_grad_norm",
+        "displacement",
+        "accept_rate",
+        "step_size",
+    ):
         a, b = getattr(info, field), getattr(chunked_info, field)
         assert (a is None and b is None) or torch.equal(a, b), field
 
@@ -131,8 +153,9 @@ def test_chain_offset_and_per_chain_step_size_select_one_chain_of_the_batch(samp
     x0 = x_init((7, 3))
     eps = torch.linspace(0.005, 0.05, 7)
     batch = sampler_cls(double_well, step_size=eps, n_steps=5, seed=3).sample(x0)
-    alone = sampler_cls(double_well, step_size=float(eps[4]), n_steps=5, seed=3,
-                        chain_offset=4).sample(x0[4:5])
+    alone = sampler_cls(
+        double_well, step_size=float(eps[4]), n_steps=5, seed=3, chain_offset=4
+    ).sample(x0[4:5])
     assert torch.equal(batch[4:5], alone)
 
 
@@ -167,10 +190,12 @@ def test_annealed_noise_scale_schedule_ends_at_gradient_descent():
     def schedule(k, n_steps):
         return sigmas[k]
 
-    annealed = LangevinSampler(quadratic, step_size=0.1, noise_scale=schedule, n_steps=3,
-                               seed=4).sample(x0)
-    first_two = LangevinSampler(quadratic, step_size=0.1, noise_scale=schedule, n_steps=2,
-                                seed=4).sample(x0)
+    annealed = LangevinSampler(
+        quadratic, step_size=0.1, noise_scale=schedule, n_steps=3, seed=4
+    ).sample(x0)
+    first_two = LangevinSampler(
+        quadratic, step_size=0.1, noise_scale=schedule, n_steps=2, seed=4
+    ).sample(x0)
     # The last step has sigma = 0: an exact gradient-descent step on E = |x|^2 / 2.
     torch.testing.assert_close(annealed, first_two * 0.9, rtol=0, atol=1e-6)
     assert not torch.allclose(first_two, x0 * 0.81, atol=1e-2)
@@ -237,7 +262,8 @@ def test_mean_grad_norm_averages_the_evaluated_gradients():
     x0 = x_init((6, 4))
     # E = |x|^2 / 2 has gradient x: one Langevin step evaluates it at x0 only.
     _, info = LangevinSampler(quadratic, step_size=0.1, n_steps=1, check_finite=False).sample(
-        x0, return_info=True)
+        x0, return_info=True
+    )
     torch.testing.assert_close(info.mean_grad_norm, x0.norm(dim=1))
     # MALA evaluates the current state before and after its one step.
     x, info = MALASampler(quadratic, step_size=0.1, n_steps=1).sample(x0, return_info=True)
@@ -248,11 +274,13 @@ def test_mala_adaptation_moves_the_step_size_toward_the_target_acceptance():
     x0 = x_init((200, 8))
     too_big = MALASampler(quadratic, step_size=2.5, n_steps=10, seed=1)
     _, before = too_big.sample(x0, return_info=True)
-    adapting = MALASampler(quadratic, step_size=2.5, n_steps=60, seed=1, adapt=True,
-                           adapt_steps=60, adapt_rate=0.2)
+    adapting = MALASampler(
+        quadratic, step_size=2.5, n_steps=60, seed=1, adapt=True, adapt_steps=60, adapt_rate=0.2
+    )
     _, adapted = adapting.sample(x0, return_info=True)
     _, after = MALASampler(quadratic, step_size=adapted.step_size, n_steps=10, seed=2).sample(
-        x0, return_info=True)
+        x0, return_info=True
+    )
     assert before.accept_rate.mean() < 0.3
     assert bool((adapted.step_size < 2.5).all())
     assert abs(after.accept_rate.mean().item() - 0.574) < 0.12
@@ -268,12 +296,16 @@ def test_non_finite_chains_raise_with_the_step_and_count():
     sampler.sample(torch.zeros(6, 2), 7)  # x = 0 stays finite: the counter moves to step 7
     # x after update k is (1 + 1e6)^k for the repulsed chains: at k = 3 the float32 energy
     # -1e6 * 2e36 overflows, so update 3 of this call (noise step 7 + 2) is named.
-    with pytest.raises(NonFiniteChainError, match=r"3 of 6 chains.*after update 3 of 40 in this "
-                                                  r"call \(sampler step 9\)"):
+    with pytest.raises(
+        NonFiniteChainError,
+        match=r"3 of 6 chains.*after update 3 of 40 in this "
+        r"call \(sampler step 9\)",
+    ):
         sampler.sample(torch.ones(6, 2))
     assert sampler.step == 47  # the steps were drawn: a retry does not replay the same noise
-    quiet = LangevinSampler(repulsive_for_some, step_size=0.5, noise_scale=0.0, n_steps=40,
-                            check_finite=False)
+    quiet = LangevinSampler(
+        repulsive_for_some, step_size=0.5, noise_scale=0.0, n_steps=40, check_finite=False
+    )
     x = quiet.sample(torch.ones(6, 2))
     assert (~torch.isfinite(x).all(1)).sum() == 3
 
@@ -347,8 +379,9 @@ def test_failed_cuda_graph_capture_warns_once_and_runs_eagerly(monkeypatch):
     x0 = x_init()
     eager = LangevinSampler(double_well, step_size=0.02, n_steps=4, cuda_graph=False, seed=0)
     graphed = LangevinSampler(double_well, step_size=0.02, n_steps=4, seed=0)
-    monkeypatch.setattr(graphed, "_use_cuda_graph",
-                        lambda x: not graphed._graph_failed)  # as if x were on CUDA
+    monkeypatch.setattr(
+        graphed, "_use_cuda_graph", lambda x: not graphed._graph_failed
+    )  # as if x were on CUDA
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
         got = graphed.sample(x0)
     with warnings.catch_warnings():
@@ -362,15 +395,18 @@ def test_failed_compilation_warns_and_falls_back_to_the_eager_energy(monkeypatch
     def broken_compile(fn, **kwargs):
         def compiled(x):
             raise RuntimeError("backend compiler failed")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     x0 = x_init()
     with pytest.warns(RuntimeWarning, match="torch.compile of the energy failed"):
-        got = LangevinSampler(double_well, step_size=0.02, n_steps=3, compile=True,
-                              seed=0).sample(x0)
-    assert torch.equal(got, LangevinSampler(double_well, step_size=0.02, n_steps=3,
-                                            seed=0).sample(x0))
+        got = LangevinSampler(double_well, step_size=0.02, n_steps=3, compile=True, seed=0).sample(
+            x0
+        )
+    assert torch.equal(
+        got, LangevinSampler(double_well, step_size=0.02, n_steps=3, seed=0).sample(x0)
+    )
 
 
 def test_compiled_energy_gives_the_eager_samples():
@@ -388,8 +424,9 @@ def test_autocast_runs_the_energy_in_low_precision_and_keeps_the_state_float32()
     model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     x0 = x_init((8, 4))
     full = LangevinSampler(model, step_size=0.1, n_steps=3, seed=0).sample(x0)
-    low = LangevinSampler(model, step_size=0.1, n_steps=3, autocast=torch.bfloat16,
-                          seed=0).sample(x0)
+    low = LangevinSampler(model, step_size=0.1, n_steps=3, autocast=torch.bfloat16, seed=0).sample(
+        x0
+    )
     assert seen[:3] == [torch.float32] * 3 and set(seen[3:]) == {torch.bfloat16}
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, full, rtol=0, atol=0.05)
@@ -411,10 +448,8 @@ def test_public_exports():
 def test_cuda_graph_replays_give_the_eager_samples(sampler_cls):
     model = mlp(d=3, hidden=16).cuda()
     x0 = x_init((12, 3)).cuda()
-    graphed = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=True, chunk_size=8,
-                          seed=0)
-    eager = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=False, chunk_size=8,
-                        seed=0)
+    graphed = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=True, chunk_size=8, seed=0)
+    eager = sampler_cls(model, step_size=0.02, n_steps=5, cuda_graph=False, chunk_size=8, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would warn
         first, info = graphed.sample(x0, return_info=True)
@@ -437,8 +472,9 @@ def test_cuda_graph_replays_give_the_eager_samples(sampler_cls):
 def test_sampling_does_not_synchronise_on_cuda(sampler_cls, cuda_graph):
     model = mlp(d=3, hidden=16).cuda()
     x0 = x_init((12, 3)).cuda()
-    sampler = sampler_cls(model, step_size=0.02, n_steps=4, cuda_graph=cuda_graph,
-                          check_finite=False)  # the non-finite check reads the device once
+    sampler = sampler_cls(
+        model, step_size=0.02, n_steps=4, cuda_graph=cuda_graph, check_finite=False
+    )  # the non-finite check reads the device once
     step_sizes = (0.02, linear_schedule(0.03, 0.01), torch.full((12,), 0.02, device="cuda"))
     for step_size in step_sizes:  # compile the kernels, capture the graphs, move the counter
         sampler.sample(x0, step_size=step_size)

@@ -20,6 +20,7 @@ SIGMAS_OF_TOLERANCE = 5.0
 def gaussian_energy(s2):
     def energy(x):
         return (x * x).sum(1) / (2 * s2)
+
     return energy
 
 
@@ -29,7 +30,7 @@ def variance_tolerance(v, n):
 
 
 def ula_stationary_variance(s2, eps, sigma):
-    return sigma ** 2 / (1.0 - (1.0 - eps / s2) ** 2)
+    return sigma**2 / (1.0 - (1.0 - eps / s2) ** 2)
 
 
 @pytest.mark.parametrize("s2, eps, sigma", [(1.0, 0.4, None), (2.0, 0.5, 0.6), (0.5, 0.3, None)])
@@ -71,7 +72,7 @@ def mixture_energy(x):
     """-log sum_i w_i N(x; mu_i, std_i^2 I) for a batch of 2-D points (unnormalised is fine)."""
     means, stds, weights = (t.to(x.dtype) for t in (MEANS, STDS, WEIGHTS))
     sq = ((x[:, None, :] - means[None]) ** 2).sum(-1)
-    log_terms = torch.log(weights) - 2 * torch.log(stds) - sq / (2 * stds ** 2)
+    log_terms = torch.log(weights) - 2 * torch.log(stds) - sq / (2 * stds**2)
     return -torch.logsumexp(log_terms, dim=1)
 
 
@@ -117,7 +118,9 @@ def test_mala_on_a_2d_mixture_matches_grid_moments_and_mode_masses():
     got_masses = torch.bincount(nearest_mode(x), minlength=3).double() / chains
     se = torch.sqrt(masses * (1 - masses) / chains)
     assert bool(((got_masses - masses).abs() < SIGMAS_OF_TOLERANCE * se).all()), (
-        got_masses, masses)
+        got_masses,
+        masses,
+    )
     # And the chains really moved: many switched mode, and x0 is nearly forgotten.
     assert (nearest_mode(x) != nearest_mode(x0)).double().mean() > 0.15
     assert torch.corrcoef(torch.stack([x0[:, 0].double(), x[:, 0]]))[0, 1] < 0.6

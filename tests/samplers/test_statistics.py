@@ -32,11 +32,13 @@ def samples_to_detect(relative_change: float) -> int:
 def gaussian_energy(s2):
     def energy(x):
         return (x * x).sum(1) / (2 * s2)
+
     return energy
 
 
-@pytest.mark.parametrize("s2, eps, sigma", [(1.0, 0.4, None), (2.0, 0.5, 0.6)],
-                         ids=["temperature", "noise_scale"])
+@pytest.mark.parametrize(
+    "s2, eps, sigma", [(1.0, 0.4, None), (2.0, 0.5, 0.6)], ids=["temperature", "noise_scale"]
+)
 def test_ula_variance_detects_a_two_percent_noise_scale_error(s2, eps, sigma):
     """x <- (1 - eps / s2) x + sigma xi is AR(1) with stationary variance
     v = sigma^2 / (1 - (1 - eps / s2)^2) (sigma = sqrt(2 eps) in the temperature form, T = 1).
@@ -49,7 +51,7 @@ def test_ula_variance_detects_a_two_percent_noise_scale_error(s2, eps, sigma):
     sampler = LangevinSampler(gaussian_energy(s2), step_size=eps, n_steps=40, seed=7, **kwargs)
     x = sampler.sample(torch.zeros(chains, dim))
     noise_scale = math.sqrt(2 * eps) if sigma is None else sigma
-    exact = noise_scale ** 2 / (1.0 - (1.0 - eps / s2) ** 2)
+    exact = noise_scale**2 / (1.0 - (1.0 - eps / s2) ** 2)
     tolerance = SIGMAS * exact * math.sqrt(2.0 / (chains * dim))
     assert tolerance <= exact * ((1 + NOISE_SCALE_ERROR) ** 2 - 1) / 2  # the stated power
     variance = x.double().pow(2).mean().item()  # the mean is 0 exactly
@@ -68,7 +70,7 @@ def grid_moments():
     weights = weights / weights.sum()
     x = x[:, 0]
     mean = (weights * x).sum().item()
-    return weights[x < 0].sum().item(), mean, (weights * x * x).sum().item() - mean ** 2
+    return weights[x < 0].sum().item(), mean, (weights * x * x).sum().item() - mean**2
 
 
 def test_mala_started_in_the_minor_mode_reaches_the_mode_masses():
@@ -83,10 +85,12 @@ def test_mala_started_in_the_minor_mode_reaches_the_mode_masses():
     x = x.double()[:, 0]
     left = (x < 0).double().mean().item()
     assert abs(left - left_mass) < SIGMAS * math.sqrt(left_mass * (1 - left_mass) / chains), (
-        left, left_mass)
+        left,
+        left_mass,
+    )
     assert abs(x.mean().item() - mean) < SIGMAS * math.sqrt(variance / chains)
     fourth = ((x - mean) ** 4).mean().item()  # the standard error of a sample variance
-    assert abs(x.var().item() - variance) < SIGMAS * math.sqrt((fourth - variance ** 2) / chains)
+    assert abs(x.var().item() - variance) < SIGMAS * math.sqrt((fourth - variance**2) / chains)
     assert 0.5 < info.accept_rate.mean().item() < 0.8
     assert 0.3 < info.accept_rate.min().item() and info.accept_rate.max().item() < 0.95
 
@@ -98,8 +102,15 @@ def test_autocast_keeps_the_chain_state_in_full_precision():
     model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     x0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
     n_steps, eps, sigma = 6, 0.01, 0.01  # steps below bfloat16's resolution near |x| ~ 1
-    sampler = LangevinSampler(model, step_size=eps, noise_scale=sigma, n_steps=n_steps, seed=3,
-                              autocast=torch.bfloat16, backend="reference")
+    sampler = LangevinSampler(
+        model,
+        step_size=eps,
+        noise_scale=sigma,
+        n_steps=n_steps,
+        seed=3,
+        autocast=torch.bfloat16,
+        backend="reference",
+    )
     got = sampler.sample(x0)
 
     def by_hand(round_state):

@@ -30,8 +30,11 @@ def counter_args(seed: torch.Tensor, step: torch.Tensor, device: torch.device):
     running on ``device`` that reads both with :func:`read_scalar`."""
     seed_arg, seed_is_pointer = scalar_arg(seed, device, "seed")
     step_arg, step_is_pointer = scalar_arg(step, device, "step")
-    return seed_arg, step_arg, dict(SEED_IS_POINTER=seed_is_pointer,
-                                    STEP_IS_POINTER=step_is_pointer)
+    return (
+        seed_arg,
+        step_arg,
+        dict(SEED_IS_POINTER=seed_is_pointer, STEP_IS_POINTER=step_is_pointer),
+    )
 
 
 @triton.jit

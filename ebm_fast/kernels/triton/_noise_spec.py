@@ -22,8 +22,13 @@ def spec_group_words(seed, step, stream, g):
     """The four Philox output words (uint32) of each block g (a block of group indices)."""
     g = g.to(tl.int64)  # the high counter word needs 64 bits (int32 >> 32 is undefined)
     zero = g * 0
-    return tl.philox(seed, g.to(tl.uint32), (g >> 32).to(tl.uint32),
-                     (zero + step).to(tl.uint32), (zero + stream).to(tl.uint32))
+    return tl.philox(
+        seed,
+        g.to(tl.uint32),
+        (g >> 32).to(tl.uint32),
+        (zero + step).to(tl.uint32),
+        (zero + stream).to(tl.uint32),
+    )
 
 
 @triton.jit

@@ -23,13 +23,28 @@ CHAINS = 4
 BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["seed", "step", "chain_offset", "batch", "features", "lo",
-                               "inv_step"])
-def _buffer_push_kernel(storage_ptr, written_ptr, x_ptr, targets_ptr, seed, step, chain_offset,
-                        batch, features, lo, inv_step,
-                        SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, STREAM_QUANTIZE: tl.constexpr,
-                        CHAINS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(
+    do_not_specialize=["seed", "step", "chain_offset", "batch", "features", "lo", "inv_step"]
+)
+def _buffer_push_kernel(
+    storage_ptr,
+    written_ptr,
+    x_ptr,
+    targets_ptr,
+    seed,
+    step,
+    chain_offset,
+    batch,
+    features,
+    lo,
+    inv_step,
+    SEED_IS_POINTER: tl.constexpr,
+    STEP_IS_POINTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    STREAM_QUANTIZE: tl.constexpr,
+    CHAINS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0).to(tl.int64) * CHAINS + tl.arange(0, CHAINS)
     j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     target = tl.load(targets_ptr + i, mask=i < batch, other=-1)
@@ -55,17 +70,46 @@ def _buffer_push_kernel(storage_ptr, written_ptr, x_ptr, targets_ptr, seed, step
         tl.store(written_ptr + target, tl.full((CHAINS,), 1, tl.uint8), mask=stored)
 
 
-def buffer_push_out(storage, written, count, x, idx, y, seed, step, chain_offset,
-                    slots_per_class, policy, lo, hi, stochastic):
+def buffer_push_out(
+    storage,
+    written,
+    count,
+    x,
+    idx,
+    y,
+    seed,
+    step,
+    chain_offset,
+    slots_per_class,
+    policy,
+    lo,
+    hi,
+    stochastic,
+):
     device = storage.device
-    targets, new_count = push_targets(x.shape[0], idx, y, count, slots_per_class, policy, seed,
-                                      step, chain_offset, device)
+    targets, new_count = push_targets(
+        x.shape[0], idx, y, count, slots_per_class, policy, seed, step, chain_offset, device
+    )
     seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     batch, features = x.shape
     block = min(BLOCK, triton.next_power_of_2(features))
     grid = (triton.cdiv(batch, CHAINS), triton.cdiv(features, block))
     _buffer_push_kernel[grid](
-        storage, written, x, targets.contiguous(), seed_arg, step_arg, chain_offset, batch,
-        features, lo, uint8_scales(lo, hi)[1], **counter_flags, STOCHASTIC=bool(stochastic),
-        STREAM_QUANTIZE=STREAM_BUFFER_QUANTIZE, CHAINS=CHAINS, BLOCK=block)
+        storage,
+        written,
+        x,
+        targets.contiguous(),
+        seed_arg,
+        step_arg,
+        chain_offset,
+        batch,
+        features,
+        lo,
+        uint8_scales(lo, hi)[1],
+        **counter_flags,
+        STOCHASTIC=bool(stochastic),
+        STREAM_QUANTIZE=STREAM_BUFFER_QUANTIZE,
+        CHAINS=CHAINS,
+        BLOCK=block,
+    )
     count.copy_(new_count)

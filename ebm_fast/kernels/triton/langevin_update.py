@@ -74,16 +74,44 @@ def round_to(value, DTYPE: tl.constexpr):
     return result
 
 
-@triton.jit(do_not_specialize=["seed", "step", "first_group", "per_chain", "grad_clip",
-                               "clamp_lo", "clamp_hi"])
-def _langevin_update_kernel(out_ptr, x_ptr, grad_ptr, step_size, noise_scale, clip_scale_ptr,
-                            seed, step, stream, first_group, numel, per_chain, grad_clip,
-                            clamp_lo, clamp_hi,
-                            SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
-                            STEP_SIZE_MODE: tl.constexpr, NOISE_SCALE_MODE: tl.constexpr,
-                            CLIP_MODE: tl.constexpr, CLAMP_LO: tl.constexpr,
-                            CLAMP_HI: tl.constexpr, LONG_CHAINS: tl.constexpr,
-                            SHIFT: tl.constexpr, GROUPS: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "seed",
+        "step",
+        "first_group",
+        "per_chain",
+        "grad_clip",
+        "clamp_lo",
+        "clamp_hi",
+    ]
+)
+def _langevin_update_kernel(
+    out_ptr,
+    x_ptr,
+    grad_ptr,
+    step_size,
+    noise_scale,
+    clip_scale_ptr,
+    seed,
+    step,
+    stream,
+    first_group,
+    numel,
+    per_chain,
+    grad_clip,
+    clamp_lo,
+    clamp_hi,
+    SEED_IS_POINTER: tl.constexpr,
+    STEP_IS_POINTER: tl.constexpr,
+    STEP_SIZE_MODE: tl.constexpr,
+    NOISE_SCALE_MODE: tl.constexpr,
+    CLIP_MODE: tl.constexpr,
+    CLAMP_LO: tl.constexpr,
+    CLAMP_HI: tl.constexpr,
+    LONG_CHAINS: tl.constexpr,
+    SHIFT: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
     seed = read_scalar(seed, SEED_IS_POINTER)
     step = read_scalar(step, STEP_IS_POINTER)
     g, flat = tile_offsets(first_group, GROUPS, SHIFT)
@@ -101,8 +129,11 @@ def _langevin_update_kernel(out_ptr, x_ptr, grad_ptr, step_size, noise_scale, cl
     x = tl.load(x_ptr + flat, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + flat, mask=mask).to(tl.float32)
     if CLIP_MODE == 1:
-        grad = tl.minimum(tl.maximum(grad, -grad_clip, propagate_nan=tl.PropagateNan.ALL),
-                          grad_clip, propagate_nan=tl.PropagateNan.ALL)
+        grad = tl.minimum(
+            tl.maximum(grad, -grad_clip, propagate_nan=tl.PropagateNan.ALL),
+            grad_clip,
+            propagate_nan=tl.PropagateNan.ALL,
+        )
     elif CLIP_MODE == 2:
         grad = grad * tl.load(clip_scale_ptr + chain, mask=mask, other=1.0)
     step_size = read_chain_param(step_size, chain, mask, STEP_SIZE_MODE)
@@ -132,8 +163,9 @@ def _chain_sumsq_kernel(partial_ptr, grad_ptr, per_chain, chunk, splits, BLOCK: 
 
 
 @triton.jit(do_not_specialize=["grad_clip"])
-def _norm_scale_kernel(scale_ptr, partial_ptr, chains, splits, grad_clip,
-                       CHAINS: tl.constexpr, SPLITS: tl.constexpr):
+def _norm_scale_kernel(
+    scale_ptr, partial_ptr, chains, splits, grad_clip, CHAINS: tl.constexpr, SPLITS: tl.constexpr
+):
     """scale[chain] = c / max(norm, c), the factor that clips a chain's gradient to norm <= c.
 
     A NaN norm stays NaN, as in the reference (torch's clamp): tl.maximum's default on a GPU
@@ -141,8 +173,9 @@ def _norm_scale_kernel(scale_ptr, partial_ptr, chains, splits, grad_clip,
     chain = tl.program_id(0) * CHAINS + tl.arange(0, CHAINS)
     split = tl.arange(0, SPLITS)
     mask = (chain[:, None] < chains) & (split[None, :] < splits)
-    partial = tl.load(partial_ptr + chain[:, None].to(tl.int64) * splits + split[None, :],
-                      mask=mask, other=0.0)
+    partial = tl.load(
+        partial_ptr + chain[:, None].to(tl.int64) * splits + split[None, :], mask=mask, other=0.0
+    )
     norm = tl.sqrt(tl.sum(partial, axis=1))
     bound = tl.maximum(norm, grad_clip, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scale_ptr + chain, grad_clip / bound, mask=chain < chains)
@@ -157,24 +190,43 @@ def _norm_clip_scales(grad: torch.Tensor, grad_clip: float) -> torch.Tensor:
     chunk = triton.cdiv(triton.cdiv(per_chain, wanted_splits), block) * block
     splits = triton.cdiv(per_chain, chunk)
     partial = torch.empty((chains, splits), dtype=torch.float32, device=grad.device)
-    _chain_sumsq_kernel[(chains, splits)](partial, grad, per_chain, chunk, splits, BLOCK=block,
-                                          num_warps=NUM_WARPS)
+    _chain_sumsq_kernel[(chains, splits)](
+        partial, grad, per_chain, chunk, splits, BLOCK=block, num_warps=NUM_WARPS
+    )
     scales = torch.empty(chains, dtype=torch.float32, device=grad.device)
     _norm_scale_kernel[(triton.cdiv(chains, SCALE_CHAINS),)](
-        scales, partial, chains, splits, grad_clip, CHAINS=SCALE_CHAINS,
-        SPLITS=triton.next_power_of_2(splits))
+        scales,
+        partial,
+        chains,
+        splits,
+        grad_clip,
+        CHAINS=SCALE_CHAINS,
+        SPLITS=triton.next_power_of_2(splits),
+    )
     return scales
 
 
-def langevin_update_out(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
-                        step_size: torch.Tensor, noise_scale: torch.Tensor, seed: torch.Tensor,
-                        step: torch.Tensor, stream: int, chain_offset: int,
-                        grad_clip: float | None, grad_clip_mode: str, clamp_lo: float | None,
-                        clamp_hi: float | None) -> None:
+def langevin_update_out(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: torch.Tensor,
+    noise_scale: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+    grad_clip: float | None,
+    grad_clip_mode: str,
+    clamp_lo: float | None,
+    clamp_hi: float | None,
+) -> None:
     """Write the Langevin update of x into out (contiguous; out may be x itself)."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the triton backend computes in float32 and supports x of dtype "
-                        f"{SUPPORTED_DTYPES}, got {x.dtype} (use the reference or cpu backend)")
+        raise TypeError(
+            f"the triton backend computes in float32 and supports x of dtype "
+            f"{SUPPORTED_DTYPES}, got {x.dtype} (use the reference or cpu backend)"
+        )
     if not (out.is_contiguous() and x.is_contiguous() and grad.is_contiguous()):
         raise ValueError("out, x and grad must be contiguous")
     numel = x.numel()
@@ -185,18 +237,37 @@ def langevin_update_out(out: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
     clip_mode = CLIP_MODES[None if grad_clip is None else grad_clip_mode]
     # The clip-scale pointer is read only in norm mode (2: grad_clip given); grad stands in
     # otherwise.
-    clip_scales = (_norm_clip_scales(grad, grad_clip) if clip_mode == 2 and grad_clip is not None
-                   else grad)
+    clip_scales = (
+        _norm_clip_scales(grad, grad_clip) if clip_mode == 2 and grad_clip is not None else grad
+    )
     first_group, shift, grid = tile_grid(numel, chain_offset * per_chain, GROUPS)
     seed_arg, step_arg, counter_flags = counter_args(seed, step, device)
     step_size_arg, step_size_mode = chain_param_arg(step_size, device, "step_size")
     noise_scale_arg, noise_scale_mode = chain_param_arg(noise_scale, device, "noise_scale")
     _langevin_update_kernel[grid](
-        out, x, grad, step_size_arg, noise_scale_arg, clip_scales, seed_arg, step_arg, stream,
-        first_group, numel, per_chain, 0.0 if grad_clip is None else grad_clip,
-        0.0 if clamp_lo is None else clamp_lo, 0.0 if clamp_hi is None else clamp_hi,
+        out,
+        x,
+        grad,
+        step_size_arg,
+        noise_scale_arg,
+        clip_scales,
+        seed_arg,
+        step_arg,
+        stream,
+        first_group,
+        numel,
+        per_chain,
+        0.0 if grad_clip is None else grad_clip,
+        0.0 if clamp_lo is None else clamp_lo,
+        0.0 if clamp_hi is None else clamp_hi,
         **counter_flags,
-        STEP_SIZE_MODE=step_size_mode, NOISE_SCALE_MODE=noise_scale_mode, CLIP_MODE=clip_mode,
-        CLAMP_LO=clamp_lo is not None, CLAMP_HI=clamp_hi is not None,
-        LONG_CHAINS=per_chain + 4 * GROUPS >= INT32_CHAIN_LIMIT, SHIFT=shift,
-        GROUPS=GROUPS, num_warps=NUM_WARPS)
+        STEP_SIZE_MODE=step_size_mode,
+        NOISE_SCALE_MODE=noise_scale_mode,
+        CLIP_MODE=clip_mode,
+        CLAMP_LO=clamp_lo is not None,
+        CLAMP_HI=clamp_hi is not None,
+        LONG_CHAINS=per_chain + 4 * GROUPS >= INT32_CHAIN_LIMIT,
+        SHIFT=shift,
+        GROUPS=GROUPS,
+        num_warps=NUM_WARPS,
+    )

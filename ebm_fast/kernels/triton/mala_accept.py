@@ -28,12 +28,30 @@ NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["seed", "step", "chain_offset", "chains", "per_chain"])
-def _mala_accept_kernel(accepted_ptr, accept_prob_ptr, x_ptr, y_ptr, grad_x_ptr, grad_y_ptr,
-                        energy_x_ptr, energy_y_ptr, step_size, temperature, seed, step, stream,
-                        chain_offset, chains, per_chain,
-                        SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
-                        STEP_SIZE_MODE: tl.constexpr, TEMPERATURE_MODE: tl.constexpr,
-                        CHAINS: tl.constexpr, BLOCK: tl.constexpr):
+def _mala_accept_kernel(
+    accepted_ptr,
+    accept_prob_ptr,
+    x_ptr,
+    y_ptr,
+    grad_x_ptr,
+    grad_y_ptr,
+    energy_x_ptr,
+    energy_y_ptr,
+    step_size,
+    temperature,
+    seed,
+    step,
+    stream,
+    chain_offset,
+    chains,
+    per_chain,
+    SEED_IS_POINTER: tl.constexpr,
+    STEP_IS_POINTER: tl.constexpr,
+    STEP_SIZE_MODE: tl.constexpr,
+    TEMPERATURE_MODE: tl.constexpr,
+    CHAINS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     seed = read_scalar(seed, SEED_IS_POINTER)
     step = read_scalar(step, STEP_IS_POINTER)
     chain = tl.program_id(0).to(tl.int64) * CHAINS + tl.arange(0, CHAINS)
@@ -55,8 +73,7 @@ def _mala_accept_kernel(accepted_ptr, accept_prob_ptr, x_ptr, y_ptr, grad_x_ptr,
     total = tl.sum(terms, axis=1)
 
     # Lanes past the last chain get T = 1, not a masked-load 0 to divide by.
-    temp = tl.where(live, zeros + read_chain_param(temperature, chain, live, TEMPERATURE_MODE),
-                    1.0)
+    temp = tl.where(live, zeros + read_chain_param(temperature, chain, live, TEMPERATURE_MODE), 1.0)
     energy_x = tl.load(energy_x_ptr + chain, mask=live, other=0.0)
     energy_y = tl.load(energy_y_ptr + chain, mask=live, other=0.0)
     log_alpha = -(energy_y - energy_x) / temp - total / (4 * temp)
@@ -75,15 +92,28 @@ def _mala_accept_kernel(accepted_ptr, accept_prob_ptr, x_ptr, y_ptr, grad_x_ptr,
         tl.store(grad_x_ptr + offset, tl.load(grad_y_ptr + offset, mask=mask), mask=mask)
 
 
-def mala_accept_out(accepted: torch.Tensor, accept_prob: torch.Tensor, x: torch.Tensor,
-                    y: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Tensor,
-                    energy_x: torch.Tensor, energy_y: torch.Tensor, step_size: torch.Tensor,
-                    temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
-                    stream: int, chain_offset: int) -> None:
+def mala_accept_out(
+    accepted: torch.Tensor,
+    accept_prob: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    energy_x: torch.Tensor,
+    energy_y: torch.Tensor,
+    step_size: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton mala_accept kernel takes x of dtype {SUPPORTED_DTYPES} "
-                        f"(it computes in float32), got {x.dtype}; use the cpu or reference "
-                        "backend")
+        raise TypeError(
+            f"the Triton mala_accept kernel takes x of dtype {SUPPORTED_DTYPES} "
+            f"(it computes in float32), got {x.dtype}; use the cpu or reference "
+            "backend"
+        )
     device = x.device
     chains = x.shape[0]
     per_chain = x.numel() // chains
@@ -93,8 +123,26 @@ def mala_accept_out(accepted: torch.Tensor, accept_prob: torch.Tensor, x: torch.
     step_size_arg, step_size_mode = chain_param_arg(step_size, device, "step_size")
     temperature_arg, temperature_mode = chain_param_arg(temperature, device, "temperature")
     _mala_accept_kernel[(triton.cdiv(chains, chains_per_program),)](
-        accepted, accept_prob, x, y, grad_x, grad_y, energy_x, energy_y, step_size_arg,
-        temperature_arg, seed_arg, step_arg, stream, chain_offset, chains, per_chain,
+        accepted,
+        accept_prob,
+        x,
+        y,
+        grad_x,
+        grad_y,
+        energy_x,
+        energy_y,
+        step_size_arg,
+        temperature_arg,
+        seed_arg,
+        step_arg,
+        stream,
+        chain_offset,
+        chains,
+        per_chain,
         **counter_flags,
-        STEP_SIZE_MODE=step_size_mode, TEMPERATURE_MODE=temperature_mode,
-        CHAINS=chains_per_program, BLOCK=block, num_warps=NUM_WARPS)
+        STEP_SIZE_MODE=step_size_mode,
+        TEMPERATURE_MODE=temperature_mode,
+        CHAINS=chains_per_program,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+    )

@@ -16,14 +16,27 @@ from ebm_fast.kernels.triton._noise_spec import spec_normal_tile, spec_uniform_t
 
 GROUPS = 512
 NUM_WARPS = 4
-_DISTRIBUTIONS = {"bits": (0, torch.int32), "uniform": (1, torch.float32),
-                  "normal": (2, torch.float32)}
+_DISTRIBUTIONS = {
+    "bits": (0, torch.int32),
+    "uniform": (1, torch.float32),
+    "normal": (2, torch.float32),
+}
 
 
 @triton.jit(do_not_specialize=["seed", "step", "first_group"])
-def _philox_kernel(out_ptr, seed, step, stream, first_group, numel,
-                   SEED_IS_POINTER: tl.constexpr, STEP_IS_POINTER: tl.constexpr,
-                   DISTRIBUTION: tl.constexpr, SHIFT: tl.constexpr, GROUPS: tl.constexpr):
+def _philox_kernel(
+    out_ptr,
+    seed,
+    step,
+    stream,
+    first_group,
+    numel,
+    SEED_IS_POINTER: tl.constexpr,
+    STEP_IS_POINTER: tl.constexpr,
+    DISTRIBUTION: tl.constexpr,
+    SHIFT: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
     seed = read_scalar(seed, SEED_IS_POINTER)
     step = read_scalar(step, STEP_IS_POINTER)
     g, flat = tile_offsets(first_group, GROUPS, SHIFT)
@@ -37,8 +50,14 @@ def _philox_kernel(out_ptr, seed, step, stream, first_group, numel,
     tl.store(out_ptr + flat, values, mask=mask)
 
 
-def philox_out(out: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream: int,
-               chain_offset: int, distribution: str) -> None:
+def philox_out(
+    out: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    chain_offset: int,
+    distribution: str,
+) -> None:
     """Write the spec's draws for the elements of ``out`` (contiguous, shape (chains, ...))."""
     code, dtype = _DISTRIBUTIONS[distribution]
     if out.dtype != dtype:
@@ -50,6 +69,16 @@ def philox_out(out: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, stream
     per_chain = math.prod(out.shape[1:])
     first_group, shift, grid = tile_grid(out.numel(), chain_offset * per_chain, GROUPS)
     seed_arg, step_arg, counter_flags = counter_args(seed, step, out.device)
-    _philox_kernel[grid](out, seed_arg, step_arg, stream, first_group, out.numel(),
-                         **counter_flags,
-                         DISTRIBUTION=code, SHIFT=shift, GROUPS=GROUPS, num_warps=NUM_WARPS)
+    _philox_kernel[grid](
+        out,
+        seed_arg,
+        step_arg,
+        stream,
+        first_group,
+        out.numel(),
+        **counter_flags,
+        DISTRIBUTION=code,
+        SHIFT=shift,
+        GROUPS=GROUPS,
+        num_warps=NUM_WARPS,
+    )

@@ -63,10 +63,23 @@ def test_buffer_sample_split_over_threads(two_threads, storage_dtype, init_kind)
         storage = torch.randn(capacity, FEATURES, generator=gen).to(storage_dtype)
     written = (torch.rand(capacity, generator=gen) < 0.9).to(torch.uint8)
     y = torch.randint(0, n_classes, (BATCH,), generator=gen)
-    want, got = _on_both(lambda: buffer_sample(
-        storage, written, BATCH, dtype=torch.float32, seed=counter(5), step=counter(2),
-        chain_offset=7, slots_per_class=slots_per_class, reinit_prob=0.1, init_kind=init_kind,
-        lo=-1.0, hi=1.0, y=y))
+    want, got = _on_both(
+        lambda: buffer_sample(
+            storage,
+            written,
+            BATCH,
+            dtype=torch.float32,
+            seed=counter(5),
+            step=counter(2),
+            chain_offset=7,
+            slots_per_class=slots_per_class,
+            reinit_prob=0.1,
+            init_kind=init_kind,
+            lo=-1.0,
+            hi=1.0,
+            y=y,
+        )
+    )
     assert torch.equal(got[1], want[1])
     if init_kind == "gaussian":  # log/sin/cos may differ in the last bit
         torch.testing.assert_close(got[0], want[0])
@@ -81,18 +94,31 @@ def test_buffer_push_split_over_threads(two_threads, storage_dtype, policy):
     n_classes, slots_per_class = 2, 1000
     capacity = n_classes * slots_per_class
     x = torch.rand(BATCH, FEATURES, generator=gen) * 2.4 - 1.2
-    labels = dict(idx=torch.randint(0, capacity, (BATCH,), generator=gen)) \
-        if policy == "write_back" else dict(y=torch.randint(0, n_classes, (BATCH,),
-                                                            generator=gen))
+    labels = (
+        dict(idx=torch.randint(0, capacity, (BATCH,), generator=gen))
+        if policy == "write_back"
+        else dict(y=torch.randint(0, n_classes, (BATCH,), generator=gen))
+    )
 
     def push():
         storage = torch.zeros(capacity, FEATURES, dtype=storage_dtype)
         written = torch.zeros(capacity, dtype=torch.uint8)
         count = torch.tensor([300, 5000])  # one class filling up, one full (reservoir drops)
-        buffer_push(storage, written, count, x, seed=counter(9), step=counter(1),
-                    chain_offset=3, slots_per_class=slots_per_class,
-                    policy="fifo" if policy == "write_back" else policy, lo=-1.0, hi=1.0,
-                    stochastic=storage_dtype == torch.uint8, **labels)
+        buffer_push(
+            storage,
+            written,
+            count,
+            x,
+            seed=counter(9),
+            step=counter(1),
+            chain_offset=3,
+            slots_per_class=slots_per_class,
+            policy="fifo" if policy == "write_back" else policy,
+            lo=-1.0,
+            hi=1.0,
+            stochastic=storage_dtype == torch.uint8,
+            **labels,
+        )
         return storage, written, count
 
     want, got = _on_both(push)
@@ -104,23 +130,38 @@ def test_buffer_push_split_over_threads(two_threads, storage_dtype, policy):
 def test_mala_accept_split_over_threads(two_threads, dtype):
     assert MALA_CHAINS > 2 * (32768 // MALA_PER_CHAIN)
     gen = torch.Generator().manual_seed(3)
-    eps = 2.5 / MALA_PER_CHAIN ** 0.5
+    eps = 2.5 / MALA_PER_CHAIN**0.5
     x = torch.randn(MALA_CHAINS, MALA_PER_CHAIN, generator=gen, dtype=dtype)
     y = x - eps * x + (2 * eps) ** 0.5 * torch.randn(x.shape, generator=gen, dtype=dtype)
-    energy = (lambda v: 0.5 * v.pow(2).sum(1))  # noqa: E731
+
+    def energy(v):
+        return 0.5 * v.pow(2).sum(1)
+
     temperature = 0.5 + torch.rand(MALA_CHAINS, generator=gen, dtype=dtype)
 
     def accept():
         state = [x.clone(), x.clone(), energy(x)]
-        decided = mala_accept(state[0], y, state[1], y, state[2], energy(y), eps, temperature,
-                              seed=11, step=4, chain_offset=2**33)
+        decided = mala_accept(
+            state[0],
+            y,
+            state[1],
+            y,
+            state[2],
+            energy(y),
+            eps,
+            temperature,
+            seed=11,
+            step=4,
+            chain_offset=2**33,
+        )
         return (*decided, *state)
 
     want, got = _on_both(accept)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
     assert 0.2 < want[1].mean() < 0.9
-    u = ref.philox_uniform_ref((MALA_CHAINS,), seed=11, step=4, stream=1,
-                               chain_offset=2**33).to(dtype)
+    u = ref.philox_uniform_ref((MALA_CHAINS,), seed=11, step=4, stream=1, chain_offset=2**33).to(
+        dtype
+    )
     decidable = (u - want[1]).abs() > 1e-4
     assert torch.equal(got[0][decidable], want[0][decidable])
     take = got[0]
@@ -182,10 +223,24 @@ def philox_library(tmp_path_factory):
     @functools.cache
     def build(path: str):
         library = directory / f"philox_{path}.so"
-        done = subprocess.run([get_cxx_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC",
-                               "-ffp-contract=off", *_PATHS[path][0], f"-I{CSRC}",
-                               str(directory / "wrapper.cpp"), "-o", str(library)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                get_cxx_compiler(),
+                "-O3",
+                "-std=c++17",
+                "-shared",
+                "-fPIC",
+                "-ffp-contract=off",
+                *_PATHS[path][0],
+                f"-I{CSRC}",
+                str(directory / "wrapper.cpp"),
+                "-o",
+                str(library),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return ctypes.CDLL(str(library))
 
@@ -210,13 +265,23 @@ def test_each_philox_path_matches_the_spec(philox_library, path, chain_offset):
     n0 = chain_offset * shape[1]
     assert n0 % 4 == 3
     counters = dict(seed=seed, step=step, stream=stream, chain_offset=chain_offset)
-    for kind, (dtype, reference) in enumerate([(torch.int32, ref.philox_bits_ref),
-                                               (torch.float32, ref.philox_uniform_ref),
-                                               (torch.float32, ref.philox_normal_ref)]):
+    for kind, (dtype, reference) in enumerate(
+        [
+            (torch.int32, ref.philox_bits_ref),
+            (torch.float32, ref.philox_uniform_ref),
+            (torch.float32, ref.philox_normal_ref),
+        ]
+    ):
         out = torch.empty(shape, dtype=dtype)
-        library.fill(kind, ctypes.c_longlong(counter(seed).item()), ctypes.c_uint(step),
-                     ctypes.c_uint(stream), ctypes.c_ulonglong(n0), ctypes.c_longlong(out.numel()),
-                     ctypes.c_void_p(out.data_ptr()))
+        library.fill(
+            kind,
+            ctypes.c_longlong(counter(seed).item()),
+            ctypes.c_uint(step),
+            ctypes.c_uint(stream),
+            ctypes.c_ulonglong(n0),
+            ctypes.c_longlong(out.numel()),
+            ctypes.c_void_p(out.data_ptr()),
+        )
         want = reference(shape, **counters)
         if kind < 2:
             assert torch.equal(out, want), (path, kind)

@@ -9,8 +9,10 @@ import torch
 
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("triton") is not None,
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}",
+)
 
 from ebm_fast.kernels.triton import (  # noqa: E402
     buffer_push as triton_push,
@@ -47,16 +49,31 @@ def _storage(gen, features, dtype):
 def _sample(kernel, device, storage, written, y, values, out_dtype, batch, init_kind):
     out = torch.empty(batch, storage.shape[1], dtype=out_dtype, device=device)
     slots = torch.empty(batch, dtype=torch.int64, device=device)
-    kernel(out, slots, storage.to(device), written.to(device), y.to(device),
-           None if values is None else values.to(device), counter(2**63 + 9, device),
-           counter(6, device), 2**32 + 3, SLOTS_PER_CLASS, 0.3, init_kind, LO, HI)
+    kernel(
+        out,
+        slots,
+        storage.to(device),
+        written.to(device),
+        y.to(device),
+        None if values is None else values.to(device),
+        counter(2**63 + 9, device),
+        counter(6, device),
+        2**32 + 3,
+        SLOTS_PER_CLASS,
+        0.3,
+        init_kind,
+        LO,
+        HI,
+    )
     return out.cpu(), slots.cpu()
 
 
 @pytest.mark.parametrize("storage_dtype", STORAGE_DTYPES, ids=str)
-@pytest.mark.parametrize("init_kind, out_dtype", [("uniform", torch.float32),
-                                                  ("gaussian", torch.bfloat16),
-                                                  ("values", torch.float64)], ids=str)
+@pytest.mark.parametrize(
+    "init_kind, out_dtype",
+    [("uniform", torch.float32), ("gaussian", torch.bfloat16), ("values", torch.float64)],
+    ids=str,
+)
 def test_sample_across_several_programs(storage_dtype, init_kind, out_dtype):
     """Slots, reinit decisions (30% and unwritten slots), gathered rows in every column block
     and per-element init noise equal the reference."""
@@ -65,8 +82,9 @@ def test_sample_across_several_programs(storage_dtype, init_kind, out_dtype):
     storage = _storage(gen, features, storage_dtype)
     written = (torch.rand(storage.shape[0], generator=gen) < 0.8).to(torch.uint8)
     y = torch.randint(0, N_CLASSES, (batch,), generator=gen)
-    values = torch.randn(batch, features, generator=gen).to(out_dtype) \
-        if init_kind == "values" else None
+    values = (
+        torch.randn(batch, features, generator=gen).to(out_dtype) if init_kind == "values" else None
+    )
     args = (storage, written, y, values, out_dtype, batch, init_kind)
     out, slots = _sample(triton_sample.buffer_sample_out, DEVICE, *args)
     want, want_slots = _sample(sample_ref, CPU, *args)
@@ -93,8 +111,22 @@ def _push_sequence(kernel, device, storage_dtype, policy, batch, features):
         else:
             idx, push_policy = None, policy
             y = torch.randint(0, N_CLASSES, (batch,), generator=gen).to(device)
-        kernel(storage, written, count, x, idx, y, counter(77, device), counter(step, device),
-               5 + batch * step, SLOTS_PER_CLASS, push_policy, LO, HI, step != 1)
+        kernel(
+            storage,
+            written,
+            count,
+            x,
+            idx,
+            y,
+            counter(77, device),
+            counter(step, device),
+            5 + batch * step,
+            SLOTS_PER_CLASS,
+            push_policy,
+            LO,
+            HI,
+            step != 1,
+        )
     return storage.cpu(), written.cpu(), count.cpu()
 
 
@@ -104,8 +136,9 @@ def test_push_across_several_programs(storage_dtype, policy):
     """Rows quantised (uint8: stochastic and nearest rounding) and scattered to their slots in
     every column block, written flags set, counts advanced, as the reference does."""
     batch, features = BATCH, FEATURES
-    got = _push_sequence(triton_push.buffer_push_out, DEVICE, storage_dtype, policy, batch,
-                         features)
+    got = _push_sequence(
+        triton_push.buffer_push_out, DEVICE, storage_dtype, policy, batch, features
+    )
     want = _push_sequence(push_ref, CPU, storage_dtype, policy, batch, features)
     for name, a, b in zip(("storage", "written", "count"), got, want):
         assert torch.equal(a, b), name

@@ -10,8 +10,10 @@ from hypothesis import given, strategies as st
 
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("triton") is not None,
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}",
+)
 
 
 import ebm_fast  # noqa: E402
@@ -31,8 +33,17 @@ STEPS = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**31, 2**32
 CHAIN_OFFSETS = st.sampled_from([0, 1, 2, 3, 5, 2**31 + 1, 2**40 + 3])
 # Gradients are 3 * N(0, 1): per-chain norms of 3 to 44 for 1 to 216 elements, so "norm"
 # clipping at 0.05 or 1.0 is active on every chain (and on none at 1e4).
-GRAD_CLIPS = st.sampled_from([(None, "value"), (0.05, "value"), (1.0, "value"),
-                              (0.05, "norm"), (1.0, "norm"), (1.0, "norm"), (1e4, "norm")])
+GRAD_CLIPS = st.sampled_from(
+    [
+        (None, "value"),
+        (0.05, "value"),
+        (1.0, "value"),
+        (0.05, "norm"),
+        (1.0, "norm"),
+        (1.0, "norm"),
+        (1e4, "norm"),
+    ]
+)
 
 
 def _update_inputs(shape, dtype, per_chain_params, seed):
@@ -50,24 +61,39 @@ def _assert_update_close(out, x, grad, step_size, noise_scale, seed, step, optio
     the float32 reference rounded once, to one unit in the last place."""
     want = langevin_update_ref(x, grad, step_size, noise_scale, seed, step, *options)
     if out.dtype == torch.float32:
-        exact = langevin_update_ref(x.double(), grad.double(), step_size.double(),
-                                    noise_scale.double(), seed, step, *options,
-                                    noise_dtype=torch.float64)
+        exact = langevin_update_ref(
+            x.double(),
+            grad.double(),
+            step_size.double(),
+            noise_scale.double(),
+            seed,
+            step,
+            *options,
+            noise_dtype=torch.float64,
+        )
         assert_within_eager_error(out, want, exact, atol=1e-6)
     else:
         eps = torch.finfo(out.dtype).eps
         torch.testing.assert_close(out.cpu().float(), want.float(), rtol=eps, atol=eps)
 
 
-def _run_update(x, grad, step_size, noise_scale, seed, step, options, *, in_place=False,
-                params_on_device=True):
+def _run_update(
+    x, grad, step_size, noise_scale, seed, step, options, *, in_place=False, params_on_device=True
+):
     """langevin_update_out on copies of the inputs on the kernel's device; returns out."""
     device = DEVICE if params_on_device else None
     x_dev = x.clone().to(DEVICE)  # x itself stays the reference's input
     out = x_dev if in_place else torch.empty_like(x_dev)
     triton_langevin.langevin_update_out(
-        out, x_dev, grad.to(DEVICE), step_size.to(device or "cpu"),
-        noise_scale.to(device or "cpu"), counter(seed, device), counter(step, device), *options)
+        out,
+        x_dev,
+        grad.to(DEVICE),
+        step_size.to(device or "cpu"),
+        noise_scale.to(device or "cpu"),
+        counter(seed, device),
+        counter(step, device),
+        *options,
+    )
     return out
 
 
@@ -78,13 +104,13 @@ def test_norm_clip_scales_match_reference(per_chain):
     grad = torch.randn(3, per_chain, generator=gen) * torch.tensor([[0.01], [3.0], [0.0]])
     scales = triton_langevin._norm_clip_scales(grad.to(DEVICE), 0.5)
     norms = torch.linalg.vector_norm(grad.double(), dim=1)
-    torch.testing.assert_close(scales.cpu().double(), 0.5 / norms.clamp(min=0.5),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(scales.cpu().double(), 0.5 / norms.clamp(min=0.5), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("reduce_block, max_splits, scale_chains", [(4, 3, 2), (16, 2, 4)])
 def test_norm_clip_scales_over_several_blocks_splits_and_scale_programs(
-        monkeypatch, reduce_block, max_splits, scale_chains):
+    monkeypatch, reduce_block, max_splits, scale_chains
+):
     """The two-pass reduction with every loop and grid dimension above one: several blocks per
     chunk, several chunks (splits) per chain, several chains per scale program and several
     scale programs (small constants patched in, so the interpreter stays fast)."""
@@ -97,20 +123,38 @@ def test_norm_clip_scales_over_several_blocks_splits_and_scale_programs(
     grad[3, -1] = 40.0  # the last element of a chain counts
     scales = triton_langevin._norm_clip_scales(grad.to(DEVICE), 1.5)
     norms = torch.linalg.vector_norm(grad.double(), dim=1)
-    torch.testing.assert_close(scales.cpu().double(), 1.5 / norms.clamp(min=1.5),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(scales.cpu().double(), 1.5 / norms.clamp(min=1.5), rtol=1e-5, atol=0)
 
 
 @examples(20)
-@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       per_chain_params=st.booleans(), params_on_device=st.booleans(), grad_clip=GRAD_CLIPS,
-       clamp=st.sampled_from([(None, None), (-1.0, None), (None, 0.5), (-0.5, 0.5), (0.2, 0.2)]),
-       chain_offset=CHAIN_OFFSETS, seed=SEEDS, step=STEPS, stream=st.integers(0, 5),
-       in_place=st.booleans(), groups=st.sampled_from([1, 2, triton_langevin.GROUPS]))
-def test_langevin_update_out_matches_reference(shape, dtype, per_chain_params, params_on_device,
-                                               grad_clip, clamp, chain_offset, seed, step, stream,
-                                               in_place, groups):
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    per_chain_params=st.booleans(),
+    params_on_device=st.booleans(),
+    grad_clip=GRAD_CLIPS,
+    clamp=st.sampled_from([(None, None), (-1.0, None), (None, 0.5), (-0.5, 0.5), (0.2, 0.2)]),
+    chain_offset=CHAIN_OFFSETS,
+    seed=SEEDS,
+    step=STEPS,
+    stream=st.integers(0, 5),
+    in_place=st.booleans(),
+    groups=st.sampled_from([1, 2, triton_langevin.GROUPS]),
+)
+def test_langevin_update_out_matches_reference(
+    shape,
+    dtype,
+    per_chain_params,
+    params_on_device,
+    grad_clip,
+    clamp,
+    chain_offset,
+    seed,
+    step,
+    stream,
+    in_place,
+    groups,
+):
     """Every option; tiles of 4 and 8 elements as well as the real one, so most of these small
     shapes span several programs with chains straddling their edges."""
     x, grad, step_size, noise_scale = _update_inputs(shape, dtype, per_chain_params, seed % 1000)
@@ -118,8 +162,17 @@ def test_langevin_update_out_matches_reference(shape, dtype, per_chain_params, p
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_langevin, "GROUPS", groups)
         patch.setattr(triton_langevin, "REDUCE_BLOCK", 4)  # several partial sums per chain
-        out = _run_update(x, grad, step_size, noise_scale, seed, step, options,
-                          in_place=in_place, params_on_device=params_on_device)
+        out = _run_update(
+            x,
+            grad,
+            step_size,
+            noise_scale,
+            seed,
+            step,
+            options,
+            in_place=in_place,
+            params_on_device=params_on_device,
+        )
     _assert_update_close(out, x, grad, step_size, noise_scale, seed, step, options)
 
 
@@ -136,10 +189,12 @@ MULTI_PROGRAM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, dtype, per_chain_params, grad_clip, clamp, chain_offset",
-                         MULTI_PROGRAM_CASES)
-def test_update_across_several_programs(shape, dtype, per_chain_params, grad_clip, clamp,
-                                        chain_offset):
+@pytest.mark.parametrize(
+    "shape, dtype, per_chain_params, grad_clip, clamp, chain_offset", MULTI_PROGRAM_CASES
+)
+def test_update_across_several_programs(
+    shape, dtype, per_chain_params, grad_clip, clamp, chain_offset
+):
     """The real tile size: element n's chain, per-chain parameters and clip scale are found in
     every program, not only the first."""
     numel = shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1)
@@ -167,17 +222,36 @@ def test_langevin_update_dispatches_to_triton_in_place():
     x, grad, step_size, noise_scale = _update_inputs((5, 6), torch.float32, True, 3)
     x_dev, grad_t = x.clone().to(DEVICE), grad.to(DEVICE).t().contiguous().t()
     with ebm_fast.use_backend("triton"):
-        ebm_fast.langevin_update(x_dev, grad_t, step_size.to(DEVICE), 0.25,
-                                 seed=torch.tensor(17, device=DEVICE), step=torch.tensor(4),
-                                 chain_offset=2, grad_clip=0.5, clamp=(-2.0, 2.0), out=x_dev)
+        ebm_fast.langevin_update(
+            x_dev,
+            grad_t,
+            step_size.to(DEVICE),
+            0.25,
+            seed=torch.tensor(17, device=DEVICE),
+            step=torch.tensor(4),
+            chain_offset=2,
+            grad_clip=0.5,
+            clamp=(-2.0, 2.0),
+            out=x_dev,
+        )
     options = (0, 2, 0.5, "value", -2.0, 2.0)
     _assert_update_close(x_dev, x, grad, step_size, torch.tensor(0.25), 17, 4, options)
 
 
 def test_float64_is_refused_with_its_dtype_named():
     x = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE)
-    args = (torch.tensor(0.1), torch.tensor(0.1), torch.tensor(0), torch.tensor(0), 0, 0, None,
-            "value", None, None)
+    args = (
+        torch.tensor(0.1),
+        torch.tensor(0.1),
+        torch.tensor(0),
+        torch.tensor(0),
+        0,
+        0,
+        None,
+        "value",
+        None,
+        None,
+    )
     with pytest.raises(TypeError, match="float64"):
         triton_langevin.langevin_update_out(torch.empty_like(x), x, x, *args)
     with ebm_fast.use_backend("triton"), pytest.raises(TypeError, match="float64"):

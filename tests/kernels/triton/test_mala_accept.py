@@ -8,8 +8,10 @@ import torch
 
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("triton") is not None,
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}",
+)
 
 import triton  # noqa: E402
 
@@ -25,13 +27,19 @@ SEED, STEP, STREAM, CHAIN_OFFSET = 2**63 + 5, 9, 1, 2**33 + 1
 def _gaussian_proposals(chains, per_chain, dtype, gen):
     """MALA proposals for E = |x|^2 / 2 (grad = x) with per-chain step sizes and temperatures
     scaled by the dimension, so accept probabilities spread over (0, 1)."""
-    eps = (0.5 + torch.rand(chains, generator=gen)) * 1.2 / per_chain ** 0.5
+    eps = (0.5 + torch.rand(chains, generator=gen)) * 1.2 / per_chain**0.5
     temperature = 0.5 + torch.rand(chains, generator=gen)
     x = torch.randn(chains, per_chain, generator=gen) * temperature[:, None].sqrt()
-    y = (x - eps[:, None] * x + (2 * eps * temperature)[:, None].sqrt()
-         * torch.randn(chains, per_chain, generator=gen))
+    y = (
+        x
+        - eps[:, None] * x
+        + (2 * eps * temperature)[:, None].sqrt() * torch.randn(chains, per_chain, generator=gen)
+    )
     x, y = x.to(dtype), y.to(dtype)
-    energy = (lambda v: 0.5 * v.float().pow(2).sum(1))  # noqa: E731
+
+    def energy(v):
+        return 0.5 * v.float().pow(2).sum(1)
+
     energy_y = energy(y)
     energy_y[-2] = float("inf")  # a non-finite proposal is rejected
     return x, y, x.clone(), y.clone(), energy(x), energy_y, eps, temperature
@@ -46,8 +54,9 @@ LAYOUTS = [(7, 1500, None, None), (1500, 3, None, None), (11, 10, 4, 8)]
 
 @pytest.mark.parametrize("chains, per_chain, max_block, tile_elements", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_accept_across_several_programs_and_blocks(monkeypatch, chains, per_chain, max_block,
-                                                   tile_elements, dtype):
+def test_accept_across_several_programs_and_blocks(
+    monkeypatch, chains, per_chain, max_block, tile_elements, dtype
+):
     if max_block is not None:
         monkeypatch.setattr(triton_mala, "MAX_BLOCK", max_block)
         monkeypatch.setattr(triton_mala, "TILE_ELEMENTS", tile_elements)
@@ -57,25 +66,45 @@ def test_accept_across_several_programs_and_blocks(monkeypatch, chains, per_chai
 
     gen = torch.Generator().manual_seed(chains * per_chain)
     x, y, grad_x, grad_y, energy_x, energy_y, eps, temperature = _gaussian_proposals(
-        chains, per_chain, dtype, gen)
+        chains, per_chain, dtype, gen
+    )
     state = [t.clone().to(DEVICE) for t in (x, grad_x, energy_x)]
     accepted = torch.empty(chains, dtype=torch.bool, device=DEVICE)
     accept_prob = torch.empty(chains, dtype=torch.float32, device=DEVICE)
-    triton_mala.mala_accept_out(accepted, accept_prob, state[0], y.to(DEVICE), state[1],
-                                grad_y.to(DEVICE), state[2], energy_y.to(DEVICE),
-                                eps.to(DEVICE), temperature.to(DEVICE), counter(SEED, DEVICE),
-                                counter(STEP), STREAM, CHAIN_OFFSET)
+    triton_mala.mala_accept_out(
+        accepted,
+        accept_prob,
+        state[0],
+        y.to(DEVICE),
+        state[1],
+        grad_y.to(DEVICE),
+        state[2],
+        energy_y.to(DEVICE),
+        eps.to(DEVICE),
+        temperature.to(DEVICE),
+        counter(SEED, DEVICE),
+        counter(STEP),
+        STREAM,
+        CHAIN_OFFSET,
+    )
     accepted, accept_prob = accepted.cpu(), accept_prob.cpu()
     new_x, new_grad_x, new_energy_x = (t.cpu() for t in state)
 
-    _, exact = mala_accept_ref(*(t.double() for t in (x, y, grad_x, grad_y, energy_x, energy_y)),
-                               eps.double(), temperature.double(), SEED, STEP, STREAM,
-                               CHAIN_OFFSET)
+    _, exact = mala_accept_ref(
+        *(t.double() for t in (x, y, grad_x, grad_y, energy_x, energy_y)),
+        eps.double(),
+        temperature.double(),
+        SEED,
+        STEP,
+        STREAM,
+        CHAIN_OFFSET,
+    )
     # float32 sums of per_chain terms of size ~1: a few 1e-5 at most.
     torch.testing.assert_close(accept_prob.double(), exact, rtol=0, atol=1e-4)
     assert 0.2 < exact.mean() < 0.9  # a mix of likely and unlikely moves
-    u = philox_uniform_ref((chains,), seed=SEED, step=STEP, stream=STREAM,
-                           chain_offset=CHAIN_OFFSET).double()
+    u = philox_uniform_ref(
+        (chains,), seed=SEED, step=STEP, stream=STREAM, chain_offset=CHAIN_OFFSET
+    ).double()
     decidable = (u - exact).abs() > 1e-3
     assert torch.equal(accepted[decidable], (u < exact)[decidable])
     assert accepted.any() and not accepted.all() and not accepted[-2]

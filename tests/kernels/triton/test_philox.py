@@ -11,8 +11,10 @@ from hypothesis import given, strategies as st
 
 from ebm_fast.backends import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("triton") is not None,
+    reason=f"triton backend unavailable: {unavailable_reason('triton')}",
+)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -42,8 +44,18 @@ def _as_uint32(words: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
-def _spec_helpers_kernel(words_ptr, uniform_ptr, normal_ptr, n_ptr, seed, step, stream, count,
-                         IS_POINTER: tl.constexpr, BLOCK: tl.constexpr):
+def _spec_helpers_kernel(
+    words_ptr,
+    uniform_ptr,
+    normal_ptr,
+    n_ptr,
+    seed,
+    step,
+    stream,
+    count,
+    IS_POINTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     i = tl.arange(0, BLOCK)
     mask = i < count
     n = tl.load(n_ptr + i, mask=mask, other=0)
@@ -55,16 +67,38 @@ def _spec_helpers_kernel(words_ptr, uniform_ptr, normal_ptr, n_ptr, seed, step, 
 
 
 @pytest.mark.parametrize("is_pointer", [False, True], ids=["by_value", "by_pointer"])
-@pytest.mark.parametrize("seed,step", [(0, 0), (7, 3), (2**63 + 12345, 2**32 - 1),
-                                       (2**64 - 1, 2**31)])
+@pytest.mark.parametrize(
+    "seed,step", [(0, 0), (7, 3), (2**63 + 12345, 2**32 - 1), (2**64 - 1, 2**31)]
+)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_dtype):
     """spec_words/uniform/normal on arbitrary indices: across 4-alignment and chain boundaries
     (chains of 3 elements), out of order, and beyond 2**32 (the counter's high word) for int64
     indices; int32 indices (e.g. chain numbers) give the same draws."""
     stream = 5
-    n = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 2, 2**31 - 1, 2**32 + 1, 2**32 + 6,
-                      2**41 + 3, 3 * (2**31 + 1) + 2], dtype=torch.int64)
+    n = torch.tensor(
+        [
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            8,
+            11,
+            12,
+            13,
+            2,
+            2**31 - 1,
+            2**32 + 1,
+            2**32 + 6,
+            2**41 + 3,
+            3 * (2**31 + 1) + 2,
+        ],
+        dtype=torch.int64,
+    )
     n = n[n <= torch.iinfo(index_dtype).max]
     if is_pointer:
         seed_arg, step_arg = counter(seed, DEVICE), counter(step, DEVICE)
@@ -73,8 +107,18 @@ def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_
     words = torch.empty(n.numel(), dtype=torch.int32, device=DEVICE)
     uniform = torch.empty(n.numel(), dtype=torch.float32, device=DEVICE)
     normal = torch.empty(n.numel(), dtype=torch.float32, device=DEVICE)
-    _spec_helpers_kernel[(1,)](words, uniform, normal, n.to(index_dtype).to(DEVICE), seed_arg,
-                               step_arg, stream, n.numel(), IS_POINTER=is_pointer, BLOCK=32)
+    _spec_helpers_kernel[(1,)](
+        words,
+        uniform,
+        normal,
+        n.to(index_dtype).to(DEVICE),
+        seed_arg,
+        step_arg,
+        stream,
+        n.numel(),
+        IS_POINTER=is_pointer,
+        BLOCK=32,
+    )
 
     blocks = ref.philox_blocks_ref(n, seed, step, stream)
     expected_words = torch.stack(blocks).gather(0, (n % 4)[None])[0]
@@ -84,30 +128,48 @@ def test_per_element_spec_helpers_match_reference(is_pointer, seed, step, index_
     u_a = ref.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair)[None])[0]).double()
     u_b = ref.uniform_from_bits(torch.stack(blocks).gather(0, (2 * pair + 1)[None])[0]).double()
     rho = torch.sqrt(-2 * torch.log(u_a.clamp(min=1e-7)))
-    exact = torch.where(n % 2 == 0, rho * torch.cos(2 * math.pi * u_b),
-                        rho * torch.sin(2 * math.pi * u_b))
+    exact = torch.where(
+        n % 2 == 0, rho * torch.cos(2 * math.pi * u_b), rho * torch.sin(2 * math.pi * u_b)
+    )
     torch.testing.assert_close(normal.cpu().double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def _assert_philox_out_matches_reference(out, seed, step, stream, chain_offset, distribution):
-    draw = {"bits": ref.philox_bits_ref, "uniform": ref.philox_uniform_ref,
-            "normal": ref.philox_normal_ref}[distribution]
+    draw = {
+        "bits": ref.philox_bits_ref,
+        "uniform": ref.philox_uniform_ref,
+        "normal": ref.philox_normal_ref,
+    }[distribution]
     want = draw(out.shape, seed=seed, step=step, stream=stream, chain_offset=chain_offset)
     if distribution == "normal":
-        exact = ref.philox_normal_ref(out.shape, seed=seed, step=step, stream=stream,
-                                      chain_offset=chain_offset, dtype=torch.float64)
+        exact = ref.philox_normal_ref(
+            out.shape,
+            seed=seed,
+            step=step,
+            stream=stream,
+            chain_offset=chain_offset,
+            dtype=torch.float64,
+        )
         assert_within_eager_error(out, want, exact, atol=1e-6)
     else:
         assert torch.equal(out.cpu(), want)
 
 
 @examples(12)
-@given(chains=st.integers(1, 5), per_chain=st.integers(1, 9), chain_offset=CHAIN_OFFSETS,
-       seed=SEEDS, step=STEPS, stream=st.integers(0, 2**32 - 1),
-       distribution=st.sampled_from(["bits", "uniform", "normal"]),
-       on_device=st.booleans(), groups=st.sampled_from([1, 2, triton_philox.GROUPS]))
-def test_philox_out_matches_reference(chains, per_chain, chain_offset, seed, step, stream,
-                                      distribution, on_device, groups):
+@given(
+    chains=st.integers(1, 5),
+    per_chain=st.integers(1, 9),
+    chain_offset=CHAIN_OFFSETS,
+    seed=SEEDS,
+    step=STEPS,
+    stream=st.integers(0, 2**32 - 1),
+    distribution=st.sampled_from(["bits", "uniform", "normal"]),
+    on_device=st.booleans(),
+    groups=st.sampled_from([1, 2, triton_philox.GROUPS]),
+)
+def test_philox_out_matches_reference(
+    chains, per_chain, chain_offset, seed, step, stream, distribution, on_device, groups
+):
     """The tiled kernel for every alignment n0 % 4, seeds >= 2**63, counters on host or device,
     with tiles of 4 and 8 elements too (several programs for these small shapes)."""
     dtype = torch.int32 if distribution == "bits" else torch.float32
@@ -115,8 +177,9 @@ def test_philox_out_matches_reference(chains, per_chain, chain_offset, seed, ste
     device = DEVICE if on_device else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_philox, "GROUPS", groups)
-        triton_philox.philox_out(out, counter(seed, device), counter(step, device), stream,
-                                 chain_offset, distribution)
+        triton_philox.philox_out(
+            out, counter(seed, device), counter(step, device), stream, chain_offset, distribution
+        )
     _assert_philox_out_matches_reference(out, seed, step, stream, chain_offset, distribution)
 
 
@@ -129,8 +192,9 @@ def test_philox_out_across_program_tiles(chain_offset, distribution):
     assert shape[0] * shape[1] == 2 * 4 * triton_philox.GROUPS - 1
     dtype = torch.int32 if distribution == "bits" else torch.float32
     out = torch.empty(shape, dtype=dtype, device=DEVICE)
-    triton_philox.philox_out(out, counter(99, DEVICE), counter(4, DEVICE), 2, chain_offset,
-                             distribution)
+    triton_philox.philox_out(
+        out, counter(99, DEVICE), counter(4, DEVICE), 2, chain_offset, distribution
+    )
     _assert_philox_out_matches_reference(out, 99, 4, 2, chain_offset, distribution)
 
 
