@@ -10,7 +10,8 @@ import torch
 
 from ebm_fast import cli
 from ebm_fast.experiments import study
-from ebm_fast.experiments.study import common, e1_gradients, e5_temperature
+from ebm_fast.experiments.models import make_energy
+from ebm_fast.experiments.study import common, e1_gradients, e3_training, e5_temperature, report
 from ebm_fast.experiments.study.config import FULL, StudyConfig
 
 # Every experiment at toy size: structure and determinism, not numbers worth reading.
@@ -18,8 +19,8 @@ TINY = dataclasses.replace(
     FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
     checkpoints=(0, 1, 2), e1_steps=(1, 2), e1_replicas=3, e1_batch=4, e1_warm_steps=2,
     e2_chains=200, e2_steps=(0, 1), e2_subsets=2, e2_buffer_calls=1, bins=8, seeds=2,
-    iterations=2, train_batch=8, train_steps=1, eval_points=1, e4_samples=50,
-    temperatures=(0.5, 1.0))
+    iterations=2, budgets=(2, 4), variant_factor=2, train_batch=8, train_steps=1, eval_points=1,
+    e4_samples=50, temperatures=(0.5, 1.0))
 
 
 def gaussian_log_density(mean, s):
@@ -95,16 +96,63 @@ def numbers(results):
 
 
 def test_study_is_deterministic_given_its_seed_and_keyed_as_documented():
+    # (processes=2 gives the same numbers: checked by hand, 36 s of process start-up here)
     first = study.run_study(TINY, seed=5, progress=False)
     assert numbers(study.run_study(TINY, seed=5, progress=False)) == numbers(first)
     assert set(first) == {"E1", "E2", "E3", "E4", "E5", "setup"}
-    assert set(first["E1"]) == {"cd", "pcd", "persistent_ml", "short_run_ml",
-                                "kl_persistent_ml", "exact_samples"}
-    assert set(first["E1"]["cd"]) == {"early", "middle", "converged"}
-    assert set(first["E1"]["cd"]["early"]) == {"1", "2"}
+    assert set(first["E1"]) == set(first["E3"]) == {"ring", "two_spirals"}
+    assert set(first["E1"]["ring"]) == {"cd", "pcd", "persistent_ml", "short_run_ml",
+                                        "kl_persistent_ml", "exact_samples"}
+    assert set(first["E1"]["ring"]["cd"]) == {"early", "middle", "converged"}
+    assert set(first["E1"]["ring"]["cd"]["early"]) == {"1", "2"}
+    e3 = first["E3"]["two_spirals"]
+    assert set(e3) == set(e3_training.METHODS) | {"comparisons"}
+    assert set(e3["cd"]["budgets"]) == {"2", "4"} and set(e3["pcd"]["budgets"]) == {"2"}
+    assert set(e3[e3_training.VARIANT]["budgets"]) == {"1", "2"}  # half the iterations, 2x steps
+    assert e3[e3_training.VARIANT]["budgets"]["2"]["energy_evaluations"] == \
+        e3["persistent_ml"]["budgets"]["4"]["energy_evaluations"]
     json.dumps(first)  # results.json is plain JSON
     other = study.run_study(TINY, seed=6, only=["E1"], progress=False)
-    assert other["E1"]["cd"] != first["E1"]["cd"]
+    assert other["E1"]["ring"]["cd"] != first["E1"]["ring"]["cd"]
+    assert first["E1"]["ring"]["cd"] != first["E1"]["two_spirals"]["cd"]
+
+
+def test_a_stack_of_mlps_is_its_members_side_by_side():
+    """MLPStack: each member's energy at its own columns, the sum as the energy, and a loss on
+    the stack gives each member's weights that member's own gradient; member(s) copies it back."""
+    members = [make_energy(seed, 8) for seed in (1, 2, 3)]
+    stack = common.MLPStack(members)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    separate = torch.stack([m(x[:, 2 * s:2 * s + 2])[:, 0] for s, m in enumerate(members)], 1)
+    torch.testing.assert_close(stack.energies(x), separate)
+    torch.testing.assert_close(stack(x), separate.sum(1))
+    stack(x).mean().backward()
+    for s, member in enumerate(members):
+        member(x[:, 2 * s:2 * s + 2]).mean().backward()
+        torch.testing.assert_close(stack.weights[1].grad[s], member[2].weight.grad.T)
+        torch.testing.assert_close(stack.biases[0].grad[s, 0], member[0].bias.grad)
+        copy = stack.member(s)
+        torch.testing.assert_close(copy(x[:, 2 * s:2 * s + 2]), member(x[:, 2 * s:2 * s + 2]))
+
+
+def test_a_shorter_budget_is_the_longer_runs_prefix():
+    """E3 reads every budget along one run per seed: at a constant learning rate, training to
+    the base budget alone gives the same models there."""
+    ctx = common.Context(TINY, 3, "two_spirals")
+    short = e3_training.train(ctx, "persistent_ml", budgets=(2,))
+    del ctx.runs[("persistent_ml", 1.0)]
+    long = e3_training.train(ctx, "persistent_ml")
+    assert short["kl"] == [row[:len(short["kl"][0])] for row in long["kl"]]
+    assert e3_training.evaluation_points(FULL)[:3] == [0, 25, 50]  # the variant's 200 / 8
+    assert {800, 3200, 12800, 200} <= set(e3_training.evaluation_points(FULL))
+
+
+@pytest.mark.parametrize("value, se, holds_below, verdict", [
+    (-0.3, 0.1, True, "holds"), (0.3, 0.1, True, "does not hold"),
+    (-0.15, 0.1, True, "not resolved at 2 SE"), (0.3, 0.1, False, "holds"),
+])
+def test_verdicts_need_two_standard_errors(value, se, holds_below, verdict):
+    assert report._verdict(value, se, holds_below=holds_below) == verdict
 
 
 def test_cli_writes_results_figures_and_report(tmp_path, monkeypatch, capsys):
@@ -116,6 +164,7 @@ def test_cli_writes_results_figures_and_report(tmp_path, monkeypatch, capsys):
     assert (out / "e2.png").stat().st_size > 0 and (out / "e5.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "## E2 the CD objective" in report and "## E5 temperature" in report
+    assert "## Verdicts" in report and "| E2: CD-k's objective from the data" in report
     assert "ebm-fast study --quick --out" in report and "--only E2,E5 --seed 1" in report
     assert "report.md" in capsys.readouterr().out
 
@@ -165,6 +214,9 @@ def test_an_unusable_out_is_a_usage_error(tmp_path, capsys):
     ({"temperatures": (0.5,)}, ValueError, "temperatures must be a tuple holding 1.0"),
     ({"e1_steps": (10, 1)}, ValueError, "e1_steps must be increasing"),
     ({"checkpoints": (1, 2)}, ValueError, "checkpoints must name 3 iteration counts"),
+    ({"budgets": (400, 800)}, ValueError, "budgets must start at iterations (800)"),
+    ({"budgets": (800, 3202)}, ValueError, "budgets must be multiples of variant_factor"),
+    ({"densities": ("ring", "pinwheel")}, ValueError, "densities must be a non-empty tuple"),
     ({"step_size": float("nan")}, ValueError, "step_size must not be NaN"),
 ])
 def test_config_rejects_bad_settings(change, error, message):

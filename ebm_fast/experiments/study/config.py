@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ebm_fast import validation
+from ebm_fast.datasets import TOY_2D
 from ebm_fast.exact2d import BOX
 
 __all__ = ["StudyConfig", "FULL", "QUICK"]
@@ -14,7 +15,9 @@ __all__ = ["StudyConfig", "FULL", "QUICK"]
 class StudyConfig:
     """Everything a study run depends on besides its seed (written into results.json).
 
-    Shared: an MLP energy 2-hidden-hidden-1 on ring-of-Gaussians data, Langevin with step_size
+    Shared: an MLP energy 2-hidden-hidden-1 on 2-D data with an exact density (``densities``,
+    names of ebm_fast.datasets.TOY_2D: E1 and E3 run on each, E2, E4 and E5 on the first),
+    Langevin with step_size
     at temperature 1 (sigma = sqrt(2 step_size)) clamped to the box, Adam(lr, betas (0, 0.999)),
     exact quantities on a cells x cells grid.
     E1: at the exact-ML iterations ``checkpoints`` (early, middle, converged), ``e1_replicas``
@@ -23,15 +26,19 @@ class StudyConfig:
     E2: ``e2_chains`` chains per start, histograms of ``bins`` x ``bins`` cells, the SE from
     ``e2_subsets`` disjoint subsets of the chains; the buffer start is a persistent-ML buffer of
     ``buffer_size`` slots run ``e2_buffer_calls`` calls at the model.
-    E3-E5: ``seeds`` training runs per method of ``iterations`` Adam steps, batch
-    ``train_batch``, ``train_steps`` sampler steps per iteration, buffers of
+    E3-E5: ``seeds`` training runs per method of ``iterations`` Adam steps (E3's base budget),
+    batch ``train_batch``, ``train_steps`` sampler steps per iteration, buffers of
     ``train_buffer_size`` slots (small enough that each slot is run every ~16 iterations in
-    these short runs; still above KLPersistentML's 1000 for its entropy term), evaluated
-    ``eval_points`` times;
+    these short runs; still above KLPersistentML's 1000 for its entropy term); E3 trains on to
+    the longer ``budgets`` (iterations at the same lr: a longer run's prefix is the shorter
+    run), and a persistent-ML variant takes ``variant_factor`` times the steps per iteration
+    for 1 / variant_factor of the iterations (the same energy evaluations); each budget b is
+    evaluated ``eval_points`` times (every b / eval_points iterations);
     E4 draws ``e4_samples`` short-run samples per model; E5 trains persistent ML at each of
     ``temperatures``.
     """
 
+    densities: tuple = ("ring", "two_spirals")
     hidden: int = 32
     step_size: float = 0.01
     lr: float = 3e-3
@@ -54,6 +61,8 @@ class StudyConfig:
     bins: int = 50
     seeds: int = 5
     iterations: int = 800
+    budgets: tuple = (800, 3200, 12800)
+    variant_factor: int = 4
     train_batch: int = 128
     train_steps: int = 10
     eval_points: int = 8
@@ -67,7 +76,8 @@ class StudyConfig:
                           ("e1_warm_steps", 0), ("e2_chains", 2), ("e2_subsets", 2),
                           ("e2_buffer_calls", 0),
                           ("bins", 2), ("seeds", 2), ("iterations", 1), ("train_batch", 1),
-                          ("train_steps", 1), ("eval_points", 1), ("e4_samples", 2)):
+                          ("train_steps", 1), ("eval_points", 1), ("e4_samples", 2),
+                          ("variant_factor", 1)):
             validation.integer(getattr(self, name), name, low=low)
         for name in ("step_size", "lr", "box"):
             validation.real(getattr(self, name), name, low=0.0, low_open=True)
@@ -75,7 +85,7 @@ class StudyConfig:
         if self.e2_chains % self.e2_subsets:
             raise ValueError(f"e2_chains ({self.e2_chains}) must be a multiple of e2_subsets "
                              f"({self.e2_subsets})")
-        for name, low in (("checkpoints", 0), ("e1_steps", 1), ("e2_steps", 0)):
+        for name, low in (("checkpoints", 0), ("e1_steps", 1), ("e2_steps", 0), ("budgets", 1)):
             values = getattr(self, name)
             if not isinstance(values, tuple) or not values:
                 raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
@@ -86,6 +96,17 @@ class StudyConfig:
         if len(self.checkpoints) != 3:
             raise ValueError(f"checkpoints must name 3 iteration counts (early, middle, "
                              f"converged), got {self.checkpoints!r}")
+        if self.budgets[0] != self.iterations:
+            raise ValueError(f"budgets must start at iterations ({self.iterations}), got "
+                             f"{self.budgets!r}")
+        if any(budget % self.variant_factor for budget in self.budgets):
+            raise ValueError(f"budgets must be multiples of variant_factor "
+                             f"({self.variant_factor}), got {self.budgets!r}")
+        exact = [name for name, toy in TOY_2D.items() if toy.log_density is not None]
+        if not isinstance(self.densities, tuple) or not self.densities \
+                or any(name not in exact for name in self.densities):
+            raise ValueError(f"densities must be a non-empty tuple of data sets with an exact "
+                             f"density ({', '.join(exact)}), got {self.densities!r}")
         if not isinstance(self.temperatures, tuple) or 1.0 not in self.temperatures:
             raise ValueError(f"temperatures must be a tuple holding 1.0 (E3's persistent ML "
                              f"runs), got {self.temperatures!r}")
@@ -94,8 +115,8 @@ class StudyConfig:
 
 
 FULL = StudyConfig()
-# Same structure, fewer repetitions: 20 replicas in E1, 20k chains in E2, 2 seeds of 150
-# iterations in E3-E5 and two temperatures.
+# Same structure, fewer repetitions: 20 replicas in E1, 20k chains in E2, 2 seeds of 160
+# iterations in E3-E5 (E3's budgets 160 and 640) and two temperatures.
 QUICK = dataclasses.replace(FULL, e1_replicas=20, e1_warm_steps=100, e2_chains=20_000,
-                            e2_steps=(0, 1, 10, 50), seeds=2, iterations=150, e4_samples=5000,
-                            temperatures=(0.1, 1.0))
+                            e2_steps=(0, 1, 10, 50), seeds=2, iterations=160, budgets=(160, 640),
+                            e4_samples=5000, temperatures=(0.1, 1.0))

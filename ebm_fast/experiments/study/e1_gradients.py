@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ebm_fast.exact2d import exact_samples, log_partition
+from ebm_fast.experiments.study.common import ESTIMATORS, MODEL_NAMES, Context, flat, run_jobs
 from ebm_fast.samplers.energy import trainable_parameters
-from ebm_fast.experiments.study.common import ESTIMATORS, MODEL_NAMES, Context, flat
 from ebm_fast.training import KLPersistentML
 
-__all__ = ["run", "summarise", "BOOTSTRAP"]
+__all__ = ["run", "audit", "summarise", "BOOTSTRAP"]
 
 QUESTION = ("How far is each estimator's gradient from the exact ML gradient (bias) and how much "
             "does it scatter (variance), at an early, a middle and a converged model? How large "
@@ -74,13 +75,14 @@ def _kl_term_gradients(loss: _KeptKL, replicas: int) -> torch.Tensor:
         for chunk in values.chunk(replicas)])
 
 
-def run(ctx: Context, progress) -> tuple[dict, dict]:
-    """(results keyed by estimator, then model, then k; setup and the models' exact numbers)."""
+def audit(ctx: Context) -> tuple[dict, dict, dict]:
+    """One density's audit: (results keyed by estimator, then model, then k; the models' exact
+    numbers; the models themselves, which E2 reuses)."""
     cfg = ctx.config
     replicas, batch = cfg.e1_replicas, cfg.e1_batch
     chains = replicas * batch
     generator = torch.Generator().manual_seed(ctx.seed_for("E1", "bootstrap"))
-    result = {name: {} for name in ESTIMATORS + ("exact_samples",)}
+    result: dict = {name: {} for name in ESTIMATORS + ("exact_samples",)}
     models = {}
     for model_name, energy in ctx.models().items():
         params = trainable_parameters(energy)
@@ -97,7 +99,6 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
                                   step=0, box=cfg.box, cells=cfg.cells)
         result["exact_samples"][model_name] = summarise(
             _negative_term_errors(energy, negatives, model_term, replicas), scale, generator)
-        progress.update(1)
         for name in ESTIMATORS:
             result[name][model_name] = {}
             for k in cfg.e1_steps:
@@ -105,10 +106,10 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
                 # a buffer's slots) evolve independently, so slice r of R * batch chains is an
                 # estimate with batch chains. The KL chains are all chains (kl_chains = batch
                 # per replica); the entropy term is left out (see the report).
+                options: dict[str, Any] = ({"kl_chains": chains, "entropy_weight": 0.0}
+                                           if name == "kl_persistent_ml" else {})
                 loss = ctx.loss(name, energy, k, "E1", model_name, buffer_size=chains,
-                                loss_class=_KeptKL,
-                                **({"kl_chains": chains, "entropy_weight": 0.0}
-                                   if name == "kl_persistent_ml" else {}))
+                                loss_class=_KeptKL, **options)
                 persistent = name in ("pcd", "persistent_ml", "kl_persistent_ml")
                 for _ in range(math.ceil(cfg.e1_warm_steps / k) if persistent else 0):
                     loss(positives)
@@ -120,12 +121,28 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
                 if name == "cd":  # its bias is the missing term E_q_k[grad E] - E_p[grad E]
                     row["missing_term_norm"] = row["bias"] * scale
                 result[name][model_name][str(k)] = row
-                progress.update(1)
-    setup = {"replicas": replicas, "batch": batch, "steps": list(cfg.e1_steps),
+    return result, models, ctx.models()
+
+
+def _audit_job(config, seed: int, density: str) -> tuple[dict, dict, dict]:
+    return audit(Context(config, seed, density))
+
+
+def run(ctx: Context, progress) -> tuple[dict, dict]:
+    """({density: results keyed by estimator, then model, then k}, setup with each density's
+    models' exact numbers). The densities go to ctx.processes processes."""
+    cfg = ctx.config
+    audits = run_jobs(_audit_job, [(cfg, ctx.seed, density) for density in cfg.densities],
+                      ctx.processes, ctx.threads, progress)
+    result, models = {}, {}
+    for density, (rows, numbers, energies) in zip(cfg.densities, audits):
+        result[density], models[density] = rows, numbers
+        ctx.on(density).keep_models(energies)
+    setup = {"replicas": cfg.e1_replicas, "batch": cfg.e1_batch, "steps": list(cfg.e1_steps),
              "warm_steps": cfg.e1_warm_steps, "bootstrap": BOOTSTRAP,
              "checkpoints": dict(zip(MODEL_NAMES, cfg.checkpoints)), "models": models}
     return result, setup
 
 
 def units(cfg) -> int:
-    return 3 * (1 + len(ESTIMATORS) * len(cfg.e1_steps))
+    return len(cfg.densities)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ebm_fast.experiments.study.common import (Context, bin_log_probs, binned_kl, histogram_kl,
-                                               ring_log_density)
+from ebm_fast.experiments.study.common import Context, bin_log_probs, binned_kl, histogram_kl
 from ebm_fast.training import PersistentML
 
 __all__ = ["run", "units", "QUESTION", "STARTS"]
@@ -36,9 +35,10 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
     n, subsets = cfg.e2_chains, cfg.e2_subsets
     result = {}
     for model_name, energy in ctx.models().items():
-        log_model = bin_log_probs(lambda x: -energy(x).reshape(-1), cfg.box, cfg.bins)
-        binned = binned_kl(bin_log_probs(ring_log_density, cfg.box, cfg.bins), log_model)
-        row = {"kl_data_model": ctx.exact_kl_to_model(energy), "kl_data_model_binned": binned}
+        log_model = bin_log_probs(lambda x, energy=energy: -energy(x).reshape(-1), cfg.box,
+                                  cfg.bins)
+        binned = binned_kl(bin_log_probs(ctx.log_density, cfg.box, cfg.bins), log_model)
+        row: dict = {"kl_data_model": ctx.exact_kl_to_model(energy), "kl_data_model_binned": binned}
         starts = {"data": ctx.data(n, "E2", model_name),
                   "buffer": _buffer_start(ctx, energy, model_name, n),
                   "noise": ctx.uniform_init("E2", model_name)(n)}
@@ -59,7 +59,8 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
                                       "objective": binned - kl, "objective_se": se}
             progress.update(1)
         result[model_name] = row
-    setup = {"chains": n, "steps": list(cfg.e2_steps), "bins": cfg.bins, "subsets": subsets,
+    setup = {"density": ctx.density, "chains": n, "steps": list(cfg.e2_steps), "bins": cfg.bins,
+             "subsets": subsets,
              "buffer": {"capacity": cfg.buffer_size, "warmup_calls": cfg.e2_buffer_calls,
                         "batch": BUFFER_BATCH, "steps": BUFFER_STEPS,
                         "reinit_prob": cfg.reinit_prob}}

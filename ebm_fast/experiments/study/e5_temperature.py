@@ -29,20 +29,20 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
     trained = {}
     for temperature in cfg.temperatures:
         rows = []
-        for seed_index in range(cfg.seeds):
-            energy = train(ctx, "persistent_ml", seed_index, temperature)["energy"]
+        for energy in train(ctx, "persistent_ml", temperature)["energies"][str(cfg.iterations)]:
             rows.append((ctx.exact_kl_to_model(energy),
                          ctx.exact_kl_to_model(energy, temperature)))
-            progress.update(1)
+        progress.update(1)
         trained[str(temperature)] = {"kl_data_model": mean_se(r[0] for r in rows),
                                      "kl_data_tempered": mean_se(r[1] for r in rows)}
     implied = {name: {"step_size": eps, "noise_scale": sigma,
                       "temperature": implied_temperature(eps, sigma)}
                for name, (eps, sigma) in DEFAULTS.items()}
-    setup = {"temperatures": list(cfg.temperatures), "step_size": cfg.step_size,
+    setup = {"density": ctx.density, "temperatures": list(cfg.temperatures),
+             "step_size": cfg.step_size,
              "seeds": cfg.seeds, "iterations": cfg.iterations}
     return {"implied": implied, "trained": trained}, setup
 
 
 def units(cfg) -> int:
-    return len(cfg.temperatures) * cfg.seeds
+    return len(cfg.temperatures)
