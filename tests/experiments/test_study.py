@@ -19,8 +19,8 @@ TINY = dataclasses.replace(
     FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
     checkpoints=(0, 1, 2), e1_steps=(1, 2), e1_replicas=3, e1_batch=4, e1_warm_steps=2,
     e2_chains=200, e2_steps=(0, 1), e2_subsets=2, e2_buffer_calls=1, bins=8, seeds=2,
-    iterations=2, budgets=(2, 4), variant_factor=2, train_batch=8, train_steps=1, eval_points=1,
-    e4_samples=50, temperatures=(0.5, 1.0))
+    iterations=2, budget_factors=(1, 2), variant_factor=2, train_batch=8, train_steps=1,
+    eval_points=1, e4_samples=50, temperatures=(0.5, 1.0))
 
 
 def gaussian_log_density(mean, s):
@@ -214,8 +214,8 @@ def test_an_unusable_out_is_a_usage_error(tmp_path, capsys):
     ({"temperatures": (0.5,)}, ValueError, "temperatures must be a tuple holding 1.0"),
     ({"e1_steps": (10, 1)}, ValueError, "e1_steps must be increasing"),
     ({"checkpoints": (1, 2)}, ValueError, "checkpoints must name 3 iteration counts"),
-    ({"budgets": (400, 800)}, ValueError, "budgets must start at iterations (800)"),
-    ({"budgets": (800, 3202)}, ValueError, "budgets must be multiples of variant_factor"),
+    ({"budget_factors": (2, 4)}, ValueError, "budget_factors must start at 1"),
+    ({"budget_factors": (1, 4, 4)}, ValueError, "budget_factors must be increasing"),
     ({"densities": ("ring", "pinwheel")}, ValueError, "densities must be a non-empty tuple"),
     ({"step_size": float("nan")}, ValueError, "step_size must not be NaN"),
 ])

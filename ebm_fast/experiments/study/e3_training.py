@@ -63,7 +63,7 @@ def budgets_of(cfg, method: str) -> tuple:
     if method in BASE_ONLY:
         return (cfg.iterations,)
     if method == VARIANT:
-        return tuple(budget // cfg.variant_factor for budget in cfg.budgets)
+        return tuple(max(1, budget // cfg.variant_factor) for budget in cfg.budgets)
     return cfg.budgets
 
 
@@ -242,9 +242,8 @@ def summarise(ctx: Context) -> dict:
         # ... and at the same energy evaluations (variant_factor times its iterations), each
         # against exact ML after its own iterations
         "variant_minus_persistent_ml_same_evaluations": {str(b): _paired(
-            v - p for v, p in zip(_excess(ctx, VARIANT, b // cfg.variant_factor),
-                                  _excess(ctx, "persistent_ml", b)))
-            for b in cfg.budgets}}
+            v - p for v, p in zip(_excess(ctx, VARIANT, variant), _excess(ctx, "persistent_ml", b)))
+            for b, variant in zip(cfg.budgets, budgets_of(cfg, VARIANT))}}
     return result
 
 

@@ -567,7 +567,7 @@ def _verdict_rows(results: dict) -> list[tuple]:
 
 def _verdict_table(results: dict) -> list[str]:
     config = results["setup"]["config"]
-    budgets = [str(b) for b in config["budgets"]]
+    budgets = [str(config["iterations"] * factor) for factor in config["budget_factors"]]
     lines = ["## Verdicts", "",
              "Each claim of Gagnon & Lajoie's reading (and the short-run and temperature "
              "readings the study adds), measured per density and budget (Adam iterations; E1, "
