@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -128,7 +128,10 @@ def rings_log_density(x: torch.Tensor, radii=RING_RADII, std: float = 0.1) -> to
     divided by the circumference 2 pi |x|."""
     rho = x.norm(dim=1)[:, None]
     r = torch.tensor(radii, dtype=x.dtype, device=x.device)[None]
-    log_normal = lambda d: -d ** 2 / (2 * std ** 2) - math.log(std * math.sqrt(2 * math.pi))
+
+    def log_normal(d: torch.Tensor) -> torch.Tensor:
+        return -d ** 2 / (2 * std ** 2) - math.log(std * math.sqrt(2 * math.pi))
+
     folded = torch.logaddexp(log_normal(rho - r), log_normal(rho + r))
     return torch.logsumexp(folded, 1) - math.log(len(radii)) - torch.log(2 * math.pi * rho[:, 0])
 

@@ -38,6 +38,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -182,7 +183,8 @@ def run_case(name: str, case: Case, args, device: torch.device) -> tuple[dict, d
         return trainer.loss.last.negatives
 
     steps = {"plain": plain, "ebm_fast": ebm_fast_step}
-    negatives = {kind: deque(maxlen=PLOT_BATCHES) for kind in KINDS}
+    negatives: dict[str, deque[torch.Tensor]] = {
+        kind: deque(maxlen=PLOT_BATCHES) for kind in KINDS}
     clock = Clock(device)
     batches = torch.Generator().manual_seed(args.seed + 5)
     with tqdm(total=case.iterations, desc=name, unit="it", disable=None) as bar:
@@ -200,9 +202,10 @@ def run_case(name: str, case: Case, args, device: torch.device) -> tuple[dict, d
                            f"{record['energy_neg']:+.3f}  CPU s: ebm_fast "
                            f"{clock.seconds['ebm_fast']['cpu']:.1f}, plain "
                            f"{clock.seconds['plain']['cpu']:.1f}")
+    result: dict[str, Any]
     result = {"settings": dataclasses.asdict(case), "clamp": list(clamp),
               "runs": {kind: dict(clock.seconds[kind]) for kind in KINDS}}
-    for kind, run in result["runs"].items():
+    for run in result["runs"].values():
         run["iterations_per_second"] = {c: case.iterations / s for c, s in run.items()}
     result["speedup"] = {c: result["runs"]["plain"][c] / result["runs"]["ebm_fast"][c]
                          for c in ("wall", "cpu")}

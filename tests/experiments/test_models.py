@@ -1,5 +1,5 @@
-"""The experiments layer's models and plain loop (the study's tests are in tests/experiments/test_study.py, the
-demo's in tests/experiments/test_readme_and_demo.py)."""
+"""The experiments layer's models and plain loop (the study's tests are in
+tests/experiments/test_study.py, the demo's in tests/experiments/test_readme_and_demo.py)."""
 
 import pytest
 import torch

@@ -18,8 +18,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ebm_fast import LangevinSampler, ReplayBuffer
-from ebm_fast.training import (ContrastiveDivergence, PersistentML, ShortRunML, Trainer,
-                               checkpoints, distributed)
+from ebm_fast.training import (
+    ContrastiveDivergence,
+    PersistentML,
+    ShortRunML,
+    Trainer,
+    checkpoints,
+    distributed,
+)
 
 GLOBAL_BATCH = 16
 CAPACITY = 64

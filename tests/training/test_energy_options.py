@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from ebm_fast import LangevinSampler, ReplayBuffer
-from ebm_fast.training import (JEM, ContrastiveDivergence, KLPersistentML, LogitsEnergy,
-                               PersistentCD, PersistentML, ShortRunML)
+from ebm_fast.training import (
+    JEM,
+    ContrastiveDivergence,
+    KLPersistentML,
+    LogitsEnergy,
+    PersistentCD,
+    PersistentML,
+    ShortRunML,
+)
 
 DIM = 3
 

@@ -10,8 +10,7 @@ import torch
 
 import ebm_fast
 from ebm_fast import cli
-from ebm_fast.training import (JEM, JEMStats, LogitsEnergy, Trainer,
-                               expected_calibration_error)
+from ebm_fast.training import JEM, JEMStats, LogitsEnergy, Trainer, expected_calibration_error
 
 N_CLASSES, DIM, BATCH = 3, 4, 12
 

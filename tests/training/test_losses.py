@@ -4,13 +4,19 @@ per-class buffers, and clear errors for bad input."""
 
 import pytest
 import torch
-from tests.test_exact2d import Gaussian, cosine, gaussian_ml_gradient
 from torch import nn
 
 from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer
 from ebm_fast.reference.philox import philox_normal_ref
-from ebm_fast.training import (ContrastiveDivergence, KLPersistentML, PersistentCD, PersistentML,
-                               ShortRunML, Trainer)
+from ebm_fast.training import (
+    ContrastiveDivergence,
+    KLPersistentML,
+    PersistentCD,
+    PersistentML,
+    ShortRunML,
+    Trainer,
+)
+from tests.test_exact2d import Gaussian, cosine, gaussian_ml_gradient
 
 
 def mlp(seed=0, dims=2, hidden=16, dtype=torch.float32):

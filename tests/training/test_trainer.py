@@ -15,8 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ebm_fast import LangevinSampler, ReplayBuffer
-from ebm_fast.training import (ContrastiveDivergence, DivergenceMonitor, PersistentML, Trainer,
-                               TrainingWarning, checkpoints)
+from ebm_fast.training import (
+    ContrastiveDivergence,
+    DivergenceMonitor,
+    PersistentML,
+    Trainer,
+    TrainingWarning,
+    checkpoints,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +68,8 @@ def test_resume_is_bit_identical(tmp_path):
     resumed.fit(data(), 200, batch_size=16)
     assert_same(weights(whole), weights(resumed))
     assert first.iteration == 100
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line)
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [25, 50, 75, 100, 125, 150, 175, 200]
     assert [r["loss"] for r in lines] == [r["loss"] for r in whole.history]
 
@@ -77,7 +84,8 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     resumed.iteration = 50  # as if the process died after logging 75 with the checkpoint at 50
     resumed._resumed_from = (tmp_path / "checkpoint.pt").resolve()
     resumed._claim_out_dir()
-    kept = [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = [json.loads(line)["iteration"]
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == [25, 50]
 
 
