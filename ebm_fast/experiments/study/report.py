@@ -583,6 +583,22 @@ def _verdict_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _cost(results: dict) -> list[str]:
+    """What the run left out or shared to fit its time, from its settings."""
+    setup, config = results["setup"], results["setup"]["config"]
+    densities = [DENSITY_LABELS.get(d, d) for d in config["densities"]]
+    lines = [f"What keeps the run short: a method's {config['seeds']} seeds train side by side as "
+             "one stacked energy (common.MLPStack: one batched call per step instead of "
+             f"{config['seeds']}); E1's densities and E3's training runs go to "
+             f"{setup['processes']} process(es); E2, E4 and E5 run on the {densities[0]} only"]
+    if "E3" in results:
+        e3 = setup["experiments"]["E3"]
+        lines[0] += (f"; {', '.join(LABELS[m] for m in e3['base_only'])} train to the base "
+                     f"budget ({e3['iterations']} iterations) only, the longer budgets being "
+                     "CD-k's and persistent ML's questions")
+    return [lines[0] + ".", ""]
+
+
 def write(results: dict, out: Path, *, quick: bool) -> list[Path]:
     """Write results.json, the figures and report.md into out; returns their paths."""
     out = Path(out)
@@ -602,7 +618,7 @@ def write(results: dict, out: Path, *, quick: bool) -> list[Path]:
              + ". On a shared machine the wall-clock time exceeds the CPU time by the other "
              f"load. Seed {setup['seed']}; the run is deterministic given it. Settings: "
              "results.json[\"setup\"]. A difference is called one only when it exceeds twice "
-             "its standard error.", "", *_verdict_table(results)]
+             "its standard error.", "", *_cost(results), *_verdict_table(results)]
     for name, (title, question, figure, text) in SECTIONS.items():
         if name not in results:
             continue
