@@ -19,8 +19,8 @@ TINY = dataclasses.replace(
     FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
     checkpoints=(0, 1, 2), e1_steps=(1, 2), e1_replicas=3, e1_batch=4, e1_warm_steps=2,
     e2_chains=200, e2_steps=(0, 1), e2_subsets=2, e2_buffer_calls=1, bins=8, seeds=2,
-    iterations=2, budget_factors=(1, 2), variant_factor=2, train_batch=8, train_steps=1,
-    eval_points=1, e4_samples=50, temperatures=(0.5, 1.0))
+    iterations=2, budget_factors=(1, 2), other_budget_factors=(1,), variant_factor=2,
+    train_batch=8, train_steps=1, eval_points=1, e4_samples=50, temperatures=(0.5, 1.0))
 
 
 def gaussian_log_density(mean, s):
@@ -105,9 +105,10 @@ def test_study_is_deterministic_given_its_seed_and_keyed_as_documented():
                                         "kl_persistent_ml", "exact_samples"}
     assert set(first["E1"]["ring"]["cd"]) == {"early", "middle", "converged"}
     assert set(first["E1"]["ring"]["cd"]["early"]) == {"1", "2"}
-    e3 = first["E3"]["two_spirals"]
+    e3 = first["E3"]["ring"]
     assert set(e3) == set(e3_training.METHODS) | {"comparisons"}
     assert set(e3["cd"]["budgets"]) == {"2", "4"} and set(e3["pcd"]["budgets"]) == {"2"}
+    assert set(first["E3"]["two_spirals"]["cd"]["budgets"]) == {"2"}  # other_budget_factors
     assert set(e3[e3_training.VARIANT]["budgets"]) == {"1", "2"}  # half the iterations, 2x steps
     assert e3[e3_training.VARIANT]["budgets"]["2"]["energy_evaluations"] == \
         e3["persistent_ml"]["budgets"]["4"]["energy_evaluations"]
@@ -138,13 +139,15 @@ def test_a_stack_of_mlps_is_its_members_side_by_side():
 def test_a_shorter_budget_is_the_longer_runs_prefix():
     """E3 reads every budget along one run per seed: at a constant learning rate, training to
     the base budget alone gives the same models there."""
-    ctx = common.Context(TINY, 3, "two_spirals")
+    ctx = common.Context(TINY, 3)
     short = e3_training.train(ctx, "persistent_ml", budgets=(2,))
     del ctx.runs[("persistent_ml", 1.0)]
     long = e3_training.train(ctx, "persistent_ml")
     assert short["kl"] == [row[:len(short["kl"][0])] for row in long["kl"]]
-    assert e3_training.evaluation_points(FULL)[:3] == [0, 25, 50]  # the variant's 200 / 8
-    assert {800, 3200, 12800, 200} <= set(e3_training.evaluation_points(FULL))
+    full = common.Context(FULL, 0)
+    assert e3_training.evaluation_points(full)[:3] == [0, 25, 50]  # the variant's 200 / 8
+    assert {800, 3200, 12800, 200} <= set(e3_training.evaluation_points(full))
+    assert full.on("two_spirals").budgets == (800, 3200)
 
 
 @pytest.mark.parametrize("value, se, holds_below, verdict", [

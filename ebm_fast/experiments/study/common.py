@@ -204,6 +204,14 @@ class Context:
             self._others[density] = other
         return self._others[density]
 
+    @property
+    def budgets(self) -> tuple:
+        """E3's budgets (Adam iterations) on this density: config.budgets on the first, the
+        base iterations times config.other_budget_factors on the others."""
+        if self.density == self.config.densities[0]:
+            return self.config.budgets
+        return tuple(self.config.iterations * f for f in self.config.other_budget_factors)
+
     def seed_for(self, *labels) -> int:
         # The main density keeps the labels alone (its streams as before the others existed).
         extra = () if self.density == self.config.densities[0] else (self.density,)

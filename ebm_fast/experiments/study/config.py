@@ -30,8 +30,9 @@ class StudyConfig:
     batch ``train_batch``, ``train_steps`` sampler steps per iteration, buffers of
     ``train_buffer_size`` slots (small enough that each slot is run every ~16 iterations in
     these short runs; still above KLPersistentML's 1000 for its entropy term); E3 trains on to
-    the longer ``budgets``, iterations times ``budget_factors`` (at the same lr a longer run's
-    prefix is the shorter run), and a persistent-ML variant takes ``variant_factor`` times the
+    the longer ``budgets``, iterations times ``budget_factors`` on the first density and times
+    ``other_budget_factors`` on the others (at the same lr a longer run's prefix is the shorter
+    run), and a persistent-ML variant takes ``variant_factor`` times the
     steps per iteration for 1 / variant_factor of the iterations (the same energy evaluations);
     each budget b is evaluated ``eval_points`` times (every b / eval_points iterations);
     E4 draws ``e4_samples`` short-run samples per model; E5 trains persistent ML at each of
@@ -62,6 +63,7 @@ class StudyConfig:
     seeds: int = 5
     iterations: int = 800
     budget_factors: tuple = (1, 4, 16)
+    other_budget_factors: tuple = (1, 4)
     variant_factor: int = 4
     train_batch: int = 128
     train_steps: int = 10
@@ -86,7 +88,7 @@ class StudyConfig:
             raise ValueError(f"e2_chains ({self.e2_chains}) must be a multiple of e2_subsets "
                              f"({self.e2_subsets})")
         for name, low in (("checkpoints", 0), ("e1_steps", 1), ("e2_steps", 0),
-                          ("budget_factors", 1)):
+                          ("budget_factors", 1), ("other_budget_factors", 1)):
             values = getattr(self, name)
             if not isinstance(values, tuple) or not values:
                 raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
@@ -97,9 +99,10 @@ class StudyConfig:
         if len(self.checkpoints) != 3:
             raise ValueError(f"checkpoints must name 3 iteration counts (early, middle, "
                              f"converged), got {self.checkpoints!r}")
-        if self.budget_factors[0] != 1:
-            raise ValueError(f"budget_factors must start at 1 (the base budget, iterations), got "
-                             f"{self.budget_factors!r}")
+        for name in ("budget_factors", "other_budget_factors"):
+            if getattr(self, name)[0] != 1:
+                raise ValueError(f"{name} must start at 1 (the base budget, iterations), got "
+                                 f"{getattr(self, name)!r}")
         exact = [name for name, toy in TOY_2D.items() if toy.log_density is not None]
         if not isinstance(self.densities, tuple) or not self.densities \
                 or any(name not in exact for name in self.densities):
@@ -113,7 +116,8 @@ class StudyConfig:
 
     @property
     def budgets(self) -> tuple:
-        """E3's budgets in Adam iterations: iterations times each of budget_factors."""
+        """E3's budgets in Adam iterations on the first density: iterations times each of
+        budget_factors (the longest of all densities')."""
         return tuple(self.iterations * factor for factor in self.budget_factors)
 
 
@@ -122,4 +126,5 @@ FULL = StudyConfig()
 # iterations in E3-E5 (E3's budgets 160 and 640) and two temperatures.
 QUICK = dataclasses.replace(FULL, e1_replicas=20, e1_warm_steps=100, e2_chains=20_000,
                             e2_steps=(0, 1, 10, 50), seeds=2, iterations=160,
-                            budget_factors=(1, 4), e4_samples=5000, temperatures=(0.1, 1.0))
+                            budget_factors=(1, 4), other_budget_factors=(1, 4), e4_samples=5000,
+                            temperatures=(0.1, 1.0))

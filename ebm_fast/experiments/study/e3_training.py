@@ -56,21 +56,23 @@ def steps_of(cfg, method: str) -> int:
     return cfg.train_steps * (cfg.variant_factor if method == VARIANT else 1)
 
 
-def budgets_of(cfg, method: str) -> tuple:
-    """The iterations at which ``method``'s outcome is read: config.budgets, the variant's
-    divided by variant_factor (the same energy evaluations), the base budget alone for
-    BASE_ONLY."""
+def budgets_of(ctx: Context, method: str) -> tuple:
+    """The iterations at which ``method``'s outcome is read: ctx.budgets (the density's), the
+    variant's divided by variant_factor (the same energy evaluations), the base budget alone
+    for BASE_ONLY."""
+    cfg = ctx.config
     if method in BASE_ONLY:
         return (cfg.iterations,)
     if method == VARIANT:
-        return tuple(max(1, budget // cfg.variant_factor) for budget in cfg.budgets)
-    return cfg.budgets
+        return tuple(max(1, budget // cfg.variant_factor) for budget in ctx.budgets)
+    return ctx.budgets
 
 
-def evaluation_points(cfg) -> list[int]:
+def evaluation_points(ctx: Context) -> list[int]:
     """Every run's evaluation iterations (up to its last): 0 and eval_points evenly spaced
     points up to each budget, the variant's included, so that exact ML has every point."""
-    budgets = set(cfg.budgets) | set(budgets_of(cfg, VARIANT))
+    cfg = ctx.config
+    budgets = set(ctx.budgets) | set(budgets_of(ctx, VARIANT))
     return sorted({0} | {budget * j // cfg.eval_points for budget in budgets
                          for j in range(1, cfg.eval_points + 1)})
 
@@ -88,8 +90,8 @@ def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
     only, so every method and temperature of a seed starts from the same energy and sees the
     same batches, in any stack."""
     cfg = ctx.config
-    budgets = [b for b in budgets_of(cfg, method) if b <= last]
-    points = {i for i in evaluation_points(cfg) if i <= last}
+    budgets = [b for b in budgets_of(ctx, method) if b <= last]
+    points = {i for i in evaluation_points(ctx) if i <= last}
     energy = MLPStack([make_energy(ctx.seed_for("E3", "start", s), cfg.hidden) for s in seeds])
     optimiser = torch.optim.Adam(energy.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
     # One row order for the stack, the training set permuted per seed: seed s's batches are
@@ -155,7 +157,7 @@ def train(ctx: Context, method: str, temperature: float = 1.0, budgets=None) -> 
     evaluation), "energies" ({budget: [one MLP per seed]}), "nonfinite_skipped"}. The
     seeds train side by side as one MLPStack (ONE_SEED_AT_A_TIME: a stack of one per seed)."""
     cfg = ctx.config
-    budgets = budgets_of(cfg, method) if budgets is None else budgets
+    budgets = budgets_of(ctx, method) if budgets is None else budgets
     key = (method, temperature)
     cached = ctx.runs.get(key)
     if cached is not None and all(str(b) in cached["energies"] for b in budgets):
@@ -214,7 +216,7 @@ def summarise(ctx: Context) -> dict:
         if record["gap"]:
             row["gap"] = _curves(record["gap"])
             row["gap_iterations"] = record["gap_iterations"]
-        for budget in budgets_of(cfg, method):
+        for budget in budgets_of(ctx, method):
             cell = {"energy_evaluations": budget * steps_of(cfg, method) * cfg.train_batch,
                     "kl": mean_se(_at(record, "kl", budget)),
                     "nll": mean_se(_at(record, "nll", budget))}
@@ -230,20 +232,20 @@ def summarise(ctx: Context) -> dict:
         # persistent ML's excess minus CD-k's (exact ML's cancels), per budget
         "persistent_ml_minus_cd": {str(b): _paired(
             p - c for p, c in zip(_excess(ctx, "persistent_ml", b), _excess(ctx, "cd", b)))
-            for b in cfg.budgets},
+            for b in ctx.budgets},
         # each method's excess at a budget minus its excess at the base budget
         "change_from_base": {method: {str(b): _paired(
             now - then for now, then in zip(_excess(ctx, method, b), _excess(ctx, method, base)))
-            for b in cfg.budgets[1:]} for method in ("cd", "persistent_ml")},
+            for b in ctx.budgets[1:]} for method in ("cd", "persistent_ml")},
         # the variant minus persistent ML after as many iterations (4x its evaluations) ...
         "variant_minus_persistent_ml_same_iterations": {str(b): _paired(
             v - p for v, p in zip(_excess(ctx, VARIANT, b), _excess(ctx, "persistent_ml", b)))
-            for b in budgets_of(cfg, VARIANT)},
+            for b in budgets_of(ctx, VARIANT)},
         # ... and at the same energy evaluations (variant_factor times its iterations), each
         # against exact ML after its own iterations
         "variant_minus_persistent_ml_same_evaluations": {str(b): _paired(
             v - p for v, p in zip(_excess(ctx, VARIANT, variant), _excess(ctx, "persistent_ml", b)))
-            for b, variant in zip(cfg.budgets, budgets_of(cfg, VARIANT))}}
+            for b, variant in zip(ctx.budgets, budgets_of(ctx, VARIANT))}}
     return result
 
 
@@ -261,7 +263,8 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
         ctx.on(density).runs[(method, 1.0)] = record
     result = {density: summarise(ctx.on(density)) for density in cfg.densities}
     setup = {"densities": list(cfg.densities), "seeds": cfg.seeds, "iterations": cfg.iterations,
-             "budgets": list(cfg.budgets), "variant_factor": cfg.variant_factor,
+             "budgets": {density: list(ctx.on(density).budgets) for density in cfg.densities},
+             "variant_factor": cfg.variant_factor,
              "base_only": list(BASE_ONLY), "one_seed_at_a_time": list(ONE_SEED_AT_A_TIME),
              "batch": cfg.train_batch,
              "sampler_steps": cfg.train_steps, "exact_ml_cells": budget_cells(cfg),

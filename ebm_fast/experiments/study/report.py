@@ -292,7 +292,7 @@ def _diff(value: dict) -> str:
 
 
 def _e3_text(result: dict, setup: dict, density: str) -> list[str]:
-    budgets = [str(b) for b in setup["budgets"]]
+    budgets = [str(b) for b in setup["budgets"][density]]
     factor = setup["variant_factor"]
     lines = [f"Setup: {setup['seeds']} seeds per method (same start and batches for every "
              f"method of a seed), Adam iterations {', '.join(budgets)} (one run per seed read "
@@ -595,7 +595,9 @@ def _cost(results: dict) -> list[str]:
         e3 = setup["experiments"]["E3"]
         lines[0] += (f"; {', '.join(LABELS[m] for m in e3['base_only'])} train to the base "
                      f"budget ({e3['iterations']} iterations) only, the longer budgets being "
-                     "CD-k's and persistent ML's questions")
+                     "CD-k's and persistent ML's questions; E3's budgets: " + "; ".join(
+                         f"{DENSITY_LABELS.get(d, d)} {', '.join(map(str, b))} iterations"
+                         for d, b in e3["budgets"].items()))
     return [lines[0] + ".", ""]
 
 
