@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import numbers
 import time
@@ -122,6 +123,7 @@ class Sampler(abc.ABC):
         )
         # (chains' device, dtype and dims, the PrecisionChoice)
         self._precision: tuple[tuple[torch.device, torch.dtype, int], PrecisionChoice] | None = None
+        self._recorded_precision: PrecisionChoice | None = None  # from load_state_dict
         self.eval_mode = bool(eval_mode)
         self._energy = EnergyFunction(
             energy,
@@ -147,11 +149,14 @@ class Sampler(abc.ABC):
         """How many updates the sampler has drawn noise for: the next one uses this step."""
         return self._steps_taken
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The step counter and seed (loadable with torch.load(weights_only=True))."""
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter, the seed and, with autocast="auto", the precision it resolved
+        (None before any call): loadable with torch.load(weights_only=True)."""
+        choice = self.last_precision if self.autocast == AUTOCAST_AUTO else None
         return {
             "step": torch.tensor(self._steps_taken, dtype=torch.int64),
             "seed": self._seed.cpu().clone(),
+            "precision": None if choice is None else choice.to_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -172,6 +177,11 @@ class Sampler(abc.ABC):
         self._step = torch.tensor(steps_taken, dtype=torch.int64, device=self._step.device)
         self._steps_taken = steps_taken
         self._seed = seed.clone()
+        recorded = state_dict.get("precision")
+        if recorded is not None and self.autocast == AUTOCAST_AUTO:
+            # A resumed run keeps the dtype its run chose, whatever this machine would pick.
+            self._recorded_precision = PrecisionChoice.from_dict(dict(recorded))
+            self._precision = None
 
     # -- the energy and the backend, as losses use them -----------------------------------
 
@@ -187,14 +197,23 @@ class Sampler(abc.ABC):
         "auto" resolved for x's device and dtype. Kept while they do not change."""
         key = (x.device, x.dtype, x.dim())
         if self._precision is None or self._precision[0] != key:
+            recorded = self._recorded_precision
+            policy = self.autocast if recorded is None else recorded.autocast_dtype
             # The layout is the model's (ebm_fast.precision.fast_energy converts it).
-            self._precision = (
-                key,
-                resolve_precision(
-                    self.autocast, x.device, x.dtype, state_dim=x.dim(), layout="contiguous"
-                ),
+            choice = resolve_precision(
+                policy, x.device, x.dtype, state_dim=x.dim(), layout="contiguous"
             )
+            if recorded is not None:  # resolved above for its warning where it is emulated
+                choice = dataclasses.replace(
+                    recorded, reason=f"as recorded by the run resumed ({recorded.reason})"
+                )
+            self._precision = (key, choice)
         return self._precision[1]
+
+    @property
+    def last_precision(self) -> PrecisionChoice | None:
+        """The precision of the last call (None before any): what Trainer metrics report."""
+        return None if self._precision is None else self._precision[1]
 
     def _use_precision(self, x: torch.Tensor) -> PrecisionChoice:
         choice = self.precision(x)

@@ -248,6 +248,9 @@ class Trainer:
                   "sampler_seconds": window["sampler_seconds"] / window["iterations"],
                   "iteration_seconds": window["seconds"] / window["iterations"],
                   "nonfinite_skipped": self.nonfinite_skipped}
+        # What the energy's passes ran in, and why (autocast="auto" resolved by the sampler).
+        precision = self.loss.sampler.last_precision
+        record["precision"] = None if precision is None else precision.to_dict()
         record["warnings"] = self.monitor.update(record)
         self._window = {"iterations": 0, "seconds": 0.0, "sampler_seconds": 0.0}
         for callback in self.callbacks:  # they may add entries (evaluations) to the record

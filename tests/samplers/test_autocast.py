@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, cli
+from ebm_fast import LangevinSampler, MALASampler, ReplayBuffer, cli, precision
 from ebm_fast.training import JEM, LogitsEnergy
 from ebm_fast.training.losses import ContrastiveDivergence, KLPersistentML, PersistentML
 
@@ -242,3 +242,30 @@ def test_autocast_auto_picks_bf16_only_where_native_and_reports_it(monkeypatch, 
     # The loss's passes follow the same choice.
     assert auto.energies(x0).dtype == torch.float32
     torch.testing.assert_close(auto.energies(x0), explicit.energies(x0), rtol=0, atol=0)
+
+
+def test_a_resumed_auto_sampler_keeps_the_recorded_precision(monkeypatch):
+    """The choice "auto" made is in state_dict; a sampler resumed from it on a machine that
+    would pick otherwise runs the recorded dtype (reproducible resume), and says so."""
+    energy = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+    x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    first = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1, autocast="auto")
+    first.sample(x0)
+    state = first.state_dict()
+    assert state["precision"]["autocast"] == "bfloat16"
+    expected = first.sample(x0)
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(precision, "_warned", set())  # each warning is given once per process
+    resumed = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1, autocast="auto")
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        samples, info = resumed.sample(x0, return_info=True)
+    assert torch.equal(samples, expected)
+    assert info.precision.autocast_dtype == torch.bfloat16
+    assert "recorded" in info.precision.reason
+    # Without a record (or with an explicit autocast), the machine's own choice.
+    fresh = LangevinSampler(energy, step_size=0.01, n_steps=4, seed=1, autocast="auto")
+    assert fresh.sample(x0, return_info=True)[1].precision.autocast_dtype is None
