@@ -1,8 +1,9 @@
 """The study's standard errors held to their definitions, computed by hand beside it.
 
-* Over seeds (E3's curves and finals, E4, E5): the standard error of a mean of n values is the
-  sample standard deviation (n - 1 in the denominator) over sqrt(n); E3's difference to exact ML
-  is paired by seed, its SE that of the per-seed differences.
+* Over seeds (E3's curves and budgets, E4, E5): the standard error of a mean of n values is the
+  sample standard deviation (n - 1 in the denominator) over sqrt(n); E3's differences (to exact
+  ML, persistent ML minus CD-k, a budget against the base one) are paired by seed, their SE that
+  of the per-seed differences.
 * E2: the SE of a histogram estimate over n chains from m disjoint subsets of them: the sample
   standard deviation of the m subset estimates over sqrt(m).
 * E1: bootstrap standard errors, which for Gaussian gradient errors approach the closed forms
@@ -46,6 +47,8 @@ TINY = dataclasses.replace(
     bins=8,
     seeds=4,
     iterations=2,
+    budget_factors=(1, 2),
+    variant_factor=2,
     train_batch=8,
     train_steps=1,
     eval_points=1,
@@ -80,56 +83,84 @@ def test_mean_se_by_hand():
     assert common.mean_se([0.0, 1.0])["se"] == pytest.approx(0.5)
 
 
-def fake_record(rng, points):
-    return {
-        "iterations": list(range(points)),
-        "kl": [rng.uniform(0, 2) for _ in range(points)],
-        "nll": [rng.uniform(2, 4) for _ in range(points)],
-        "gap": [rng.uniform(0, 1) for _ in range(points)],
-        "nonfinite_skipped": 0,
-    }
+def fake_records(ctx, rng):
+    """E3's cache filled with one record per method: per seed, arbitrary numbers at every
+    evaluation point (what summarise reads), no training."""
+    points = e3_training.evaluation_points(ctx)
+    seeds = ctx.config.seeds
+
+    def rows(low, high):
+        return [[rng.uniform(low, high) for _ in points] for _ in range(seeds)]
+
+    for method in e3_training.METHODS:
+        ctx.runs[(method, 1.0)] = {
+            "iterations": points,
+            "gap_iterations": points,
+            "kl": rows(0, 2),
+            "nll": rows(2, 4),
+            "gap": rows(0, 1),
+            "energies": {},
+            "nonfinite_skipped": 0,
+        }
+    return points
 
 
-def test_e3_curves_and_finals_are_mean_and_se_over_the_seeds():
+def test_e3_curves_budgets_and_paired_differences_are_mean_and_se_over_the_seeds():
     ctx = common.Context(TINY, seed=0)
-    rng = random.Random(1)
-    points = 3
+    points = fake_records(ctx, random.Random(1))
+    result = e3_training.summarise(ctx)
+
+    def at(method, key, iteration):  # each seed's value
+        return [row[points.index(iteration)] for row in ctx.runs[(method, 1.0)][key]]
+
+    def excess(method, iteration):  # paired by seed with exact ML
+        return [a - b for a, b in zip(at(method, "kl", iteration), at("exact_ml", "kl", iteration))]
+
     for method in e3_training.METHODS:
-        for seed_index in range(TINY.seeds):
-            ctx.runs[(method, 1.0, seed_index)] = fake_record(rng, points)
-    result, _ = e3_training.run(ctx, Progress())
-    for method in e3_training.METHODS:
-        runs = [ctx.runs[(method, 1.0, s)] for s in range(TINY.seeds)]
-        exact = [ctx.runs[("exact_ml", 1.0, s)] for s in range(TINY.seeds)]
         row = result[method]
         for key in ("kl", "nll", "gap"):
-            for t in range(points):
-                values = [run[key][t] for run in runs]
+            for t, iteration in enumerate(points):
+                values = at(method, key, iteration)
                 assert row[key]["mean"][t] == pytest.approx(statistics.fmean(values), rel=1e-12)
                 assert row[key]["se"][t] == pytest.approx(se(values), rel=1e-12)
-        assert_mean_se(row["final_kl"], [run["kl"][-1] for run in runs])
-        assert_mean_se(row["final_nll"], [run["nll"][-1] for run in runs])
+        for budget in e3_training.budgets_of(ctx, method):
+            cell = row["budgets"][str(budget)]
+            assert_mean_se(cell["kl"], at(method, "kl", budget))
+            assert_mean_se(cell["nll"], at(method, "nll", budget))
+            if method != "exact_ml":
+                assert_mean_se(cell["kl_minus_exact_ml"], excess(method, budget))
+    comparisons = result["comparisons"]
+    for budget in ctx.budgets:
         assert_mean_se(
-            row["final_kl_minus_exact_ml"],
-            [run["kl"][-1] - ref["kl"][-1] for run, ref in zip(runs, exact)],
+            comparisons["persistent_ml_minus_cd"][str(budget)],
+            [p - c for p, c in zip(excess("persistent_ml", budget), excess("cd", budget))],
         )
+    for method in ("cd", "persistent_ml"):
+        for budget in ctx.budgets[1:]:
+            assert_mean_se(
+                comparisons["change_from_base"][method][str(budget)],
+                [b - a for b, a in zip(excess(method, budget), excess(method, TINY.iterations))],
+            )
 
 
 def test_e5_kl_is_mean_and_se_over_the_seeds():
     ctx = common.Context(TINY, seed=0)
-    energies = {}
+    models = {}
     for i, temperature in enumerate(TINY.temperatures):
-        for seed_index in range(TINY.seeds):
-            energy = make_energy(100 * i + seed_index, TINY.hidden)
-            energies[(temperature, seed_index)] = energy
-            ctx.runs[("persistent_ml", temperature, seed_index)] = {"energy": energy}
+        models[temperature] = [make_energy(100 * i + s, TINY.hidden) for s in range(TINY.seeds)]
+        # E3's cached persistent-ML runs at this temperature (read at the base budget)
+        ctx.runs[("persistent_ml", temperature)] = {
+            "energies": {str(b): models[temperature] for b in ctx.budgets}
+        }
     result, _ = e5_temperature.run(ctx, Progress())
     for temperature in TINY.temperatures:
-        models = [energies[(temperature, s)] for s in range(TINY.seeds)]
         row = result["trained"][str(temperature)]
-        assert_mean_se(row["kl_data_model"], [ctx.exact_kl_to_model(e) for e in models])
         assert_mean_se(
-            row["kl_data_tempered"], [ctx.exact_kl_to_model(e, temperature) for e in models]
+            row["kl_data_model"], [ctx.exact_kl_to_model(e) for e in models[temperature]]
+        )
+        assert_mean_se(
+            row["kl_data_tempered"],
+            [ctx.exact_kl_to_model(e, temperature) for e in models[temperature]],
         )
 
 
