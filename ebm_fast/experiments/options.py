@@ -23,7 +23,12 @@ __all__ = [
     "output_file",
     "output_dir",
     "device",
+    "PRECISIONS",
 ]
+
+#: --precision choices -> the samplers' autocast option: "auto" (bf16 where the device computes
+#: it natively, else fp32; ebm_fast.precision), or an explicit dtype for the energy's passes.
+PRECISIONS = {"auto": "auto", "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 count = validation.argparse_type(validation.integer, low=1)
 non_negative_count = validation.argparse_type(validation.integer, low=0)
