@@ -284,6 +284,10 @@ def _e3_figures(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _diff(value: dict) -> str:
     """A paired difference with its verdict against 0."""
     verdict = compare(value["mean"], value["se"], 0.0, 0.0)
@@ -300,9 +304,10 @@ def _e3_text(result: dict, setup: dict, density: str) -> list[str]:
              f"prefix), batch {setup['batch']}, {setup['sampler_steps']} Langevin steps per "
              f"iteration; exact ML on a {setup['exact_ml_cells']}² grid (the same energy-gradient "
              f"evaluations per iteration); buffers of {setup['buffer_size']} slots. "
-             f"{LABELS[e3_training.VARIANT]}: persistent ML with {factor}x the steps per "
-             f"iteration for 1/{factor} of the iterations, the same energy evaluations. "
-             f"{', '.join(LABELS[m] for m in setup['base_only'])}: the base budget only. "
+             f"{_capital(LABELS[e3_training.VARIANT])}: persistent ML with {factor}x the steps "
+             f"per iteration for 1/{factor} of the iterations, the same energy evaluations. "
+             f"{_capital(', '.join(LABELS[m] for m in setup['base_only']))}: the base budget "
+             "only. "
              f"Held-out NLL of the data's own density: "
              f"{setup['heldout_nll_of_the_data_density'][density]:.3f}.", "",
              "Final exact KL(p_data‖p) minus exact ML's after as many iterations, paired by "
@@ -345,14 +350,13 @@ def _e3_text(result: dict, setup: dict, density: str) -> list[str]:
                  "The reading does not change over these budgets.")]
     for method in ("cd", "persistent_ml"):
         changes = comparisons["change_from_base"][method]
-        lines.append(f"- {LABELS[method][0].upper() + LABELS[method][1:]}'s excess at a budget "
-                     f"minus its excess at "
-                     f"{budgets[0]}: " + "; ".join(f"{b} {_diff(v)}" for b, v in changes.items())
-                     + ".")
+        lines.append(f"- {_capital(LABELS[method])}'s excess at a budget minus its excess at "
+                     f"{budgets[0]} iterations: " + "; ".join(
+                         f"{b} {_diff(v)}" for b, v in changes.items()) + ".")
     lines.append(f"- Persistent ML with {factor}x the steps minus persistent ML, after as many "
                  "iterations (the variant spending {factor}x the evaluations): ".format(
                      factor=factor) + "; ".join(
-                         f"{b} {_diff(v)}" for b, v in
+                         f"{b} iterations {_diff(v)}" for b, v in
                          comparisons["variant_minus_persistent_ml_same_iterations"].items())
                  + "; at the same energy evaluations (each against exact ML after its own "
                  "iterations): " + "; ".join(
