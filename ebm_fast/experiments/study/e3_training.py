@@ -77,6 +77,15 @@ def evaluation_points(ctx: Context) -> list[int]:
                          for j in range(1, cfg.eval_points + 1)})
 
 
+def _or_nan(measure, energy, *args) -> float:
+    """measure(energy, *args), or NaN where the energy is not finite on the grid (the exact
+    tools refuse it): a diverged run shows as NaN in its numbers instead of ending the study."""
+    try:
+        return measure(energy, *args)
+    except ValueError:
+        return math.nan
+
+
 def _buffer_contents(buffer) -> torch.Tensor:
     state = buffer.state_dict()
     return state["storage"][state["written"] > 0].reshape(-1, buffer.sample_shape[0]).float()
@@ -109,8 +118,9 @@ def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
         models = [energy.member(i) for i in range(len(seeds))]
         with torch.no_grad():
             record["iterations"].append(iteration)
-            record["kl"].append([ctx.exact_kl_to_model(m) for m in models])
-            record["nll"].append([exact_nll(m, ctx.heldout, cfg.box, cfg.cells) for m in models])
+            record["kl"].append([_or_nan(ctx.exact_kl_to_model, m) for m in models])
+            record["nll"].append([_or_nan(exact_nll, m, ctx.heldout, cfg.box, cfg.cells)
+                                  for m in models])
             buffer = getattr(loss, "buffer", None)
             if buffer is not None:
                 chains = _buffer_contents(buffer)
