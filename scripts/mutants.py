@@ -322,8 +322,8 @@ MUTANTS = [
     Mutant(
         "trainer_logs_the_max_norm_without_a_clip",
         TRAINER,
-        "[p.grad for p in self.parameters if p.grad is not None])",
-        '[p.grad for p in self.parameters if p.grad is not None], norm_type=float("inf"))',
+        "norm = torch.nn.utils.get_total_norm(grads)",
+        'norm = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))',
         (
             TRAINER_DEFS + "::test_without_a_clip_the_gradient_is_applied_as_is_and_its_l2_norm"
             "_logged",
@@ -339,9 +339,8 @@ MUTANTS = [
     Mutant(
         "trainer_checks_gradients_only_when_clipping",
         TRAINER,
-        "norm = torch.nn.utils.get_total_norm(\n"
-        "                [p.grad for p in self.parameters if p.grad is not None]) \\\n",
-        "norm = loss.detach() * 0 \\\n",  # no pass over the gradients without a clip
+        "norm = torch.nn.utils.get_total_norm(grads)",
+        "norm = loss.detach() * 0",  # no pass over the gradients without a clip
         (TRAINER_DEFS + "::test_a_nonfinite_gradient_with_a_finite_loss_skips_the_whole_step",),
     ),
     # -- the data order between epochs (tests/training/test_data.py)

@@ -55,9 +55,10 @@ def load(path, map_location=None) -> dict:
     # What torch.load raises on a cut or damaged file: an empty one, a zip without its
     # directory, a cut record, a pickle holding code.
     except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or damaged?): "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from exc
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or damaged?): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
     return state

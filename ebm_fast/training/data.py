@@ -24,12 +24,17 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, y or None) from a batch: a tensor, or a (x,) / (x, y) tuple or list of tensors."""
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and all(
-            isinstance(t, torch.Tensor) for t in batch):
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) in (1, 2)
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
         return batch[0], (batch[1] if len(batch) == 2 else None)
-    raise TypeError(f"a data batch must be a tensor x or a pair (x, y) of tensors, got "
-                    f"{type(batch).__name__}"
-                    + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""))
+    raise TypeError(
+        f"a data batch must be a tensor x or a pair (x, y) of tensors, got "
+        f"{type(batch).__name__}"
+        + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+    )
 
 
 class _EpochBatches:
@@ -41,8 +46,9 @@ class _EpochBatches:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.size = len(data[0]) if isinstance(data, tuple) else len(data)
         if batch_size > self.size:
-            raise ValueError(f"batch_size ({batch_size}) exceeds the number of samples in data "
-                             f"({self.size})")
+            raise ValueError(
+                f"batch_size ({batch_size}) exceeds the number of samples in data ({self.size})"
+            )
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None  # this epoch's permutation, made at first use
 
@@ -52,7 +58,7 @@ class _EpochBatches:
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             self._order = torch.randperm(self.size, generator=generator)
-        indices = self._order[self.position:self.position + self.batch_size]
+        indices = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return indices
 
@@ -65,15 +71,23 @@ class _EpochBatches:
         return split_batch(default_collate([self.data[i] for i in indices.tolist()]))
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "size": self.size, "batch_size": self.batch_size,
-                "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {
+            "kind": self.kind,
+            "size": self.size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("kind", "size", "batch_size"):
             if state.get(key) != self.state_dict()[key]:
-                raise ValueError(f"the checkpoint's data order was for {key}={state.get(key)!r}, "
-                                 f"but fit() got {key}={self.state_dict()[key]!r}: resume with "
-                                 "the same data and batch_size")
+                raise ValueError(
+                    f"the checkpoint's data order was for {key}={state.get(key)!r}, "
+                    f"but fit() got {key}={self.state_dict()[key]!r}: resume with "
+                    "the same data and batch_size"
+                )
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = None  # redrawn from seed + epoch at the next batch
 
@@ -106,18 +120,27 @@ class _LoaderBatches:
         return split_batch(batch)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "epoch": self.epoch, "position": self.position,
-                "rng": self._epoch_rng}
+        return {
+            "kind": self.kind,
+            "epoch": self.epoch,
+            "position": self.position,
+            "rng": self._epoch_rng,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"the checkpoint's data came from a {state.get('kind')!r} stream, "
-                             "but fit() got a DataLoader: resume with the same kind of data")
+            raise ValueError(
+                f"the checkpoint's data came from a {state.get('kind')!r} stream, "
+                "but fit() got a DataLoader: resume with the same kind of data"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         if state["rng"] is None or self.loader.generator is None:
-            warnings.warn("the DataLoader has no generator (DataLoader(..., generator=g)) in the "
-                          "checkpoint or now: the resumed run reads batches in another order",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "the DataLoader has no generator (DataLoader(..., generator=g)) in the "
+                "checkpoint or now: the resumed run reads batches in another order",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         else:
             self.loader.generator.set_state(state["rng"])
         self._iterator = iter(self.loader)
@@ -130,8 +153,10 @@ def batch_stream(data, batch_size, seed: int):
     """A resumable stream of (x, y or None) batches over data (see the module docstring)."""
     if isinstance(data, DataLoader):
         if batch_size is not None and batch_size != data.batch_size:
-            raise ValueError(f"batch_size={batch_size} but the DataLoader makes batches of "
-                             f"{data.batch_size}: leave batch_size=None for a DataLoader")
+            raise ValueError(
+                f"batch_size={batch_size} but the DataLoader makes batches of "
+                f"{data.batch_size}: leave batch_size=None for a DataLoader"
+            )
         return _LoaderBatches(data)
     if batch_size is None:
         raise ValueError("batch_size is required unless data is a DataLoader")
@@ -145,8 +170,10 @@ def batch_stream(data, batch_size, seed: int):
         else:
             data = (x, y)
     elif not isinstance(data, (torch.Tensor, Dataset)):
-        raise TypeError(f"data must be a tensor, an (x, y) pair of tensors, a Dataset or a "
-                        f"DataLoader, got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a tensor, an (x, y) pair of tensors, a Dataset or a "
+            f"DataLoader, got {type(data).__name__}"
+        )
     if isinstance(data, torch.Tensor) and data.dim() < 1:
         raise ValueError("data must have a leading sample axis, got a 0-dim tensor")
     return _EpochBatches(data, batch_size, seed)

@@ -65,7 +65,8 @@ class DivergenceMonitor:
                     f"the energy gap |E+ - E-| = {abs(gap):.3g} grew past {limit:.3g} "
                     f"({self.growth:g}x its first logged size): raise alpha (the energy-magnitude "
                     f"penalty), lower the learning rate, or clip the parameter gradients "
-                    f"(grad_clip)")
+                    f"(grad_clip)"
+                )
         level = record["energy_pos"]
         if math.isfinite(level):
             self.start(level)
@@ -80,7 +81,8 @@ class DivergenceMonitor:
                     f"overconfident and its negatives may be noise it cannot tell from data (look "
                     f"at the samples): raise alpha where the loss has one, lower the learning "
                     f"rate, or use sampler settings made for this data (ebm-fast train's defaults "
-                    f"follow the data set)")
+                    f"follow the data set)"
+                )
         chain_grad = record.get("chain_grad_norm")
         if chain_grad is not None and math.isfinite(chain_grad):
             if self.first_chain_grad is None:
@@ -91,7 +93,8 @@ class DivergenceMonitor:
                     f"the chains' mean input-gradient norm {chain_grad:.3g} grew past {limit:.3g} "
                     f"({self.growth:g}x its first logged value): the energy is getting steep where "
                     f"the chains are; lower the sampler's step_size or clip its gradients "
-                    f"(grad_clip), raise alpha, or lower the learning rate")
+                    f"(grad_clip), raise alpha, or lower the learning rate"
+                )
         self.below_streak = self.below_streak + 1 if gap > self.margin else 0
         if self.below_streak >= self.patience:
             found["negatives_below"] = (
@@ -99,26 +102,34 @@ class DivergenceMonitor:
                 f"row (E+ {record['energy_pos']:.3g}, E- {record['energy_neg']:.3g}): the sampler "
                 f"keeps finding states the model rates likelier than the data; look at the "
                 f"samples, raise the buffer's reinit_prob or the sampler's steps, or lower the "
-                f"learning rate")
+                f"learning rate"
+            )
         skipped = record["nonfinite_skipped"] - self.skipped
         self.skipped = record["nonfinite_skipped"]
         if skipped:
             found[f"nonfinite@{record['iteration']}"] = (
                 f"{skipped} steps skipped since the last log for a non-finite loss or gradient "
                 f"({self.skipped} in all): lower the learning rate or the sampler's step_size, "
-                f"raise alpha, or clip gradients")
+                f"raise alpha, or clip gradients"
+            )
         issued = [message for kind, message in found.items() if kind not in self.active]
         self.active = set(found)
         for message in issued:
-            warnings.warn(f"iteration {record['iteration']}: {message}", TrainingWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"iteration {record['iteration']}: {message}", TrainingWarning, stacklevel=3
+            )
         return issued
 
     def state_dict(self) -> dict:
         """The baselines, streaks and active warnings (plain values: a checkpoint resumes them)."""
-        return {"first_gap": self.first_gap, "first_chain_grad": self.first_chain_grad,
-                "start_level": self.start_level, "below_streak": self.below_streak,
-                "skipped": self.skipped, "active": sorted(self.active)}
+        return {
+            "first_gap": self.first_gap,
+            "first_chain_grad": self.first_chain_grad,
+            "start_level": self.start_level,
+            "below_streak": self.below_streak,
+            "skipped": self.skipped,
+            "active": sorted(self.active),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.first_gap, self.first_chain_grad = state["first_gap"], state["first_chain_grad"]

@@ -36,9 +36,23 @@ from torch.nn.parallel import DistributedDataParallel
 from ebm_fast import validation
 from ebm_fast.buffer import ReplayBuffer
 
-__all__ = ["Rank", "init", "world", "wrap", "unwrap", "local_batch", "GlobalInit",
-           "shard_buffer", "prepare_loss", "all_reduce_mean", "barrier", "shard_path",
-           "remove_stale_shards", "reshard_buffer_state", "reshard_loss_state"]
+__all__ = [
+    "Rank",
+    "init",
+    "world",
+    "wrap",
+    "unwrap",
+    "local_batch",
+    "GlobalInit",
+    "shard_buffer",
+    "prepare_loss",
+    "all_reduce_mean",
+    "barrier",
+    "shard_path",
+    "remove_stale_shards",
+    "reshard_buffer_state",
+    "reshard_loss_state",
+]
 
 # A shard file, or the temporary file of its write (checkpoints.atomic_save's name for it).
 _SHARD_FILE = re.compile(r"\.?iteration-\d+-rank-(\d+)-of-\d+\.pt(\..+\.tmp)?")
@@ -107,8 +121,10 @@ def unwrap(energy: torch.nn.Module) -> torch.nn.Module:
 
 def _local_rows(batch: int, rank: int, world_size: int) -> slice:
     if batch % world_size:
-        raise ValueError(f"the global batch ({batch} samples) must be a multiple of the world "
-                         f"size ({world_size}): each rank takes an equal share")
+        raise ValueError(
+            f"the global batch ({batch} samples) must be a multiple of the world "
+            f"size ({world_size}): each rank takes an equal share"
+        )
     share = batch // world_size
     return slice(rank * share, (rank + 1) * share)
 
@@ -128,12 +144,14 @@ class GlobalInit:
         self.init, self.rank, self.world_size = init, rank, world_size
 
     def __call__(self, batch: int) -> torch.Tensor:
-        return self.init(batch * self.world_size)[_local_rows(batch * self.world_size,
-                                                              self.rank, self.world_size)]
+        return self.init(batch * self.world_size)[
+            _local_rows(batch * self.world_size, self.rank, self.world_size)
+        ]
 
 
-def shard_buffer(capacity: int, sample_shape, *, seed: int | None = None,
-                 **options) -> ReplayBuffer:
+def shard_buffer(
+    capacity: int, sample_shape, *, seed: int | None = None, **options
+) -> ReplayBuffer:
     """This rank's shard of a replay buffer of global ``capacity`` slots: capacity /
     world_size slots (a multiple of n_classes), the same seed on every rank (None draws it from
     torch's global generator, in step on ranks seeded alike) and rank r's noise at chain
@@ -142,10 +160,17 @@ def shard_buffer(capacity: int, sample_shape, *, seed: int | None = None,
     capacity = validation.integer(capacity, "capacity", low=1)
     per_rank = world_size * (options.get("n_classes") or 1)
     if capacity % per_rank:
-        raise ValueError(f"capacity ({capacity}) must be a multiple of world_size * n_classes "
-                         f"({per_rank}): each rank owns an equal share of every class")
-    return ReplayBuffer(capacity // world_size, sample_shape, seed=validation.seed_or_default(seed),
-                        rank=rank, **options)
+        raise ValueError(
+            f"capacity ({capacity}) must be a multiple of world_size * n_classes "
+            f"({per_rank}): each rank owns an equal share of every class"
+        )
+    return ReplayBuffer(
+        capacity // world_size,
+        sample_shape,
+        seed=validation.seed_or_default(seed),
+        rank=rank,
+        **options,
+    )
 
 
 def prepare_loss(loss, local_size: int, rank: int, world_size: int) -> None:
@@ -158,9 +183,11 @@ def prepare_loss(loss, local_size: int, rank: int, world_size: int) -> None:
         loss.init = GlobalInit(init, rank, world_size)
     buffer = getattr(loss, "buffer", None)
     if buffer is not None and buffer.rank != rank:
-        raise ValueError(f"the loss's replay buffer has rank={buffer.rank} on rank {rank}: build "
-                         "it with ebm_fast.training.distributed.shard_buffer so each rank owns "
-                         "its shard and its own noise")
+        raise ValueError(
+            f"the loss's replay buffer has rank={buffer.rank} on rank {rank}: build "
+            "it with ebm_fast.training.distributed.shard_buffer so each rank owns "
+            "its shard and its own noise"
+        )
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -183,12 +210,16 @@ def barrier() -> None:
 def shard_path(checkpoint: Path, iteration: int, rank: int, world_size: int) -> Path:
     """Where rank's loss state of the checkpoint at iteration goes: a file per iteration, so
     the shards of the last complete checkpoint survive a crash while the next one is written."""
-    return (Path(checkpoint).parent / f"{Path(checkpoint).stem}.shards"
-            / f"iteration-{iteration}-rank-{rank}-of-{world_size}.pt")
+    return (
+        Path(checkpoint).parent
+        / f"{Path(checkpoint).stem}.shards"
+        / f"iteration-{iteration}-rank-{rank}-of-{world_size}.pt"
+    )
 
 
-def remove_stale_shards(checkpoint: Path, rank: int, world_size: int,
-                        keep: Path | None = None) -> None:
+def remove_stale_shards(
+    checkpoint: Path, rank: int, world_size: int, keep: Path | None = None
+) -> None:
     """Remove the shard files of ``checkpoint`` that its newest version does not use: this
     rank's other ones (older checkpoints, temporary files of writes a crash cut short, which
     atomic_save cannot remove when the process is killed), and on rank 0 those of ranks this
@@ -201,8 +232,11 @@ def remove_stale_shards(checkpoint: Path, rank: int, world_size: int,
     for path in folder.iterdir():
         match = _SHARD_FILE.fullmatch(path.name)
         owner = None if match is None else int(match[1])
-        if path != keep and owner is not None and (owner == rank or
-                                                   (rank == 0 and owner >= world_size)):
+        if (
+            path != keep
+            and owner is not None
+            and (owner == rank or (rank == 0 and owner >= world_size))
+        ):
             path.unlink(missing_ok=True)
     if world_size == 1 and not any(folder.iterdir()):
         folder.rmdir()
@@ -232,19 +266,26 @@ def reshard_buffer_state(states: list[dict], rank: int, world_size: int) -> dict
     n_classes = config["n_classes"] or 1
     capacity = config["capacity"] * len(states)
     if capacity % (world_size * n_classes):
-        raise ValueError(f"the buffer's global capacity {capacity} does not split into "
-                         f"{world_size} shards of equal per-class size ({n_classes} classes)")
-    storage, written = (_class_blocks(torch.stack([s[name] for s in states]), len(states),
-                                      n_classes) for name in ("storage", "written"))
+        raise ValueError(
+            f"the buffer's global capacity {capacity} does not split into "
+            f"{world_size} shards of equal per-class size ({n_classes} classes)"
+        )
+    storage, written = (
+        _class_blocks(torch.stack([s[name] for s in states]), len(states), n_classes)
+        for name in ("storage", "written")
+    )
     share = storage.shape[1] // world_size
     mine = slice(rank * share, (rank + 1) * share)
     written = written[:, mine]
     config.update(capacity=capacity // world_size, rank=rank)
-    return {"config": config, "seed": states[0]["seed"].clone(),
-            "storage": storage[:, mine].reshape(-1, storage.shape[-1]).clone(),
-            "written": written.reshape(-1).clone(),
-            "count": written.to(torch.int64).cumprod(1).sum(1),
-            "draws": torch.stack([s["draws"] for s in states]).max()}
+    return {
+        "config": config,
+        "seed": states[0]["seed"].clone(),
+        "storage": storage[:, mine].reshape(-1, storage.shape[-1]).clone(),
+        "written": written.reshape(-1).clone(),
+        "count": written.to(torch.int64).cumprod(1).sum(1),
+        "draws": torch.stack([s["draws"] for s in states]).max(),
+    }
 
 
 def reshard_loss_state(states: list[dict], rank: int, world_size: int) -> dict:

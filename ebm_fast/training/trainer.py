@@ -79,36 +79,60 @@ class Trainer:
     and by rank 0 (the rest). Callbacks run on every rank (``trainer.rank`` tells which).
     """
 
-    def __init__(self, energy: torch.nn.Module, loss: EBMLoss, optimizer: torch.optim.Optimizer,
-                 *, ema: float | None = None, grad_clip: float | None = None,
-                 out_dir: str | Path | None = None,
-                 checkpoint_every: int | None = None, log_every: int = 100,
-                 progress: bool = True, on_nonfinite: str = "skip", data_seed: int | None = None,
-                 monitor: DivergenceMonitor | None = None,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 callbacks: tuple[Callable[[Trainer, dict], None], ...] = (),
-                 step_callbacks: tuple[Callable[[Trainer], None], ...] = ()) -> None:
+    def __init__(
+        self,
+        energy: torch.nn.Module,
+        loss: EBMLoss,
+        optimizer: torch.optim.Optimizer,
+        *,
+        ema: float | None = None,
+        grad_clip: float | None = None,
+        out_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        log_every: int = 100,
+        progress: bool = True,
+        on_nonfinite: str = "skip",
+        data_seed: int | None = None,
+        monitor: DivergenceMonitor | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        callbacks: tuple[Callable[[Trainer, dict], None], ...] = (),
+        step_callbacks: tuple[Callable[[Trainer], None], ...] = (),
+    ) -> None:
         self.parameters = trainable_parameters(energy)
         self.rank, self.world_size = distributed.world()
         if not isinstance(loss, EBMLoss):
             raise TypeError(f"loss must be an ebm_fast.training loss, got {type(loss).__name__}")
         if loss.energy is not energy:
-            raise ValueError("loss was built on a sampler of another energy: the sampler must "
-                             "sample the energy being trained")
+            raise ValueError(
+                "loss was built on a sampler of another energy: the sampler must "
+                "sample the energy being trained"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         own = {id(p) for p in energy.parameters()}
         if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("optimizer holds parameters that are not the energy's")
         self.energy, self.loss, self.optimizer = energy, loss, optimizer
-        self.ema_decay = None if ema is None else validation.real(
-            ema, "ema", low=0.0, high=1.0, low_open=True, high_open=True)
-        self.ema_model = None if ema is None else AveragedModel(
-            energy, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
+        self.ema_decay = (
+            None
+            if ema is None
+            else validation.real(ema, "ema", low=0.0, high=1.0, low_open=True, high_open=True)
+        )
+        self.ema_model = (
+            None
+            if ema is None
+            else AveragedModel(
+                energy, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True
+            )
+        )
         self.grad_clip = validation.grad_clip(grad_clip)
-        self.checkpoint_every = None if checkpoint_every is None else validation.integer(
-            checkpoint_every, "checkpoint_every", low=1)
+        self.checkpoint_every = (
+            None
+            if checkpoint_every is None
+            else validation.integer(checkpoint_every, "checkpoint_every", low=1)
+        )
         self.log_every = validation.integer(log_every, "log_every", low=1)
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
@@ -133,8 +157,7 @@ class Trainer:
         self._window = {"iterations": 0, "seconds": 0.0, "sampler_seconds": 0.0}
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, data: TrainingData, iterations: int,
-            batch_size: int | None = None) -> Trainer:
+    def fit(self, data: TrainingData, iterations: int, batch_size: int | None = None) -> Trainer:
         """Train until ``trainer.iteration == iterations`` (a total: a resumed trainer runs the
         rest). data: a tensor, an (x, y) pair of tensors, a Dataset (batches of batch_size in a
         new order each epoch) or a DataLoader (batch_size None). Returns the trainer."""
@@ -147,22 +170,35 @@ class Trainer:
         if self.out_dir is not None:
             self._claim_out_dir()
         device = self.parameters[0].device
-        bar = tqdm(total=iterations, initial=self.iteration, unit="it", dynamic_ncols=True,
-                   disable=not (self.progress and self.rank == 0 and sys.stderr.isatty()))
+        bar = tqdm(
+            total=iterations,
+            initial=self.iteration,
+            unit="it",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.rank == 0 and sys.stderr.isatty()),
+        )
         with bar:
             while self.iteration < iterations:
                 x, y = next(batches)
                 if self.world_size > 1:
                     x, y = distributed.local_batch(x, y, self.rank, self.world_size)
-                self.step(x.to(device, non_blocking=True),
-                          None if y is None else y.to(device, non_blocking=True))
+                self.step(
+                    x.to(device, non_blocking=True),
+                    None if y is None else y.to(device, non_blocking=True),
+                )
                 bar.update(1)
                 if self.history and self.history[-1]["iteration"] == self.iteration:
                     record = self.history[-1]
-                    bar.set_postfix(loss=f"{record['loss']:.3g}",
-                                    gap=f"{record['energy_gap']:.3g}", refresh=False)
-                if self.out_dir is not None and self.checkpoint_every and \
-                        self.iteration % self.checkpoint_every == 0:
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3g}",
+                        gap=f"{record['energy_gap']:.3g}",
+                        refresh=False,
+                    )
+                if (
+                    self.out_dir is not None
+                    and self.checkpoint_every
+                    and self.iteration % self.checkpoint_every == 0
+                ):
                     self.save_checkpoint()
         if self.out_dir is not None:
             self.save_checkpoint()
@@ -187,10 +223,11 @@ class Trainer:
             loss.backward()
             # Without a clip, the norm alone (clip_grad_norm_ with an infinite max would still
             # rescale every gradient by 1: a pass over all of them per iteration).
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.parameters if p.grad is not None]) \
-                if self.grad_clip is None else \
-                torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+            if self.grad_clip is None:
+                grads = [p.grad for p in self.parameters if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
             finite = bool(torch.isfinite(loss.detach() + norm))  # the iteration's host read
         if finite:
             self.optimizer.step()
@@ -201,7 +238,8 @@ class Trainer:
                 raise FloatingPointError(
                     f"iteration {self.iteration + 1}: the loss or a parameter gradient is not "
                     "finite; lower the learning rate or the sampler's step_size, raise alpha, or "
-                    "clip gradients (Trainer(grad_clip=...)); on_nonfinite='skip' skips such steps")
+                    "clip gradients (Trainer(grad_clip=...)); on_nonfinite='skip' skips such steps"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_skipped += 1
         if self.scheduler is not None:
@@ -213,8 +251,9 @@ class Trainer:
         if self.loss.last is not None and loss is not None:
             window["sampler_seconds"] += self.loss.last.sampler_seconds
             if self.iteration == 1:  # the monitor's baseline: the energies' level at the start
-                self.monitor.start(distributed.all_reduce_mean(
-                    self.loss.last.energy_pos.detach().float()).item())
+                self.monitor.start(
+                    distributed.all_reduce_mean(self.loss.last.energy_pos.detach().float()).item()
+                )
         if log:
             self._log(loss, norm if loss is not None else None)
         for callback in self.step_callbacks:
@@ -225,29 +264,58 @@ class Trainer:
         stats = self.loss.last if loss is not None else None
         values: dict[str, torch.Tensor] = {}
         if stats is not None and loss is not None and grad_norm is not None:  # a step was taken
-            values = {"loss": loss.detach(), "energy_pos": stats.energy_pos,
-                      "energy_neg": stats.energy_neg, "grad_norm": grad_norm.detach()}
-            for key in ("chain_grad_norm", "chain_displacement", "reinit_fraction", "kl",
-                        "entropy"):
+            values = {
+                "loss": loss.detach(),
+                "energy_pos": stats.energy_pos,
+                "energy_neg": stats.energy_neg,
+                "grad_norm": grad_norm.detach(),
+            }
+            for key in (
+                "chain_grad_norm",
+                "chain_displacement",
+                "reinit_fraction",
+                "kl",
+                "entropy",
+            ):
                 if getattr(stats, key) is not None:
                     values[key] = getattr(stats, key)
-        numbers = dict(zip(values, distributed.all_reduce_mean(
-            torch.stack([v.float().reshape(()) for v in values.values()])).tolist())) \
-            if values else {}
+        numbers = (
+            dict(
+                zip(
+                    values,
+                    distributed.all_reduce_mean(
+                        torch.stack([v.float().reshape(()) for v in values.values()])
+                    ).tolist(),
+                )
+            )
+            if values
+            else {}
+        )
         window = self._window
         nan = float("nan")
         record: dict[str, Any]
-        record = {"iteration": self.iteration,
-                  "loss": numbers.get("loss", nan),
-                  "energy_pos": numbers.get("energy_pos", nan),
-                  "energy_neg": numbers.get("energy_neg", nan),
-                  "energy_gap": numbers.get("energy_pos", nan) - numbers.get("energy_neg", nan),
-                  "grad_norm": numbers.get("grad_norm", nan),
-                  **{k: numbers[k] for k in ("chain_grad_norm", "chain_displacement",
-                                             "reinit_fraction", "kl", "entropy") if k in numbers},
-                  "sampler_seconds": window["sampler_seconds"] / window["iterations"],
-                  "iteration_seconds": window["seconds"] / window["iterations"],
-                  "nonfinite_skipped": self.nonfinite_skipped}
+        record = {
+            "iteration": self.iteration,
+            "loss": numbers.get("loss", nan),
+            "energy_pos": numbers.get("energy_pos", nan),
+            "energy_neg": numbers.get("energy_neg", nan),
+            "energy_gap": numbers.get("energy_pos", nan) - numbers.get("energy_neg", nan),
+            "grad_norm": numbers.get("grad_norm", nan),
+            **{
+                k: numbers[k]
+                for k in (
+                    "chain_grad_norm",
+                    "chain_displacement",
+                    "reinit_fraction",
+                    "kl",
+                    "entropy",
+                )
+                if k in numbers
+            },
+            "sampler_seconds": window["sampler_seconds"] / window["iterations"],
+            "iteration_seconds": window["seconds"] / window["iterations"],
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
         # What the energy's passes ran in, and why (autocast="auto" resolved by the sampler).
         precision = self.loss.sampler.last_precision
         record["precision"] = None if precision is None else precision.to_dict()
@@ -271,32 +339,40 @@ class Trainer:
         checkpoint, metrics = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
         if self._resumed_from is not None and self._resumed_from == checkpoint.resolve():
             if metrics.exists() and self.rank == 0:
-                kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+                kept = [
+                    line
+                    for line in metrics.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["iteration"] <= self.iteration
+                ]
                 checkpoints.atomic_write_text("".join(kept), metrics)
         elif checkpoint.exists() or metrics.exists():
             raise FileExistsError(
                 f"out_dir {out_dir} already holds a run ({CHECKPOINT_NAME} or "
                 f"{METRICS_NAME}); resume it with trainer.load_checkpoint("
-                f"'{checkpoint}') or choose another out_dir")
+                f"'{checkpoint}') or choose another out_dir"
+            )
         self._claimed = out_dir
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run bit-identically (weights_only loadable)."""
-        return {"format": CHECKPOINT_FORMAT, "iteration": self.iteration,
-                "nonfinite_skipped": self.nonfinite_skipped,
-                "loss_kind": type(self.loss).__name__,
-                "model": distributed.unwrap(self.energy).state_dict(),
-                "ema": None if self.ema_model is None else self.ema_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "loss": self.loss.state_dict(),
-                "monitor": self.monitor.state_dict(),
-                "data": None if self._batches is None else self._batches.state_dict(),
-                "rng": {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all()
-                        if torch.cuda.is_initialized() else None}}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "loss_kind": type(self.loss).__name__,
+            "model": distributed.unwrap(self.energy).state_dict(),
+            "ema": None if self.ema_model is None else self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "loss": self.loss.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "data": None if self._batches is None else self._batches.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            },
+        }
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the checkpoint atomically (default out_dir/checkpoint.pt); returns its path."""
@@ -327,9 +403,17 @@ class Trainer:
         """The loss state for this rank: the single file's, or the shard files' re-sharded
         for this world size (distributed.reshard_loss_state) when it differs."""
         saved_ranks = state.get("loss_shards")
-        states = [state["loss"]] if saved_ranks is None else [
-            checkpoints.load(distributed.shard_path(path, state["iteration"], rank, saved_ranks),
-                             map_location="cpu") for rank in range(saved_ranks)]
+        states = (
+            [state["loss"]]
+            if saved_ranks is None
+            else [
+                checkpoints.load(
+                    distributed.shard_path(path, state["iteration"], rank, saved_ranks),
+                    map_location="cpu",
+                )
+                for rank in range(saved_ranks)
+            ]
+        )
         return distributed.reshard_loss_state(states, self.rank, self.world_size)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -338,22 +422,30 @@ class Trainer:
         path = Path(path)
         state = checkpoints.load(path, map_location="cpu")
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an ebm_fast training checkpoint (format "
-                             f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+            raise ValueError(
+                f"{path} is not an ebm_fast training checkpoint (format "
+                f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
+            )
         if state["loss_kind"] != type(self.loss).__name__:
-            raise ValueError(f"{path} was saved with loss {state['loss_kind']}, this trainer's "
-                             f"loss is {type(self.loss).__name__}")
+            raise ValueError(
+                f"{path} was saved with loss {state['loss_kind']}, this trainer's "
+                f"loss is {type(self.loss).__name__}"
+            )
         model = distributed.unwrap(self.energy)
         _check_same_model(state["model"], model.state_dict(), path)
         if (state["ema"] is None) != (self.ema_model is None):
-            raise ValueError(f"{path} was saved {'without' if state['ema'] is None else 'with'} "
-                             f"an EMA but this trainer has ema={self.ema_decay}")
+            raise ValueError(
+                f"{path} was saved {'without' if state['ema'] is None else 'with'} "
+                f"an EMA but this trainer has ema={self.ema_decay}"
+            )
         if (state.get("scheduler") is None) != (self.scheduler is None):
             scheduler = type(self.scheduler).__name__ if self.scheduler else None
-            raise ValueError(f"{path} was saved "
-                             f"{'without' if state.get('scheduler') is None else 'with'} a "
-                             f"learning-rate scheduler but this trainer has "
-                             f"scheduler={scheduler}")
+            raise ValueError(
+                f"{path} was saved "
+                f"{'without' if state.get('scheduler') is None else 'with'} a "
+                f"learning-rate scheduler but this trainer has "
+                f"scheduler={scheduler}"
+            )
         # The loss first: its buffer refuses another configuration before copying anything.
         self.loss.load_state_dict(self._saved_loss_state(state, path))
         model.load_state_dict(state["model"])
@@ -378,11 +470,15 @@ def _check_scheduler(scheduler, optimizer):
     if scheduler is None:
         return None
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler, got "
-                        f"{type(scheduler).__name__}")
+        raise TypeError(
+            f"scheduler must be a torch.optim.lr_scheduler scheduler, got "
+            f"{type(scheduler).__name__}"
+        )
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError("ReduceLROnPlateau steps on a metric, not once per iteration: step it "
-                         "yourself in a callback (callbacks=...) with the metric it needs")
+        raise ValueError(
+            "ReduceLROnPlateau steps on a metric, not once per iteration: step it "
+            "yourself in a callback (callbacks=...) with the metric it needs"
+        )
     if scheduler.optimizer is not optimizer:
         raise ValueError("scheduler was built on another optimizer than the trainer's")
     return scheduler
@@ -391,19 +487,25 @@ def _check_scheduler(scheduler, optimizer):
 def _check_same_model(saved: dict, current: dict, path: Path) -> None:
     problems = [f"missing {key}" for key in current if key not in saved]
     problems += [f"unexpected {key}" for key in saved if key not in current]
-    problems += [f"{key}: saved {tuple(saved[key].shape)}, model {tuple(value.shape)}"
-                 for key, value in current.items()
-                 if key in saved and tuple(saved[key].shape) != tuple(value.shape)]
+    problems += [
+        f"{key}: saved {tuple(saved[key].shape)}, model {tuple(value.shape)}"
+        for key, value in current.items()
+        if key in saved and tuple(saved[key].shape) != tuple(value.shape)
+    ]
     if problems:
-        raise ValueError(f"{path} holds another model's weights: " + "; ".join(problems[:5])
-                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        raise ValueError(
+            f"{path} holds another model's weights: "
+            + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
 
 
 def _writable_dir(out_dir) -> Path:
     """out_dir created if needed and checked writable, before any work starts."""
     if not isinstance(out_dir, (str, Path)):
-        raise TypeError(f"out_dir must be a path (str or pathlib.Path), got "
-                        f"{type(out_dir).__name__}")
+        raise TypeError(
+            f"out_dir must be a path (str or pathlib.Path), got {type(out_dir).__name__}"
+        )
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)

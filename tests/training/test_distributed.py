@@ -41,18 +41,30 @@ def make_trainer(kind, out_dir=None, iterations_logged=1):
     (distributed.wrap and shard_buffer are the identity / a whole buffer in one process)."""
     torch.manual_seed(0)
     energy = distributed.wrap(nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 1)))
-    sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1, n_steps=4,
-                              clamp=(-3, 3), seed=1)
+    sampler = LangevinSampler(
+        energy, step_size=0.01, noise_scale=0.1, n_steps=4, clamp=(-3, 3), seed=1
+    )
     if kind == "cd":
         loss = ContrastiveDivergence(sampler, k=4, alpha=0.1)
     elif kind == "short_run":
         loss = ShortRunML(sampler, lambda n: torch.rand(n, 2) * 6 - 3, alpha=0.1)
     else:
-        loss = PersistentML(sampler, distributed.shard_buffer(
-            CAPACITY, (2,), init_range=(-3, 3), seed=2, reinit_prob=0.2), alpha=0.1)
+        loss = PersistentML(
+            sampler,
+            distributed.shard_buffer(CAPACITY, (2,), init_range=(-3, 3), seed=2, reinit_prob=0.2),
+            alpha=0.1,
+        )
     optimizer = torch.optim.SGD(energy.parameters(), lr=0.05)
-    return Trainer(energy, loss, optimizer, out_dir=out_dir, progress=False, data_seed=3,
-                   log_every=iterations_logged, checkpoint_every=3)
+    return Trainer(
+        energy,
+        loss,
+        optimizer,
+        out_dir=out_dir,
+        progress=False,
+        data_seed=3,
+        log_every=iterations_logged,
+        checkpoint_every=3,
+    )
 
 
 def run(kind, iterations, out_dir=None, resume=None):
@@ -62,22 +74,31 @@ def run(kind, iterations, out_dir=None, resume=None):
     if resume is not None:
         trainer.load_checkpoint(resume)
     trainer.fit(data(), iterations, GLOBAL_BATCH)
-    return {"negatives": trainer.loss.last.negatives,
-            "parameters": [p.detach().clone() for p in trainer.parameters],
-            "history": trainer.history, "loss": trainer.loss.state_dict()}
+    return {
+        "negatives": trainer.loss.last.negatives,
+        "parameters": [p.detach().clone() for p in trainer.parameters],
+        "history": trainer.history,
+        "loss": trainer.loss.state_dict(),
+    }
 
 
 def _rank_main(rank, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(RANKS),
+    )
     torch.set_num_threads(1)
     distributed.init("gloo")
     results = {kind: run(kind, 2) for kind in ("cd", "short_run")}
     results["persistent"] = run("persistent", 30)
     results["straight"] = run("persistent", 6)
     run("persistent", 3, out_dir=f"{tmp}/run")
-    results["resumed"] = run("persistent", 6, out_dir=f"{tmp}/run",
-                             resume=f"{tmp}/run/checkpoint.pt")
+    results["resumed"] = run(
+        "persistent", 6, out_dir=f"{tmp}/run", resume=f"{tmp}/run/checkpoint.pt"
+    )
     run("persistent", 3, out_dir=f"{tmp}/for_one_rank")
     torch.save(results, f"{tmp}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -102,8 +123,12 @@ def test_split_batch_gives_the_single_process_negatives_and_update(two_ranks, ki
         for split, whole in zip(rank[kind]["parameters"], single["parameters"]):
             torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
     # Metrics are averaged over the ranks: the global batch's.
-    torch.testing.assert_close(ranks[0][kind]["history"][-1]["energy_neg"],
-                               single["history"][-1]["energy_neg"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ranks[0][kind]["history"][-1]["energy_neg"],
+        single["history"][-1]["energy_neg"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_shards_share_no_slot_or_noise_and_match_single_process_statistics(two_ranks):
@@ -132,20 +157,21 @@ def test_shards_share_no_slot_or_noise_and_match_single_process_statistics(two_r
 def test_checkpoint_resumed_on_two_ranks_continues_bit_identically(two_ranks):
     _, ranks = two_ranks
     for rank in ranks:
-        for resumed, straight in zip(rank["resumed"]["parameters"],
-                                     rank["straight"]["parameters"]):
+        for resumed, straight in zip(rank["resumed"]["parameters"], rank["straight"]["parameters"]):
             assert torch.equal(resumed, straight)
         assert torch.equal(rank["resumed"]["negatives"], rank["straight"]["negatives"])
         for key in ("storage", "written", "draws"):
-            assert torch.equal(rank["resumed"]["loss"]["buffer"][key],
-                               rank["straight"]["loss"]["buffer"][key])
+            assert torch.equal(
+                rank["resumed"]["loss"]["buffer"][key], rank["straight"]["loss"]["buffer"][key]
+            )
 
 
 def test_checkpoint_resumed_on_one_rank_reassembles_the_buffer(two_ranks):
     tmp, _ = two_ranks
     checkpoint = tmp / "for_one_rank" / "checkpoint.pt"
-    shards = [torch.load(distributed.shard_path(checkpoint, 3, r, RANKS))["buffer"]
-              for r in range(RANKS)]
+    shards = [
+        torch.load(distributed.shard_path(checkpoint, 3, r, RANKS))["buffer"] for r in range(RANKS)
+    ]
     trainer = make_trainer("persistent")
     trainer.load_checkpoint(checkpoint)
     buffer = trainer.loss.buffer.state_dict()
@@ -172,17 +198,23 @@ def test_stale_shards_are_removed_by_one_rank_each(tmp_path):
     checkpoint = tmp_path / "checkpoint.pt"
     folder = distributed.shard_path(checkpoint, 0, 0, 1).parent
     folder.mkdir()
-    names = [f"iteration-{i}-rank-{r}-of-{w}.pt" for i, r, w in
-             [(6, 0, 2), (6, 1, 2), (4, 0, 2), (4, 1, 2), (2, 0, 3), (2, 1, 3), (2, 2, 3)]]
+    names = [
+        f"iteration-{i}-rank-{r}-of-{w}.pt"
+        for i, r, w in [(6, 0, 2), (6, 1, 2), (4, 0, 2), (4, 1, 2), (2, 0, 3), (2, 1, 3), (2, 2, 3)]
+    ]
     names += [".iteration-8-rank-1-of-2.pt.k1ll3d.tmp", "notes.txt"]
     for name in names:
         (folder / name).write_text("")
     # Resumed on 2 processes from the 3-process checkpoint, now at iteration 6.
     for rank in range(2):
-        distributed.remove_stale_shards(checkpoint, rank, 2,
-                                        keep=distributed.shard_path(checkpoint, 6, rank, 2))
+        distributed.remove_stale_shards(
+            checkpoint, rank, 2, keep=distributed.shard_path(checkpoint, 6, rank, 2)
+        )
     assert sorted(p.name for p in folder.iterdir()) == [
-        "iteration-6-rank-0-of-2.pt", "iteration-6-rank-1-of-2.pt", "notes.txt"]
+        "iteration-6-rank-0-of-2.pt",
+        "iteration-6-rank-1-of-2.pt",
+        "notes.txt",
+    ]
     distributed.remove_stale_shards(checkpoint, 0, 1)  # then on one process
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
@@ -208,14 +240,34 @@ def test_cli_trains_on_two_processes(tmp_path, capsys):
     from ebm_fast import cli
 
     out = tmp_path / "run"
-    options = ["train", "--data", "ring", "--steps", "2", "--batch", "16", "--buffer-size", "64",
-               "--n-data", "500", "--log-every", "2", "--checkpoint-every", "2",
-               "--plot-every", "100", "--iterations", "2"]
+    options = [
+        "train",
+        "--data",
+        "ring",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--buffer-size",
+        "64",
+        "--n-data",
+        "500",
+        "--log-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--plot-every",
+        "100",
+        "--iterations",
+        "2",
+    ]
     assert cli.main(options + ["--nproc", "3", "--out", str(tmp_path / "odd")]) == 2
     assert "multiples of --nproc 3" in capsys.readouterr().err
     assert cli.main(options + ["--nproc", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "checkpoint.shards").iterdir()) == [
-        "iteration-2-rank-0-of-2.pt", "iteration-2-rank-1-of-2.pt"]
+        "iteration-2-rank-0-of-2.pt",
+        "iteration-2-rank-1-of-2.pt",
+    ]
     assert torch.load(out / "checkpoint.pt")["loss_shards"] == 2
 
 
@@ -234,7 +286,8 @@ def _marked_pids(marker: str, *entries: str) -> list[int]:
 
 
 def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
-        tmp_path, monkeypatch, capfd):
+    tmp_path, monkeypatch, capfd
+):
     """SIGKILL rank 1 of `ebm-fast train --nproc 2` while it checkpoints every 2 iterations:
     torchrun ends the job, checkpoint.pt is the last complete checkpoint (its shards on disk),
     and resuming it on 2 ranks ends with the parameters and buffer shards of a run that never
@@ -243,13 +296,35 @@ def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("KILL_TEST_MARKER", str(tmp_path))  # torchrun passes it to the ranks
-    options = ["train", "--data", "ring", "--steps", "2", "--batch", "16", "--buffer-size", "64",
-               "--n-data", "500", "--log-every", "1000", "--checkpoint-every", "2",
-               "--plot-every", "1000", "--nproc", "2"]
+    options = [
+        "train",
+        "--data",
+        "ring",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--buffer-size",
+        "64",
+        "--n-data",
+        "500",
+        "--log-every",
+        "1000",
+        "--checkpoint-every",
+        "2",
+        "--plot-every",
+        "1000",
+        "--nproc",
+        "2",
+    ]
     killed = tmp_path / "killed"
     exit_codes = []
-    job = threading.Thread(target=lambda: exit_codes.append(cli.main(
-        options + ["--iterations", "100000", "--out", str(killed)])), daemon=True)
+    job = threading.Thread(
+        target=lambda: exit_codes.append(
+            cli.main(options + ["--iterations", "100000", "--out", str(killed)])
+        ),
+        daemon=True,
+    )
     job.start()
     try:
         deadline = time.monotonic() + 60
@@ -273,10 +348,13 @@ def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
     # there only by chance): atomic_save's temporary file, half written.
     shards_dir = killed / "checkpoint.shards"
     (shards_dir / f".iteration-{iteration + 2}-rank-1-of-2.pt.k1ll3d.tmp").write_bytes(
-        (shards_dir / f"iteration-{iteration}-rank-1-of-2.pt").read_bytes()[:100])
+        (shards_dir / f"iteration-{iteration}-rank-1-of-2.pt").read_bytes()[:100]
+    )
     capfd.readouterr()
-    assert cli.main(["train", "--resume", str(killed), "--nproc", "2",
-                     "--iterations", str(target)]) == 0
+    assert (
+        cli.main(["train", "--resume", str(killed), "--nproc", "2", "--iterations", str(target)])
+        == 0
+    )
     assert f"resuming {killed} at iteration {iteration}" in capfd.readouterr().out
     straight = tmp_path / "straight"
     assert cli.main(options + ["--iterations", str(target), "--out", str(straight)]) == 0
@@ -285,11 +363,15 @@ def test_killing_one_rank_mid_run_then_resuming_matches_the_uninterrupted_run(
     for name, tensor in ends[1]["model"].items():
         assert torch.equal(ends[0]["model"][name], tensor), name
     for rank in range(RANKS):
-        shards = [checkpoints.load(distributed.shard_path(run / "checkpoint.pt", target, rank,
-                                                          RANKS))["buffer"]
-                  for run in (killed, straight)]
+        shards = [
+            checkpoints.load(distributed.shard_path(run / "checkpoint.pt", target, rank, RANKS))[
+                "buffer"
+            ]
+            for run in (killed, straight)
+        ]
         for key in ("storage", "written", "draws"):
             assert torch.equal(shards[0][key], shards[1][key]), (rank, key)
     # The resumed run's checkpoints removed the files the killed job left behind.
     assert sorted(p.name for p in shards_dir.iterdir()) == [
-        f"iteration-{target}-rank-{rank}-of-2.pt" for rank in range(RANKS)]
+        f"iteration-{target}-rank-{rank}-of-2.pt" for rank in range(RANKS)
+    ]

@@ -10,9 +10,26 @@ import torch
 from ebm_fast import cli
 from ebm_fast.training import checkpoints
 
-TINY = ["--iterations", "4", "--log-every", "2", "--plot-every", "4", "--checkpoint-every", "2",
-        "--steps", "2", "--batch", "16", "--n-data", "200", "--hidden", "8",
-        "--buffer-size", "64"]
+TINY = [
+    "--iterations",
+    "4",
+    "--log-every",
+    "2",
+    "--plot-every",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--steps",
+    "2",
+    "--batch",
+    "16",
+    "--n-data",
+    "200",
+    "--hidden",
+    "8",
+    "--buffer-size",
+    "64",
+]
 
 
 def test_train_writes_checkpoint_metrics_and_png_and_resumes(tmp_path, capsys):
@@ -31,17 +48,35 @@ def test_train_writes_checkpoint_metrics_and_png_and_resumes(tmp_path, capsys):
 def test_train_on_images_writes_a_sample_grid(tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits"
-    assert cli.main(["train", "--data", "digits", "--energy", "conv", "--loss", "short_run",
-                     "--out", str(out), *TINY]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--energy",
+                "conv",
+                "--loss",
+                "short_run",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert any(out.glob("iteration_*.png"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "ring", "--energy", "conv"], "needs an image data set"),
-    ([], "--out DIR is required"),
-    (["--lr", "nan"], "--lr"),
-    (["--steps", "0"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "ring", "--energy", "conv"], "needs an image data set"),
+        ([], "--out DIR is required"),
+        (["--lr", "nan"], "--lr"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
 def test_usage_errors_name_the_option(tmp_path, capsys, argv, message):
     if "--out" not in argv and message != "--out DIR is required":
         argv = [*argv, "--out", str(tmp_path / "x")]
@@ -63,8 +98,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 def files(folder):
     """Every file under folder and its bytes."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def usage_error(argv, capsys) -> str:
@@ -89,8 +123,9 @@ def finished_run(tmp_path_factory):
 def test_resume_refuses_options_that_differ_from_the_saved_run(finished_run, tmp_path, capsys):
     out = shutil.copytree(finished_run, tmp_path / "run")
     before = files(out)
-    err = usage_error(["--resume", str(out), "--loss", "cd", "--lr", "5", "--iterations", "6"],
-                      capsys)
+    err = usage_error(
+        ["--resume", str(out), "--loss", "cd", "--lr", "5", "--iterations", "6"], capsys
+    )
     assert "--loss cd" in err and "--lr 5" in err and "config.json" in err
     assert "--iterations" not in err.split("differ")[0] and files(out) == before
     # The same values as saved are no change; --iterations is the new total, recorded.
@@ -105,8 +140,9 @@ def test_resume_refuses_options_that_differ_from_the_saved_run(finished_run, tmp
     assert "--iterations 2" in err and "iteration 6" in err and files(out) == before
 
 
-def test_a_run_stopped_before_its_first_checkpoint_restarts_on_resume(finished_run, tmp_path,
-                                                                       capsys):
+def test_a_run_stopped_before_its_first_checkpoint_restarts_on_resume(
+    finished_run, tmp_path, capsys
+):
     out = shutil.copytree(finished_run, tmp_path / "run")
     (out / "checkpoint.pt").unlink()  # as if killed after its first log, before any checkpoint
     (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -115,14 +151,15 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_on_resume(finished_r
     assert "from iteration 0" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
-    restarted, uninterrupted = (checkpoints.load(run / "checkpoint.pt")["model"]
-                                for run in (out, finished_run))
+    restarted, uninterrupted = (
+        checkpoints.load(run / "checkpoint.pt")["model"] for run in (out, finished_run)
+    )
     for name, tensor in uninterrupted.items():
         assert torch.equal(restarted[name], tensor), name
 
 
 def _truncate(path):
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 def _other_model(out):
@@ -137,14 +174,18 @@ def _missing_shard(out):
     checkpoints.atomic_save({**state, "loss_shards": 2}, out / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("damage, named", [
-    (lambda out: _truncate(out / "config.json"), "config.json"),
-    (lambda out: _truncate(out / "checkpoint.pt"), "checkpoint.pt"),
-    (_other_model, "checkpoint.pt"),
-    (_missing_shard, "iteration-4-rank-0-of-2.pt"),
-])
-def test_resume_from_damaged_or_mismatched_files_is_a_usage_error(finished_run, tmp_path, capsys,
-                                                                  damage, named):
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda out: _truncate(out / "config.json"), "config.json"),
+        (lambda out: _truncate(out / "checkpoint.pt"), "checkpoint.pt"),
+        (_other_model, "checkpoint.pt"),
+        (_missing_shard, "iteration-4-rank-0-of-2.pt"),
+    ],
+)
+def test_resume_from_damaged_or_mismatched_files_is_a_usage_error(
+    finished_run, tmp_path, capsys, damage, named
+):
     out = shutil.copytree(finished_run, tmp_path / "run")
     damage(out)
     before = files(out)
@@ -155,8 +196,26 @@ def test_resume_from_damaged_or_mismatched_files_is_a_usage_error(finished_run, 
 def test_defaults_follow_the_data_and_are_stated_in_the_help(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "jem"
-    assert cli.main(["train", "--data", "digits", "--loss", "jem", "--out", str(out),
-                     "--iterations", "1", "--steps", "1", "--log-every", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--loss",
+                "jem",
+                "--out",
+                str(out),
+                "--iterations",
+                "1",
+                "--steps",
+                "1",
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     # Images: the conv energy and JEM's SGLD (step 1, noise 0.01); JEM: Adam with momentum.
     assert (config["energy"], config["step_size"], config["noise_scale"]) == ("conv", 1, 0.01)

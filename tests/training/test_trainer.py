@@ -32,14 +32,23 @@ def make_run(out_dir=None, *, ema=0.9, n_classes=None, schedule=None, **trainer_
     schedule: None or optimizer -> an lr scheduler for it."""
     torch.manual_seed(0)
     energy = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Dropout(0.1), nn.Linear(16, 1))
-    sampler = LangevinSampler(energy, step_size=0.01, noise_scale=0.1, n_steps=3,
-                              clamp=(-3, 3), seed=1)
+    sampler = LangevinSampler(
+        energy, step_size=0.01, noise_scale=0.1, n_steps=3, clamp=(-3, 3), seed=1
+    )
     buffer = ReplayBuffer(64, (2,), init_range=(-3, 3), seed=2, n_classes=n_classes)
     optimizer = torch.optim.Adam(energy.parameters(), lr=1e-2, betas=(0.0, 0.999))
-    trainer = Trainer(energy, PersistentML(sampler, buffer, alpha=0.1), optimizer, ema=ema,
-                      grad_clip=5.0, out_dir=out_dir, progress=False, data_seed=3,
-                      scheduler=None if schedule is None else schedule(optimizer),
-                      **{"log_every": 25, **trainer_kw})
+    trainer = Trainer(
+        energy,
+        PersistentML(sampler, buffer, alpha=0.1),
+        optimizer,
+        ema=ema,
+        grad_clip=5.0,
+        out_dir=out_dir,
+        progress=False,
+        data_seed=3,
+        scheduler=None if schedule is None else schedule(optimizer),
+        **{"log_every": 25, **trainer_kw},
+    )
     return trainer
 
 
@@ -68,8 +77,9 @@ def test_resume_is_bit_identical(tmp_path):
     resumed.fit(data(), 200, batch_size=16)
     assert_same(weights(whole), weights(resumed))
     assert first.iteration == 100
-    lines = [json.loads(line)
-             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["iteration"] for r in lines] == [25, 50, 75, 100, 125, 150, 175, 200]
     assert [r["loss"] for r in lines] == [r["loss"] for r in whole.history]
 
@@ -84,8 +94,10 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     resumed.iteration = 50  # as if the process died after logging 75 with the checkpoint at 50
     resumed._resumed_from = (tmp_path / "checkpoint.pt").resolve()
     resumed._claim_out_dir()
-    kept = [json.loads(line)["iteration"]
-            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = [
+        json.loads(line)["iteration"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert kept == [25, 50]
 
 
@@ -94,7 +106,7 @@ def test_resume_across_processes(tmp_path):
     200 = 100 + 100 case runs in-process above; here the process boundary is what is tested)."""
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO / 'tests')!r})
+        sys.path.insert(0, {str(REPO / "tests")!r})
         from tests.training.test_trainer import make_run, data
         root = sys.argv[1]
         if sys.argv[2] == "fresh":
@@ -106,8 +118,12 @@ def test_resume_across_processes(tmp_path):
             run.fit(data(), 60, batch_size=16)
     """)
     for mode in ("fresh", "resume"):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path), mode], check=True, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path), mode],
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     loaded = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in "ab"]
     assert_same(loaded[0]["model"], loaded[1]["model"])
     assert_same(loaded[0]["ema"], loaded[1]["ema"])
@@ -122,8 +138,13 @@ def test_resume_with_dataset_and_loader(tmp_path, kind):
         dataset = TensorDataset(x, y)
         if kind == "dataset":
             return dataset, 8
-        return DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(5)), None
+        return DataLoader(
+            dataset,
+            batch_size=8,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(5),
+        ), None
 
     loader, batch_size = source()
     whole = make_run(n_classes=4).fit(loader, 30, batch_size)
@@ -162,8 +183,14 @@ class Poisoned(nn.Module):
 def test_nonfinite_steps_are_skipped_and_counted_or_raise():
     energy = Poisoned()
     sampler = LangevinSampler(energy, step_size=0.01, seed=0)
-    run = Trainer(energy, ContrastiveDivergence(sampler, k=0), torch.optim.SGD(
-        energy.parameters(), lr=0.1), progress=False, log_every=2, data_seed=0)
+    run = Trainer(
+        energy,
+        ContrastiveDivergence(sampler, k=0),
+        torch.optim.SGD(energy.parameters(), lr=0.1),
+        progress=False,
+        log_every=2,
+        data_seed=0,
+    )
     energy.poison = True
     before = [p.detach().clone() for p in energy.parameters()]
     with pytest.warns(TrainingWarning, match="non-finite"):
@@ -185,9 +212,21 @@ def test_metrics_records_hold_the_documented_keys(tmp_path):
     run = make_run(tmp_path, log_every=10)
     run.fit(data(), 10, batch_size=16)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
-    for key in ("iteration", "loss", "energy_pos", "energy_neg", "energy_gap", "grad_norm",
-                "chain_grad_norm", "chain_displacement", "reinit_fraction", "sampler_seconds",
-                "iteration_seconds", "nonfinite_skipped", "warnings"):
+    for key in (
+        "iteration",
+        "loss",
+        "energy_pos",
+        "energy_neg",
+        "energy_gap",
+        "grad_norm",
+        "chain_grad_norm",
+        "chain_displacement",
+        "reinit_fraction",
+        "sampler_seconds",
+        "iteration_seconds",
+        "nonfinite_skipped",
+        "warnings",
+    ):
         assert key in record, key
     assert record["energy_gap"] == pytest.approx(record["energy_pos"] - record["energy_neg"])
     assert 0 < record["sampler_seconds"] < record["iteration_seconds"]
@@ -272,7 +311,7 @@ def decay(optimizer):
 def test_scheduler_steps_every_iteration_and_resumes_bit_identically(tmp_path):
     whole = make_run(schedule=decay).fit(data(), 60, batch_size=16)
     assert whole.scheduler.last_epoch == 60
-    assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.99 ** 60)
+    assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.99**60)
     make_run(tmp_path, schedule=decay, checkpoint_every=30).fit(data(), 30, batch_size=16)
     resumed = make_run(tmp_path, schedule=decay)
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")
@@ -293,14 +332,21 @@ def test_scheduler_must_drive_the_trainers_optimizer():
     with pytest.raises(TypeError, match="scheduler"):
         Trainer(run.energy, run.loss, run.optimizer, scheduler=0.99)
     with pytest.raises(ValueError, match="ReduceLROnPlateau"):
-        Trainer(run.energy, run.loss, run.optimizer,
-                scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer))
+        Trainer(
+            run.energy,
+            run.loss,
+            run.optimizer,
+            scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer),
+        )
 
 
 def test_step_callbacks_run_every_iteration_and_log_callbacks_on_log_iterations():
     seen, logged = [], []
-    run = make_run(log_every=4, step_callbacks=(lambda t: seen.append(t.iteration),),
-                   callbacks=(lambda t, record: logged.append(record["iteration"]),))
+    run = make_run(
+        log_every=4,
+        step_callbacks=(lambda t: seen.append(t.iteration),),
+        callbacks=(lambda t, record: logged.append(record["iteration"]),),
+    )
     run.fit(data(), 10, batch_size=16)
     assert seen == list(range(1, 11)) and logged == [4, 8]
     with pytest.raises(TypeError, match="step_callbacks"):
@@ -312,8 +358,14 @@ def test_monitor_warns_when_the_energies_drift_from_their_level_at_the_start():
     (log_every 100), gap and chain gradients growing little between the logs."""
     monitor = DivergenceMonitor()
     monitor.start(-2.9)
-    record = {"iteration": 100, "energy_pos": -270.0, "energy_neg": -245.0,
-              "energy_gap": -25.0, "chain_grad_norm": 40.0, "nonfinite_skipped": 0}
+    record = {
+        "iteration": 100,
+        "energy_pos": -270.0,
+        "energy_neg": -245.0,
+        "energy_gap": -25.0,
+        "chain_grad_norm": 40.0,
+        "nonfinite_skipped": 0,
+    }
     with pytest.warns(TrainingWarning, match="level"):
         issued = monitor.update(record)
     assert len(issued) == 1 and "-2.9" in issued[0]
