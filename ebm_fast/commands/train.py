@@ -56,8 +56,6 @@ __all__ = ["add_arguments", "main"]
 
 LOSSES = ("cd", "pcd", "persistent", "short_run", "kl", "jem")
 ENERGIES = ("mlp", "conv")
-#: --autocast choices -> the samplers' (and losses') autocast dtype
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_NAME = "config.json"
 HELD_OUT = 5000
 GRID_CELLS = 200
@@ -71,7 +69,7 @@ DEFAULTS = {
     "grad_clip": None,
     "n_data": 20000,
     "value_range": "-1,1",
-    "autocast": "none",
+    "precision": "auto",
     "log_every": 100,
     "checkpoint_every": 500,
     "plot_every": 500,
@@ -117,7 +115,9 @@ LOSS_DEFAULTS = {"jem": {"beta1": 0.9, "lr": 3e-3}}
 #: What config.json holds: every option but --out, --resume and --nproc (this session's).
 CONFIG_KEYS = (*DEFAULTS, *DATA_DEFAULTS["2-D data"])
 #: Options added since the first runs were saved, with what those runs used.
-ADDED_SINCE = {"autocast": "none", "beta1": 0.0}
+ADDED_SINCE = {"precision": "fp32", "beta1": 0.0}
+#: --autocast, which --precision replaced: a saved value -> the --precision it means.
+SAVED_AUTOCAST = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 beta = validation.argparse_type(validation.real, low=0.0, high=1.0, high_open=True)
 ema_decay = validation.argparse_type(
@@ -194,11 +194,12 @@ def add_arguments(parser) -> None:
         help=f"weight of the energy-magnitude regulariser (not used by jem; {_default('alpha')})",
     )
     parser.add_argument(
-        "--autocast",
-        choices=tuple(AUTOCAST),
-        help="run the energy's passes (sampler and loss) in this precision; the "
-        "chains, their noise and updates stay float32 (docs/samplers.md: "
-        "bf16 pays off where the hardware has bf16 units); default none",
+        "--precision",
+        choices=tuple(options.PRECISIONS),
+        help="the energy's passes (sampler and loss): auto picks bf16 where the device "
+        "computes it natively (CUDA >= 8.0, a CPU with avx512_bf16 or AMX), else fp32, and "
+        "a resumed run keeps the choice its checkpoint recorded; the chains, their noise and "
+        "updates stay float32 (docs/samplers.md); default auto",
     )
     parser.add_argument(
         "--lr", type=options.positive_real, help=f"Adam's learning rate ({_default('lr')})"
@@ -281,7 +282,7 @@ def _build_loss(args, energy, sample_shape, box):
         n_steps=args.steps,
         clamp=box,
         seed=args.seed + 1,
-        autocast=AUTOCAST[args.autocast],
+        autocast=options.PRECISIONS[args.precision],
     )
 
     def noise(n: int) -> torch.Tensor:  # the global generator: the Trainer saves its state
@@ -410,6 +411,8 @@ def _resolve_resume(args, given: dict):
         return None, f"--resume: {config_path} is not readable (truncated or damaged?): {exc}"
     if not isinstance(saved, dict):
         return None, f"--resume: {config_path} does not hold a run's options"
+    if "autocast" in saved:  # saved before --precision replaced --autocast
+        saved["precision"] = SAVED_AUTOCAST.get(saved.pop("autocast"), "fp32")
     saved = {**ADDED_SINCE, **saved}
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:

@@ -184,7 +184,7 @@ def test_loss_under_autocast_stays_close_to_the_full_precision_loss(loss_cls):
     torch.testing.assert_close(low_value, full_value, rtol=0.02, atol=0.02)
 
 
-def test_train_command_takes_autocast_and_saves_it(tmp_path):
+def test_train_command_takes_precision_and_saves_it(tmp_path):
     out = tmp_path / "run"
     assert (
         cli.main(
@@ -194,7 +194,7 @@ def test_train_command_takes_autocast_and_saves_it(tmp_path):
                 "ring",
                 "--out",
                 str(out),
-                "--autocast",
+                "--precision",
                 "bf16",
                 "--iterations",
                 "2",
@@ -218,8 +218,15 @@ def test_train_command_takes_autocast_and_saves_it(tmp_path):
         )
         == 0
     )
-    assert json.loads((out / "config.json").read_text())["autocast"] == "bf16"
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     assert cli.main(["train", "--resume", str(out), "--iterations", "3"]) == 0
+    # A run saved before --precision replaced --autocast resumes with what it used.
+    config = json.loads((out / "config.json").read_text())
+    config["autocast"] = "bf16"
+    del config["precision"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "--resume", str(out), "--iterations", "4"]) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("native", [True, False])
