@@ -82,8 +82,9 @@ def _cached_build_is_current() -> bool:
         built = library.stat().st_mtime
     except OSError:
         return False
-    return all(path.stat().st_mtime <= built for path in CSRC.iterdir()
-               if path.suffix in (".cpp", ".h"))
+    return all(
+        path.stat().st_mtime <= built for path in CSRC.iterdir() if path.suffix in (".cpp", ".h")
+    )
 
 
 class BuildWaitTimeout(RuntimeError):
@@ -111,8 +112,11 @@ def _build_lock(directory: Path):
         stale = directory / "lock"
         if stale.exists():
             stale.unlink()
-            print(f"ebm_fast: removed {stale}, left by an interrupted build", file=sys.stderr,
-                  flush=True)
+            print(
+                f"ebm_fast: removed {stale}, left by an interrupted build",
+                file=sys.stderr,
+                flush=True,
+            )
         yield  # closing the file releases the flock
 
 
@@ -129,10 +133,15 @@ def _wait_for_holder(handle, path: Path) -> None:
             raise BuildWaitTimeout(
                 f"waited {BUILD_WAIT_S:.0f} s for the C++ build by {holder} (lock {path}); "
                 "when it ends, or once you stop it, the next process loads the kernels "
-                "(`ebm-fast build` builds them and shows the log)")
+                "(`ebm-fast build` builds them and shows the log)"
+            )
         if waited > QUIET_WAIT_S and not announced:
-            print(f"ebm_fast: waiting for the C++ kernels' build by {holder} (up to "
-                  f"{BUILD_WAIT_S:.0f} s)...", file=sys.stderr, flush=True)
+            print(
+                f"ebm_fast: waiting for the C++ kernels' build by {holder} (up to "
+                f"{BUILD_WAIT_S:.0f} s)...",
+                file=sys.stderr,
+                flush=True,
+            )
             announced = True
         time.sleep(0.1)
 
@@ -156,8 +165,12 @@ def _load() -> tuple[bool, str | None]:
 
         with _build_lock(build_directory()):
             if not _cached_build_is_current():  # announce a build, not the load of a cached one
-                print("ebm_fast: building the C++ CPU kernels (the first build takes about a "
-                      "minute)...", file=sys.stderr, flush=True)
+                print(
+                    "ebm_fast: building the C++ CPU kernels (the first build takes about a "
+                    "minute)...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             cpp_extension.load(
                 name=extension_name(),
                 sources=sources(),
@@ -191,4 +204,3 @@ def ops():
     import torch
 
     return torch.ops.ebm_fast_cpu
-

@@ -30,18 +30,33 @@ import torch
 
 from ebm_fast import validation
 
-__all__ = ["Toy2D", "TOY_2D", "IMAGES", "ring_of_gaussians", "ring_log_density", "checkerboard",
-           "checkerboard_log_density", "two_moons", "pinwheel", "swiss_roll", "rings",
-           "rings_log_density", "two_spirals", "two_spirals_log_density", "digits",
-           "mnist5k"]
+__all__ = [
+    "Toy2D",
+    "TOY_2D",
+    "IMAGES",
+    "ring_of_gaussians",
+    "ring_log_density",
+    "checkerboard",
+    "checkerboard_log_density",
+    "two_moons",
+    "pinwheel",
+    "swiss_roll",
+    "rings",
+    "rings_log_density",
+    "two_spirals",
+    "two_spirals_log_density",
+    "digits",
+    "mnist5k",
+]
 
 
 def _count(n) -> int:
     return validation.integer(n, "n", low=1)
 
 
-def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.5,
-                      std: float = 0.25) -> torch.Tensor:
+def ring_of_gaussians(
+    n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.5, std: float = 0.25
+) -> torch.Tensor:
     """n points (n, 2) from an equal mixture of ``modes`` isotropic Gaussians (standard deviation
     ``std``) whose centres are evenly spaced on a circle of ``radius`` around the origin."""
     angle = 2 * math.pi * torch.randint(modes, (_count(n),), generator=generator) / modes
@@ -49,14 +64,18 @@ def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius
     return centres + std * torch.randn(n, 2, generator=generator)
 
 
-def ring_log_density(x: torch.Tensor, modes: int = 8, radius: float = 2.5,
-                     std: float = 0.25) -> torch.Tensor:
+def ring_log_density(
+    x: torch.Tensor, modes: int = 8, radius: float = 2.5, std: float = 0.25
+) -> torch.Tensor:
     """log p(x) of :func:`ring_of_gaussians` with the same parameters, (N,) for x (N, 2)."""
     angle = 2 * math.pi * torch.arange(modes, dtype=x.dtype, device=x.device) / modes
     centres = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
     squared = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
-    return (torch.logsumexp(-squared / (2 * std ** 2), dim=1) - math.log(modes)
-            - math.log(2 * math.pi * std ** 2))
+    return (
+        torch.logsumexp(-squared / (2 * std**2), dim=1)
+        - math.log(modes)
+        - math.log(2 * math.pi * std**2)
+    )
 
 
 def checkerboard(n: int, generator: torch.Generator, half_width: float = 3.0) -> torch.Tensor:
@@ -74,12 +93,13 @@ def checkerboard_log_density(x: torch.Tensor, half_width: float = 3.0) -> torch.
     side = half_width / 2
     cell = torch.floor((x + half_width) / side)
     inside = ((cell >= 0) & (cell < 4)).all(1) & ((cell.sum(1) % 2) == 0)
-    value = torch.full_like(x[:, 0], -math.log(8 * side ** 2))
+    value = torch.full_like(x[:, 0], -math.log(8 * side**2))
     return value.masked_fill(~inside, -math.inf)
 
 
-def two_moons(n: int, generator: torch.Generator, noise: float = 0.1,
-              scale: float = 1.5) -> torch.Tensor:
+def two_moons(
+    n: int, generator: torch.Generator, noise: float = 0.1, scale: float = 1.5
+) -> torch.Tensor:
     """scikit-learn's two interleaved half circles (make_moons), centred, times ``scale``, plus
     Gaussian noise of standard deviation ``noise * scale``."""
     t = math.pi * torch.rand(_count(n), generator=generator)
@@ -90,8 +110,15 @@ def two_moons(n: int, generator: torch.Generator, noise: float = 0.1,
     return scale * (points + noise * torch.randn(n, 2, generator=generator))
 
 
-def pinwheel(n: int, generator: torch.Generator, arms: int = 5, radial_std: float = 0.3,
-             tangential_std: float = 0.1, rate: float = 0.25, scale: float = 2.0) -> torch.Tensor:
+def pinwheel(
+    n: int,
+    generator: torch.Generator,
+    arms: int = 5,
+    radial_std: float = 0.3,
+    tangential_std: float = 0.1,
+    rate: float = 0.25,
+    scale: float = 2.0,
+) -> torch.Tensor:
     """The pinwheel of FFJORD (Grathwohl et al. 2019): Gaussian blobs along ``arms`` rays, each
     point rotated by rate * exp(its radial coordinate)."""
     arm = torch.randint(arms, (_count(n),), generator=generator)
@@ -117,8 +144,10 @@ def rings(n: int, generator: torch.Generator, radii=RING_RADII, std: float = 0.1
     """Concentric rings: a ring chosen uniformly, the angle uniform, the radius |r + std z|
     (a folded Gaussian, so the density is exact)."""
     radii_t = torch.tensor(radii, dtype=torch.float32)
-    radius = (radii_t[torch.randint(len(radii), (_count(n),), generator=generator)]
-              + std * torch.randn(n, generator=generator)).abs()
+    radius = (
+        radii_t[torch.randint(len(radii), (_count(n),), generator=generator)]
+        + std * torch.randn(n, generator=generator)
+    ).abs()
     angle = 2 * math.pi * torch.rand(n, generator=generator)
     return radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
 
@@ -130,14 +159,15 @@ def rings_log_density(x: torch.Tensor, radii=RING_RADII, std: float = 0.1) -> to
     r = torch.tensor(radii, dtype=x.dtype, device=x.device)[None]
 
     def log_normal(d: torch.Tensor) -> torch.Tensor:
-        return -d ** 2 / (2 * std ** 2) - math.log(std * math.sqrt(2 * math.pi))
+        return -(d**2) / (2 * std**2) - math.log(std * math.sqrt(2 * math.pi))
 
     folded = torch.logaddexp(log_normal(rho - r), log_normal(rho + r))
     return torch.logsumexp(folded, 1) - math.log(len(radii)) - torch.log(2 * math.pi * rho[:, 0])
 
 
-def spiral_centres(centres: int = 64, turns: float = 1.5, radius: float = 3.0,
-                   dtype=torch.float32, device=None) -> torch.Tensor:
+def spiral_centres(
+    centres: int = 64, turns: float = 1.5, radius: float = 3.0, dtype=torch.float32, device=None
+) -> torch.Tensor:
     """(2 * centres, 2) Gaussian centres of :func:`two_spirals`: on each of two arms (one the
     other turned by pi) of the Archimedean spiral r = radius * t / (2 pi turns), t in
     [0, 2 pi turns], at t_j = 2 pi turns * sqrt((j + 0.5) / centres), about evenly spaced in arc
@@ -149,8 +179,14 @@ def spiral_centres(centres: int = 64, turns: float = 1.5, radius: float = 3.0,
     return torch.cat([arm, -arm])
 
 
-def two_spirals(n: int, generator: torch.Generator, centres: int = 64, turns: float = 1.5,
-                radius: float = 3.0, std: float = 0.2) -> torch.Tensor:
+def two_spirals(
+    n: int,
+    generator: torch.Generator,
+    centres: int = 64,
+    turns: float = 1.5,
+    radius: float = 3.0,
+    std: float = 0.2,
+) -> torch.Tensor:
     """n points (n, 2) from an equal mixture of isotropic Gaussians (standard deviation ``std``)
     centred along two interleaved spiral arms (:func:`spiral_centres`): a smooth two-spirals
     density whose log density is exact (:func:`two_spirals_log_density`). With the defaults the
@@ -160,13 +196,17 @@ def two_spirals(n: int, generator: torch.Generator, centres: int = 64, turns: fl
     return points[pick] + std * torch.randn(n, 2, generator=generator)
 
 
-def two_spirals_log_density(x: torch.Tensor, centres: int = 64, turns: float = 1.5,
-                            radius: float = 3.0, std: float = 0.2) -> torch.Tensor:
+def two_spirals_log_density(
+    x: torch.Tensor, centres: int = 64, turns: float = 1.5, radius: float = 3.0, std: float = 0.2
+) -> torch.Tensor:
     """log p(x) of :func:`two_spirals` with the same parameters, (N,) for x (N, 2)."""
     points = spiral_centres(centres, turns, radius, dtype=x.dtype, device=x.device)
     squared = ((x[:, None, :] - points[None]) ** 2).sum(-1)
-    return (torch.logsumexp(-squared / (2 * std ** 2), dim=1) - math.log(points.shape[0])
-            - math.log(2 * math.pi * std ** 2))
+    return (
+        torch.logsumexp(-squared / (2 * std**2), dim=1)
+        - math.log(points.shape[0])
+        - math.log(2 * math.pi * std**2)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,27 +218,32 @@ class Toy2D:
     log_density: Callable[[torch.Tensor], torch.Tensor] | None
 
 
-TOY_2D = {"ring": Toy2D(ring_of_gaussians, ring_log_density),
-          "checkerboard": Toy2D(checkerboard, checkerboard_log_density),
-          "two_moons": Toy2D(two_moons, None),
-          "pinwheel": Toy2D(pinwheel, None),
-          "swiss_roll": Toy2D(swiss_roll, None),
-          "rings": Toy2D(rings, rings_log_density),
-          "two_spirals": Toy2D(two_spirals, two_spirals_log_density)}
+TOY_2D = {
+    "ring": Toy2D(ring_of_gaussians, ring_log_density),
+    "checkerboard": Toy2D(checkerboard, checkerboard_log_density),
+    "two_moons": Toy2D(two_moons, None),
+    "pinwheel": Toy2D(pinwheel, None),
+    "swiss_roll": Toy2D(swiss_roll, None),
+    "rings": Toy2D(rings, rings_log_density),
+    "two_spirals": Toy2D(two_spirals, two_spirals_log_density),
+}
 
 
 def _scaled(pixels: torch.Tensor, top: float, value_range) -> torch.Tensor:
     """pixels in [0, top] mapped linearly onto value_range = (lo, hi)."""
     lo, hi = validation.clamp_bounds(value_range, "value_range")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
-        raise ValueError(f"value_range must be a finite (lo, hi) pair with lo < hi, got "
-                         f"{value_range!r}")
+        raise ValueError(
+            f"value_range must be a finite (lo, hi) pair with lo < hi, got {value_range!r}"
+        )
     return lo + (hi - lo) * (pixels.to(torch.float32) / top)
 
 
 def _missing(package: str) -> ImportError:
-    return ImportError(f"this data set ships with the {package} package: pip install "
-                       f"'ebm_fast[data]' (or pip install {package}); nothing is downloaded")
+    return ImportError(
+        f"this data set ships with the {package} package: pip install "
+        f"'ebm_fast[data]' (or pip install {package}); nothing is downloaded"
+    )
 
 
 def digits(value_range=(-1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,11 @@ def test_samples_follow_the_log_density(name):
     assert torch.isfinite(toy.log_density(x.double())).all()  # every sample in the support
     points, area = grid(4.5, 360, dtype=torch.float64)
     p = toy.log_density(points).exp() * area
-    for region in (lambda z: z[:, 0] > 0.3, lambda z: z.norm(dim=1) < 2.0,
-                   lambda z: z[:, 1] > z[:, 0]):
+    for region in (
+        lambda z: z[:, 0] > 0.3,
+        lambda z: z.norm(dim=1) < 2.0,
+        lambda z: z[:, 1] > z[:, 0],
+    ):
         expected = float(p[region(points)].sum())
         observed = float(region(x.double()).double().mean())
         assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 2e-3
@@ -57,8 +60,14 @@ def test_two_spirals_log_density_is_its_mixture_summed_term_by_term():
     std = 0.2
     x = torch.tensor([centres[0].tolist(), [1.5, -0.5], [3.9, 3.9]], dtype=torch.float64)
     for point, got in zip(x.tolist(), datasets.two_spirals_log_density(x).tolist()):
-        total = sum(math.exp(-((point[0] - cx) ** 2 + (point[1] - cy) ** 2) / (2 * std ** 2))
-                    / (2 * math.pi * std ** 2) for cx, cy in centres.tolist()) / 128
+        total = (
+            sum(
+                math.exp(-((point[0] - cx) ** 2 + (point[1] - cy) ** 2) / (2 * std**2))
+                / (2 * math.pi * std**2)
+                for cx, cy in centres.tolist()
+            )
+            / 128
+        )
         assert got == pytest.approx(math.log(total), rel=1e-9)
 
 

@@ -37,11 +37,21 @@ def test_plain_loop_iteration_against_first_principles():
             self.w = torch.nn.Parameter(torch.tensor(2.0))
 
         def forward(self, x):
-            return 0.5 * self.w * (x ** 2).sum(-1)
+            return 0.5 * self.w * (x**2).sum(-1)
 
     energy = Quadratic()
-    loop = PlainLoop(energy, (2,), steps=1, step_size=0.1, noise_scale=0.0, clamp=(-1.0, 1.0),
-                     buffer_size=50, reinit_prob=0.0, lr=0.01, alpha=0.0)
+    loop = PlainLoop(
+        energy,
+        (2,),
+        steps=1,
+        step_size=0.1,
+        noise_scale=0.0,
+        clamp=(-1.0, 1.0),
+        buffer_size=50,
+        reinit_prob=0.0,
+        lr=0.01,
+        alpha=0.0,
+    )
     before = loop.storage.clone()
     x_pos = torch.full((8, 2), 0.1)
     x_neg = loop(x_pos)
@@ -50,5 +60,5 @@ def test_plain_loop_iteration_against_first_principles():
     match = (x_neg[:, None, :] - moved[None]).abs().amax(-1) < 1e-6
     assert match.any(1).all()
     assert all(torch.equal(loop.storage[match[i].nonzero()[0, 0]], x_neg[i]) for i in range(8))
-    grad_w = 0.5 * ((x_pos ** 2).sum(-1).mean() - (x_neg ** 2).sum(-1).mean())
+    grad_w = 0.5 * ((x_pos**2).sum(-1).mean() - (x_neg**2).sum(-1).mean())
     assert energy.w.detach().item() == pytest.approx(2.0 - 0.01 * torch.sign(grad_w).item())

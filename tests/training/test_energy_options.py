@@ -26,8 +26,9 @@ class Net(torch.nn.Module):
     def __init__(self, outputs: int = 1, squeeze: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.SiLU(),
-                                        torch.nn.Linear(16, outputs))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(DIM, 16), torch.nn.SiLU(), torch.nn.Linear(16, outputs)
+        )
         self.squeeze = squeeze
 
     def forward(self, x):
@@ -61,6 +62,7 @@ def autocast(f):
         with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             value = f(x)
         return value.float().reshape(-1)
+
     return {"autocast": torch.bfloat16}, f, 5, by_hand
 
 
@@ -95,8 +97,7 @@ OPTIONS = [plain, negate, autocast, scalar_output, eval_mode]
 
 
 def sampler_for(energy, **options):
-    return LangevinSampler(energy, step_size=0.01, noise_scale=0.05, n_steps=2, seed=3,
-                           **options)
+    return LangevinSampler(energy, step_size=0.01, noise_scale=0.05, n_steps=2, seed=3, **options)
 
 
 def losses(sampler):
@@ -121,15 +122,16 @@ def test_each_loss_uses_the_energy_as_each_option_defines_it(option, loss_name):
     value = loss(x_pos)
     x_neg = loss.last.negatives
     e_pos, e_neg = by_hand(x_pos), by_hand(x_neg)
-    expected = e_pos.mean() - e_neg.mean() + 0.1 * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+    expected = e_pos.mean() - e_neg.mean() + 0.1 * ((e_pos**2).mean() + (e_neg**2).mean())
     if loss_name == "kl":
         expected = expected + loss.last.kl
     torch.testing.assert_close(loss.last.energy_pos, e_pos.mean().detach())
     torch.testing.assert_close(value, expected)
     # The parameter gradient is the one of the loss written by hand.
     params = list(energy.parameters())
-    got = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True,
-                              retain_graph=True)
+    got = torch.autograd.grad(
+        value, params, allow_unused=True, materialize_grads=True, retain_graph=True
+    )
     if loss_name != "kl":  # the KL term's gradient is pinned in test_losses.py
         want = torch.autograd.grad(expected, params, allow_unused=True, materialize_grads=True)
         for g, w in zip(got, want):
@@ -162,8 +164,9 @@ def test_jem_energies_follow_the_samplers_options(option):
     value = loss(x_pos)
 
     def by_hand(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False,
-                            enabled="autocast" in kwargs):
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16, cache_enabled=False, enabled="autocast" in kwargs
+        ):
             logits = classifier(x)
         return -logits.float().logsumexp(1)
 
@@ -183,8 +186,7 @@ def test_jem_model_with_negate_samples_its_energy():
 
 
 def test_eval_mode_is_the_chains_option_the_loss_passes_run_in_the_modules_mode():
-    f = torch.nn.Sequential(torch.nn.Linear(DIM, 8), torch.nn.Dropout(0.5),
-                            torch.nn.Linear(8, 1))
+    f = torch.nn.Sequential(torch.nn.Linear(DIM, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
     sampler = sampler_for(f, eval_mode=True)
     x = torch.randn(64, DIM)
     # Train mode: dropout draws a mask, two passes differ; the chains ran in eval mode (same

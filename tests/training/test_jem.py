@@ -18,8 +18,9 @@ N_CLASSES, DIM, BATCH = 3, 4, 12
 def linear_classifier() -> torch.nn.Linear:
     classifier = torch.nn.Linear(DIM, N_CLASSES)
     with torch.no_grad():
-        classifier.weight.copy_(torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -0.5],
-                                              [-1.0, 0.0, 0.0, 1.0]]))
+        classifier.weight.copy_(
+            torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -0.5], [-1.0, 0.0, 0.0, 1.0]])
+        )
         classifier.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
     return classifier
 
@@ -30,8 +31,13 @@ def batch(seed=0):
 
 
 def make_jem(classifier, buffer=None, *, step_size=0.1, noise_scale=0.01, n_steps=3, **weights):
-    sampler = ebm_fast.LangevinSampler(LogitsEnergy(classifier), step_size=step_size,
-                                       noise_scale=noise_scale, n_steps=n_steps, seed=0)
+    sampler = ebm_fast.LangevinSampler(
+        LogitsEnergy(classifier),
+        step_size=step_size,
+        noise_scale=noise_scale,
+        n_steps=n_steps,
+        seed=0,
+    )
     if buffer is None:
         buffer = ebm_fast.ReplayBuffer(6 * N_CLASSES, (DIM,), n_classes=N_CLASSES, seed=1)
     return JEM(classifier, sampler, buffer, **weights)
@@ -39,8 +45,9 @@ def make_jem(classifier, buffer=None, *, step_size=0.1, noise_scale=0.01, n_step
 
 def hand_logits(x):
     """f(x) = W x + b written out with the classifier's numbers, in float64."""
-    weight = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -0.5], [-1.0, 0.0, 0.0, 1.0]],
-                          dtype=torch.float64)
+    weight = torch.tensor(
+        [[1.0, 0.0, 0.5, 0.0], [0.0, 2.0, 0.0, -0.5], [-1.0, 0.0, 0.0, 1.0]], dtype=torch.float64
+    )
     return x.double() @ weight.T + torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
 
 
@@ -50,13 +57,15 @@ def log_sum_exp(logits):
 
 # -- the energy ------------------------------------------------------------------------------
 
+
 def test_logits_energy_is_minus_logsumexp_and_minus_the_labels_logit():
     x, y = batch()
     energy = LogitsEnergy(linear_classifier())
     logits = hand_logits(x)
     torch.testing.assert_close(energy(x).double(), -log_sum_exp(logits), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(energy(x, y).double(), -logits[torch.arange(BATCH), y],
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        energy(x, y).double(), -logits[torch.arange(BATCH), y], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_logits_energy_shows_the_classifiers_parameters_and_the_sampler_freezes_them():
@@ -91,20 +100,25 @@ WEIGHTS = {"p_x_weight": 0.7, "p_y_given_x_weight": 1.3, "p_x_y_weight": 0.4}
 
 def hand_loss_and_gradient(x, y, x_neg, x_neg_y):
     """The JEM loss and its (dW, db) for the linear classifier, from the closed forms."""
+
     def mean_grad(points, coefficients):  # mean over samples of coefficients_i x_i^T, and of c_i
         return coefficients.T @ points.double() / points.shape[0], coefficients.mean(0)
 
     onehot = torch.nn.functional.one_hot(y, N_CLASSES).double()
     logits, logits_neg, logits_neg_y = hand_logits(x), hand_logits(x_neg), hand_logits(x_neg_y)
     rows = torch.arange(BATCH)
-    loss = (WEIGHTS["p_x_weight"] * (-log_sum_exp(logits).mean() + log_sum_exp(logits_neg).mean())
-            + WEIGHTS["p_y_given_x_weight"] * (log_sum_exp(logits) - logits[rows, y]).mean()
-            + WEIGHTS["p_x_y_weight"] * (-logits[rows, y].mean() + logits_neg_y[rows, y].mean()))
-    terms = [(WEIGHTS["p_x_weight"], x, -logits.softmax(1)),
-             (-WEIGHTS["p_x_weight"], x_neg, -logits_neg.softmax(1)),
-             (WEIGHTS["p_y_given_x_weight"], x, logits.softmax(1) - onehot),
-             (WEIGHTS["p_x_y_weight"], x, -onehot),
-             (-WEIGHTS["p_x_y_weight"], x_neg_y, -onehot)]
+    loss = (
+        WEIGHTS["p_x_weight"] * (-log_sum_exp(logits).mean() + log_sum_exp(logits_neg).mean())
+        + WEIGHTS["p_y_given_x_weight"] * (log_sum_exp(logits) - logits[rows, y]).mean()
+        + WEIGHTS["p_x_y_weight"] * (-logits[rows, y].mean() + logits_neg_y[rows, y].mean())
+    )
+    terms = [
+        (WEIGHTS["p_x_weight"], x, -logits.softmax(1)),
+        (-WEIGHTS["p_x_weight"], x_neg, -logits_neg.softmax(1)),
+        (WEIGHTS["p_y_given_x_weight"], x, logits.softmax(1) - onehot),
+        (WEIGHTS["p_x_y_weight"], x, -onehot),
+        (-WEIGHTS["p_x_y_weight"], x_neg_y, -onehot),
+    ]
     grad_w = sum(w * mean_grad(points, c)[0] for w, points, c in terms)
     grad_b = sum(w * mean_grad(points, c)[1] for w, points, c in terms)
     return loss, grad_w, grad_b
@@ -118,22 +132,30 @@ def test_loss_and_gradients_equal_the_closed_forms_and_sampling_leaves_no_gradie
     assert all(p.grad is None and p.requires_grad for p in classifier.parameters())
     stats = est.last
     assert isinstance(stats, JEMStats)
-    expected, grad_w, grad_b = hand_loss_and_gradient(x, y, stats.negatives,
-                                                      stats.conditional_negatives)
+    expected, grad_w, grad_b = hand_loss_and_gradient(
+        x, y, stats.negatives, stats.conditional_negatives
+    )
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     loss.backward()
     torch.testing.assert_close(classifier.weight.grad.double(), grad_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(classifier.bias.grad.double(), grad_b, rtol=1e-5, atol=1e-5)
     logits = hand_logits(x)
-    torch.testing.assert_close(stats.cross_entropy.double(),
-                               (log_sum_exp(logits) - logits[torch.arange(BATCH), y]).mean(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        stats.cross_entropy.double(),
+        (log_sum_exp(logits) - logits[torch.arange(BATCH), y]).mean(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert stats.accuracy.item() == pytest.approx((logits.argmax(1) == y).double().mean().item())
-    torch.testing.assert_close(stats.energy_pos.double(), -log_sum_exp(logits).mean(),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stats.conditional_energy_neg.double(),
-                               -hand_logits(stats.conditional_negatives)[torch.arange(BATCH), y]
-                               .mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        stats.energy_pos.double(), -log_sum_exp(logits).mean(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        stats.conditional_energy_neg.double(),
+        -hand_logits(stats.conditional_negatives)[torch.arange(BATCH), y].mean(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def constant_class_buffer(centres):
@@ -148,8 +170,15 @@ CENTRES = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, -0.5, 0.0, 0.0], [0.0, 0.0, 
 def test_class_conditional_chains_come_from_and_return_to_their_class_and_sample_e_x_y():
     classifier = linear_classifier()
     buffer = constant_class_buffer(CENTRES)
-    est = make_jem(classifier, buffer, step_size=0.2, noise_scale=0.0, n_steps=1,
-                   p_x_weight=0.0, p_x_y_weight=1.0)
+    est = make_jem(
+        classifier,
+        buffer,
+        step_size=0.2,
+        noise_scale=0.0,
+        n_steps=1,
+        p_x_weight=0.0,
+        p_x_y_weight=1.0,
+    )
     x, _ = batch()
     y = torch.tensor([2, 0, 2, 2, 0, 2, 0, 0, 2, 2, 0, 2])  # class 1 never asked for
     est(x, y)
@@ -168,8 +197,15 @@ def test_class_conditional_chains_come_from_and_return_to_their_class_and_sample
 
 def test_p_x_chains_are_drawn_over_all_classes_and_sample_the_marginal_energy():
     classifier = linear_classifier()
-    est = make_jem(classifier, constant_class_buffer(CENTRES), step_size=0.2, noise_scale=0.0,
-                   n_steps=1, p_x_weight=1.0, p_y_given_x_weight=0.0)
+    est = make_jem(
+        classifier,
+        constant_class_buffer(CENTRES),
+        step_size=0.2,
+        noise_scale=0.0,
+        n_steps=1,
+        p_x_weight=1.0,
+        p_y_given_x_weight=0.0,
+    )
     assert not est.conditional
     x, _ = batch()
     est(torch.cat([x, x, x]))
@@ -206,15 +242,17 @@ def test_state_dict_resumes_the_same_iteration():
 
 def test_trainer_trains_a_jem_classifier():
     torch.manual_seed(0)
-    classifier = torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.SiLU(),
-                                     torch.nn.Linear(16, N_CLASSES))
+    classifier = torch.nn.Sequential(
+        torch.nn.Linear(DIM, 16), torch.nn.SiLU(), torch.nn.Linear(16, N_CLASSES)
+    )
     est = make_jem(classifier, p_x_y_weight=0.5)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
     trainer = Trainer(est.energy, est, optimizer, log_every=5, progress=False, data_seed=0)
     gen = torch.Generator().manual_seed(3)
     y = torch.randint(0, N_CLASSES, (96,), generator=gen)
-    x = torch.nn.functional.one_hot(y, N_CLASSES).float() @ torch.eye(N_CLASSES, DIM) * 2 + \
-        0.1 * torch.randn(96, DIM, generator=gen)
+    x = torch.nn.functional.one_hot(y, N_CLASSES).float() @ torch.eye(
+        N_CLASSES, DIM
+    ) * 2 + 0.1 * torch.randn(96, DIM, generator=gen)
     trainer.fit((x, y), iterations=30, batch_size=BATCH)
     assert [r["iteration"] for r in trainer.history] == [5, 10, 15, 20, 25, 30]
     assert all("reinit_fraction" in r for r in trainer.history)
@@ -245,11 +283,13 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="x_pos has samples of shape"):
         est(x[:, :2], y)
     with pytest.raises(ValueError, match="buffer has n_classes=4"):
-        make_jem(classifier, ebm_fast.ReplayBuffer(8, (DIM,), n_classes=4, seed=0),
-                 p_x_y_weight=1.0)(x, y)
+        make_jem(
+            classifier, ebm_fast.ReplayBuffer(8, (DIM,), n_classes=4, seed=0), p_x_y_weight=1.0
+        )(x, y)
 
 
 # -- calibration ----------------------------------------------------------------------------
+
 
 def two_class_logits(confidence_of_class_0):
     p = torch.tensor(confidence_of_class_0)
@@ -264,11 +304,11 @@ def test_expected_calibration_error_by_hand():
     ece = expected_calibration_error(logits, y, n_bins=10)
     assert ece.item() == pytest.approx(0.5025, abs=1e-6)
     # One bin: |accuracy - mean confidence| = |1/2 - 0.8125|.
-    assert expected_calibration_error(logits, y, n_bins=1).item() == pytest.approx(0.3125,
-                                                                                 abs=1e-6)
+    assert expected_calibration_error(logits, y, n_bins=1).item() == pytest.approx(0.3125, abs=1e-6)
     # Calibrated: confidence 0.75 and three of four right.
-    calibrated = expected_calibration_error(two_class_logits([0.75] * 4),
-                                            torch.tensor([0, 0, 0, 1]), n_bins=10)
+    calibrated = expected_calibration_error(
+        two_class_logits([0.75] * 4), torch.tensor([0, 0, 0, 1]), n_bins=10
+    )
     assert calibrated.item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(logits, y, n_bins=0)
@@ -276,13 +316,41 @@ def test_expected_calibration_error_by_hand():
 
 # -- ebm-fast train --loss jem ---------------------------------------------------------------
 
+
 def test_train_command_reports_test_accuracy_calibration_and_a_sample_grid(tmp_path, capsys):
     pytest.importorskip("sklearn")  # the bundled digits (GPU machines lack it)
     out = tmp_path / "run"
-    status = cli.main(["train", "--data", "digits", "--loss", "jem", "--out", str(out),
-                       "--iterations", "40", "--batch", "64", "--steps", "2", "--log-every", "20",
-                       "--plot-every", "40", "--buffer-size", "200", "--hidden", "32",
-                       "--lr", "1e-2", "--step-size", "1", "--noise-scale", "0.01"])
+    status = cli.main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--loss",
+            "jem",
+            "--out",
+            str(out),
+            "--iterations",
+            "40",
+            "--batch",
+            "64",
+            "--steps",
+            "2",
+            "--log-every",
+            "20",
+            "--plot-every",
+            "40",
+            "--buffer-size",
+            "200",
+            "--hidden",
+            "32",
+            "--lr",
+            "1e-2",
+            "--step-size",
+            "1",
+            "--noise-scale",
+            "0.01",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "expected calibration error" in printed
@@ -290,6 +358,5 @@ def test_train_command_reports_test_accuracy_calibration_and_a_sample_grid(tmp_p
     assert metrics["accuracy"] > 0.4  # chance is 0.1: the p(y|x) term trains the classifier
     assert 0.0 <= metrics["ece"] <= 1.0
     assert (out / "iteration_0000040.png").stat().st_size > 0
-    assert cli.main(["train", "--data", "ring", "--loss", "jem", "--out", str(tmp_path / "x")]) \
-        == 2
+    assert cli.main(["train", "--data", "ring", "--loss", "jem", "--out", str(tmp_path / "x")]) == 2
     assert "--loss jem needs labelled images" in capsys.readouterr().err

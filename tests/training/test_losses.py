@@ -25,8 +25,9 @@ def mlp(seed=0, dims=2, hidden=16, dtype=torch.float32):
 
 
 def langevin(energy, **kw):
-    return LangevinSampler(energy, **{"step_size": 0.01, "noise_scale": 0.1, "n_steps": 4,
-                                      "seed": 3, **kw})
+    return LangevinSampler(
+        energy, **{"step_size": 0.01, "noise_scale": 0.1, "n_steps": 4, "seed": 3, **kw}
+    )
 
 
 def test_cd_chains_start_at_the_data_and_cd0_gradient_is_exactly_zero():
@@ -51,7 +52,7 @@ def test_loss_is_ml_surrogate_plus_igebm_regulariser():
     x = torch.randn(16, 2)
     value = loss(x)
     e_pos, e_neg = energy(x).squeeze(1), energy(loss.last.negatives).squeeze(1)
-    expected = e_pos.mean() - e_neg.mean() + 0.3 * ((e_pos ** 2).mean() + (e_neg ** 2).mean())
+    expected = e_pos.mean() - e_neg.mean() + 0.3 * ((e_pos**2).mean() + (e_neg**2).mean())
     torch.testing.assert_close(value, expected)
     assert float(loss.last.energy_pos) == pytest.approx(float(e_pos.detach().mean()))
 
@@ -69,9 +70,13 @@ def test_gaussian_trained_with_exact_negatives_reaches_the_mle():
             return energy.mu + torch.exp(energy.log_s) * torch.randn(n, 2, generator=draws)
 
     sampler = MALASampler(energy, step_size=0.05, n_steps=1, seed=2)
-    trainer = Trainer(energy, ShortRunML(sampler, exact), torch.optim.Adam(energy.parameters(),
-                                                                           lr=0.05),
-                      progress=False, data_seed=0)
+    trainer = Trainer(
+        energy,
+        ShortRunML(sampler, exact),
+        torch.optim.Adam(energy.parameters(), lr=0.05),
+        progress=False,
+        data_seed=0,
+    )
     trainer.fit(data, 400, batch_size=1024)
     mle_mu = data.mean(0)
     mle_s = ((data - mle_mu) ** 2).sum(1).mean().div(2).sqrt()
@@ -113,7 +118,8 @@ def test_chain_statistics_when_tracking():
 def test_persistent_ml_with_a_long_budget_approaches_the_exact_gradient():
     model = Gaussian([0.0, 0.0], 1.0, dtype=torch.float32)
     data = 0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor(
-        [1.0, -0.5])
+        [1.0, -0.5]
+    )
     buffer = ReplayBuffer(512, (2,), init_range=(-3.0, 3.0), reinit_prob=0.0, seed=1)
     loss = PersistentML(LangevinSampler(model, step_size=0.05, n_steps=200, seed=2), buffer)
     for _ in range(2):  # warm the persistent chains
@@ -121,10 +127,10 @@ def test_persistent_ml_with_a_long_budget_approaches_the_exact_gradient():
     grads = torch.autograd.grad(loss(data), list(model.parameters()))
     assert cosine(grads, gaussian_ml_gradient(model, data.double())) > 0.9
     # CD-1 from the data barely moves: its model term is the data term, nearly cancelling.
-    cd1 = torch.autograd.grad(ContrastiveDivergence(loss.sampler, k=1)(data),
-                              list(model.parameters()))
-    assert sum(float(g.norm() ** 2) for g in cd1) < 0.1 * sum(float(g.norm() ** 2)
-                                                                for g in grads)
+    cd1 = torch.autograd.grad(
+        ContrastiveDivergence(loss.sampler, k=1)(data), list(model.parameters())
+    )
+    assert sum(float(g.norm() ** 2) for g in cd1) < 0.1 * sum(float(g.norm() ** 2) for g in grads)
 
 
 def test_frozen_parameters_get_no_gradient():
@@ -144,8 +150,9 @@ def test_persistent_cd_continues_its_chains():
     first = loss.last.negatives
     loss(torch.randn(8, 2))
     reference = langevin(mlp(), seed=5)
-    torch.testing.assert_close(loss.last.negatives, reference.sample(reference.sample(x)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loss.last.negatives, reference.sample(reference.sample(x)), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="persistent chains"):
         loss(torch.randn(4, 2))
     assert first.shape == (8, 2)
@@ -159,8 +166,9 @@ def test_short_run_starts_from_init_every_call():
     loss(torch.randn(8, 2))
     reference = langevin(mlp(), seed=9)
     reference.sample(torch.zeros(8, 2))
-    torch.testing.assert_close(loss.last.negatives, reference.sample(torch.ones(8, 2)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loss.last.negatives, reference.sample(torch.ones(8, 2)), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="init"):
         ShortRunML(langevin(energy), lambda n: torch.zeros(n, 3))(torch.randn(8, 2))
 
@@ -178,8 +186,9 @@ def test_persistent_ml_per_class_buffer_uses_labels():
     with pytest.raises(ValueError, match="y"):
         loss(torch.randn(5, 2), torch.tensor([0, 1, 2, 3, 4]))
     with pytest.raises(ValueError, match="y was given"):
-        PersistentML(langevin(energy), ReplayBuffer(8, (2,), seed=0))(torch.randn(2, 2),
-                                                                     torch.tensor([0, 1]))
+        PersistentML(langevin(energy), ReplayBuffer(8, (2,), seed=0))(
+            torch.randn(2, 2), torch.tensor([0, 1])
+        )
 
 
 def test_bad_input_errors_name_the_problem():
@@ -228,10 +237,19 @@ def test_state_dict_round_trip_continues_the_chains():
 
 def kl_setup(clamp=None, dtype=torch.float64):
     energy = mlp(seed=4, hidden=8, dtype=dtype)
-    sampler = LangevinSampler(energy, step_size=0.05, noise_scale=0.2, n_steps=3, seed=11,
-                              chain_offset=5, clamp=clamp, backend="reference")
-    loss = KLPersistentML(sampler, ReplayBuffer(64, (2,), dtype=dtype, seed=2), kl_chains=6,
-                          entropy_weight=0.0)
+    sampler = LangevinSampler(
+        energy,
+        step_size=0.05,
+        noise_scale=0.2,
+        n_steps=3,
+        seed=11,
+        chain_offset=5,
+        clamp=clamp,
+        backend="reference",
+    )
+    loss = KLPersistentML(
+        sampler, ReplayBuffer(64, (2,), dtype=dtype, seed=2), kl_chains=6, entropy_weight=0.0
+    )
     x_prev = torch.randn(10, 2, dtype=dtype, generator=torch.Generator().manual_seed(3))
     return energy, sampler, loss, x_prev
 
@@ -272,8 +290,9 @@ def test_kl_term_gradient_matches_create_graph_reference_and_finite_differences(
         with torch.no_grad():
             weight[0, 1] -= sign * h
             values.append(float(energy(point).mean()))
-    assert got[0][0, 1].item() == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5,
-                                                abs=1e-9)
+    assert got[0][0, 1].item() == pytest.approx(
+        (values[0] - values[1]) / (2 * h), rel=1e-5, abs=1e-9
+    )
 
 
 def test_kl_loss_adds_kl_and_entropy_terms():
@@ -281,8 +300,9 @@ def test_kl_loss_adds_kl_and_entropy_terms():
     buffer = ReplayBuffer(2048, (2,), seed=2)
     buffer.push(torch.randn(1500, 2))
     sampler = langevin(energy)
-    loss = KLPersistentML(sampler, buffer, kl_chains=4, entropy_samples=50,
-                          augment=lambda x: x.flip(1))
+    loss = KLPersistentML(
+        sampler, buffer, kl_chains=4, entropy_samples=50, augment=lambda x: x.flip(1)
+    )
     value = loss(torch.randn(16, 2))
     assert loss.last.kl is not None and loss.last.entropy is not None
     value.backward()
