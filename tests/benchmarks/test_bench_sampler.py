@@ -50,13 +50,14 @@ def test_auto_is_timed_beside_fp32_and_its_choice_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["conv", "mlp784"])
-def test_auto_runs_the_model_and_states_in_the_layout_it_chose(case):
+def test_auto_runs_the_model_in_the_layout_it_chose(case):
+    """The model is converted (the sampler keeps its chains contiguous and takes autocast="auto"
+    itself)."""
     bench = runpy.run_path(str(SCRIPT))
     spec = bench["CASES"][case]
     model, x0 = spec["make"](), torch.rand(2, *spec["shape"])
-    auto_model, auto_x0, choice = bench["under_auto"](model, x0)
-    assert auto_model is not model and torch.equal(auto_x0, x0)
-    assert auto_x0.is_contiguous(memory_format=choice.memory_format)
+    auto_model, choice = bench["under_auto"](model, x0)
+    assert auto_model is not model
     assert choice.channels_last == (x0.dim() == 4)  # this CPU's rule for a conv energy
     assert all(
         p.is_contiguous(memory_format=choice.memory_format)
