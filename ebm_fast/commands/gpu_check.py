@@ -301,7 +301,17 @@ def plan(out_dir: Path, dry_run: bool) -> list[Step]:
         bench = {
             "update": ["--sizes", "64K", "--repeats", "2", "--no-compile"],
             "buffer": ["--capacities", "1000"],
-            "sampler": ["--no-compile", "--chains", "8", "--steps", "2", "--threads", "1"],
+            "sampler": [
+                "--no-compile",
+                "--chains",
+                "8",
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--cases",
+                "mlp2,conv",
+            ],
         }
         demo = [
             "--iterations",
