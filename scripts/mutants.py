@@ -430,14 +430,14 @@ MUTANTS = [
     Mutant(
         "study_e2_se_is_the_subsets_spread",
         STUDY + "e2_cd_objective.py",
-        "se = float(parts.std()) / subsets ** 0.5",
+        "se = float(parts.std()) / subsets**0.5",
         "se = float(parts.std())",
         (STUDY_ERRORS + "::test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m",),
     ),
     Mutant(
         "study_e2_se_divides_by_m",
         STUDY + "e2_cd_objective.py",
-        "se = float(parts.std()) / subsets ** 0.5",
+        "se = float(parts.std()) / subsets**0.5",
         "se = float(parts.std()) / subsets",
         (STUDY_ERRORS + "::test_e2_se_is_the_spread_of_disjoint_subsets_over_sqrt_m",),
     ),
@@ -451,7 +451,7 @@ MUTANTS = [
     Mutant(
         "study_e1_variance_se_scaled_once",
         STUDY + "e1_gradients.py",
-        '"variance_se": float(variance[1:].std()) / scale ** 2',
+        '"variance_se": float(variance[1:].std()) / scale**2',
         '"variance_se": float(variance[1:].std()) / scale',
         (STUDY_ERRORS + "::test_e1_bootstrap_errors_approach_the_gaussian_closed_forms",),
     ),

@@ -16,11 +16,33 @@ from ebm_fast.experiments.study.config import FULL, StudyConfig
 
 # Every experiment at toy size: structure and determinism, not numbers worth reading.
 TINY = dataclasses.replace(
-    FULL, hidden=8, cells=24, train_size=100, heldout_size=100, buffer_size=64,
-    checkpoints=(0, 1, 2), e1_steps=(1, 2), e1_replicas=3, e1_batch=4, e1_warm_steps=2,
-    e2_chains=200, e2_steps=(0, 1), e2_subsets=2, e2_buffer_calls=1, bins=8, seeds=2,
-    iterations=2, budget_factors=(1, 2), other_budget_factors=(1,), variant_factor=2,
-    train_batch=8, train_steps=1, eval_points=1, e4_samples=50, temperatures=(0.5, 1.0))
+    FULL,
+    hidden=8,
+    cells=24,
+    train_size=100,
+    heldout_size=100,
+    buffer_size=64,
+    checkpoints=(0, 1, 2),
+    e1_steps=(1, 2),
+    e1_replicas=3,
+    e1_batch=4,
+    e1_warm_steps=2,
+    e2_chains=200,
+    e2_steps=(0, 1),
+    e2_subsets=2,
+    e2_buffer_calls=1,
+    bins=8,
+    seeds=2,
+    iterations=2,
+    budget_factors=(1, 2),
+    other_budget_factors=(1,),
+    variant_factor=2,
+    train_batch=8,
+    train_steps=1,
+    eval_points=1,
+    e4_samples=50,
+    temperatures=(0.5, 1.0),
+)
 
 
 def gaussian_log_density(mean, s):
@@ -34,8 +56,9 @@ def test_histogram_kl_of_two_gaussians_matches_the_closed_form():
     s, n = 0.7, 200_000
     samples = torch.randn(n, 2, generator=torch.Generator().manual_seed(0)) * s
     log_p = common.bin_log_probs(gaussian_log_density([0.3, -0.4], s), 4.0, 50)
-    assert common.histogram_kl(samples, log_p, 4.0, 50) == pytest.approx(0.25 / (2 * s * s),
-                                                                          abs=0.01)
+    assert common.histogram_kl(samples, log_p, 4.0, 50) == pytest.approx(
+        0.25 / (2 * s * s), abs=0.01
+    )
 
 
 def test_histogram_kl_of_a_distribution_to_itself_is_zero_after_the_bias_correction():
@@ -54,8 +77,9 @@ def test_bin_log_probs_are_the_gaussian_cell_masses():
     mean, s, box, bins = torch.tensor([0.3, -0.2]), 0.9, 4.0, 10
     edges = torch.linspace(-box, box, bins + 1, dtype=torch.float64)
     normal = torch.distributions.Normal(0.0, 1.0)
-    mass = [normal.cdf((edges[1:] - m) / s) - normal.cdf((edges[:-1] - m) / s)
-            for m in mean.double()]
+    mass = [
+        normal.cdf((edges[1:] - m) / s) - normal.cdf((edges[:-1] - m) / s) for m in mean.double()
+    ]
     expected = (mass[0][:, None] * mass[1][None, :]).reshape(-1)
     got = common.bin_log_probs(gaussian_log_density(mean.tolist(), s), box, bins, refine=40)
     torch.testing.assert_close(got.exp(), expected, atol=1e-4, rtol=0)
@@ -64,7 +88,7 @@ def test_bin_log_probs_are_the_gaussian_cell_masses():
 def test_ring_log_density_peaks_at_a_centre():
     """At a centre the other modes are >= 1.9 away (7.7 std): p = 1 / (8 * 2 pi std^2)."""
     at_centre = common.ring_log_density(torch.tensor([[2.5, 0.0]], dtype=torch.float64))
-    assert float(at_centre) == pytest.approx(-math.log(8 * 2 * math.pi * 0.25 ** 2), abs=1e-9)
+    assert float(at_centre) == pytest.approx(-math.log(8 * 2 * math.pi * 0.25**2), abs=1e-9)
 
 
 def test_bias_and_variance_of_known_errors():
@@ -77,7 +101,7 @@ def test_bias_and_variance_of_known_errors():
     shift[0] = 1.0
     row = e1_gradients.summarise(noise + shift, 2.0, g)
     assert row["bias"] == pytest.approx(0.5, abs=3 * row["bias_se"])
-    assert row["variance"] == pytest.approx(dims * sigma ** 2 / 4, abs=3 * row["variance_se"])
+    assert row["variance"] == pytest.approx(dims * sigma**2 / 4, abs=3 * row["variance_se"])
     assert 0 < row["bias_se"] < 0.05 and row["replicas"] == replicas
     unbiased = e1_gradients.summarise(noise, 1.0, g)
     assert unbiased["bias"] < 3 * unbiased["bias_se"] + 1e-12
@@ -101,8 +125,14 @@ def test_study_is_deterministic_given_its_seed_and_keyed_as_documented():
     assert numbers(study.run_study(TINY, seed=5, progress=False)) == numbers(first)
     assert set(first) == {"E1", "E2", "E3", "E4", "E5", "setup"}
     assert set(first["E1"]) == set(first["E3"]) == {"ring", "two_spirals"}
-    assert set(first["E1"]["ring"]) == {"cd", "pcd", "persistent_ml", "short_run_ml",
-                                        "kl_persistent_ml", "exact_samples"}
+    assert set(first["E1"]["ring"]) == {
+        "cd",
+        "pcd",
+        "persistent_ml",
+        "short_run_ml",
+        "kl_persistent_ml",
+        "exact_samples",
+    }
     assert set(first["E1"]["ring"]["cd"]) == {"early", "middle", "converged"}
     assert set(first["E1"]["ring"]["cd"]["early"]) == {"1", "2"}
     e3 = first["E3"]["ring"]
@@ -110,8 +140,10 @@ def test_study_is_deterministic_given_its_seed_and_keyed_as_documented():
     assert set(e3["cd"]["budgets"]) == {"2", "4"} and set(e3["pcd"]["budgets"]) == {"2"}
     assert set(first["E3"]["two_spirals"]["cd"]["budgets"]) == {"2"}  # other_budget_factors
     assert set(e3[e3_training.VARIANT]["budgets"]) == {"1", "2"}  # half the iterations, 2x steps
-    assert e3[e3_training.VARIANT]["budgets"]["2"]["energy_evaluations"] == \
-        e3["persistent_ml"]["budgets"]["4"]["energy_evaluations"]
+    assert (
+        e3[e3_training.VARIANT]["budgets"]["2"]["energy_evaluations"]
+        == e3["persistent_ml"]["budgets"]["4"]["energy_evaluations"]
+    )
     json.dumps(first)  # results.json is plain JSON
     other = study.run_study(TINY, seed=6, only=["E1"], progress=False)
     assert other["E1"]["ring"]["cd"] != first["E1"]["ring"]["cd"]
@@ -124,16 +156,16 @@ def test_a_stack_of_mlps_is_its_members_side_by_side():
     members = [make_energy(seed, 8) for seed in (1, 2, 3)]
     stack = common.MLPStack(members)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
-    separate = torch.stack([m(x[:, 2 * s:2 * s + 2])[:, 0] for s, m in enumerate(members)], 1)
+    separate = torch.stack([m(x[:, 2 * s : 2 * s + 2])[:, 0] for s, m in enumerate(members)], 1)
     torch.testing.assert_close(stack.energies(x), separate)
     torch.testing.assert_close(stack(x), separate.sum(1))
     stack(x).mean().backward()
     for s, member in enumerate(members):
-        member(x[:, 2 * s:2 * s + 2]).mean().backward()
+        member(x[:, 2 * s : 2 * s + 2]).mean().backward()
         torch.testing.assert_close(stack.weights[1].grad[s], member[2].weight.grad.T)
         torch.testing.assert_close(stack.biases[0].grad[s, 0], member[0].bias.grad)
         copy = stack.member(s)
-        torch.testing.assert_close(copy(x[:, 2 * s:2 * s + 2]), member(x[:, 2 * s:2 * s + 2]))
+        torch.testing.assert_close(copy(x[:, 2 * s : 2 * s + 2]), member(x[:, 2 * s : 2 * s + 2]))
 
 
 def test_a_shorter_budget_is_the_longer_runs_prefix():
@@ -143,17 +175,22 @@ def test_a_shorter_budget_is_the_longer_runs_prefix():
     short = e3_training.train(ctx, "persistent_ml", budgets=(2,))
     del ctx.runs[("persistent_ml", 1.0)]
     long = e3_training.train(ctx, "persistent_ml")
-    assert short["kl"] == [row[:len(short["kl"][0])] for row in long["kl"]]
+    assert short["kl"] == [row[: len(short["kl"][0])] for row in long["kl"]]
     full = common.Context(FULL, 0)
     assert e3_training.evaluation_points(full)[:3] == [0, 25, 50]  # the variant's 200 / 8
     assert {800, 3200, 12800, 200} <= set(e3_training.evaluation_points(full))
     assert full.on("two_spirals").budgets == (800, 3200)
 
 
-@pytest.mark.parametrize("value, se, holds_below, verdict", [
-    (-0.3, 0.1, True, "holds"), (0.3, 0.1, True, "does not hold"),
-    (-0.15, 0.1, True, "not resolved at 2 SE"), (0.3, 0.1, False, "holds"),
-])
+@pytest.mark.parametrize(
+    "value, se, holds_below, verdict",
+    [
+        (-0.3, 0.1, True, "holds"),
+        (0.3, 0.1, True, "does not hold"),
+        (-0.15, 0.1, True, "not resolved at 2 SE"),
+        (0.3, 0.1, False, "holds"),
+    ],
+)
 def test_verdicts_need_two_standard_errors(value, se, holds_below, verdict):
     assert report._verdict(value, se, holds_below=holds_below) == verdict
 
@@ -172,13 +209,18 @@ def test_cli_writes_results_figures_and_report(tmp_path, monkeypatch, capsys):
     assert "report.md" in capsys.readouterr().out
 
 
-def test_out_holding_a_study_is_refused_or_replaced_whole_with_overwrite(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_out_holding_a_study_is_refused_or_replaced_whole_with_overwrite(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(study, "QUICK", TINY)
     out = tmp_path / "study"
     out.mkdir()
-    for name, text in (("results.json", "{}"), ("report.md", "old"), ("e1_ring.png", "old"),
-                       ("notes.txt", "not the study's")):
+    for name, text in (
+        ("results.json", "{}"),
+        ("report.md", "old"),
+        ("e1_ring.png", "old"),
+        ("notes.txt", "not the study's"),
+    ):
         (out / name).write_text(text)
     argv = ["study", "--quick", "--out", str(out), "--only", "E5"]
     assert cli.main(argv) == 2
@@ -186,15 +228,25 @@ def test_out_holding_a_study_is_refused_or_replaced_whole_with_overwrite(tmp_pat
     assert (out / "results.json").read_text() == "{}" and (out / "e1_ring.png").exists()
     assert cli.main([*argv, "--overwrite"]) == 0
     assert set(json.loads((out / "results.json").read_text())) == {"E5", "setup"}
-    assert sorted(p.name for p in out.iterdir()) == ["e5.png", "notes.txt", "report.md",
-                                                     "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "e5.png",
+        "notes.txt",
+        "report.md",
+        "results.json",
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--only", "E1,E9"], "argument --only: only must name experiments among E1, E2, E3, E4, E5"),
-    (["--seed", "-1"], "argument --seed: value must be >= 0"),
-    (["--threads", "0"], "argument --threads: value must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--only", "E1,E9"],
+            "argument --only: only must name experiments among E1, E2, E3, E4, E5",
+        ),
+        (["--seed", "-1"], "argument --seed: value must be >= 0"),
+        (["--threads", "0"], "argument --threads: value must be >= 1"),
+    ],
+)
 def test_bad_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["study", *argv])
@@ -210,18 +262,21 @@ def test_an_unusable_out_is_a_usage_error(tmp_path, capsys):
     assert "argument --out: cannot create directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"hidden": 0}, ValueError, "hidden must be >= 1"),
-    ({"hidden": 8.0}, TypeError, "hidden must be an int"),
-    ({"e2_chains": 10, "e2_subsets": 3}, ValueError, "e2_chains (10) must be a multiple"),
-    ({"temperatures": (0.5,)}, ValueError, "temperatures must be a tuple holding 1.0"),
-    ({"e1_steps": (10, 1)}, ValueError, "e1_steps must be increasing"),
-    ({"checkpoints": (1, 2)}, ValueError, "checkpoints must name 3 iteration counts"),
-    ({"budget_factors": (2, 4)}, ValueError, "budget_factors must start at 1"),
-    ({"budget_factors": (1, 4, 4)}, ValueError, "budget_factors must be increasing"),
-    ({"densities": ("ring", "pinwheel")}, ValueError, "densities must be a non-empty tuple"),
-    ({"step_size": float("nan")}, ValueError, "step_size must not be NaN"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"hidden": 0}, ValueError, "hidden must be >= 1"),
+        ({"hidden": 8.0}, TypeError, "hidden must be an int"),
+        ({"e2_chains": 10, "e2_subsets": 3}, ValueError, "e2_chains (10) must be a multiple"),
+        ({"temperatures": (0.5,)}, ValueError, "temperatures must be a tuple holding 1.0"),
+        ({"e1_steps": (10, 1)}, ValueError, "e1_steps must be increasing"),
+        ({"checkpoints": (1, 2)}, ValueError, "checkpoints must name 3 iteration counts"),
+        ({"budget_factors": (2, 4)}, ValueError, "budget_factors must start at 1"),
+        ({"budget_factors": (1, 4, 4)}, ValueError, "budget_factors must be increasing"),
+        ({"densities": ("ring", "pinwheel")}, ValueError, "densities must be a non-empty tuple"),
+        ({"step_size": float("nan")}, ValueError, "step_size must not be NaN"),
+    ],
+)
 def test_config_rejects_bad_settings(change, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         dataclasses.replace(FULL, **change)

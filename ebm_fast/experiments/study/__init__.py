@@ -46,21 +46,34 @@ from ebm_fast.experiments.study.config import FULL, QUICK, StudyConfig
 
 __all__ = ["EXPERIMENTS", "run_study", "StudyConfig", "FULL", "QUICK", "add_arguments", "main"]
 
-EXPERIMENTS = {"E1": e1_gradients, "E2": e2_cd_objective, "E3": e3_training, "E4": e4_short_run,
-               "E5": e5_temperature}
+EXPERIMENTS = {
+    "E1": e1_gradients,
+    "E2": e2_cd_objective,
+    "E3": e3_training,
+    "E4": e4_short_run,
+    "E5": e5_temperature,
+}
 
 
 def _experiment_names(only) -> list[str]:
     names = list(EXPERIMENTS) if only is None else list(only)
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown or not names:
-        raise ValueError(f"only must name experiments among {', '.join(EXPERIMENTS)}, got "
-                         f"{names!r}")
+        raise ValueError(
+            f"only must name experiments among {', '.join(EXPERIMENTS)}, got {names!r}"
+        )
     return [name for name in EXPERIMENTS if name in names]  # the study's order
 
 
-def run_study(config: StudyConfig = FULL, *, seed: int = 0, only=None, threads: int = 1,
-              processes: int = 1, progress: bool = True) -> dict:
+def run_study(
+    config: StudyConfig = FULL,
+    *,
+    seed: int = 0,
+    only=None,
+    threads: int = 1,
+    processes: int = 1,
+    progress: bool = True,
+) -> dict:
     """Run the experiments named in ``only`` (default all) and return results.json's content:
     a key per experiment, and "setup" (the config, the seed, each experiment's settings and
     wall-clock and CPU seconds). E4 and E5 reuse E3's training runs when E3 ran first.
@@ -85,9 +98,16 @@ def run_study(config: StudyConfig = FULL, *, seed: int = 0, only=None, threads: 
 def _run(ctx: Context, names: list[str], progress: bool) -> dict:
     config = ctx.config
     results = {}
-    setup: dict = {"config": dataclasses.asdict(config), "seed": ctx.seed, "experiments": {},
-             "seconds": {}, "cpu_seconds": {}, "torch": torch.__version__,
-             "threads": torch.get_num_threads(), "processes": ctx.processes}
+    setup: dict = {
+        "config": dataclasses.asdict(config),
+        "seed": ctx.seed,
+        "experiments": {},
+        "seconds": {},
+        "cpu_seconds": {},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "processes": ctx.processes,
+    }
     total = sum(EXPERIMENTS[name].units(config) for name in names)
     with tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for name in names:
@@ -98,8 +118,9 @@ def _run(ctx: Context, names: list[str], progress: bool) -> dict:
             setup["seconds"][name] = time.perf_counter() - start
             # CPU time of this process and its finished worker processes: on a shared machine
             # the wall-clock time is inflated.
-            setup["cpu_seconds"][name] = (time.process_time() - cpu_start
-                                          + _children_cpu_seconds() - children)
+            setup["cpu_seconds"][name] = (
+                time.process_time() - cpu_start + _children_cpu_seconds() - children
+            )
     return {**results, "setup": setup}
 
 
@@ -137,50 +158,93 @@ _processes = validation.argparse_type(validation.integer, low=1, high=3)  # 1 or
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions, same structure (under 5 minutes on 2 cores)")
-    parser.add_argument("--out", type=_output_dir, default=Path("study"),
-                        help="directory for results.json, report.md and the figures")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the study already in --out: its results.json, report.md "
-                             "and figures (e*.png) are removed as the new ones are written")
-    parser.add_argument("--only", type=_only, default=None, metavar="E1,E3",
-                        help="comma-separated experiments to run (default: all)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, same structure (under 5 minutes on 2 cores)",
+    )
+    parser.add_argument(
+        "--out",
+        type=_output_dir,
+        default=Path("study"),
+        help="directory for results.json, report.md and the figures",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the study already in --out: its results.json, report.md "
+        "and figures (e*.png) are removed as the new ones are written",
+    )
+    parser.add_argument(
+        "--only",
+        type=_only,
+        default=None,
+        metavar="E1,E3",
+        help="comma-separated experiments to run (default: all)",
+    )
     parser.add_argument("--seed", type=options.seed, default=0)
-    parser.add_argument("--threads", type=options.count, default=1,
-                        help="torch intra-op threads (default 1: the study's batches are small)")
-    parser.add_argument("--processes", type=_processes, default=1,
-                        help="processes for E1's densities and E3's training runs (1 or 2; "
-                        "the results do not depend on it)")
+    parser.add_argument(
+        "--threads",
+        type=options.count,
+        default=1,
+        help="torch intra-op threads (default 1: the study's batches are small)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="processes for E1's densities and E3's training runs (1 or 2; "
+        "the results do not depend on it)",
+    )
 
 
 def _earlier_study(out: Path) -> list[Path]:
     """The files of a study already in out: results.json, report.md and its figures."""
-    return [path for path in (out / "results.json", out / "report.md") if path.exists()] + \
-        sorted(out.glob("e[0-9]*.png"))
+    return [path for path in (out / "results.json", out / "report.md") if path.exists()] + sorted(
+        out.glob("e[0-9]*.png")
+    )
 
 
 def main(args) -> int:
     earlier = _earlier_study(args.out)
     if earlier and not args.overwrite:  # checked before any work, like the other options
-        print(f"ebm-fast study: error: --out {args.out} holds an earlier study "
-              f"({', '.join(path.name for path in earlier)}): choose another --out, or pass "
-              "--overwrite to replace it whole", file=sys.stderr)
+        print(
+            f"ebm-fast study: error: --out {args.out} holds an earlier study "
+            f"({', '.join(path.name for path in earlier)}): choose another --out, or pass "
+            "--overwrite to replace it whole",
+            file=sys.stderr,
+        )
         return 2
     config = QUICK if args.quick else FULL
     start, cpu_start = time.perf_counter(), time.process_time() + _children_cpu_seconds()
-    results = run_study(config, seed=args.seed, only=args.only, threads=args.threads,
-                        processes=args.processes)
+    results = run_study(
+        config, seed=args.seed, only=args.only, threads=args.threads, processes=args.processes
+    )
     results["setup"]["command"] = shlex.join(
-        ["ebm-fast", "study", *(["--quick"] if args.quick else []), "--out", str(args.out),
-         *(["--only", ",".join(args.only)] if args.only else []), "--seed", str(args.seed),
-         "--threads", str(args.threads), "--processes", str(args.processes)])
+        [
+            "ebm-fast",
+            "study",
+            *(["--quick"] if args.quick else []),
+            "--out",
+            str(args.out),
+            *(["--only", ",".join(args.only)] if args.only else []),
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+            "--processes",
+            str(args.processes),
+        ]
+    )
     results["setup"]["total_seconds"] = time.perf_counter() - start
-    results["setup"]["total_cpu_seconds"] = (time.process_time() - cpu_start
-                                             + _children_cpu_seconds())
+    results["setup"]["total_cpu_seconds"] = (
+        time.process_time() - cpu_start + _children_cpu_seconds()
+    )
     for path in _earlier_study(args.out):  # no figure of the earlier study outlives it
         path.unlink()
     written = report.write(results, args.out, quick=args.quick)
-    print(f"study: {', '.join(str(path) for path in written)} "
-          f"({results['setup']['total_seconds']:.0f} s)")
+    print(
+        f"study: {', '.join(str(path) for path in written)} "
+        f"({results['setup']['total_seconds']:.0f} s)"
+    )
     return 0

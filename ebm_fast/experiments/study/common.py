@@ -29,8 +29,20 @@ from ebm_fast.training import (
     ShortRunML,
 )
 
-__all__ = ["ESTIMATORS", "MODEL_NAMES", "RING", "ring_log_density", "bin_log_probs",
-           "binned_kl", "histogram_kl", "mean_se", "flat", "Context", "MLPStack", "run_jobs"]
+__all__ = [
+    "ESTIMATORS",
+    "MODEL_NAMES",
+    "RING",
+    "ring_log_density",
+    "bin_log_probs",
+    "binned_kl",
+    "histogram_kl",
+    "mean_se",
+    "flat",
+    "Context",
+    "MLPStack",
+    "run_jobs",
+]
 
 #: the sampling estimators, as results.json names them
 ESTIMATORS = ("cd", "pcd", "persistent_ml", "short_run_ml", "kl_persistent_ml")
@@ -86,7 +98,7 @@ def flat(tensors) -> torch.Tensor:
 
 def _derived_seed(seed: int, *labels) -> int:
     """A 63-bit seed for one named use (labels), so that adding a use moves no other stream."""
-    return (seed * 0x9E3779B1 + zlib.crc32(repr(labels).encode())) % 2 ** 63
+    return (seed * 0x9E3779B1 + zlib.crc32(repr(labels).encode())) % 2**63
 
 
 class MLPStack(nn.Module):
@@ -105,10 +117,11 @@ class MLPStack(nn.Module):
         # layer l: weight (S, in, out) and bias (S, 1, out), so that a batched matmul applies it
         depth = len(linears[0])
         self.weights = nn.ParameterList(
-            torch.stack([member[i].weight.detach().T for member in linears]) for i in range(depth))
+            torch.stack([member[i].weight.detach().T for member in linears]) for i in range(depth)
+        )
         self.biases = nn.ParameterList(
-            torch.stack([member[i].bias.detach()[None] for member in linears])
-            for i in range(depth))
+            torch.stack([member[i].bias.detach()[None] for member in linears]) for i in range(depth)
+        )
 
         # The same Parameter objects as a plain tuple: ParameterList's indexing cost ~7% of a
         # training iteration (they are updated in place, so the tuple stays current).
@@ -157,10 +170,12 @@ def run_jobs(function, jobs: list, processes: int, threads: int, progress) -> li
         return results
     results = [None] * len(jobs)
     pool = multiprocessing.get_context("spawn").Pool(
-        min(processes, len(jobs)), initializer=torch.set_num_threads, initargs=(threads,))
+        min(processes, len(jobs)), initializer=torch.set_num_threads, initargs=(threads,)
+    )
     try:
         for index, value in pool.imap_unordered(
-                _run_job, [(i, function, job) for i, job in enumerate(jobs)]):
+            _run_job, [(i, function, job) for i, job in enumerate(jobs)]
+        ):
             results[index] = value
             progress.update(1)
         pool.close()  # then join: the workers' CPU time counts once they are waited for
@@ -175,14 +190,24 @@ class Context:
     experiments share (the exact-ML models of E1/E2, the trained runs of E3 that E4 and E5
     reuse). ``processes``: how many processes the experiments' independent jobs may use."""
 
-    def __init__(self, config: StudyConfig, seed: int, density: str | None = None, *,
-                 processes: int = 1, threads: int = 1):
+    def __init__(
+        self,
+        config: StudyConfig,
+        seed: int,
+        density: str | None = None,
+        *,
+        processes: int = 1,
+        threads: int = 1,
+    ):
         if not isinstance(config, StudyConfig):
             raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
         self.config = config
-        self.seed = validation.integer(seed, "seed", low=0, high=2 ** 63)
-        self.density = config.densities[0] if density is None else validation.choice(
-            density, "density", config.densities)
+        self.seed = validation.integer(seed, "seed", low=0, high=2**63)
+        self.density = (
+            config.densities[0]
+            if density is None
+            else validation.choice(density, "density", config.densities)
+        )
         self.processes = validation.integer(processes, "processes", low=1, high=3)  # 1 or 2
         self.threads = validation.integer(threads, "threads", low=1)
         toy = TOY_2D[self.density]
@@ -198,8 +223,9 @@ class Context:
     def on(self, density: str) -> Context:
         """The same run on another of config.densities (made once, then kept)."""
         if density not in self._others:
-            other = Context(self.config, self.seed, density, processes=self.processes,
-                            threads=self.threads)
+            other = Context(
+                self.config, self.seed, density, processes=self.processes, threads=self.threads
+            )
             other._others = self._others
             self._others[density] = other
         return self._others[density]
@@ -229,8 +255,9 @@ class Context:
 
     def exact_kl_to_model(self, energy, temperature: float = 1.0) -> float:
         """Exact KL(p_data || p) with p proportional to exp(-E / temperature)."""
-        return exact_kl(self.log_density, energy, self.config.box, self.config.cells,
-                        temperature=temperature)
+        return exact_kl(
+            self.log_density, energy, self.config.box, self.config.cells, temperature=temperature
+        )
 
     def models(self) -> dict:
         """{"early", "middle", "converged"}: copies of one MLP energy along Adam on the exact ML
@@ -257,18 +284,37 @@ class Context:
 
     def sampler(self, energy, n_steps: int, *labels, temperature: float = 1.0):
         cfg = self.config
-        return LangevinSampler(energy, step_size=cfg.step_size, temperature=temperature,
-                               n_steps=n_steps, clamp=(-cfg.box, cfg.box),
-                               seed=self.seed_for("sampler", *labels))
+        return LangevinSampler(
+            energy,
+            step_size=cfg.step_size,
+            temperature=temperature,
+            n_steps=n_steps,
+            clamp=(-cfg.box, cfg.box),
+            seed=self.seed_for("sampler", *labels),
+        )
 
     def buffer(self, capacity: int, *labels, sample_shape: tuple = (2,)) -> ReplayBuffer:
         box = self.config.box
-        return ReplayBuffer(capacity, sample_shape, init_range=(-box, box),
-                            reinit_prob=self.config.reinit_prob,
-                            seed=self.seed_for("buffer", *labels))
+        return ReplayBuffer(
+            capacity,
+            sample_shape,
+            init_range=(-box, box),
+            reinit_prob=self.config.reinit_prob,
+            seed=self.seed_for("buffer", *labels),
+        )
 
-    def loss(self, name: str, energy: nn.Module, k: int, *labels, buffer_size: int,
-             temperature: float = 1.0, loss_class=None, sample_shape: tuple = (2,), **options):
+    def loss(
+        self,
+        name: str,
+        energy: nn.Module,
+        k: int,
+        *labels,
+        buffer_size: int,
+        temperature: float = 1.0,
+        loss_class=None,
+        sample_shape: tuple = (2,),
+        **options,
+    ):
         """The estimator ``name`` as an ebm_fast.training loss (alpha 0) on a fresh sampler of k
         steps for states of ``sample_shape`` ((2 S,) for an MLPStack of S); ``loss_class``
         overrides the class (E1 keeps the KL chains), ``options`` go to its constructor."""

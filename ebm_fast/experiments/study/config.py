@@ -72,23 +72,43 @@ class StudyConfig:
     temperatures: tuple = (0.1, 0.3, 1.0)
 
     def __post_init__(self):
-        for name, low in (("hidden", 1), ("cells", 2), ("train_size", 1), ("heldout_size", 1),
-                          ("buffer_size", 1), ("train_buffer_size", 1),
-                          ("e1_replicas", 2), ("e1_batch", 1),
-                          ("e1_warm_steps", 0), ("e2_chains", 2), ("e2_subsets", 2),
-                          ("e2_buffer_calls", 0),
-                          ("bins", 2), ("seeds", 2), ("iterations", 1), ("train_batch", 1),
-                          ("train_steps", 1), ("eval_points", 1), ("e4_samples", 2),
-                          ("variant_factor", 1)):
+        for name, low in (
+            ("hidden", 1),
+            ("cells", 2),
+            ("train_size", 1),
+            ("heldout_size", 1),
+            ("buffer_size", 1),
+            ("train_buffer_size", 1),
+            ("e1_replicas", 2),
+            ("e1_batch", 1),
+            ("e1_warm_steps", 0),
+            ("e2_chains", 2),
+            ("e2_subsets", 2),
+            ("e2_buffer_calls", 0),
+            ("bins", 2),
+            ("seeds", 2),
+            ("iterations", 1),
+            ("train_batch", 1),
+            ("train_steps", 1),
+            ("eval_points", 1),
+            ("e4_samples", 2),
+            ("variant_factor", 1),
+        ):
             validation.integer(getattr(self, name), name, low=low)
         for name in ("step_size", "lr", "box"):
             validation.real(getattr(self, name), name, low=0.0, low_open=True)
         validation.real(self.reinit_prob, "reinit_prob", low=0.0, high=1.0)
         if self.e2_chains % self.e2_subsets:
-            raise ValueError(f"e2_chains ({self.e2_chains}) must be a multiple of e2_subsets "
-                             f"({self.e2_subsets})")
-        for name, low in (("checkpoints", 0), ("e1_steps", 1), ("e2_steps", 0),
-                          ("budget_factors", 1), ("other_budget_factors", 1)):
+            raise ValueError(
+                f"e2_chains ({self.e2_chains}) must be a multiple of e2_subsets ({self.e2_subsets})"
+            )
+        for name, low in (
+            ("checkpoints", 0),
+            ("e1_steps", 1),
+            ("e2_steps", 0),
+            ("budget_factors", 1),
+            ("other_budget_factors", 1),
+        ):
             values = getattr(self, name)
             if not isinstance(values, tuple) or not values:
                 raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
@@ -97,20 +117,31 @@ class StudyConfig:
             if list(values) != sorted(set(values)):
                 raise ValueError(f"{name} must be increasing, got {values!r}")
         if len(self.checkpoints) != 3:
-            raise ValueError(f"checkpoints must name 3 iteration counts (early, middle, "
-                             f"converged), got {self.checkpoints!r}")
+            raise ValueError(
+                f"checkpoints must name 3 iteration counts (early, middle, "
+                f"converged), got {self.checkpoints!r}"
+            )
         for name in ("budget_factors", "other_budget_factors"):
             if getattr(self, name)[0] != 1:
-                raise ValueError(f"{name} must start at 1 (the base budget, iterations), got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must start at 1 (the base budget, iterations), got "
+                    f"{getattr(self, name)!r}"
+                )
         exact = [name for name, toy in TOY_2D.items() if toy.log_density is not None]
-        if not isinstance(self.densities, tuple) or not self.densities \
-                or any(name not in exact for name in self.densities):
-            raise ValueError(f"densities must be a non-empty tuple of data sets with an exact "
-                             f"density ({', '.join(exact)}), got {self.densities!r}")
+        if (
+            not isinstance(self.densities, tuple)
+            or not self.densities
+            or any(name not in exact for name in self.densities)
+        ):
+            raise ValueError(
+                f"densities must be a non-empty tuple of data sets with an exact "
+                f"density ({', '.join(exact)}), got {self.densities!r}"
+            )
         if not isinstance(self.temperatures, tuple) or 1.0 not in self.temperatures:
-            raise ValueError(f"temperatures must be a tuple holding 1.0 (E3's persistent ML "
-                             f"runs), got {self.temperatures!r}")
+            raise ValueError(
+                f"temperatures must be a tuple holding 1.0 (E3's persistent ML "
+                f"runs), got {self.temperatures!r}"
+            )
         for value in self.temperatures:
             validation.real(value, "temperatures", low=0.0, low_open=True)
 
@@ -124,7 +155,16 @@ class StudyConfig:
 FULL = StudyConfig()
 # Same structure, fewer repetitions: 20 replicas in E1, 20k chains in E2, 2 seeds of 160
 # iterations in E3-E5 (E3's budgets 160 and 640) and two temperatures.
-QUICK = dataclasses.replace(FULL, e1_replicas=20, e1_warm_steps=100, e2_chains=20_000,
-                            e2_steps=(0, 1, 10, 50), seeds=2, iterations=160,
-                            budget_factors=(1, 4), other_budget_factors=(1, 4), e4_samples=5000,
-                            temperatures=(0.1, 1.0))
+QUICK = dataclasses.replace(
+    FULL,
+    e1_replicas=20,
+    e1_warm_steps=100,
+    e2_chains=20_000,
+    e2_steps=(0, 1, 10, 50),
+    seeds=2,
+    iterations=160,
+    budget_factors=(1, 4),
+    other_budget_factors=(1, 4),
+    e4_samples=5000,
+    temperatures=(0.1, 1.0),
+)

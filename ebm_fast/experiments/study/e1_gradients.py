@@ -14,9 +14,11 @@ from ebm_fast.training import KLPersistentML
 
 __all__ = ["run", "audit", "summarise", "BOOTSTRAP"]
 
-QUESTION = ("How far is each estimator's gradient from the exact ML gradient (bias) and how much "
-            "does it scatter (variance), at an early, a middle and a converged model? How large "
-            "is CD's missing term E_q_k[grad E] - E_p[grad E]?")
+QUESTION = (
+    "How far is each estimator's gradient from the exact ML gradient (bias) and how much "
+    "does it scatter (variance), at an early, a middle and a converged model? How large "
+    "is CD's missing term E_q_k[grad E] - E_p[grad E]?"
+)
 BOOTSTRAP = 400  # bootstrap resamples of the replicas for the standard errors
 
 
@@ -41,27 +43,41 @@ def summarise(errors: torch.Tensor, scale: float, generator: torch.Generator) ->
     """
     replicas = errors.shape[0]
     gram = errors @ errors.T
-    counts = torch.cat([torch.ones(1, replicas, dtype=gram.dtype),
-                        torch.nn.functional.one_hot(
-                            torch.randint(replicas, (BOOTSTRAP, replicas), generator=generator),
-                            replicas).sum(1).to(gram.dtype)])
-    mean_sq = ((counts @ gram) * counts).sum(1) / replicas ** 2   # |mean d|^2 per resample
+    counts = torch.cat(
+        [
+            torch.ones(1, replicas, dtype=gram.dtype),
+            torch.nn.functional.one_hot(
+                torch.randint(replicas, (BOOTSTRAP, replicas), generator=generator), replicas
+            )
+            .sum(1)
+            .to(gram.dtype),
+        ]
+    )
+    mean_sq = ((counts @ gram) * counts).sum(1) / replicas**2  # |mean d|^2 per resample
     spread = (counts * gram.diagonal()).sum(1) / replicas - mean_sq
     variance = spread * replicas / (replicas - 1)
     bias = (mean_sq - variance / replicas).clamp_min(0).sqrt()
-    return {"bias": float(bias[0]) / scale, "bias_se": float(bias[1:].std()) / scale,
-            "variance": float(variance[0]) / scale ** 2,
-            "variance_se": float(variance[1:].std()) / scale ** 2, "replicas": replicas}
+    return {
+        "bias": float(bias[0]) / scale,
+        "bias_se": float(bias[1:].std()) / scale,
+        "variance": float(variance[0]) / scale**2,
+        "variance_se": float(variance[1:].std()) / scale**2,
+        "replicas": replicas,
+    }
 
 
-def _negative_term_errors(energy, negatives: torch.Tensor, model_term: torch.Tensor,
-                          replicas: int) -> torch.Tensor:
+def _negative_term_errors(
+    energy, negatives: torch.Tensor, model_term: torch.Tensor, replicas: int
+) -> torch.Tensor:
     """(R, P): per replica, E_p[grad E] - mean over its negatives of grad E, the error of
     E_data[grad E] - E_neg[grad E] against the exact gradient on the same data."""
     params = trainable_parameters(energy)
-    return torch.stack([model_term - flat(torch.autograd.grad(energy(chunk).mean(),
-                                                              params))
-                        for chunk in negatives.chunk(replicas)])
+    return torch.stack(
+        [
+            model_term - flat(torch.autograd.grad(energy(chunk).mean(), params))
+            for chunk in negatives.chunk(replicas)
+        ]
+    )
 
 
 def _kl_term_gradients(loss: _KeptKL, replicas: int) -> torch.Tensor:
@@ -70,9 +86,21 @@ def _kl_term_gradients(loss: _KeptKL, replicas: int) -> torch.Tensor:
     frozen = {name: p.detach() for name, p in energy.named_parameters()}
     values = torch.func.functional_call(energy, frozen, (loss.x_kl,)).reshape(-1)
     # A parameter that does not move the chains (the last bias) gets a zero gradient.
-    return torch.stack([loss.kl_weight * flat(torch.autograd.grad(
-        chunk.mean(), params, retain_graph=True, allow_unused=True, materialize_grads=True))
-        for chunk in values.chunk(replicas)])
+    return torch.stack(
+        [
+            loss.kl_weight
+            * flat(
+                torch.autograd.grad(
+                    chunk.mean(),
+                    params,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+            for chunk in values.chunk(replicas)
+        ]
+    )
 
 
 def audit(ctx: Context) -> tuple[dict, dict, dict]:
@@ -87,18 +115,28 @@ def audit(ctx: Context) -> tuple[dict, dict, dict]:
     for model_name, energy in ctx.models().items():
         params = trainable_parameters(energy)
         with torch.enable_grad():  # E_p[grad E] = -grad log Z, summed exactly on the grid
-            model_term = -flat(torch.autograd.grad(log_partition(energy, cfg.box, cfg.cells),
-                                                   params))
+            model_term = -flat(
+                torch.autograd.grad(log_partition(energy, cfg.box, cfg.cells), params)
+            )
         scale = float(model_term.norm())
         full_gradient = flat(torch.autograd.grad(energy(ctx.train).mean(), params))
         models[model_name] = {
-            "exact_kl": ctx.exact_kl_to_model(energy), "model_term_norm": scale,
-            "exact_gradient_norm": float((full_gradient - model_term).norm())}
+            "exact_kl": ctx.exact_kl_to_model(energy),
+            "model_term_norm": scale,
+            "exact_gradient_norm": float((full_gradient - model_term).norm()),
+        }
         positives = ctx.data(chains, "E1", model_name)
-        negatives = exact_samples(energy, chains, seed=ctx.seed_for("E1", "exact", model_name),
-                                  step=0, box=cfg.box, cells=cfg.cells)
+        negatives = exact_samples(
+            energy,
+            chains,
+            seed=ctx.seed_for("E1", "exact", model_name),
+            step=0,
+            box=cfg.box,
+            cells=cfg.cells,
+        )
         result["exact_samples"][model_name] = summarise(
-            _negative_term_errors(energy, negatives, model_term, replicas), scale, generator)
+            _negative_term_errors(energy, negatives, model_term, replicas), scale, generator
+        )
         for name in ESTIMATORS:
             result[name][model_name] = {}
             for k in cfg.e1_steps:
@@ -106,10 +144,21 @@ def audit(ctx: Context) -> tuple[dict, dict, dict]:
                 # a buffer's slots) evolve independently, so slice r of R * batch chains is an
                 # estimate with batch chains. The KL chains are all chains (kl_chains = batch
                 # per replica); the entropy term is left out (see the report).
-                options: dict[str, Any] = ({"kl_chains": chains, "entropy_weight": 0.0}
-                                           if name == "kl_persistent_ml" else {})
-                loss = ctx.loss(name, energy, k, "E1", model_name, buffer_size=chains,
-                                loss_class=_KeptKL, **options)
+                options: dict[str, Any] = (
+                    {"kl_chains": chains, "entropy_weight": 0.0}
+                    if name == "kl_persistent_ml"
+                    else {}
+                )
+                loss = ctx.loss(
+                    name,
+                    energy,
+                    k,
+                    "E1",
+                    model_name,
+                    buffer_size=chains,
+                    loss_class=_KeptKL,
+                    **options,
+                )
                 persistent = name in ("pcd", "persistent_ml", "kl_persistent_ml")
                 for _ in range(math.ceil(cfg.e1_warm_steps / k) if persistent else 0):
                     loss(positives)
@@ -132,15 +181,26 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
     """({density: results keyed by estimator, then model, then k}, setup with each density's
     models' exact numbers). The densities go to ctx.processes processes."""
     cfg = ctx.config
-    audits = run_jobs(_audit_job, [(cfg, ctx.seed, density) for density in cfg.densities],
-                      ctx.processes, ctx.threads, progress)
+    audits = run_jobs(
+        _audit_job,
+        [(cfg, ctx.seed, density) for density in cfg.densities],
+        ctx.processes,
+        ctx.threads,
+        progress,
+    )
     result, models = {}, {}
     for density, (rows, numbers, energies) in zip(cfg.densities, audits):
         result[density], models[density] = rows, numbers
         ctx.on(density).keep_models(energies)
-    setup = {"replicas": cfg.e1_replicas, "batch": cfg.e1_batch, "steps": list(cfg.e1_steps),
-             "warm_steps": cfg.e1_warm_steps, "bootstrap": BOOTSTRAP,
-             "checkpoints": dict(zip(MODEL_NAMES, cfg.checkpoints)), "models": models}
+    setup = {
+        "replicas": cfg.e1_replicas,
+        "batch": cfg.e1_batch,
+        "steps": list(cfg.e1_steps),
+        "warm_steps": cfg.e1_warm_steps,
+        "bootstrap": BOOTSTRAP,
+        "checkpoints": dict(zip(MODEL_NAMES, cfg.checkpoints)),
+        "models": models,
+    }
     return result, setup
 
 

@@ -22,15 +22,28 @@ from ebm_fast.experiments.study.common import (
 from ebm_fast.training import Trainer
 from ebm_fast.training.data import batch_stream
 
-__all__ = ["run", "train", "units", "budgets_of", "evaluation_points", "QUESTION", "METHODS",
-           "VARIANT", "BASE_ONLY", "ONE_SEED_AT_A_TIME", "GAP_BINS"]
+__all__ = [
+    "run",
+    "train",
+    "units",
+    "budgets_of",
+    "evaluation_points",
+    "QUESTION",
+    "METHODS",
+    "VARIANT",
+    "BASE_ONLY",
+    "ONE_SEED_AT_A_TIME",
+    "GAP_BINS",
+]
 
-QUESTION = ("Trained from the same start for the same number of energy evaluations, where does "
-            "each estimator land in exact KL(p_data || p) and held-out NLL, at the base budget "
-            "and at longer ones? Does persistent ML approach exact ML as the budget grows while "
-            "CD-k stays where it is? How far are the persistent chains from the model along the "
-            "way, and does giving them more steps per iteration (at the same energy "
-            "evaluations) close the gap?")
+QUESTION = (
+    "Trained from the same start for the same number of energy evaluations, where does "
+    "each estimator land in exact KL(p_data || p) and held-out NLL, at the base budget "
+    "and at longer ones? Does persistent ML approach exact ML as the budget grows while "
+    "CD-k stays where it is? How far are the persistent chains from the model along the "
+    "way, and does giving them more steps per iteration (at the same energy "
+    "evaluations) close the gap?"
+)
 #: persistent ML with variant_factor times the steps per iteration, for 1 / variant_factor of
 #: the iterations: the same energy evaluations, chains that lag the model less
 VARIANT = "persistent_ml_more_steps"
@@ -73,8 +86,14 @@ def evaluation_points(ctx: Context) -> list[int]:
     points up to each budget, the variant's included, so that exact ML has every point."""
     cfg = ctx.config
     budgets = set(ctx.budgets) | set(budgets_of(ctx, VARIANT))
-    return sorted({0} | {budget * j // cfg.eval_points for budget in budgets
-                         for j in range(1, cfg.eval_points + 1)})
+    return sorted(
+        {0}
+        | {
+            budget * j // cfg.eval_points
+            for budget in budgets
+            for j in range(1, cfg.eval_points + 1)
+        }
+    )
 
 
 def _or_nan(measure, energy, *args) -> float:
@@ -91,8 +110,7 @@ def _buffer_contents(buffer) -> torch.Tensor:
     return state["storage"][state["written"] > 0].reshape(-1, buffer.sample_shape[0]).float()
 
 
-def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
-                 last: int) -> dict:
+def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float, last: int) -> dict:
     """The seeds' runs of one method side by side (an MLPStack) up to iteration ``last``:
     {"iterations", "kl", "nll", "gap" (per seed, per evaluation), "energies" ({budget: [member
     MLPs]}), "nonfinite_skipped"}. A seed's start (weights) and data order depend on its index
@@ -106,11 +124,26 @@ def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
     # One row order for the stack, the training set permuted per seed: seed s's batches are
     # train[order_s[rows]] in any stack.
     n = ctx.train.shape[0]
-    data = torch.cat([ctx.train[torch.randperm(n, generator=torch.Generator().manual_seed(
-        ctx.seed_for("E3", "data order", s)))] for s in seeds], dim=1)
+    data = torch.cat(
+        [
+            ctx.train[
+                torch.randperm(
+                    n, generator=torch.Generator().manual_seed(ctx.seed_for("E3", "data order", s))
+                )
+            ]
+            for s in seeds
+        ],
+        dim=1,
+    )
     data_seed = ctx.seed_for("E3", "batches")
-    record: dict = {"iterations": [], "kl": [], "nll": [], "gap_iterations": [], "gap": [],
-              "energies": {}}
+    record: dict = {
+        "iterations": [],
+        "kl": [],
+        "nll": [],
+        "gap_iterations": [],
+        "gap": [],
+        "energies": {},
+    }
 
     def evaluate(iteration: int, loss=None):
         if iteration not in points:
@@ -119,17 +152,26 @@ def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
         with torch.no_grad():
             record["iterations"].append(iteration)
             record["kl"].append([_or_nan(ctx.exact_kl_to_model, m) for m in models])
-            record["nll"].append([_or_nan(exact_nll, m, ctx.heldout, cfg.box, cfg.cells)
-                                  for m in models])
+            record["nll"].append(
+                [_or_nan(exact_nll, m, ctx.heldout, cfg.box, cfg.cells) for m in models]
+            )
             buffer = getattr(loss, "buffer", None)
             if buffer is not None:
                 chains = _buffer_contents(buffer)
                 record["gap_iterations"].append(iteration)
-                record["gap"].append([histogram_kl(
-                    chains[:, 2 * i:2 * i + 2],
-                    bin_log_probs(lambda x, m=m: -m(x).reshape(-1) / temperature, cfg.box,
-                                  GAP_BINS),
-                    cfg.box, GAP_BINS) for i, m in enumerate(models)])
+                record["gap"].append(
+                    [
+                        histogram_kl(
+                            chains[:, 2 * i : 2 * i + 2],
+                            bin_log_probs(
+                                lambda x, m=m: -m(x).reshape(-1) / temperature, cfg.box, GAP_BINS
+                            ),
+                            cfg.box,
+                            GAP_BINS,
+                        )
+                        for i, m in enumerate(models)
+                    ]
+                )
         if iteration in budgets:
             record["energies"][str(iteration)] = models
 
@@ -147,13 +189,27 @@ def _train_stack(ctx: Context, method: str, seeds: tuple, temperature: float,
             evaluate(iteration)
         record["nonfinite_skipped"] = 0
     else:
-        loss = ctx.loss("persistent_ml" if method == VARIANT else method, energy,
-                        steps_of(cfg, method), "E3", method, seeds, temperature,
-                        buffer_size=cfg.train_buffer_size, temperature=temperature,
-                        sample_shape=(2 * len(seeds),))
-        trainer = Trainer(energy, loss, optimiser, log_every=last, progress=False,
-                          data_seed=data_seed,
-                          step_callbacks=(lambda trainer: evaluate(trainer.iteration, loss),))
+        loss = ctx.loss(
+            "persistent_ml" if method == VARIANT else method,
+            energy,
+            steps_of(cfg, method),
+            "E3",
+            method,
+            seeds,
+            temperature,
+            buffer_size=cfg.train_buffer_size,
+            temperature=temperature,
+            sample_shape=(2 * len(seeds),),
+        )
+        trainer = Trainer(
+            energy,
+            loss,
+            optimiser,
+            log_every=last,
+            progress=False,
+            data_seed=data_seed,
+            step_callbacks=(lambda trainer: evaluate(trainer.iteration, loss),),
+        )
         trainer.fit(data, last, cfg.train_batch)
         record["nonfinite_skipped"] = trainer.nonfinite_skipped
     for key in ("kl", "nll", "gap"):  # per evaluation -> per seed
@@ -172,15 +228,21 @@ def train(ctx: Context, method: str, temperature: float = 1.0, budgets=None) -> 
     cached = ctx.runs.get(key)
     if cached is not None and all(str(b) in cached["energies"] for b in budgets):
         return cached
-    stacks = ([(s,) for s in range(cfg.seeds)] if method in ONE_SEED_AT_A_TIME
-              else [tuple(range(cfg.seeds))])
+    stacks = (
+        [(s,) for s in range(cfg.seeds)]
+        if method in ONE_SEED_AT_A_TIME
+        else [tuple(range(cfg.seeds))]
+    )
     parts = [_train_stack(ctx, method, seeds, temperature, budgets[-1]) for seeds in stacks]
     record: dict = {
-        "iterations": parts[0]["iterations"], "gap_iterations": parts[0]["gap_iterations"],
+        "iterations": parts[0]["iterations"],
+        "gap_iterations": parts[0]["gap_iterations"],
         **{key: [row for part in parts for row in part[key]] for key in ("kl", "nll", "gap")},
-        "energies": {b: [m for part in parts for m in part["energies"][b]]
-                     for b in parts[0]["energies"]},
-        "nonfinite_skipped": sum(part["nonfinite_skipped"] for part in parts)}
+        "energies": {
+            b: [m for part in parts for m in part["energies"][b]] for b in parts[0]["energies"]
+        },
+        "nonfinite_skipped": sum(part["nonfinite_skipped"] for part in parts),
+    }
     ctx.runs[key] = record
     return record
 
@@ -191,8 +253,7 @@ def _train_job(config, seed: int, density: str, method: str) -> dict:
 
 def _curves(rows: list) -> dict:
     values = torch.tensor(rows, dtype=torch.float64)
-    return {"mean": values.mean(0).tolist(),
-            "se": (values.std(0) / math.sqrt(len(rows))).tolist()}
+    return {"mean": values.mean(0).tolist(), "se": (values.std(0) / math.sqrt(len(rows))).tolist()}
 
 
 def _paired(values) -> dict:
@@ -220,16 +281,23 @@ def summarise(ctx: Context) -> dict:
     result = {}
     for method in METHODS:
         record = ctx.runs[(method, 1.0)]
-        row = {"iterations": record["iterations"], "kl": _curves(record["kl"]),
-               "nll": _curves(record["nll"]), "steps_per_iteration": steps_of(cfg, method),
-               "budgets": {}, "nonfinite_skipped": record["nonfinite_skipped"]}
+        row = {
+            "iterations": record["iterations"],
+            "kl": _curves(record["kl"]),
+            "nll": _curves(record["nll"]),
+            "steps_per_iteration": steps_of(cfg, method),
+            "budgets": {},
+            "nonfinite_skipped": record["nonfinite_skipped"],
+        }
         if record["gap"]:
             row["gap"] = _curves(record["gap"])
             row["gap_iterations"] = record["gap_iterations"]
         for budget in budgets_of(ctx, method):
-            cell = {"energy_evaluations": budget * steps_of(cfg, method) * cfg.train_batch,
-                    "kl": mean_se(_at(record, "kl", budget)),
-                    "nll": mean_se(_at(record, "nll", budget))}
+            cell = {
+                "energy_evaluations": budget * steps_of(cfg, method) * cfg.train_batch,
+                "kl": mean_se(_at(record, "kl", budget)),
+                "nll": mean_se(_at(record, "nll", budget)),
+            }
             if method != "exact_ml":
                 cell["kl_minus_exact_ml"] = _paired(_excess(ctx, method, budget))
             if record["gap"]:
@@ -240,22 +308,40 @@ def summarise(ctx: Context) -> dict:
     base = cfg.iterations
     result["comparisons"] = {
         # persistent ML's excess minus CD-k's (exact ML's cancels), per budget
-        "persistent_ml_minus_cd": {str(b): _paired(
-            p - c for p, c in zip(_excess(ctx, "persistent_ml", b), _excess(ctx, "cd", b)))
-            for b in ctx.budgets},
+        "persistent_ml_minus_cd": {
+            str(b): _paired(
+                p - c for p, c in zip(_excess(ctx, "persistent_ml", b), _excess(ctx, "cd", b))
+            )
+            for b in ctx.budgets
+        },
         # each method's excess at a budget minus its excess at the base budget
-        "change_from_base": {method: {str(b): _paired(
-            now - then for now, then in zip(_excess(ctx, method, b), _excess(ctx, method, base)))
-            for b in ctx.budgets[1:]} for method in ("cd", "persistent_ml")},
+        "change_from_base": {
+            method: {
+                str(b): _paired(
+                    now - then
+                    for now, then in zip(_excess(ctx, method, b), _excess(ctx, method, base))
+                )
+                for b in ctx.budgets[1:]
+            }
+            for method in ("cd", "persistent_ml")
+        },
         # the variant minus persistent ML after as many iterations (4x its evaluations) ...
-        "variant_minus_persistent_ml_same_iterations": {str(b): _paired(
-            v - p for v, p in zip(_excess(ctx, VARIANT, b), _excess(ctx, "persistent_ml", b)))
-            for b in budgets_of(ctx, VARIANT)},
+        "variant_minus_persistent_ml_same_iterations": {
+            str(b): _paired(
+                v - p for v, p in zip(_excess(ctx, VARIANT, b), _excess(ctx, "persistent_ml", b))
+            )
+            for b in budgets_of(ctx, VARIANT)
+        },
         # ... and at the same energy evaluations (variant_factor times its iterations), each
         # against exact ML after its own iterations
-        "variant_minus_persistent_ml_same_evaluations": {str(b): _paired(
-            v - p for v, p in zip(_excess(ctx, VARIANT, variant), _excess(ctx, "persistent_ml", b)))
-            for b, variant in zip(ctx.budgets, budgets_of(ctx, VARIANT))}}
+        "variant_minus_persistent_ml_same_evaluations": {
+            str(b): _paired(
+                v - p
+                for v, p in zip(_excess(ctx, VARIANT, variant), _excess(ctx, "persistent_ml", b))
+            )
+            for b, variant in zip(ctx.budgets, budgets_of(ctx, VARIANT))
+        },
+    }
     return result
 
 
@@ -267,28 +353,40 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
     differences paired by seed. The runs go to ctx.processes processes."""
     cfg = ctx.config
     jobs = [(density, method) for method in JOB_ORDER for density in cfg.densities]
-    records = run_jobs(_train_job, [(cfg, ctx.seed, density, method) for density, method in jobs],
-                       ctx.processes, ctx.threads, progress)
+    records = run_jobs(
+        _train_job,
+        [(cfg, ctx.seed, density, method) for density, method in jobs],
+        ctx.processes,
+        ctx.threads,
+        progress,
+    )
     for (density, method), record in zip(jobs, records):
         ctx.on(density).runs[(method, 1.0)] = record
     result = {density: summarise(ctx.on(density)) for density in cfg.densities}
-    setup = {"densities": list(cfg.densities), "seeds": cfg.seeds, "iterations": cfg.iterations,
-             "budgets": {density: list(ctx.on(density).budgets) for density in cfg.densities},
-             "variant_factor": cfg.variant_factor,
-             "base_only": list(BASE_ONLY), "one_seed_at_a_time": list(ONE_SEED_AT_A_TIME),
-             "batch": cfg.train_batch,
-             "sampler_steps": cfg.train_steps, "exact_ml_cells": budget_cells(cfg),
-             "buffer_size": cfg.train_buffer_size, "gap_bins": GAP_BINS,
-             "eval_points": cfg.eval_points,
-             "heldout_nll_of_the_data_density": {
-                 density: -float(ctx.on(density).log_density(ctx.on(density).heldout).mean())
-                 for density in cfg.densities}}
+    setup = {
+        "densities": list(cfg.densities),
+        "seeds": cfg.seeds,
+        "iterations": cfg.iterations,
+        "budgets": {density: list(ctx.on(density).budgets) for density in cfg.densities},
+        "variant_factor": cfg.variant_factor,
+        "base_only": list(BASE_ONLY),
+        "one_seed_at_a_time": list(ONE_SEED_AT_A_TIME),
+        "batch": cfg.train_batch,
+        "sampler_steps": cfg.train_steps,
+        "exact_ml_cells": budget_cells(cfg),
+        "buffer_size": cfg.train_buffer_size,
+        "gap_bins": GAP_BINS,
+        "eval_points": cfg.eval_points,
+        "heldout_nll_of_the_data_density": {
+            density: -float(ctx.on(density).log_density(ctx.on(density).heldout).mean())
+            for density in cfg.densities
+        },
+    }
     return result, setup
 
 
 # Longest runs first, so that a pool of 2 processes ends its jobs about together.
-JOB_ORDER = ("exact_ml", VARIANT, "persistent_ml", "cd", "kl_persistent_ml", "pcd",
-             "short_run_ml")
+JOB_ORDER = ("exact_ml", VARIANT, "persistent_ml", "cd", "kl_persistent_ml", "pcd", "short_run_ml")
 
 
 def units(cfg) -> int:

@@ -8,8 +8,10 @@ from ebm_fast.experiments.study.e3_training import train
 
 __all__ = ["run", "units", "QUESTION", "DEFAULTS", "implied_temperature"]
 
-QUESTION = ("Which temperature T = sigma^2 / (2 eps) do the IGEBM and JEM defaults imply, and how "
-            "does the exact KL(p_data || p) of a model trained by persistent ML depend on T?")
+QUESTION = (
+    "Which temperature T = sigma^2 / (2 eps) do the IGEBM and JEM defaults imply, and how "
+    "does the exact KL(p_data || p) of a model trained by persistent ML depend on T?"
+)
 # (step size eps, noise sigma) of the published samplers: IGEBM (Du & Mordatch 2019: step_lr
 # 10, noise 0.005) and JEM (Grathwohl et al. 2020: sgld_lr 1, sgld_std 0.01).
 DEFAULTS = {"IGEBM": (10.0, 0.005), "JEM": (1.0, 0.01)}
@@ -18,7 +20,7 @@ DEFAULTS = {"IGEBM": (10.0, 0.005), "JEM": (1.0, 0.01)}
 def implied_temperature(step_size: float, noise_scale: float) -> float:
     """T = sigma^2 / (2 eps): x <- x - eps grad E + sigma xi is the Euler step of the Langevin
     diffusion of exp(-E / T)."""
-    return noise_scale ** 2 / (2 * step_size)
+    return noise_scale**2 / (2 * step_size)
 
 
 def run(ctx: Context, progress) -> tuple[dict, dict]:
@@ -30,17 +32,27 @@ def run(ctx: Context, progress) -> tuple[dict, dict]:
     for temperature in cfg.temperatures:
         rows = []
         for energy in train(ctx, "persistent_ml", temperature)["energies"][str(cfg.iterations)]:
-            rows.append((ctx.exact_kl_to_model(energy),
-                         ctx.exact_kl_to_model(energy, temperature)))
+            rows.append((ctx.exact_kl_to_model(energy), ctx.exact_kl_to_model(energy, temperature)))
         progress.update(1)
-        trained[str(temperature)] = {"kl_data_model": mean_se(r[0] for r in rows),
-                                     "kl_data_tempered": mean_se(r[1] for r in rows)}
-    implied = {name: {"step_size": eps, "noise_scale": sigma,
-                      "temperature": implied_temperature(eps, sigma)}
-               for name, (eps, sigma) in DEFAULTS.items()}
-    setup = {"density": ctx.density, "temperatures": list(cfg.temperatures),
-             "step_size": cfg.step_size,
-             "seeds": cfg.seeds, "iterations": cfg.iterations}
+        trained[str(temperature)] = {
+            "kl_data_model": mean_se(r[0] for r in rows),
+            "kl_data_tempered": mean_se(r[1] for r in rows),
+        }
+    implied = {
+        name: {
+            "step_size": eps,
+            "noise_scale": sigma,
+            "temperature": implied_temperature(eps, sigma),
+        }
+        for name, (eps, sigma) in DEFAULTS.items()
+    }
+    setup = {
+        "density": ctx.density,
+        "temperatures": list(cfg.temperatures),
+        "step_size": cfg.step_size,
+        "seeds": cfg.seeds,
+        "iterations": cfg.iterations,
+    }
     return {"implied": implied, "trained": trained}, setup
 
 
